@@ -1,0 +1,1 @@
+"""Ray actors: one TrainWorker per rank (and, with the checkpoint engine, one NodeAgent per node)."""

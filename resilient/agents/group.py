@@ -1,0 +1,124 @@
+"""WorkerGroup: the ranks of one attempt, placed, rendezvoused, started, polled and torn down.
+
+Contract: `start()` creates one TrainWorker per rank inside the placement group and starts training
+(raising `GroupStartError` with the cause if that fails). `poll(wait_s)` keeps one heartbeat in
+flight per rank and returns what came back: a status dict per rank that answered, and the death
+error of each rank whose actor died. `last_answer[rank]` says when a rank last answered.
+`shutdown()` kills every rank (SIGKILL also ends a SIGSTOPped process).
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from resilient.agents.worker import TrainWorker
+from resilient.config import JobSpec
+from resilient.rundir import RunDir
+
+
+class GroupStartError(Exception):
+    def __init__(self, message: str, rank: int | None = None, dead: bool = False):
+        super().__init__(message)
+        self.rank, self.dead = rank, dead
+
+
+def split_resources(res: dict[str, float]) -> dict:
+    """Ray actor options for a bundle: CPU and GPU by name, the rest as custom resources."""
+    other = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "resources": other}
+
+
+def make_placement_group(spec: JobSpec, timeout_s: float) -> PlacementGroup | None:
+    """A PACK placement group with one bundle per rank, or None if the cluster cannot place it in time."""
+    bundles = [dict(spec.cluster.resources_per_worker) for _ in range(spec.cluster.num_workers)]
+    pg = placement_group(bundles, strategy="PACK", name=f"resilient-{spec.name}")
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        return None
+    return pg
+
+
+class WorkerGroup:
+    def __init__(self, spec: JobSpec, rundir: RunDir, pg: PlacementGroup, attempt: int):
+        self.spec, self.rundir, self.pg, self.attempt = spec, rundir, pg, attempt
+        self.workers: list = []
+        self.infos: list[dict] = []
+        self.pending: dict[int, ray.ObjectRef] = {}
+        self.issued_at: dict[int, float] = {}
+        self.last_answer: dict[int, float] = {}
+        self.latest: dict[int, dict] = {}
+        self.dead: dict[int, str] = {}
+
+    def start(self, restore_step: int | None, fired: list[int], base_ref: str) -> None:
+        opts = split_resources(self.spec.cluster.resources_per_worker)
+        spec_dict = self.spec.model_dump()
+        for rank in range(self.spec.cluster.num_workers):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            self.workers.append(TrainWorker.options(scheduling_strategy=strategy, max_restarts=0,
+                                                    max_concurrency=4, **opts)
+                                .remote(spec_dict, rank, self.rundir.uri, self.attempt))
+        refs = [w.info.remote() for w in self.workers]
+        try:
+            self.infos = ray.get(refs, timeout=self.spec.supervisor.start_timeout)
+        except GetTimeoutError:
+            raise GroupStartError(f"workers did not start within supervisor.start_timeout="
+                                  f"{self.spec.supervisor.start_timeout}s") from None
+        except RayActorError as e:
+            rank = next((i for i, r in enumerate(refs) if _failed(r)), None)
+            raise GroupStartError(f"a worker died while starting: {e}", rank=rank, dead=True) from None
+        master = self.infos[0]
+        ray.get([w.start.remote(master["ip"], master["port"], restore_step, fired, base_ref) for w in self.workers])
+        now = time.time()
+        for rank in range(len(self.workers)):
+            self.last_answer[rank] = now
+
+    def node_of(self, rank: int) -> str | None:
+        return self.infos[rank]["node_id"] if rank < len(self.infos) else None
+
+    def poll(self, wait_s: float) -> None:
+        """Issue due heartbeats, wait up to `wait_s` for answers, record them in latest/dead/last_answer."""
+        now = time.time()
+        interval = self.spec.supervisor.heartbeat_interval
+        for rank, w in enumerate(self.workers):
+            if rank in self.dead or rank in self.pending:
+                continue
+            if now - self.issued_at.get(rank, 0) >= interval:
+                self.pending[rank] = w.heartbeat.remote()
+                self.issued_at[rank] = now
+        if not self.pending:
+            time.sleep(wait_s)
+            return
+        by_ref = {ref: rank for rank, ref in self.pending.items()}
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=wait_s)
+        for ref in ready:
+            rank = by_ref[ref]
+            del self.pending[rank]
+            try:
+                self.latest[rank] = ray.get(ref)
+                self.last_answer[rank] = time.time()
+            except RayActorError as e:
+                self.dead[rank] = str(e).splitlines()[0][:300]
+
+    def request_stop(self) -> None:
+        for w in self.workers:
+            w.request_stop.remote()
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.workers = []
+
+
+def _failed(ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:
+        return True

@@ -1,0 +1,167 @@
+"""TrainWorker: the Ray actor of one rank.
+
+Contract: `start()` returns at once and trains in a background thread, so `heartbeat()` is answered
+while a step runs (the actor is threaded). The heartbeat reports phase, progress, the checkpoints
+taken since the last heartbeat and any error; it is the supervisor's only window into the rank.
+Planned faults (`[[chaos]]`) fire at the start of their step, once: a marker is written to the run
+directory before the fault so a restarted group does not fire it again.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any
+
+import ray
+
+from resilient.checkpoint.snapshot import Snapshot
+from resilient.checkpoint.storage import CheckpointStore
+from resilient.config import JobSpec
+from resilient.rundir import RunDir
+
+
+def inject(fault: str) -> None:
+    """Carry out a process-level fault on this very process."""
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "exit":
+        os._exit(1)
+    elif fault == "hang":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@ray.remote(max_concurrency=4)
+class TrainWorker:
+    def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
+        self.spec = JobSpec.model_validate(spec)
+        self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
+        self.rundir = RunDir(run_uri, self.spec.checkpoint.storage_options)
+        self.store = CheckpointStore(self.rundir)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
+                                       "error": None, "checkpoints": [], "started_at": time.time()}
+
+    def info(self) -> dict:
+        from resilient.agents.rendezvous import free_port, node_ip
+
+        ip = node_ip()
+        return {"rank": self.rank, "pid": os.getpid(), "ip": ip, "port": free_port(ip),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def start(self, master_ip: str, master_port: int, restore_step: int | None, fired: list[int],
+              base_ref: str) -> None:
+        args = (master_ip, master_port, restore_step, set(fired), base_ref)
+        threading.Thread(target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}").start()
+
+    def heartbeat(self) -> dict:
+        with self._lock:
+            out = dict(self.status)
+            self.status["checkpoints"] = []
+        out["now"] = time.time()
+        return out
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _set(self, **kw: Any) -> None:
+        with self._lock:
+            self.status.update(kw)
+
+    # -- the training thread ---------------------------------------------------------------------
+    def _main(self, master_ip, master_port, restore_step, fired, base_ref) -> None:
+        try:
+            self._train(master_ip, master_port, restore_step, fired, base_ref)
+        except BaseException as e:  # reported, never raised: the supervisor decides
+            self._set(phase="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+
+    def _device(self):
+        import torch
+
+        if self._backend() == "nccl":
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+
+    def _backend(self) -> str:
+        b = self.spec.cluster.backend
+        if b == "auto":
+            return "nccl" if self.spec.cluster.resources_per_worker.get("GPU", 0) > 0 else "gloo"
+        return b
+
+    def _base_dir(self) -> str:
+        if self.rundir.is_local:
+            return self.rundir.local_path("base_model")
+        local = os.path.join(tempfile.gettempdir(), "resilient-base", self.rundir.root.replace("/", "_"))
+        if not os.path.exists(os.path.join(local, "config.json")):
+            self.rundir.download_dir("base_model", local)
+        return local
+
+    def _train(self, master_ip, master_port, restore_step, fired, base_ref) -> None:
+        import torch
+
+        from resilient.agents.rendezvous import init_process_group, node_ip
+        from resilient.training.trainer import Trainer, export_to
+
+        spec = self.spec
+        cpus = spec.cluster.resources_per_worker.get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        self._set(phase="rendezvous")
+        init_process_group(self._backend(), master_ip, master_port, self.rank, self.world,
+                           spec.supervisor.collective_timeout, node_ip())
+        self._set(phase="loading")
+        trainer = Trainer(spec, self.rank, self.world, self._base_dir(), self._device())
+        trainer.setup()
+        step = data_step = 0
+        if restore_step:
+            self._set(phase="restoring")
+            snap = Snapshot.from_files(self.store.load(restore_step, spec.fingerprint()))
+            trainer.restore(snap)
+            step, data_step = snap.step, snap.data_step
+        self._set(phase="training", step=step, restored_step=step)
+        restored, total = step, spec.train.steps
+        while step < total:
+            self._maybe_inject(step + 1, fired)
+            r = trainer.step(data_step + 1, stop=self._stop.is_set())
+            if r.nonfinite:
+                raise FloatingPointError(f"non-finite loss or grad norm at step {step + 1}")
+            step, data_step = step + 1, data_step + 1
+            now = time.time()
+            self._set(step=step, loss=r.loss, mean_loss=r.mean_loss, grad_norm=r.grad_norm, step_time=r.step_time,
+                      tokens_per_s=r.tokens / max(r.step_time + r.data_wait, 1e-9), step_done_at=now)
+            if step == restored + 1:
+                self._set(first_step_done_at=now)
+            if step % spec.checkpoint.every == 0 or step == total or r.stop:
+                self._checkpoint(trainer, step, data_step)
+            if r.stop:
+                self._set(phase="stopped")
+                return
+        if self.rank == 0:
+            self._set(phase="exporting")
+            export_to(self.rundir, trainer, "final", base_ref)
+        self._set(phase="done")
+
+    def _checkpoint(self, trainer, step: int, data_step: int) -> None:
+        t0 = time.perf_counter()
+        snap = trainer.snapshot(step, data_step, self.spec.fingerprint())
+        if snap is None:
+            return
+        copy_s = time.perf_counter() - t0
+        manifest = self.store.commit(step, snap.to_files(), self.spec.fingerprint())
+        self.store.retain(self.spec.checkpoint.keep)
+        rec = {"step": step, "copy_s": copy_s, "blocking_s": time.perf_counter() - t0,
+               "bytes": sum(f["size"] for f in manifest["files"].values())}
+        with self._lock:
+            self.status["checkpoints"] = self.status["checkpoints"] + [rec]
+
+    def _maybe_inject(self, step: int, fired: set[int]) -> None:
+        for i, c in enumerate(self.spec.chaos):
+            if i in fired or c.rank != self.rank or c.at_step != step:
+                continue
+            fired.add(i)
+            self.rundir.write_json(f"chaos/fired-{i:04d}.json", {
+                "index": i, "fault": c.fault, "rank": self.rank, "step": step, "injected_at": time.time()})
+            inject(c.fault)

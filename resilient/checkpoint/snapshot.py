@@ -1,0 +1,84 @@
+"""A training state in host memory and its serialised form.
+
+Contract: a `Snapshot` holds everything needed to continue training bit for bit: adapter weights,
+optimizer and scheduler state and the data position (saved once, DDP replicates them) plus each
+rank's RNG state. `to_files()` gives safetensors and JSON bytes only; `Snapshot.from_files()` reads
+them back without executing anything from them (no pickle).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SHARED = "shared.safetensors"
+META = "meta.json"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.safetensors"
+
+
+@dataclass
+class Snapshot:
+    """State after `step` finished. `shared` tensors are rank-independent; `per_rank[r]` are rank r's."""
+
+    step: int
+    data_step: int
+    shared: dict[str, torch.Tensor]
+    per_rank: dict[int, dict[str, torch.Tensor]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_files(self) -> dict[str, bytes]:
+        files = {SHARED: st_save(self.shared)}
+        for r, tensors in sorted(self.per_rank.items()):
+            files[rank_file(r)] = st_save(tensors)
+        meta = {**self.meta, "step": self.step, "data_step": self.data_step, "ranks": sorted(self.per_rank)}
+        files[META] = json.dumps(meta, sort_keys=True).encode()
+        return files
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> "Snapshot":
+        meta = json.loads(files[META])
+        per_rank = {r: st_load(files[rank_file(r)]) for r in meta["ranks"]}
+        return cls(step=meta["step"], data_step=meta["data_step"], shared=st_load(files[SHARED]),
+                   per_rank=per_rank, meta=meta)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self.shared.values()) + [t for d in self.per_rank.values() for t in d.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (the only part of a checkpoint that blocks training)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (`optim.<pid>.<key>`) and JSON (groups, scalars)."""
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `optimizer_parts`: a state dict for `optimizer.load_state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,103 @@
+"""Checkpoints in a run directory: atomic commit by manifest, verification, listing, retention.
+
+Contract: a checkpoint `checkpoints/step_<step>/` is visible only once its `manifest.json` (sizes and
+sha256 of every file, written last) exists; a writer that dies earlier leaves nothing visible.
+`load(step)` returns the files only if every checksum, the step and (when given) the spec
+fingerprint match; otherwise it raises `CheckpointInvalid` with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from resilient.rundir import RunDir
+
+MANIFEST = "manifest.json"
+PREFIX = "checkpoints"
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint that must not be restored; the message says why."""
+
+
+def ckpt_dir(step: int) -> str:
+    return f"{PREFIX}/step_{step:08d}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckpointStore:
+    """The persisted checkpoints of one run."""
+
+    def __init__(self, rundir: RunDir):
+        self.rundir = rundir
+
+    def commit(self, step: int, files: dict[str, bytes], fingerprint: str, extra: dict[str, Any] | None = None) -> dict:
+        """Write `files`, then the manifest that makes them visible. Returns the manifest."""
+        d = ckpt_dir(step)
+        for name, data in files.items():
+            self.rundir.write_bytes(f"{d}/{name}", data)
+        manifest = {"format": 1, "step": step, "fingerprint": fingerprint, "persisted_at": time.time(),
+                    "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()},
+                    **(extra or {})}
+        self.rundir.write_json(f"{d}/{MANIFEST}", manifest)
+        return manifest
+
+    def steps(self) -> list[int]:
+        """Steps of committed checkpoints (manifest present), oldest first."""
+        out = []
+        for name in self.rundir.listdir(PREFIX):
+            if name.startswith("step_") and self.rundir.exists(f"{PREFIX}/{name}/{MANIFEST}"):
+                out.append(int(name[5:]))
+        return sorted(out)
+
+    def manifest(self, step: int) -> dict:
+        try:
+            return self.rundir.read_json(f"{ckpt_dir(step)}/{MANIFEST}")
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointInvalid(f"step {step}: manifest unreadable ({e})") from None
+
+    def load(self, step: int, fingerprint: str | None = None) -> dict[str, bytes]:
+        """The verified files of checkpoint `step`."""
+        m = self.manifest(step)
+        if m.get("step") != step:
+            raise CheckpointInvalid(f"step {step}: manifest says step {m.get('step')}")
+        if fingerprint and m.get("fingerprint") != fingerprint:
+            raise CheckpointInvalid(f"step {step}: written by a different spec (fingerprint {m.get('fingerprint')} != {fingerprint})")
+        files = {}
+        for name, info in m["files"].items():
+            try:
+                data = self.rundir.read_bytes(f"{ckpt_dir(step)}/{name}")
+            except FileNotFoundError:
+                raise CheckpointInvalid(f"step {step}: {name} missing") from None
+            if len(data) != info["size"] or sha256(data) != info["sha256"]:
+                raise CheckpointInvalid(f"step {step}: {name} checksum mismatch (size {len(data)}, want {info['size']})")
+            files[name] = data
+        return files
+
+    def verify(self, step: int, fingerprint: str | None = None) -> None:
+        self.load(step, fingerprint)
+
+    def newest_valid(self, fingerprint: str | None = None, at_most: int | None = None) -> tuple[int | None, list[str]]:
+        """The newest checkpoint that verifies (optionally at or before `at_most`), and why newer ones were skipped."""
+        skipped = []
+        for step in reversed(self.steps()):
+            if at_most is not None and step > at_most:
+                continue
+            try:
+                self.verify(step, fingerprint)
+                return step, skipped
+            except CheckpointInvalid as e:
+                skipped.append(str(e))
+        return None, skipped
+
+    def retain(self, keep: int) -> list[int]:
+        """Delete all but the newest `keep` committed checkpoints (never the newest). Returns deleted steps."""
+        steps = self.steps()
+        doomed = steps[: max(0, len(steps) - max(1, keep))]
+        for step in doomed:
+            self.rundir.remove(ckpt_dir(step))
+        return doomed

@@ -1,0 +1,181 @@
+"""The `resilient` command: launch, status, stop, ckpt.
+
+Every user mistake ends in one message on stderr naming the field or argument and the fix, and exit
+code 2 (no traceback). A job that ends SUCCEEDED or STOPPED exits 0, FAILED exits 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+from rich.console import Console
+
+from resilient.errors import UserError
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _rundir(uri: str):
+    from resilient.rundir import RunDir
+    from resilient.supervisor.journal import JOURNAL
+
+    try:
+        rd = RunDir(uri)
+        found = rd.exists(JOURNAL)
+    except Exception as e:
+        raise UserError(f"RUN_DIR {uri!r} cannot be read ({type(e).__name__}: {e}); give a run directory path or "
+                        "fsspec URI (credentials through fsspec's config, e.g. FSSPEC_S3)") from None
+    if not found:
+        raise UserError(f"RUN_DIR {uri!r} holds no journal; give the run directory printed by `resilient launch`")
+    return rd
+
+
+@click.group()
+@click.version_option(package_name="resilient")
+def cli() -> None:
+    """Fault-tolerant LoRA fine-tuning on Ray."""
+
+
+@cli.command()
+@click.argument("spec", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. train.steps=40.")
+@click.option("--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp).")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue a run from its journal and checkpoints.")
+@user_errors
+def launch(spec, overrides, run_id, resume_dir) -> None:
+    """Run the job described by SPEC (TOML or YAML)."""
+    from resilient.config import load_spec
+    from resilient.launcher import launch as do_launch
+    from resilient.launcher import resume as do_resume
+
+    if resume_dir:
+        status = do_resume(resume_dir)
+    else:
+        if not spec:
+            raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
+        status = do_launch(load_spec(spec, list(overrides)), run_id)
+    sys.exit(1 if status["state"] == "FAILED" else 0)
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@user_errors
+def status(run_dir, as_json) -> None:
+    """State, progress, restarts and faults of a run (running or finished), from its journal."""
+    from resilient.supervisor.journal import read_records
+    from resilient.supervisor.status import fold
+
+    s = fold(read_records(_rundir(run_dir)))
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    click.echo(f"{s['state']}  step {s['step']}/{s['total_steps']}  restarts {s['restarts']}  "
+               f"checkpoints {s['checkpoints']} (last step {s['last_checkpoint']})")
+    for f in s["faults"]:
+        rec = f"recovered in {f['recovery_s']:.2f}s" if f.get("recovery_s") is not None else "not recovered"
+        click.echo(f"  fault {f['kind']} rank {f['rank']} step {f['step']}: {rec}")
+    if s.get("reason"):
+        click.echo(f"  {s['reason']}")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--wait/--no-wait", default=True, help="Wait until the job has stopped (default).")
+@click.option("--timeout", default=300.0, help="Seconds to wait.")
+@user_errors
+def stop(run_dir, wait, timeout) -> None:
+    """Stop a running job cleanly: the ranks agree on a step, persist it, and the job ends STOPPED."""
+    from resilient.supervisor.journal import read_records
+    from resilient.supervisor.status import fold
+    from resilient.supervisor.supervisor import STOP_FILE
+
+    rd = _rundir(run_dir)
+    s = fold(read_records(rd))
+    if s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+        click.echo(f"run already ended {s['state']}")
+        return
+    rd.write_json(STOP_FILE, {"requested_at": time.time()})
+    click.echo("stop requested")
+    deadline = time.time() + timeout
+    while wait and time.time() < deadline:
+        s = fold(read_records(rd))
+        if s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            click.echo(f"{s['state']} at step {s['step']}")
+            return
+        time.sleep(0.5)
+    if wait:
+        raise UserError(f"the job did not stop within --timeout {timeout}s; is its `resilient launch` still running?")
+
+
+@cli.group()
+def ckpt() -> None:
+    """List, verify and export a run's checkpoints."""
+
+
+@ckpt.command("list")
+@click.argument("run_dir")
+@user_errors
+def ckpt_list(run_dir) -> None:
+    """Persisted checkpoints: step, tier, size, persisted at, verified."""
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+
+    store = CheckpointStore(_rundir(run_dir))
+    console = Console()
+    from rich.table import Table
+
+    t = Table("step", "tier", "size", "persisted at", "verified")
+    for step in store.steps():
+        m = store.manifest(step)
+        try:
+            store.verify(step)
+            ok = "yes"
+        except CheckpointInvalid as e:
+            ok = f"NO: {e}"
+        size = sum(f["size"] for f in m["files"].values())
+        t.add_row(str(step), "storage", f"{size / 1024:.1f} KiB",
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])), ok)
+    console.print(t)
+
+
+@ckpt.command("verify")
+@click.argument("run_dir")
+@click.option("--step", type=int, help="Only this step (default: every persisted checkpoint).")
+@user_errors
+def ckpt_verify(run_dir, step) -> None:
+    """Check sizes and checksums of persisted checkpoints; exit 1 if any is damaged."""
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+
+    store = CheckpointStore(_rundir(run_dir))
+    steps = [step] if step is not None else store.steps()
+    if not steps:
+        raise UserError(f"{run_dir} has no persisted checkpoints")
+    bad = 0
+    for s in steps:
+        try:
+            store.verify(s)
+            click.echo(f"step {s}: ok")
+        except CheckpointInvalid as e:
+            bad += 1
+            click.echo(f"step {s}: BAD ({e})")
+    sys.exit(1 if bad else 0)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

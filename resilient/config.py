@@ -1,0 +1,232 @@
+"""JobSpec: the one validated tree that describes a job.
+
+Contract: `load_spec(path, overrides)` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``), applies
+``--set dotted.key=value`` overrides and returns a frozen, fully validated `JobSpec`, or raises
+`SpecError` whose message names the offending field and what to do about it. Every key listed in
+the README's spec reference is part of the public contract; unknown keys are errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resilient.errors import SpecError
+
+CHAOS_FAULTS = ("kill", "exit", "hang")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(_Section):
+    """Where the workers run."""
+
+    address: str = Field("", description='"" starts an embedded local Ray; "auto" or "ray://..." joins a cluster.')
+    num_workers: int = Field(2, ge=1, description="Number of DDP ranks, one Ray actor each.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description='torch.distributed backend; "auto" = nccl when the workers have GPUs, else gloo.')
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources each rank reserves, e.g. {CPU = 1, GPU = 1}.")
+    local_nodes: int = Field(1, ge=1, description="Embedded Ray only: simulate this many nodes (raylets) on one machine.")
+
+
+class ModelConfig(_Section):
+    """The base model. Exactly one of `path` and `builtin`."""
+
+    path: str = Field("", description="A local Hugging Face model directory.")
+    builtin: Literal["", "tiny-llama"] = Field(
+        "", description='"tiny-llama": a small Llama-architecture model built from a config (no download).')
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if bool(self.path) == bool(self.builtin):
+            raise ValueError('set exactly one of model.path (a local HF model directory) or model.builtin = "tiny-llama"')
+        if self.path and not Path(self.path).is_dir():
+            raise ValueError(f"model.path {self.path!r} is not a directory; give a local Hugging Face model directory")
+        return self
+
+
+class DataConfig(_Section):
+    """The training corpus."""
+
+    path: str = Field(..., description="A text file (one document per line) or JSONL with a `text` field.")
+    seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sample.")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"data file {v!r} does not exist; give the path of a text or JSONL file")
+        return str(Path(v).resolve())
+
+
+class TrainConfig(_Section):
+    """The optimisation."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps in total.")
+    batch_size: int = Field(4, ge=1, description="Samples per worker per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, linear warmup then constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    seed: int = Field(0, description="Seeds adapter init, dropout and data order; same seed, same adapter.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+
+
+class CheckpointConfig(_Section):
+    """Where and how often state is saved."""
+
+    storage: str = Field("./runs", description="A local path or fsspec URI; the run directory lives below it.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for `storage`.")
+    every: int = Field(5, ge=1, description="Checkpoint interval in steps.")
+    keep: int = Field(3, ge=1, description="Newest checkpoints kept in storage.")
+
+    @field_validator("storage")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if "://" not in v:
+            return str(Path(v).expanduser().resolve())
+        return v
+
+
+class SupervisorConfig(_Section):
+    """Failure handling. Timeouts must be ordered: heartbeat_interval < hang_timeout < collective_timeout."""
+
+    max_restarts: int = Field(5, ge=0, description="Restarts allowed before the job gives up.")
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats to every rank.")
+    hang_timeout: float = Field(10.0, gt=0, description="A rank silent or without progress this long is hung.")
+    collective_timeout: float = Field(120.0, gt=0, description="torch.distributed collective timeout in seconds.")
+    start_timeout: float = Field(300.0, gt=0, description="Seconds a worker group may take to start and restore.")
+    backoff_base: float = Field(0.0, ge=0, description="Delay before the 2nd restart; doubles after (first is immediate).")
+    backoff_max: float = Field(30.0, ge=0, description="Upper bound of the restart delay in seconds.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SupervisorConfig":
+        if not self.heartbeat_interval < self.hang_timeout < self.collective_timeout:
+            raise ValueError(
+                "timeouts must be ordered heartbeat_interval < hang_timeout < collective_timeout "
+                f"(got {self.heartbeat_interval} < {self.hang_timeout} < {self.collective_timeout})")
+        return self
+
+
+class ChaosEntry(_Section):
+    """One planned fault: `fault` hits `rank` when it reaches `at_step`, once."""
+
+    at_step: int = Field(..., ge=1, description="The step at whose start the fault fires.")
+    fault: Literal[CHAOS_FAULTS] = Field(..., description="kill (SIGKILL), exit (exit code 1), hang (SIGSTOP).")
+    rank: int = Field(0, ge=0, description="The rank hit.")
+
+
+class JobSpec(_Section):
+    """A whole job. See README "Job spec reference"."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Job name; a folder name.")
+    cluster: ClusterConfig = ClusterConfig()
+    model: ModelConfig = ModelConfig(builtin="tiny-llama")
+    peft: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        description="Passed to peft; `method` names the peft type (lora, ia3, ...).")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    chaos: list[ChaosEntry] = Field(default_factory=list, description="Planned faults ([[chaos]] entries).")
+
+    @field_validator("peft")
+    @classmethod
+    def _peft_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from resilient.training.model import peft_config  # heavy import, only when validating
+
+        peft_config(v)
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "JobSpec":
+        for i, c in enumerate(self.chaos):
+            if c.rank >= self.cluster.num_workers:
+                raise ValueError(f"chaos[{i}].rank {c.rank} does not exist; ranks are 0..{self.cluster.num_workers - 1}")
+            if c.at_step > self.train.steps:
+                raise ValueError(f"chaos[{i}].at_step {c.at_step} is past train.steps {self.train.steps}")
+        return self
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to be restorable into this job (not steps, chaos, timeouts)."""
+        import hashlib
+
+        keep = {"model": self.model.model_dump(), "peft": self.peft, "data": self.data.model_dump(),
+                "train": self.train.model_dump(exclude={"steps"}), "world": self.cluster.num_workers}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_value(raw: str) -> Any:
+    """A --set value: TOML literal if it parses (40, 1e-3, true, [1,2], "x"), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw spec tree (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.steps=40")
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {p!r} is not a table")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return tree
+
+
+def read_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a spec file into a raw tree; SpecError on a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist; pass the path of a .toml or .yaml job spec")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            tree = yaml.safe_load(p.read_text()) or {}
+        else:
+            tree = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"spec file {str(p)!r} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {e}") from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a table of keys at the top level")
+    return tree
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the README's spec reference"
+        elif e["type"] == "missing":
+            msg = "required; add it to the spec"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def validate_tree(tree: dict[str, Any]) -> JobSpec:
+    """Validate a raw tree into a JobSpec; SpecError lists every bad field with its fix."""
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as e:
+        raise SpecError(_describe(e)) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job spec file."""
+    return validate_tree(apply_overrides(read_tree(path), overrides or []))

@@ -1,0 +1,73 @@
+"""Connecting to Ray: an embedded local cluster (one or several simulated nodes) or an existing one.
+
+Contract: `connect(cluster)` returns a `Connection` whose `close()` undoes exactly what it started;
+`check_capacity(spec)` raises UserError naming `cluster.num_workers` when the worker bundles cannot
+all be placed on the cluster's nodes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+
+from resilient.config import ClusterConfig, JobSpec
+from resilient.errors import UserError
+
+
+@dataclass
+class Connection:
+    embedded: bool
+    cluster: object | None = None  # ray.cluster_utils.Cluster when simulating several nodes
+
+    def close(self) -> None:
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+
+def connect(cfg: ClusterConfig) -> Connection:
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    if cfg.address:
+        try:
+            ray.init(address=cfg.address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cluster.address {cfg.address!r}: cannot connect to Ray ({e}); start one with "
+                            '`ray start --head` or set cluster.address = "" for an embedded local cluster') from None
+        return Connection(embedded=False)
+    cpus = os.cpu_count() or 1
+    if cfg.local_nodes == 1:
+        ray.init(address="local", num_cpus=cpus, **common)
+        return Connection(embedded=True)
+    from ray.cluster_utils import Cluster
+
+    per_node = max(1, math.ceil(cpus / cfg.local_nodes))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
+    for _ in range(cfg.local_nodes - 1):
+        cluster.add_node(num_cpus=per_node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, **common)
+    return Connection(embedded=True, cluster=cluster)
+
+
+def placeable(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of `bundle` fit on these nodes (a bundle never spans nodes)."""
+    total = 0
+    for res in nodes:
+        fits = [math.floor(res.get(k, 0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        total += min(fits) if fits else 1 << 30
+    return total
+
+
+def check_capacity(spec: JobSpec) -> None:
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    bundle = spec.cluster.resources_per_worker
+    fit = placeable(bundle, nodes)
+    if fit < spec.cluster.num_workers:
+        raise UserError(
+            f"cluster.num_workers = {spec.cluster.num_workers} cannot be placed: the cluster's {len(nodes)} node(s) "
+            f"fit only {fit} worker(s) of cluster.resources_per_worker = {bundle}. Lower cluster.num_workers "
+            "or cluster.resources_per_worker (e.g. {CPU = 0.5}), or add nodes.")

@@ -1,0 +1,109 @@
+"""`resilient launch`: from a validated spec to a finished run.
+
+Contract: `launch(spec, run_id)` checks everything a user can get wrong before it starts anything
+(storage writable, run directory new, cluster big enough), raising UserError otherwise; then creates
+`<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and (for a built-in model) the
+base model, runs the supervisor with a live progress line, prints the summary and returns the final
+status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from rich.console import Console
+
+from resilient.config import JobSpec, validate_tree
+from resilient.errors import UserError
+from resilient.launcher.cluster import check_capacity, connect
+from resilient.launcher.progress import ProgressLine, print_summary
+from resilient.rundir import RunDir, run_dir_for
+from resilient.supervisor.journal import JOURNAL, Journal, read_records
+from resilient.supervisor.status import fold
+
+SPEC_FILE = "spec.json"
+
+
+def default_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _check_writable(rundir: RunDir, field: str) -> None:
+    try:
+        rundir.makedirs()
+        rundir.write_bytes(".probe", b"ok")
+        rundir.remove(".probe")
+    except Exception as e:  # any filesystem's refusal, spelled its own way
+        raise UserError(f"{field} {rundir.uri!r} is not writable ({type(e).__name__}: {e}); give a path or URI "
+                        "you can write to, with credentials in checkpoint.storage_options if it needs them") from None
+
+
+def base_ref(spec: JobSpec, rundir: RunDir) -> str:
+    """What the final adapter's config names as its base model."""
+    if spec.model.path:
+        return os.path.abspath(spec.model.path)
+    return rundir.local_path("base_model") if rundir.is_local else "../base_model"
+
+
+def _prepare_base(spec: JobSpec, rundir: RunDir) -> None:
+    if not spec.model.builtin or rundir.exists("base_model/config.json"):
+        return
+    from resilient.training.data import BYTE_VOCAB
+    from resilient.training.model import build_tiny_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_llama(tmp, BYTE_VOCAB)
+        rundir.upload_dir(tmp, "base_model")
+
+
+def launch(spec: JobSpec, run_id: str | None = None, console: Console | None = None) -> dict:
+    run_id = run_id or default_run_id()
+    rundir = run_dir_for(spec.checkpoint.storage, spec.name, run_id, spec.checkpoint.storage_options)
+    if rundir.exists(JOURNAL):
+        raise UserError(f"run directory {rundir.uri} already exists; pass another --run-id, or continue it with "
+                        f"`resilient launch --resume {rundir.uri}`")
+    _check_writable(rundir, "checkpoint.storage")
+    return _run(spec, rundir, run_id, console or Console(), fresh=True)
+
+
+def resume(run_uri: str, console: Console | None = None, storage_options: dict | None = None) -> dict:
+    rundir = RunDir(run_uri, storage_options)
+    if not rundir.exists(SPEC_FILE):
+        raise UserError(f"RUN_DIR {run_uri!r} holds no {SPEC_FILE}; give the run directory printed by `resilient launch`")
+    spec = validate_tree(rundir.read_json(SPEC_FILE))
+    rundir = RunDir(run_uri, spec.checkpoint.storage_options or storage_options)
+    state = fold(read_records(rundir))["state"]
+    if state in ("SUCCEEDED", "FAILED"):
+        raise UserError(f"run {run_uri} already ended {state}; launch a new run instead")
+    return _run(spec, rundir, rundir.uri.rsplit("/", 1)[-1], console or Console(), fresh=False)
+
+
+def _run(spec: JobSpec, rundir: RunDir, run_id: str, console: Console, fresh: bool) -> dict:
+    from resilient.supervisor.supervisor import Supervisor
+
+    conn = connect(spec.cluster)
+    try:
+        try:
+            check_capacity(spec)
+        except UserError:
+            if fresh:
+                rundir.remove("")
+            raise
+        journal = Journal(rundir)
+        if fresh:
+            rundir.write_json(SPEC_FILE, spec.model_dump(mode="json"))
+            journal.append("job", name=spec.name, run_id=run_id, total_steps=spec.train.steps,
+                           run_dir=rundir.uri, fingerprint=spec.fingerprint(), spec=spec.model_dump(mode="json"))
+        else:
+            journal.append("resume", run_dir=rundir.uri)
+        console.print(f"run {spec.name}/{run_id}: {spec.cluster.num_workers} workers, {spec.train.steps} steps -> "
+                      f"{rundir.uri}", highlight=False, soft_wrap=True)
+        _prepare_base(spec, rundir)
+        t0 = time.time()
+        with ProgressLine(console) as progress:
+            status = Supervisor(spec, rundir, journal, base_ref(spec, rundir), on_progress=progress.update).run()
+        print_summary(status, console, time.time() - t0)
+        return status
+    finally:
+        conn.close()

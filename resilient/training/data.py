@@ -1,0 +1,72 @@
+"""Tokenised corpus and a deterministic, resumable data order.
+
+Contract: `batch_indices(step, rank)` is a pure function of (seed, number of samples, world size,
+batch size, data step, rank): the same inputs give the same samples on every machine, interrupted or
+not. A run resumes its data order by restoring `data_step` alone.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+BYTE_VOCAB = 258  # 256 byte values, BOS, EOS
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: the built-in model's tokenizer (needs no files, no download)."""
+
+    vocab_size = BYTE_VOCAB
+    bos_token_id = BYTE_VOCAB - 2
+    eos_token_id = BYTE_VOCAB - 1
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def read_documents(path: str) -> list[str]:
+    """Documents of a text file (one per non-empty line) or JSONL (the `text` field of each line)."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith((".jsonl", ".json")):
+                line = json.loads(line)["text"]
+            docs.append(line)
+    return docs
+
+
+def tokenize_corpus(path: str, tokenizer, seq_len: int) -> torch.Tensor:
+    """All documents, each ended by EOS, concatenated and cut into [n, seq_len] samples."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in read_documents(path):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"data.path {path!r} holds fewer than data.seq_len={seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class DataOrder:
+    """Which samples each rank trains on at each data step (1-based), epoch after epoch."""
+
+    def __init__(self, num_samples: int, world_size: int, batch_size: int, seed: int):
+        self.n, self.world, self.batch, self.seed = num_samples, world_size, batch_size, seed
+
+    @lru_cache(maxsize=4)
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def batch_indices(self, data_step: int, rank: int) -> list[int]:
+        start = (data_step - 1) * self.batch * self.world + rank * self.batch
+        out = []
+        for pos in range(start, start + self.batch):
+            epoch, i = divmod(pos, self.n)
+            out.append(int(self._perm(epoch)[i]))
+        return out
