@@ -8,7 +8,12 @@ error of each rank whose actor died. `last_answer[rank]` says when a rank last a
 """
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
+
+import psutil
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -108,6 +113,15 @@ class WorkerGroup:
             w.request_stop.remote()
 
     def shutdown(self) -> None:
+        # ray.kill asks the worker to exit first, which a SIGSTOPped process never does; where the
+        # rank runs on this machine, SIGKILL it directly so teardown does not wait for Ray's fallback.
+        here = _local_ips()
+        for info in self.infos:
+            if info["ip"] in here:
+                try:
+                    os.kill(info["pid"], signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
@@ -122,3 +136,7 @@ def _failed(ref) -> bool:
         return False
     except Exception:
         return True
+
+
+def _local_ips() -> set[str]:
+    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}

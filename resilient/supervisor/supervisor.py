@@ -175,8 +175,10 @@ class Supervisor:
                     rank = min(errors)
                     return self._fault(FaultKind.ERROR, rank, last_step + 1, errors[rank], group, fired)
             for rank, seen in group.last_answer.items():
+                # The heartbeat is answered by its own thread in every phase, so once a rank has
+                # answered, silence means the process is stuck; before that it may still be starting.
                 phase = hb.get(rank, {}).get("phase", "created")
-                limit = cfg.hang_timeout if phase == "training" else cfg.start_timeout
+                limit = cfg.hang_timeout if rank in hb else cfg.start_timeout
                 if rank not in group.pending or now - seen <= limit:
                     continue
                 return self._fault(FaultKind.HANG, rank, last_step + 1,

@@ -19,6 +19,9 @@ BASE_SEED = 1234  # the built-in base is the same for every job, whatever train.
 def build_tiny_llama(out_dir: str, vocab_size: int) -> None:
     """Build and save the built-in tiny Llama (deterministic weights) into `out_dir`."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     cfg = LlamaConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                       pad_token_id=None, **TINY_LLAMA)

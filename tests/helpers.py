@@ -1,0 +1,81 @@
+"""Shared test helpers: job specs on the generated corpus, the CLI as a subprocess, adapter comparison."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from resilient.training.corpus import write_corpus
+
+BASE_SPEC = """\
+name = "{name}"
+[cluster]
+num_workers = 2
+[model]
+builtin = "tiny-llama"
+[peft]
+method = "lora"
+r = 4
+lora_alpha = 8
+target_modules = ["q_proj", "v_proj"]
+[data]
+path = "{corpus}"
+seq_len = 32
+[train]
+steps = {steps}
+batch_size = 2
+seed = 7
+[checkpoint]
+storage = "{storage}"
+every = 5
+[supervisor]
+heartbeat_interval = 0.5
+hang_timeout = 4.0
+"""
+
+
+def write_job(dirpath: Path, name: str = "t", steps: int = 24, storage: str | None = None, extra: str = "") -> Path:
+    corpus = dirpath / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(str(corpus), lines=600)
+    spec = dirpath / f"{name}.toml"
+    spec.write_text(BASE_SPEC.format(name=name, corpus=corpus, steps=steps,
+                                     storage=storage or f"file://{dirpath}/runs") + extra)
+    return spec
+
+
+def resilient_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `resilient` CLI in its own process group; on timeout the whole group is killed."""
+    cmd = [sys.executable, "-m", "resilient.cli", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        raise AssertionError(f"resilient {' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+
+
+def status(run_dir: Path | str) -> dict:
+    r = resilient_cli("status", str(run_dir), "--json", timeout=60)
+    assert r.returncode == 0, r.stdout
+    return json.loads(r.stdout)
+
+
+def adapter(run_dir: Path | str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys() and a
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"

@@ -1,0 +1,70 @@
+import pytest
+
+from resilient.config import apply_overrides, load_spec, validate_tree
+from resilient.errors import SpecError
+from tests.helpers import write_job
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_good_spec_and_overrides(tmp_path):
+    spec = load_spec(write_job(tmp_path), ["train.steps=40", "train.lr=1e-3", 'name="other"',
+                                           "cluster.resources_per_worker={CPU=0.5}"])
+    assert spec.train.steps == 40 and spec.train.lr == 1e-3 and spec.name == "other"
+    assert spec.cluster.resources_per_worker == {"CPU": 0.5}
+    assert spec.checkpoint.storage.startswith("file://")
+
+
+def test_yaml_spec(tmp_path):
+    (tmp_path / "c.txt").write_text("hello world\n" * 50)
+    y = tmp_path / "j.yaml"
+    y.write_text(f"name: y\ndata:\n  path: {tmp_path / 'c.txt'}\ntrain:\n  steps: 3\n")
+    assert load_spec(y).train.steps == 3
+
+
+@pytest.mark.parametrize("override,field", [
+    ("cluster.num_workers=\"two\"", "cluster.num_workers"),
+    ("cluster.bogus=1", "cluster.bogus"),
+    ("train.steps=0", "train.steps"),
+    ("data.path=\"/no/such/file\"", "data.path"),
+    ("supervisor.hang_timeout=0.5", "supervisor"),
+    ("peft.method=\"nonsense\"", "peft"),
+    ("peft.bogus_option=1", "peft"),
+    ("cluster.backend=\"mpi\"", "cluster.backend"),
+    ('chaos=[{at_step=3, fault="kill", rank=5}]', "chaos"),
+    ('chaos=[{at_step=3, fault="meteor", rank=0}]', "chaos.0.fault"),
+])
+def test_bad_spec_names_the_field(tmp_path, override, field):
+    with pytest.raises(SpecError) as e:
+        load_spec(write_job(tmp_path), [override])
+    assert field in str(e.value)
+    assert "Traceback" not in str(e.value)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.toml")
+
+
+def test_override_syntax():
+    with pytest.raises(SpecError, match="dotted.key=value"):
+        apply_overrides({}, ["novalue"])
+    assert apply_overrides({}, ["a.b=hello world"]) == {"a": {"b": "hello world"}}
+
+
+def test_fingerprint_ignores_steps_and_chaos(tmp_path):
+    a = load_spec(write_job(tmp_path))
+    b = load_spec(write_job(tmp_path), ["train.steps=99", 'chaos=[{at_step=3, fault="kill", rank=1}]'])
+    c = load_spec(write_job(tmp_path), ["train.seed=8"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    tree = {"name": "x", "data": {"path": str(write_job(tmp_path).parent / "corpus.txt")},
+            "model": {"builtin": "tiny-llama", "path": str(tmp_path)}}
+    with pytest.raises(SpecError, match="exactly one"):
+        validate_tree(tree)

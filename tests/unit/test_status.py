@@ -1,0 +1,23 @@
+import pytest
+
+from resilient.supervisor.status import fold
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_fold_faults_restarts_and_recovery():
+    recs = [
+        {"t": 1, "type": "job", "name": "n", "run_id": "r", "total_steps": 30},
+        {"t": 2, "type": "transition", "from": "PENDING", "to": "RUNNING"},
+        {"t": 3, "type": "progress", "step": 13},
+        {"t": 4, "type": "fault", "kind": "crash", "rank": 1, "step": 14, "detected_at": 4.0},
+        {"t": 4, "type": "decision", "action": "restart"},
+        {"t": 5, "type": "restore", "step": 10, "tier": "storage"},
+        {"t": 7, "type": "recovered", "fault_index": 0, "recovered_at": 7.5, "recovery_s": 3.5, "steps_replayed": 3},
+        {"t": 9, "type": "transition", "from": "RUNNING", "to": "SUCCEEDED", "cause": "done"},
+    ]
+    s = fold(recs)
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1 and s["total_steps"] == 30
+    f = s["faults"][0]
+    assert (f["kind"], f["rank"], f["step"], f["recovery_s"], f["recovered_at"]) == ("crash", 1, 14, 3.5, 7.5)
+    assert s["restores"] == [{"step": 10, "tier": "storage", "skipped": []}]
