@@ -83,8 +83,13 @@ class CheckpointConfig(_Section):
 
     storage: str = Field("./runs", description="A local path or fsspec URI; the run directory lives below it.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for `storage`.")
-    every: int = Field(5, ge=1, description="Checkpoint interval in steps.")
-    keep: int = Field(3, ge=1, description="Newest checkpoints kept in storage.")
+    every: int = Field(1, ge=1, description="Snapshot interval in steps (memory tier).")
+    persist_every: int = Field(10, ge=1, description="Persist every Nth snapshot to storage (and always the last).")
+    memory_keep: int = Field(2, ge=1, description="Newest snapshots each node agent keeps in host memory.")
+    max_pending: int = Field(16, ge=1, description="Snapshots waiting for storage before the oldest is dropped.")
+    persist_timeout: float = Field(600.0, gt=0, description="Seconds the end of a job waits for its final persist.")
+    keep: int = Field(3, ge=1, description="Newest persisted checkpoints kept in storage.")
+    keep_every: int = Field(0, ge=0, description="Also keep every persisted checkpoint whose step is a multiple of this (0 = off).")
 
     @field_validator("storage")
     @classmethod

@@ -58,7 +58,8 @@ class WorkerGroup:
         self.latest: dict[int, dict] = {}
         self.dead: dict[int, str] = {}
 
-    def start(self, restore_step: int | None, fired: list[int], base_ref: str) -> None:
+    def start(self, restore: dict | None, fired: list[int], base_ref: str, agent_for) -> None:
+        """Create, rendezvous and start the ranks; `agent_for(node_id)` gives a node's NodeAgent."""
         opts = split_resources(self.spec.cluster.resources_per_worker)
         spec_dict = self.spec.model_dump()
         for rank in range(self.spec.cluster.num_workers):
@@ -76,7 +77,8 @@ class WorkerGroup:
             rank = next((i for i, r in enumerate(refs) if _failed(r)), None)
             raise GroupStartError(f"a worker died while starting: {e}", rank=rank, dead=True) from None
         master = self.infos[0]
-        ray.get([w.start.remote(master["ip"], master["port"], restore_step, fired, base_ref) for w in self.workers])
+        ray.get([w.start.remote(master["ip"], master["port"], restore, fired, base_ref, agent_for(info["node_id"]))
+                 for w, info in zip(self.workers, self.infos)])
         now = time.time()
         for rank in range(len(self.workers)):
             self.last_answer[rank] = now

@@ -18,7 +18,6 @@ from typing import Any
 
 import ray
 
-from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
 from resilient.rundir import RunDir
@@ -53,15 +52,19 @@ class TrainWorker:
         return {"rank": self.rank, "pid": os.getpid(), "ip": ip, "port": free_port(ip),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def start(self, master_ip: str, master_port: int, restore_step: int | None, fired: list[int],
-              base_ref: str) -> None:
-        args = (master_ip, master_port, restore_step, set(fired), base_ref)
+    def start(self, master_ip: str, master_port: int, restore: dict | None, fired: list[int],
+              base_ref: str, agent) -> None:
+        """Train in the background. `restore` = {step, tier, agent} names the snapshot to resume
+        from (None: from scratch); `agent` is this node's NodeAgent."""
+        self.agent = agent
+        args = (master_ip, master_port, restore, set(fired), base_ref)
         threading.Thread(target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}").start()
 
     def heartbeat(self) -> dict:
         with self._lock:
             out = dict(self.status)
-            self.status["checkpoints"] = []
+        engine = getattr(self, "engine", None)
+        out["checkpoints"] = engine.drain_records() if engine else []
         out["now"] = time.time()
         return out
 
@@ -73,9 +76,9 @@ class TrainWorker:
             self.status.update(kw)
 
     # -- the training thread ---------------------------------------------------------------------
-    def _main(self, master_ip, master_port, restore_step, fired, base_ref) -> None:
+    def _main(self, master_ip, master_port, restore, fired, base_ref) -> None:
         try:
-            self._train(master_ip, master_port, restore_step, fired, base_ref)
+            self._train(master_ip, master_port, restore, fired, base_ref)
         except BaseException as e:  # reported, never raised: the supervisor decides
             self._set(phase="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
 
@@ -93,6 +96,8 @@ class TrainWorker:
         return b
 
     def _base_dir(self) -> str:
+        if self.spec.model.path:
+            return self.spec.model.path
         if self.rundir.is_local:
             return self.rundir.local_path("base_model")
         local = os.path.join(tempfile.gettempdir(), "resilient-base", self.rundir.root.replace("/", "_"))
@@ -100,10 +105,11 @@ class TrainWorker:
             self.rundir.download_dir("base_model", local)
         return local
 
-    def _train(self, master_ip, master_port, restore_step, fired, base_ref) -> None:
+    def _train(self, master_ip, master_port, restore, fired, base_ref) -> None:
         import torch
 
         from resilient.agents.rendezvous import init_process_group, node_ip
+        from resilient.checkpoint import engine as ckpt_engine
         from resilient.training.trainer import Trainer, export_to
 
         spec = self.spec
@@ -115,10 +121,13 @@ class TrainWorker:
         self._set(phase="loading")
         trainer = Trainer(spec, self.rank, self.world, self._base_dir(), self._device())
         trainer.setup()
+        cc = spec.checkpoint
+        self.engine = engine = ckpt_engine.CheckpointEngine(self.agent, spec.fingerprint(), cc.persist_every,
+                                                            cc.every, self.rank)
         step = data_step = 0
-        if restore_step:
+        if restore:
             self._set(phase="restoring")
-            snap = Snapshot.from_files(self.store.load(restore_step, spec.fingerprint()))
+            snap = ckpt_engine.load(restore, self.rank, self.store, spec.fingerprint())
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
         self._set(phase="training", step=step, restored_step=step)
@@ -134,28 +143,20 @@ class TrainWorker:
                       tokens_per_s=r.tokens / max(r.step_time + r.data_wait, 1e-9), step_done_at=now)
             if step == restored + 1:
                 self._set(first_step_done_at=now)
-            if step % spec.checkpoint.every == 0 or step == total or r.stop:
-                self._checkpoint(trainer, step, data_step)
+            final = step == total or r.stop
+            if step % cc.every == 0 or final:
+                engine.save(trainer, step, data_step, final)
+            if engine.error:
+                raise RuntimeError(engine.error)
             if r.stop:
-                self._set(phase="stopped")
-                return
+                break
         if self.rank == 0:
-            self._set(phase="exporting")
-            export_to(self.rundir, trainer, "final", base_ref)
-        self._set(phase="done")
-
-    def _checkpoint(self, trainer, step: int, data_step: int) -> None:
-        t0 = time.perf_counter()
-        snap = trainer.snapshot(step, data_step, self.spec.fingerprint())
-        if snap is None:
-            return
-        copy_s = time.perf_counter() - t0
-        manifest = self.store.commit(step, snap.to_files(), self.spec.fingerprint())
-        self.store.retain(self.spec.checkpoint.keep)
-        rec = {"step": step, "copy_s": copy_s, "blocking_s": time.perf_counter() - t0,
-               "bytes": sum(f["size"] for f in manifest["files"].values())}
-        with self._lock:
-            self.status["checkpoints"] = self.status["checkpoints"] + [rec]
+            self._set(phase="persisting")
+            engine.finish(step, cc.persist_timeout)  # durable before the job may report its end
+            if step == total:
+                self._set(phase="exporting")
+                export_to(self.rundir, trainer, "final", base_ref)
+        self._set(phase="done" if step == total else "stopped")
 
     def _maybe_inject(self, step: int, fired: set[int]) -> None:
         for i, c in enumerate(self.spec.chaos):

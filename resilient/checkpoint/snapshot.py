@@ -44,7 +44,8 @@ class Snapshot:
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> "Snapshot":
         meta = json.loads(files[META])
-        per_rank = {r: st_load(files[rank_file(r)]) for r in meta["ranks"]}
+        # A rank restoring from memory fetches only the shared part and its own file.
+        per_rank = {r: st_load(files[rank_file(r)]) for r in meta["ranks"] if rank_file(r) in files}
         return cls(step=meta["step"], data_step=meta["data_step"], shared=st_load(files[SHARED]),
                    per_rank=per_rank, meta=meta)
 

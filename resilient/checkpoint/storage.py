@@ -11,6 +11,7 @@ import hashlib
 import time
 from typing import Any
 
+from resilient.checkpoint import retention
 from resilient.rundir import RunDir
 
 MANIFEST = "manifest.json"
@@ -19,6 +20,29 @@ PREFIX = "checkpoints"
 
 class CheckpointInvalid(Exception):
     """A checkpoint that must not be restored; the message says why."""
+
+
+def make_manifest(step: int, files: dict[str, bytes], fingerprint: str, **extra: Any) -> dict:
+    """The manifest of a checkpoint: sizes and sha256 of every file, the step and the spec fingerprint."""
+    return {"format": 1, "step": step, "fingerprint": fingerprint, "created_at": time.time(),
+            "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()}, **extra}
+
+
+def verify_files(files: dict[str, bytes], manifest: dict, step: int, fingerprint: str | None = None) -> None:
+    """Raise CheckpointInvalid unless `files` match `manifest` (sizes, checksums), its step and fingerprint.
+
+    Only the files present are checked, so a rank may fetch and verify just the parts it needs."""
+    if manifest.get("step") != step:
+        raise CheckpointInvalid(f"step {step}: manifest says step {manifest.get('step')}")
+    if fingerprint and manifest.get("fingerprint") != fingerprint:
+        raise CheckpointInvalid(f"step {step}: written by a different spec "
+                                f"(fingerprint {manifest.get('fingerprint')} != {fingerprint})")
+    for name, data in files.items():
+        info = manifest["files"].get(name)
+        if info is None:
+            raise CheckpointInvalid(f"step {step}: {name} is not in the manifest")
+        if len(data) != info["size"] or sha256(data) != info["sha256"]:
+            raise CheckpointInvalid(f"step {step}: {name} checksum mismatch (size {len(data)}, want {info['size']})")
 
 
 def ckpt_dir(step: int) -> str:
@@ -35,14 +59,12 @@ class CheckpointStore:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
 
-    def commit(self, step: int, files: dict[str, bytes], fingerprint: str, extra: dict[str, Any] | None = None) -> dict:
-        """Write `files`, then the manifest that makes them visible. Returns the manifest."""
-        d = ckpt_dir(step)
+    def commit(self, files: dict[str, bytes], manifest: dict) -> dict:
+        """Write `files`, then the manifest that makes them visible. Returns the manifest as written."""
+        d = ckpt_dir(manifest["step"])
         for name, data in files.items():
             self.rundir.write_bytes(f"{d}/{name}", data)
-        manifest = {"format": 1, "step": step, "fingerprint": fingerprint, "persisted_at": time.time(),
-                    "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()},
-                    **(extra or {})}
+        manifest = {**manifest, "persisted_at": time.time()}
         self.rundir.write_json(f"{d}/{MANIFEST}", manifest)
         return manifest
 
@@ -63,19 +85,13 @@ class CheckpointStore:
     def load(self, step: int, fingerprint: str | None = None) -> dict[str, bytes]:
         """The verified files of checkpoint `step`."""
         m = self.manifest(step)
-        if m.get("step") != step:
-            raise CheckpointInvalid(f"step {step}: manifest says step {m.get('step')}")
-        if fingerprint and m.get("fingerprint") != fingerprint:
-            raise CheckpointInvalid(f"step {step}: written by a different spec (fingerprint {m.get('fingerprint')} != {fingerprint})")
         files = {}
-        for name, info in m["files"].items():
+        for name in m["files"]:
             try:
-                data = self.rundir.read_bytes(f"{ckpt_dir(step)}/{name}")
+                files[name] = self.rundir.read_bytes(f"{ckpt_dir(step)}/{name}")
             except FileNotFoundError:
                 raise CheckpointInvalid(f"step {step}: {name} missing") from None
-            if len(data) != info["size"] or sha256(data) != info["sha256"]:
-                raise CheckpointInvalid(f"step {step}: {name} checksum mismatch (size {len(data)}, want {info['size']})")
-            files[name] = data
+        verify_files(files, m, step, fingerprint)
         return files
 
     def verify(self, step: int, fingerprint: str | None = None) -> None:
@@ -94,10 +110,9 @@ class CheckpointStore:
                 skipped.append(str(e))
         return None, skipped
 
-    def retain(self, keep: int) -> list[int]:
-        """Delete all but the newest `keep` committed checkpoints (never the newest). Returns deleted steps."""
-        steps = self.steps()
-        doomed = steps[: max(0, len(steps) - max(1, keep))]
+    def retain(self, keep: int, keep_every: int = 0) -> list[int]:
+        """Apply `retention.doomed` to the committed checkpoints. Returns the deleted steps."""
+        doomed = retention.doomed(self.steps(), keep, keep_every)
         for step in doomed:
             self.rundir.remove(ckpt_dir(step))
         return doomed

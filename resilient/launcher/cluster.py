@@ -44,9 +44,11 @@ def connect(cfg: ClusterConfig) -> Connection:
         return Connection(embedded=True)
     from ray.cluster_utils import Cluster
 
+    # The head node (GCS, this driver) gets no CPUs, so no rank or agent lands on it: a simulated
+    # node can then be removed (chaos `node_loss`) without taking the control plane with it.
     per_node = max(1, math.ceil(cpus / cfg.local_nodes))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
-    for _ in range(cfg.local_nodes - 1):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(cfg.local_nodes):
         cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)

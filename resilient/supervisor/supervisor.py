@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import ray
 from ray.util.placement_group import remove_placement_group
 
 from resilient.agents.group import GroupStartError, WorkerGroup, make_placement_group
@@ -21,6 +20,7 @@ from resilient.rundir import RunDir
 from resilient.supervisor import policy
 from resilient.supervisor.faults import Action, Fault, FaultKind
 from resilient.supervisor.journal import Journal, read_records
+from resilient.supervisor.nodes import Nodes
 from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.status import fold
 
@@ -33,6 +33,7 @@ class Supervisor:
                  on_progress: Callable[[dict], None] | None = None):
         self.spec, self.rundir, self.journal, self.base_ref = spec, rundir, journal, base_ref
         self.store = CheckpointStore(rundir)
+        self.nodes = Nodes()
         self.on_progress = on_progress or (lambda s: None)
         status = fold(read_records(rundir))
         self.state = JobState(status["state"])
@@ -72,15 +73,16 @@ class Supervisor:
     def run(self) -> dict:
         if self.state in TERMINAL:
             return fold(read_records(self.rundir))
-        if self.state == JobState.PENDING:
+        resumed = self.state != JobState.PENDING
+        if not resumed:
             self._to(JobState.PREFLIGHT, "job accepted")
-            nodes = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
-                     for n in ray.nodes() if n["Alive"]]
-            self.journal.append("nodes", nodes=nodes)
-            self._to(JobState.STARTING, "preflight passed")
+        self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
+        if not resumed:
+            self._to(JobState.STARTING, "preflight passed: node agents up")
         elif self.state != JobState.STARTING:  # resumed mid-flight: go through a restart
+            self.journal.append("transition", **{"from": self.state.value, "to": "STARTING",
+                                                 "cause": "supervisor resumed from its journal"})
             self.state = JobState.STARTING
-            self.journal.append("transition", **{"from": "RESUMED", "to": "STARTING", "cause": "supervisor resumed from its journal"})
         pg = make_placement_group(self.spec, self.spec.supervisor.start_timeout)
         if pg is None:
             self._to(JobState.FAILED, "the cluster could not place the worker group; lower cluster.num_workers "
@@ -91,16 +93,27 @@ class Supervisor:
                 self._attempt(pg)
         finally:
             remove_placement_group(pg)
+            self._journal_events(self.nodes.flush_events())
+            self.nodes.shutdown()
         return fold(read_records(self.rundir))
 
-    def _restore_point(self) -> int | None:
-        step, skipped = self.store.newest_valid(self.spec.fingerprint())
-        if step is not None or skipped:
-            self.journal.append("restore", step=step or 0, tier="storage" if step else "none", skipped=skipped)
-        return step
+    def _restore_point(self) -> dict | None:
+        """The freshest verified copy over memory, peer and storage; journalled with what was skipped."""
+        gone = self.nodes.prune_dead()
+        if gone:
+            self.journal.append("nodes_lost", nodes=gone)
+        t0 = time.time()
+        source, skipped = self.nodes.restore_source(self.store, self.spec.fingerprint())
+        if source or skipped:
+            self.journal.append("restore", step=source["step"] if source else 0,
+                                tier=source["tier"] if source else "none",
+                                node=source["node"] if source else None, skipped=skipped,
+                                lookup_s=round(time.time() - t0, 4))
+        return source
 
     def _attempt(self, pg) -> None:
-        restore_step = self._restore_point()
+        source = self._restore_point()
+        restore_step = source["step"] if source else None
         if self.pending_recovery:
             idx, fault, _ = self.pending_recovery
             self.pending_recovery = (idx, fault, restore_step or 0)
@@ -108,7 +121,7 @@ class Supervisor:
         group = WorkerGroup(self.spec, self.rundir, pg, attempt=self.restarts)
         try:
             try:
-                group.start(restore_step, sorted(fired), self.base_ref)
+                group.start(source, sorted(fired), self.base_ref, self.nodes.agent_for)
             except GroupStartError as e:
                 kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
                 self._handle(Fault(kind, e.rank, (restore_step or 0) + 1, time.time(), str(e)), group)
@@ -163,6 +176,7 @@ class Supervisor:
                 self._to(JobState.STOPPING, "stop requested (resilient stop)")
             hb = group.latest
             self._journal_checkpoints(hb)
+            self._journal_events(self.nodes.poll_events())
             if group.dead:
                 rank = min(group.dead)
                 return self._fault(FaultKind.CRASH, rank, last_step + 1, group.dead[rank], group, fired)
@@ -216,8 +230,14 @@ class Supervisor:
     def _journal_checkpoints(self, hb: dict[int, dict]) -> None:
         for rank, h in hb.items():
             for rec in h.get("checkpoints", []):
-                self.journal.append("checkpoint", rank=rank, tier="storage", **rec)
+                self.journal.append("checkpoint", rank=rank, tier="memory", **rec)
             h["checkpoints"] = []
+
+    def _journal_events(self, events: list[dict]) -> None:
+        for e in events:
+            kind = e.pop("event")
+            if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
+                self.journal.append(kind, **e)
 
     def _progress(self, step: int, hb: dict[int, dict], force: bool = False) -> None:
         self.step = step

@@ -1,0 +1,75 @@
+"""The background persister: streams a node's pending snapshots to storage, oldest first.
+
+Contract: `Persister(tier, store, ...)` runs one daemon thread. Each pending snapshot is committed
+with `CheckpointStore.commit` (files, then the manifest: atomic visibility); a storage error is
+retried with exponential backoff (0.5 s doubling to `max_backoff`) while training goes on. Every
+commit, failure and retention deletion becomes an event for the journal (`drain_events`).
+`wait_persisted(step, timeout)` blocks until that step is in storage.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from resilient.checkpoint.memory import MemoryTier
+from resilient.checkpoint.storage import CheckpointStore
+
+
+class Persister:
+    def __init__(self, tier: MemoryTier, store: CheckpointStore, keep: int, keep_every: int, max_backoff: float = 8.0):
+        self.tier, self.store, self.keep, self.keep_every, self.max_backoff = tier, store, keep, keep_every, max_backoff
+        self.persisted: set[int] = set()
+        self._events: list[dict] = []
+        self._events_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="persister")
+        self._thread.start()
+
+    def event(self, **e) -> None:
+        with self._events_lock:
+            self._events.append({"t": time.time(), **e})
+
+    def drain_events(self) -> list[dict]:
+        with self._events_lock:
+            out, self._events = self._events, []
+        return out
+
+    def _loop(self) -> None:
+        delay = 0.5
+        while True:
+            with self.tier.lock:
+                entry = self.tier.next_pending()
+                if entry is None:
+                    self.tier.lock.wait(timeout=1.0)
+                    continue
+            t0 = time.time()
+            try:
+                m = self.store.commit(entry.files, entry.manifest)
+            except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
+                self.event(event="persist_error", step=entry.step, error=f"{type(e).__name__}: {e}"[:300],
+                           retry_in=delay)
+                time.sleep(delay)
+                delay = min(self.max_backoff, delay * 2)
+                continue
+            delay = 0.5
+            with self.tier.lock:
+                self.persisted.add(entry.step)
+                self.tier.mark_persisted(entry.step)
+            size = sum(f["size"] for f in m["files"].values())
+            self.event(event="persisted", step=entry.step, seconds=time.time() - t0, bytes=size,
+                       persisted_at=m["persisted_at"])
+            try:
+                deleted = self.store.retain(self.keep, self.keep_every)
+                if deleted:
+                    self.event(event="retention", deleted=deleted)
+            except Exception as e:
+                self.event(event="retention_error", error=str(e)[:300])
+
+    def wait_persisted(self, step: int, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        with self.tier.lock:
+            while step not in self.persisted:
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self.tier.lock.wait(timeout=min(left, 1.0))
+        return True

@@ -1,0 +1,130 @@
+"""The node inventory: one NodeAgent per schedulable node, their peers, their events, and where the
+freshest checkpoint copy lives.
+
+Contract: `Nodes.start(spec, run_uri)` places a NodeAgent on every alive node that has CPUs (pinned
+with a hard node-affinity), peers them in a ring (each replicates to the next), and drops agents
+whose node died. `restore_source()` returns the freshest verified copy over every tier, preferring,
+for the same step, this node's memory, then a peer's replica, then storage, with the reason each
+newer copy was skipped. `poll_events()` collects the agents' events without blocking.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from resilient.agents.node_agent import NodeAgent
+from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+from resilient.config import JobSpec
+
+TIER_ORDER = {"memory": 0, "peer": 1, "storage": 2}
+
+
+def schedulable_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+class Nodes:
+    def __init__(self):
+        self.agents: dict[str, object] = {}
+        self._event_refs: dict[str, ray.ObjectRef] = {}
+        self._last_events = 0.0
+
+    def start(self, spec: JobSpec, run_uri: str) -> list[dict]:
+        ckpt = spec.checkpoint.model_dump()
+        nodes = schedulable_nodes()
+        for n in nodes:
+            nid = n["NodeID"]
+            strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
+            self.agents[nid] = NodeAgent.options(scheduling_strategy=strategy, max_restarts=0).remote(nid, run_uri, ckpt)
+        ray.get([a.info.remote() for a in self.agents.values()], timeout=120)
+        self._ring()
+        return [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in nodes]
+
+    def _ring(self) -> None:
+        ids = sorted(self.agents)
+        for i, nid in enumerate(ids):
+            peer = self.agents[ids[(i + 1) % len(ids)]] if len(ids) > 1 else None
+            self.agents[nid].set_peer.remote(peer)
+
+    def drop(self, node_id: str) -> None:
+        if self.agents.pop(node_id, None) is not None:
+            self._event_refs.pop(node_id, None)
+            self._ring()
+
+    def agent_for(self, node_id: str):
+        return self.agents.get(node_id)
+
+    def prune_dead(self) -> list[str]:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        gone = [nid for nid in self.agents if nid not in alive]
+        for nid in gone:
+            self.drop(nid)
+        return gone
+
+    def poll_events(self, every_s: float = 1.0) -> list[dict]:
+        """Events the agents reported since the last call (non-blocking; at most every `every_s`)."""
+        out = []
+        for nid, ref in list(self._event_refs.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                del self._event_refs[nid]
+                try:
+                    out += [{**e, "node": nid} for e in ray.get(ref)]
+                except ray.exceptions.RayActorError:
+                    self.drop(nid)
+        if time.time() - self._last_events >= every_s:
+            self._last_events = time.time()
+            for nid, a in self.agents.items():
+                self._event_refs.setdefault(nid, a.events.remote())
+        return out
+
+    def flush_events(self, timeout: float = 10.0) -> list[dict]:
+        out = []
+        for nid, a in list(self.agents.items()):
+            try:
+                out += [{**e, "node": nid} for e in ray.get(a.events.remote(), timeout=timeout)]
+            except Exception:
+                pass
+        self._event_refs.clear()
+        return out
+
+    def restore_source(self, store: CheckpointStore, fingerprint: str) -> tuple[dict | None, list[str]]:
+        cands = []
+        for nid, agent in list(self.agents.items()):
+            try:
+                inv = ray.get(agent.inventory.remote(), timeout=10)
+            except Exception:
+                self.drop(nid)
+                continue
+            for e in inv:
+                if e["fingerprint"] == fingerprint:
+                    cands.append((e["step"], e["role"], nid, agent))
+        cands += [(s, "storage", None, None) for s in store.steps()]
+        cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
+        skipped = []
+        for step, tier, nid, agent in cands:
+            try:
+                if agent is not None:
+                    reason = ray.get(agent.verify.remote(step, fingerprint), timeout=60)
+                    if reason:
+                        raise CheckpointInvalid(reason)
+                else:
+                    store.verify(step, fingerprint)
+            except CheckpointInvalid as e:
+                skipped.append(f"{tier}: {e}")
+                continue
+            except Exception as e:  # the agent died under us
+                skipped.append(f"{tier} on {str(nid)[:8]}: {type(e).__name__}")
+                continue
+            return {"step": step, "tier": tier, "agent": agent, "node": nid}, skipped
+        return None, skipped
+
+    def shutdown(self) -> None:
+        for a in self.agents.values():
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.agents.clear()
