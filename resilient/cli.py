@@ -52,7 +52,8 @@ def cli() -> None:
 @click.argument("spec", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. train.steps=40.")
 @click.option("--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp).")
-@click.option("--resume", "resume_dir", metavar="RUN_DIR", help="Continue a run from its journal and checkpoints.")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR",
+              help="Continue a run from its journal and newest persisted checkpoint (--set may change e.g. train.steps).")
 @user_errors
 def launch(spec, overrides, run_id, resume_dir) -> None:
     """Run the job described by SPEC (TOML or YAML)."""
@@ -61,7 +62,7 @@ def launch(spec, overrides, run_id, resume_dir) -> None:
     from resilient.launcher import resume as do_resume
 
     if resume_dir:
-        status = do_resume(resume_dir)
+        status = do_resume(resume_dir, overrides=list(overrides))
     else:
         if not spec:
             raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
@@ -171,6 +172,24 @@ def ckpt_verify(run_dir, step) -> None:
             bad += 1
             click.echo(f"step {s}: BAD ({e})")
     sys.exit(1 if bad else 0)
+
+
+@ckpt.command("export")
+@click.argument("run_dir")
+@click.option("--step", type=int, required=True, help="The persisted checkpoint to export.")
+@click.argument("out")
+@user_errors
+def ckpt_export(run_dir, step, out) -> None:
+    """Write checkpoint STEP as a peft adapter directory OUT."""
+    from resilient.checkpoint.export import export_step
+    from resilient.checkpoint.storage import CheckpointInvalid
+
+    rd = _rundir(run_dir)
+    try:
+        export_step(rd, step, out)
+    except CheckpointInvalid as e:
+        raise UserError(f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints") from None
+    click.echo(f"adapter of step {step} written to {out}")
 
 
 def main() -> None:

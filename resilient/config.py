@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from resilient.errors import SpecError
 
-CHAOS_FAULTS = ("kill", "exit", "hang")
+CHAOS_FAULTS = ("kill", "exit", "hang", "node_loss")
 
 
 class _Section(BaseModel):
@@ -123,7 +123,8 @@ class ChaosEntry(_Section):
     """One planned fault: `fault` hits `rank` when it reaches `at_step`, once."""
 
     at_step: int = Field(..., ge=1, description="The step at whose start the fault fires.")
-    fault: Literal[CHAOS_FAULTS] = Field(..., description="kill (SIGKILL), exit (exit code 1), hang (SIGSTOP).")
+    fault: Literal[CHAOS_FAULTS] = Field(
+        ..., description="kill (SIGKILL), exit (exit code 1), hang (SIGSTOP), node_loss (the rank's raylet is killed).")
     rank: int = Field(0, ge=0, description="The rank hit.")
 
 
@@ -157,6 +158,9 @@ class JobSpec(_Section):
                 raise ValueError(f"chaos[{i}].rank {c.rank} does not exist; ranks are 0..{self.cluster.num_workers - 1}")
             if c.at_step > self.train.steps:
                 raise ValueError(f"chaos[{i}].at_step {c.at_step} is past train.steps {self.train.steps}")
+            if c.fault == "node_loss" and not self.cluster.address and self.cluster.local_nodes < 2:
+                raise ValueError(f"chaos[{i}] node_loss needs several nodes: set cluster.local_nodes >= 2 "
+                                 "(the embedded single node also runs this driver)")
         return self
 
     def fingerprint(self) -> str:

@@ -67,10 +67,15 @@ def status(run_dir: Path | str) -> dict:
     return json.loads(r.stdout)
 
 
-def adapter(run_dir: Path | str) -> dict:
+def load_adapter(adapter_dir: Path | str) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "final" / "adapter_model.safetensors"))
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def adapter(run_dir: Path | str) -> dict:
+    """The final adapter of a run."""
+    return load_adapter(Path(run_dir) / "final")
 
 
 def assert_same_adapter(a: dict, b: dict) -> None:

@@ -31,6 +31,19 @@ def inject(fault: str) -> None:
         os._exit(1)
     elif fault == "hang":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif fault == "node_loss":
+        os.kill(raylet_pid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raylet_pid() -> int:
+    """The raylet that started this worker: the node this rank lives on."""
+    import psutil
+
+    for p in psutil.Process().parents():
+        if "raylet" in p.name():
+            return p.pid
+    raise RuntimeError("no raylet among this worker's parent processes")
 
 
 @ray.remote(max_concurrency=4)
@@ -163,6 +176,9 @@ class TrainWorker:
             if i in fired or c.rank != self.rank or c.at_step != step:
                 continue
             fired.add(i)
-            self.rundir.write_json(f"chaos/fired-{i:04d}.json", {
-                "index": i, "fault": c.fault, "rank": self.rank, "step": step, "injected_at": time.time()})
+            try:  # the marker keeps a restarted group from firing it again; best effort if storage is down
+                self.rundir.write_json(f"chaos/fired-{i:04d}.json", {
+                    "index": i, "fault": c.fault, "rank": self.rank, "step": step, "injected_at": time.time()})
+            except Exception:
+                pass
             inject(c.fault)

@@ -47,7 +47,10 @@ def connect(cfg: ClusterConfig) -> Connection:
     # The head node (GCS, this driver) gets no CPUs, so no rank or agent lands on it: a simulated
     # node can then be removed (chaos `node_loss`) without taking the control plane with it.
     per_node = max(1, math.ceil(cpus / cfg.local_nodes))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Simulated nodes die for real (chaos kills their raylet): notice that in seconds, not Ray's default ~30 s.
+    fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                  "health_check_initial_delay_ms": 1000}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death})
     for _ in range(cfg.local_nodes):
         cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()

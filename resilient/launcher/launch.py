@@ -14,7 +14,7 @@ import time
 
 from rich.console import Console
 
-from resilient.config import JobSpec, validate_tree
+from resilient.config import JobSpec, apply_overrides, validate_tree
 from resilient.errors import UserError
 from resilient.launcher.cluster import check_capacity, connect
 from resilient.launcher.progress import ProgressLine, print_summary
@@ -67,15 +67,22 @@ def launch(spec: JobSpec, run_id: str | None = None, console: Console | None = N
     return _run(spec, rundir, run_id, console or Console(), fresh=True)
 
 
-def resume(run_uri: str, console: Console | None = None, storage_options: dict | None = None) -> dict:
-    rundir = RunDir(run_uri, storage_options)
+def resume(run_uri: str, console: Console | None = None, overrides: list[str] | None = None) -> dict:
+    """Continue a run whose launcher died or which was stopped (overrides may extend train.steps)."""
+    rundir = RunDir(run_uri)
     if not rundir.exists(SPEC_FILE):
         raise UserError(f"RUN_DIR {run_uri!r} holds no {SPEC_FILE}; give the run directory printed by `resilient launch`")
-    spec = validate_tree(rundir.read_json(SPEC_FILE))
-    rundir = RunDir(run_uri, spec.checkpoint.storage_options or storage_options)
+    old = validate_tree(rundir.read_json(SPEC_FILE))
+    spec = validate_tree(apply_overrides(rundir.read_json(SPEC_FILE), overrides or []))
+    if spec.fingerprint() != old.fingerprint() or spec.name != old.name:
+        raise UserError("--set with --resume may change train.steps, supervisor.*, chaos and checkpoint intervals, "
+                        "not what the checkpoints depend on (model, peft, data, train.* but steps, num_workers)")
+    rundir = RunDir(run_uri, spec.checkpoint.storage_options)
     state = fold(read_records(rundir))["state"]
-    if state in ("SUCCEEDED", "FAILED"):
-        raise UserError(f"run {run_uri} already ended {state}; launch a new run instead")
+    if state == "SUCCEEDED" and spec.train.steps <= old.train.steps:
+        raise UserError(f"run {run_uri} already SUCCEEDED; raise train.steps with --set to train further")
+    if overrides:
+        rundir.write_json(SPEC_FILE, spec.model_dump(mode="json"))
     return _run(spec, rundir, rundir.uri.rsplit("/", 1)[-1], console or Console(), fresh=False)
 
 
@@ -96,7 +103,10 @@ def _run(spec: JobSpec, rundir: RunDir, run_id: str, console: Console, fresh: bo
             journal.append("job", name=spec.name, run_id=run_id, total_steps=spec.train.steps,
                            run_dir=rundir.uri, fingerprint=spec.fingerprint(), spec=spec.model_dump(mode="json"))
         else:
-            journal.append("resume", run_dir=rundir.uri)
+            from resilient.supervisor.supervisor import STOP_FILE
+
+            rundir.remove(STOP_FILE)  # the stop that ended the last life does not end this one
+            journal.append("resume", run_dir=rundir.uri, total_steps=spec.train.steps)
         console.print(f"run {spec.name}/{run_id}: {spec.cluster.num_workers} workers, {spec.train.steps} steps -> "
                       f"{rundir.uri}", highlight=False, soft_wrap=True)
         _prepare_base(spec, rundir)

@@ -2,6 +2,7 @@
 
 Contract: `Journal.append(type, **fields)` makes the record durable before it returns (local: append
 + fsync; object stores, which cannot append: the whole file is rewritten in one atomic PUT).
+While an object store is down, records wait in memory and go out with the next append or `flush()`.
 `read_records(rundir)` returns the records in order; a torn last line (a crash mid-append) is ignored.
 The journal is the source of truth for `resilient status` and for resuming a run.
 """
@@ -35,6 +36,7 @@ class Journal:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
         self._lines: list[str] = [json.dumps(r, sort_keys=True) for r in read_records(rundir)]
+        self.unflushed = False
 
     def append(self, type: str, **fields: Any) -> dict:
         rec = {"t": time.time(), "type": type, **fields}
@@ -48,5 +50,16 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         else:
-            self.rundir.write_bytes(JOURNAL, ("\n".join(self._lines) + "\n").encode())
+            self.flush()
         return rec
+
+    def flush(self) -> bool:
+        """Remote journals: write everything out; False (and retried on the next append) while storage is down."""
+        if self.rundir.is_local:
+            return True
+        try:
+            self.rundir.write_bytes(JOURNAL, ("\n".join(self._lines) + "\n").encode())
+            self.unflushed = False
+        except Exception:  # storage outage: the records wait in memory, training goes on
+            self.unflushed = True
+        return not self.unflushed

@@ -9,6 +9,7 @@ newer copy was skipped. `poll_events()` collects the agents' events without bloc
 """
 from __future__ import annotations
 
+import socket
 import time
 
 import ray
@@ -19,6 +20,15 @@ from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
 
 TIER_ORDER = {"memory": 0, "peer": 1, "storage": 2}
+
+
+def raylet_reachable(node: dict, timeout: float = 0.5) -> bool:
+    """Whether the node's raylet accepts a TCP connection (a killed raylet refuses at once)."""
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def schedulable_nodes() -> list[dict]:
@@ -56,9 +66,17 @@ class Nodes:
     def agent_for(self, node_id: str):
         return self.agents.get(node_id)
 
-    def prune_dead(self) -> list[str]:
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        gone = [nid for nid in self.agents if nid not in alive]
+    def prune_dead(self, settle_s: float = 20.0) -> list[str]:
+        """Drop the agents of nodes that are gone. A node whose raylet refuses connections is gone even
+        before Ray's health check says so; wait (up to `settle_s`) for Ray to agree, so that the
+        placement group is rescheduled off it before the next worker group is placed."""
+        by_id = {n["NodeID"]: n for n in ray.nodes()}
+        gone = [nid for nid in self.agents if not by_id.get(nid, {}).get("Alive") or not raylet_reachable(by_id[nid])]
+        deadline = time.time() + settle_s
+        while gone and time.time() < deadline:
+            if not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in gone):
+                break
+            time.sleep(0.2)
         for nid in gone:
             self.drop(nid)
         return gone
@@ -101,9 +119,12 @@ class Nodes:
             for e in inv:
                 if e["fingerprint"] == fingerprint:
                     cands.append((e["step"], e["role"], nid, agent))
-        cands += [(s, "storage", None, None) for s in store.steps()]
-        cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
         skipped = []
+        try:
+            cands += [(s, "storage", None, None) for s in store.steps()]
+        except Exception as e:  # storage outage: memory copies still count
+            skipped.append(f"storage: cannot list ({type(e).__name__}: {e})"[:300])
+        cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
         for step, tier, nid, agent in cands:
             try:
                 if agent is not None:
@@ -115,7 +136,7 @@ class Nodes:
             except CheckpointInvalid as e:
                 skipped.append(f"{tier}: {e}")
                 continue
-            except Exception as e:  # the agent died under us
+            except Exception as e:  # the agent died under us, or storage is down
                 skipped.append(f"{tier} on {str(nid)[:8]}: {type(e).__name__}")
                 continue
             return {"step": step, "tier": tier, "agent": agent, "node": nid}, skipped

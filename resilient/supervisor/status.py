@@ -19,6 +19,10 @@ def fold(records: list[dict]) -> dict[str, Any]:
         if t == "job":
             s.update(name=r.get("name"), run_id=r.get("run_id"), total_steps=r.get("total_steps"),
                      started_at=s["started_at"] or r["t"], run_dir=r.get("run_dir"))
+        elif t == "resume":  # a new life of the run: its supervisor starts over from PENDING
+            s.update(state="PENDING", ended_at=None, reason=None)
+            s["total_steps"] = r.get("total_steps", s["total_steps"])
+            s["resumes"] = s.get("resumes", 0) + 1
         elif t == "transition":
             s["state"] = r["to"]
             if r["to"] in ("SUCCEEDED", "FAILED", "STOPPED"):

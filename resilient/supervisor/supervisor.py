@@ -56,10 +56,13 @@ class Supervisor:
 
     def _fired(self) -> dict[int, dict]:
         out = {}
-        for name in self.rundir.listdir("chaos"):
-            if name.startswith("fired-") and name.endswith(".json"):
-                rec = self.rundir.read_json(f"chaos/{name}")
-                out[rec["index"]] = rec
+        try:
+            for name in self.rundir.listdir("chaos"):
+                if name.startswith("fired-") and name.endswith(".json"):
+                    rec = self.rundir.read_json(f"chaos/{name}")
+                    out[rec["index"]] = rec
+        except Exception:  # storage outage: markers are best effort
+            pass
         return out
 
     def _stop_requested(self) -> bool:
@@ -67,22 +70,22 @@ class Supervisor:
         if now - self._last_stop_check < 1.0:
             return False
         self._last_stop_check = now
-        return self.rundir.exists(STOP_FILE)
+        if self.journal.unflushed:
+            self.journal.flush()
+        try:
+            return self.rundir.exists(STOP_FILE)
+        except Exception:  # storage outage: ask again next time
+            return False
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
-        if self.state in TERMINAL:
-            return fold(read_records(self.rundir))
-        resumed = self.state != JobState.PENDING
-        if not resumed:
-            self._to(JobState.PREFLIGHT, "job accepted")
+        if self.state != JobState.PENDING:
+            raise RuntimeError(f"the journal says {self.state.value}; only a new or resumed run can be supervised")
+        # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
+        # restores from the newest persisted checkpoint: memory tiers died with the old driver.
+        self._to(JobState.PREFLIGHT, "job accepted")
         self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
-        if not resumed:
-            self._to(JobState.STARTING, "preflight passed: node agents up")
-        elif self.state != JobState.STARTING:  # resumed mid-flight: go through a restart
-            self.journal.append("transition", **{"from": self.state.value, "to": "STARTING",
-                                                 "cause": "supervisor resumed from its journal"})
-            self.state = JobState.STARTING
+        self._to(JobState.STARTING, "preflight passed: node agents up")
         pg = make_placement_group(self.spec, self.spec.supervisor.start_timeout)
         if pg is None:
             self._to(JobState.FAILED, "the cluster could not place the worker group; lower cluster.num_workers "
@@ -95,6 +98,9 @@ class Supervisor:
             remove_placement_group(pg)
             self._journal_events(self.nodes.flush_events())
             self.nodes.shutdown()
+            deadline = time.time() + self.spec.checkpoint.persist_timeout
+            while not self.journal.flush() and time.time() < deadline:
+                time.sleep(1.0)
         return fold(read_records(self.rundir))
 
     def _restore_point(self) -> dict | None:

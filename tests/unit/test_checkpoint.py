@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from resilient.checkpoint.snapshot import Snapshot, optimizer_parts, optimizer_state
-from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, ckpt_dir
+from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, ckpt_dir, make_manifest
 from resilient.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(30)
@@ -41,6 +41,11 @@ def test_optimizer_state_round_trip():
         assert torch.equal(v, opt2.state_dict()["state"][0][k])
 
 
+def commit(store, step):
+    files = snap(step).to_files()
+    store.commit(files, make_manifest(step, files, "fp"))
+
+
 @pytest.fixture
 def store(tmp_path):
     return CheckpointStore(RunDir(f"file://{tmp_path}/run"))
@@ -51,7 +56,7 @@ def test_commit_makes_visible_only_with_manifest(store):
     for name, data in files.items():  # a writer that died before its manifest
         store.rundir.write_bytes(f"{ckpt_dir(5)}/{name}", data)
     assert store.steps() == []
-    store.commit(5, files, "fp")
+    store.commit(files, make_manifest(5, files, "fp"))
     assert store.steps() == [5]
     store.verify(5, "fp")
     assert Snapshot.from_files(store.load(5)).step == 5
@@ -59,7 +64,7 @@ def test_commit_makes_visible_only_with_manifest(store):
 
 def test_checksum_mismatch_falls_back_to_older(store):
     for s in (5, 10):
-        store.commit(s, snap(s).to_files(), "fp")
+        commit(store, s)
     path = store.rundir.local_path(f"{ckpt_dir(10)}/shared.safetensors")
     data = bytearray(open(path, "rb").read())
     data[-10] ^= 0xFF
@@ -71,15 +76,47 @@ def test_checksum_mismatch_falls_back_to_older(store):
 
 
 def test_fingerprint_mismatch_is_refused(store):
-    store.commit(5, snap(5).to_files(), "fp")
+    commit(store, 5)
     with pytest.raises(CheckpointInvalid, match="different spec"):
         store.load(5, "other")
 
 
 def test_retention_never_deletes_the_newest(store):
     for s in (5, 10, 15, 20):
-        store.commit(s, snap(s).to_files(), "fp")
+        commit(store, s)
     assert store.retain(2) == [5, 10]
     assert store.steps() == [15, 20]
     assert store.retain(0) == [15]  # keep=0 still keeps the newest
     assert store.steps() == [20]
+
+
+def test_retention_keep_every():
+    from resilient.checkpoint.retention import doomed
+
+    assert doomed([10, 20, 30, 40, 50], keep=2, keep_every=20) == [10, 30]
+    assert doomed([], keep=3) == []
+
+
+def test_memory_tier_bounds_pending_and_never_drops_the_newest():
+    from resilient.checkpoint.memory import Entry, MemoryTier
+
+    tier = MemoryTier(keep=2, max_pending=2)
+    events = []
+    for step in range(1, 6):
+        events += tier.put(Entry(step, {"a": b"x"}, {"step": step}, role="memory", persist=True))
+    assert [e["step"] for e in events] == [1, 2, 3]  # oldest waiting ones dropped
+    assert tier.next_pending().step == 4
+    tier.mark_persisted(4)
+    assert tier.next_pending().step == 5
+    assert [e["step"] for e in tier.inventory()] == [5, 4]  # newest `keep` stay in memory
+
+
+def test_memory_tier_keeps_unpersisted_beyond_keep():
+    from resilient.checkpoint.memory import Entry, MemoryTier
+
+    tier = MemoryTier(keep=1, max_pending=10)
+    tier.put(Entry(1, {}, {}, role="memory", persist=True))
+    tier.put(Entry(2, {}, {}, role="memory", persist=False))
+    assert tier.get(1) is not None  # still waiting for storage
+    tier.mark_persisted(1)
+    assert tier.get(1) is None and tier.get(2) is not None
