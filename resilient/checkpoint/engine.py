@@ -62,9 +62,13 @@ class CheckpointEngine:
             out, self.records = self.records, []
         return out
 
+    def drain(self) -> None:
+        """Wait until every snapshot taken so far is in the node agent's memory."""
+        self._queue.join()
+
     def finish(self, step: int, timeout: float) -> None:
         """Wait until every snapshot is handed over and `step` is persisted (rank 0)."""
-        self._queue.join()
+        self.drain()
         if self.error:
             raise RuntimeError(self.error)
         if not ray.get(self.agent.wait_persisted.remote(step, timeout)):
