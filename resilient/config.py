@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from resilient.errors import SpecError
 
-CHAOS_FAULTS = ("kill", "exit", "hang", "node_loss")
+CHAOS_FAULTS = ("kill", "exit", "hang", "node_loss", "slow", "nan", "gpu_xid", "gpu_lost", "ecc", "thermal")
+PROCESS_FAULTS = ("kill", "exit", "hang", "node_loss", "slow", "nan")  # carried out by the rank itself
+GPU_FAULTS = ("gpu_xid", "gpu_lost", "ecc", "thermal")  # set on a node's simulated GPU
 
 
 class _Section(BaseModel):
@@ -120,12 +122,46 @@ class SupervisorConfig(_Section):
 
 
 class ChaosEntry(_Section):
-    """One planned fault: `fault` hits `rank` when it reaches `at_step`, once."""
+    """One planned fault: `fault` hits `rank` (or `node`) when the job reaches `at_step`, once."""
 
     at_step: int = Field(..., ge=1, description="The step at whose start the fault fires.")
-    fault: Literal[CHAOS_FAULTS] = Field(
-        ..., description="kill (SIGKILL), exit (exit code 1), hang (SIGSTOP), node_loss (the rank's raylet is killed).")
-    rank: int = Field(0, ge=0, description="The rank hit.")
+    fault: Literal[CHAOS_FAULTS] = Field(..., description="See the README's fault catalogue.")
+    rank: int | None = Field(None, ge=0, description="The rank hit (default 0 unless `node` is given).")
+    node: int | None = Field(None, ge=0, description="GPU faults: the node hit, by index in the journal's node list.")
+    factor: float = Field(2.0, gt=1.0, description="slow: the rank's compute takes this many times longer.")
+    xid: int = Field(79, ge=1, description="gpu_xid: the XID the simulated GPU reports.")
+    count: int = Field(1, ge=1, description="ecc: uncorrectable ECC errors added.")
+    temperature: float = Field(95.0, description="thermal: the simulated GPU's temperature in C.")
+
+    @model_validator(mode="after")
+    def _target(self) -> "ChaosEntry":
+        if self.node is not None and self.fault not in GPU_FAULTS:
+            raise ValueError(f"fault {self.fault!r} is aimed at a rank; `node` only goes with {', '.join(GPU_FAULTS)}")
+        if self.node is not None and self.rank is not None:
+            raise ValueError("give `rank` or `node`, not both")
+        return self
+
+    @property
+    def target_rank(self) -> int | None:
+        return self.rank if self.rank is not None else (None if self.node is not None else 0)
+
+
+class AnomalyConfig(_Section):
+    """The anomaly detector (TEE): collectors, detector thresholds and exports."""
+
+    interval: float = Field(1.0, gt=0, description="Seconds between GPU/host samples on each node.")
+    gpu: Literal["auto", "nvml", "simulated", "off"] = Field(
+        "auto", description='"auto": NVML when a GPU answers, else off; "simulated": a settable fake GPU per node.')
+    straggler_factor: float = Field(1.3, gt=1.0, description="A rank this much slower than its peers' median...")
+    straggler_window: int = Field(10, ge=3, description="...for this many consecutive steps is a straggler.")
+    straggler_min_s: float = Field(0.002, ge=0, description="Ignore ranks whose compute time is below this (noise).")
+    spike_z: float = Field(8.0, gt=0, description="Robust z-score (median/MAD) of the loss that counts as a spike.")
+    spike_window: int = Field(50, ge=10, description="Losses the spike detector looks back over.")
+    spike_patience: int = Field(3, ge=1, description="Consecutive spikes that trigger a rollback.")
+    leak_mb_per_min: float = Field(200.0, gt=0, description="Steady RSS growth of a worker above this is a leak warning.")
+    leak_window_s: float = Field(120.0, gt=0, description="Seconds of RSS history the leak detector fits.")
+    thermal_c: float = Field(90.0, description="GPU temperature at or above which a thermal warning fires.")
+    prometheus_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = off).")
 
 
 class JobSpec(_Section):
@@ -141,6 +177,7 @@ class JobSpec(_Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
     chaos: list[ChaosEntry] = Field(default_factory=list, description="Planned faults ([[chaos]] entries).")
 
     @field_validator("peft")
@@ -154,7 +191,11 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _cross(self) -> "JobSpec":
         for i, c in enumerate(self.chaos):
-            if c.rank >= self.cluster.num_workers:
+            if c.fault in GPU_FAULTS and self.anomaly.gpu != "simulated":
+                raise ValueError(f'chaos[{i}] {c.fault} needs anomaly.gpu = "simulated"')
+            if c.node is not None and c.node >= self.cluster.local_nodes and not self.cluster.address:
+                raise ValueError(f"chaos[{i}].node {c.node} does not exist; nodes are 0..{self.cluster.local_nodes - 1}")
+            if c.rank is not None and c.rank >= self.cluster.num_workers:
                 raise ValueError(f"chaos[{i}].rank {c.rank} does not exist; ranks are 0..{self.cluster.num_workers - 1}")
             if c.at_step > self.train.steps:
                 raise ValueError(f"chaos[{i}].at_step {c.at_step} is past train.steps {self.train.steps}")

@@ -1,6 +1,6 @@
 """WorkerGroup: the ranks of one attempt, placed, rendezvoused, started, polled and torn down.
 
-Contract: `start()` creates one TrainWorker per rank inside the placement group and starts training
+Contract: `start()` creates one TrainWorker per rank on its assigned node and starts training
 (raising `GroupStartError` with the cause if that fails). `poll(wait_s)` keeps one heartbeat in
 flight per rank and returns what came back: a status dict per rank that answered, and the death
 error of each rank whose actor died. `last_answer[rank]` says when a rank last answered.
@@ -17,8 +17,7 @@ import psutil
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient.agents.worker import TrainWorker
 from resilient.config import JobSpec
@@ -37,19 +36,10 @@ def split_resources(res: dict[str, float]) -> dict:
     return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "resources": other}
 
 
-def make_placement_group(spec: JobSpec, timeout_s: float) -> PlacementGroup | None:
-    """A PACK placement group with one bundle per rank, or None if the cluster cannot place it in time."""
-    bundles = [dict(spec.cluster.resources_per_worker) for _ in range(spec.cluster.num_workers)]
-    pg = placement_group(bundles, strategy="PACK", name=f"resilient-{spec.name}")
-    if not pg.wait(timeout_seconds=timeout_s):
-        remove_placement_group(pg)
-        return None
-    return pg
-
-
 class WorkerGroup:
-    def __init__(self, spec: JobSpec, rundir: RunDir, pg: PlacementGroup, attempt: int):
-        self.spec, self.rundir, self.pg, self.attempt = spec, rundir, pg, attempt
+    def __init__(self, spec: JobSpec, rundir: RunDir, placement: list[str], attempt: int):
+        """`placement[rank]` is the node the rank must run on (hard affinity: cordoned nodes stay out)."""
+        self.spec, self.rundir, self.placement, self.attempt = spec, rundir, placement, attempt
         self.workers: list = []
         self.infos: list[dict] = []
         self.pending: dict[int, ray.ObjectRef] = {}
@@ -57,13 +47,15 @@ class WorkerGroup:
         self.last_answer: dict[int, float] = {}
         self.latest: dict[int, dict] = {}
         self.dead: dict[int, str] = {}
+        self.data_steps: dict[int, set[int]] = {}  # step -> data steps the ranks trained on (rollback skips)
 
-    def start(self, restore: dict | None, fired: list[int], base_ref: str, agent_for) -> None:
+    def start(self, restore: dict | None, fired: list[int], base_ref: str, agent_for, skip: list[int],
+              node_index=lambda node_id: -1) -> None:
         """Create, rendezvous and start the ranks; `agent_for(node_id)` gives a node's NodeAgent."""
         opts = split_resources(self.spec.cluster.resources_per_worker)
         spec_dict = self.spec.model_dump()
         for rank in range(self.spec.cluster.num_workers):
-            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            strategy = NodeAffinitySchedulingStrategy(node_id=self.placement[rank], soft=False)
             self.workers.append(TrainWorker.options(scheduling_strategy=strategy, max_restarts=0,
                                                     max_concurrency=4, **opts)
                                 .remote(spec_dict, rank, self.rundir.uri, self.attempt))
@@ -77,7 +69,8 @@ class WorkerGroup:
             rank = next((i for i, r in enumerate(refs) if _failed(r)), None)
             raise GroupStartError(f"a worker died while starting: {e}", rank=rank, dead=True) from None
         master = self.infos[0]
-        ray.get([w.start.remote(master["ip"], master["port"], restore, fired, base_ref, agent_for(info["node_id"]))
+        ray.get([w.start.remote(master["ip"], master["port"], restore, fired, base_ref, agent_for(info["node_id"]), skip,
+                                node_index(info["node_id"]))
                  for w, info in zip(self.workers, self.infos)])
         now = time.time()
         for rank in range(len(self.workers)):

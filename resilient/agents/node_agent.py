@@ -1,6 +1,6 @@
 """NodeAgent: one long-lived actor per node; outlives worker restarts.
 
-Contract: holds the node's memory tier of checkpoints (primary copies from the ranks on this node,
+Contract: samples the node's GPUs (NVML, or a simulated GPU) and host every `anomaly.interval`; holds the node's memory tier of checkpoints (primary copies from the ranks on this node,
 replicas from a peer node), forwards each primary copy to its peer agent, and persists primaries to
 storage in the background. `inventory()` says what it holds, `fetch()` hands out verified files,
 `events()` drains what happened (persisted, persist errors, drops, replications) for the journal.
@@ -9,26 +9,78 @@ It never unpickles anything from storage.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
+
+import psutil
 
 import ray
 
 from resilient.checkpoint.memory import Entry, MemoryTier
 from resilient.checkpoint.persister import Persister
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, verify_files
-from resilient.config import CheckpointConfig
+from resilient.anomaly.collectors import HostCollector, open_gpu_collector
+from resilient.anomaly.simulated import SimulatedNvml
+from resilient.config import AnomalyConfig, CheckpointConfig
 from resilient.rundir import RunDir
 
 
 @ray.remote(num_cpus=0, max_concurrency=16)
 class NodeAgent:
-    def __init__(self, node_id: str, run_uri: str, ckpt: dict):
+    def __init__(self, node_id: str, run_uri: str, ckpt: dict, anomaly: dict | None = None):
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
         self.tier = MemoryTier(keep=cfg.memory_keep, max_pending=cfg.max_pending)
         self.persister = Persister(self.tier, CheckpointStore(RunDir(run_uri, cfg.storage_options)),
                                    keep=cfg.keep, keep_every=cfg.keep_every)
         self.peer = None
+        self.pids: dict[int, int] = {}
+        self.samples: deque = deque(maxlen=10_000)
+        self.anomaly = AnomalyConfig.model_validate(anomaly or {})
+        self.sim = SimulatedNvml(1) if self.anomaly.gpu == "simulated" else None
+        self.gpu, self.gpu_status = open_gpu_collector(self.anomaly.gpu, self.sim)
+        self.host = HostCollector()
+        self._wake, self._sample_lock = threading.Event(), threading.Lock()
+        threading.Thread(target=self._sample_loop, daemon=True, name="sampler").start()
+
+    # -- metrics (TEE collectors) ------------------------------------------------------------------
+    def _sample_loop(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            self._sample_once()
+            self._wake.wait(max(0.0, self.anomaly.interval - (time.perf_counter() - t0)))
+            self._wake.clear()
+
+    def _sample_once(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self._sample_lock:
+                gpus = self.gpu.sample() if self.gpu else []
+                host = self.host.sample(dict(self.pids))
+            self.samples.append({"gpus": gpus, "host": host, "cost_s": time.perf_counter() - t0})
+        except Exception as e:  # a collector bug must not take the checkpoint tier down
+            self.persister.event(event="collector_error", error=f"{type(e).__name__}: {e}"[:300])
+
+    def register(self, rank: int, pid: int) -> None:
+        """A rank on this node: its RSS is sampled from now on (the previous attempt's ranks are dropped)."""
+        self.pids = {r: p for r, p in self.pids.items() if r != rank and psutil.pid_exists(p)} | {rank: pid}
+
+    def gpu_fault(self, fault: str, gpu: int = 0, xid: int = 79, count: int = 1, temperature: float = 95.0) -> str:
+        """Chaos on the simulated GPU of this node: gpu_xid, gpu_lost, ecc, thermal."""
+        if self.sim is None:
+            raise RuntimeError('GPU faults need anomaly.gpu = "simulated"')
+        if fault == "gpu_xid":
+            self.sim.xid(gpu, xid)
+        elif fault == "gpu_lost":
+            self.sim.lose(gpu)
+        elif fault == "ecc":
+            g = self.sim.gpus[gpu]
+            self.sim.set(gpu, ecc_volatile=g["ecc_volatile"] + count, ecc_aggregate=g["ecc_aggregate"] + count)
+        elif fault == "thermal":
+            self.sim.set(gpu, temp=temperature, throttle=0x40)
+        self._wake.set()  # sample now: the fault is seen within one event poll, not one interval
+        return self.gpu_status
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": os.getpid()}
@@ -74,8 +126,12 @@ class NodeAgent:
     def wait_persisted(self, step: int, timeout: float) -> bool:
         return self.persister.wait_persisted(step, timeout)
 
-    def events(self) -> list[dict]:
-        return self.persister.drain_events()
+    def events(self) -> dict:
+        """What happened since the last call: checkpoint events and metric samples."""
+        samples = []
+        while self.samples:
+            samples.append(self.samples.popleft())
+        return {"events": self.persister.drain_events(), "samples": samples, "gpu_status": self.gpu_status}
 
     def corrupt(self, step: int) -> bool:
         """Chaos and tests: flip bytes of the in-memory copy of `step`."""

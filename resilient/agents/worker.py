@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from resilient.checkpoint.storage import CheckpointStore
-from resilient.config import JobSpec
+from resilient.config import GPU_FAULTS, JobSpec
 from resilient.rundir import RunDir
 
 
@@ -55,6 +55,8 @@ class TrainWorker:
         self.store = CheckpointStore(self.rundir)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
+        self.slow = 1.0
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
 
@@ -66,10 +68,13 @@ class TrainWorker:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def start(self, master_ip: str, master_port: int, restore: dict | None, fired: list[int],
-              base_ref: str, agent) -> None:
+              base_ref: str, agent, skip: list[int], node_index: int = -1) -> None:
         """Train in the background. `restore` = {step, tier, agent} names the snapshot to resume
-        from (None: from scratch); `agent` is this node's NodeAgent."""
-        self.agent = agent
+        from (None: from scratch); `agent` is this node's NodeAgent; `skip` lists data steps that
+        rollbacks took out of the data order."""
+        self.agent, self.skip, self.node_index = agent, set(skip), node_index
+        if agent is not None:
+            agent.register.remote(self.rank, os.getpid())
         args = (master_ip, master_port, restore, set(fired), base_ref)
         threading.Thread(target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}").start()
 
@@ -78,6 +83,8 @@ class TrainWorker:
             out = dict(self.status)
         engine = getattr(self, "engine", None)
         out["checkpoints"] = engine.drain_records() if engine else []
+        with self._lock:
+            out["metrics"], self.metrics = self.metrics, []
         out["now"] = time.time()
         return out
 
@@ -146,14 +153,24 @@ class TrainWorker:
         self._set(phase="training", step=step, restored_step=step)
         restored, total = step, spec.train.steps
         while step < total:
-            self._maybe_inject(step + 1, fired)
-            r = trainer.step(data_step + 1, stop=self._stop.is_set())
-            if r.nonfinite:
-                raise FloatingPointError(f"non-finite loss or grad norm at step {step + 1}")
-            step, data_step = step + 1, data_step + 1
+            poison = self._maybe_inject(step + 1, fired)
+            next_data = data_step + 1
+            while next_data in self.skip:
+                next_data += 1
+            r = trainer.step(next_data, stop=self._stop.is_set(), poison=poison, slow=self.slow)
             now = time.time()
+            rec = {"t": now, "rank": self.rank, "step": step + 1, "data_step": next_data, "loss": r.loss,
+                   "mean_loss": r.mean_loss, "grad_norm": r.grad_norm, "step_time": r.step_time,
+                   "compute_s": r.compute_s, "data_wait": r.data_wait, "attempt": self.attempt,
+                   "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9)}
+            with self._lock:
+                self.metrics = self.metrics[-5000:] + [rec]
+            if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips the batch
+                self._set(phase="nonfinite", nonfinite_step=step + 1, nonfinite_data_step=next_data)
+                return
+            step, data_step = step + 1, next_data
             self._set(step=step, loss=r.loss, mean_loss=r.mean_loss, grad_norm=r.grad_norm, step_time=r.step_time,
-                      tokens_per_s=r.tokens / max(r.step_time + r.data_wait, 1e-9), step_done_at=now)
+                      tokens_per_s=rec["tokens_per_s"], step_done_at=now)
             if step == restored + 1:
                 self._set(first_step_done_at=now)
             final = step == total or r.stop
@@ -171,9 +188,12 @@ class TrainWorker:
                 export_to(self.rundir, trainer, "final", base_ref)
         self._set(phase="done" if step == total else "stopped")
 
-    def _maybe_inject(self, step: int, fired: set[int]) -> None:
+    def _maybe_inject(self, step: int, fired: set[int]) -> bool:
+        """Fire this rank's planned process faults due at `step`; True if this step's loss must be NaN."""
+        poison = False
         for i, c in enumerate(self.spec.chaos):
-            if i in fired or c.rank != self.rank or c.at_step != step:
+            mine = (c.node == self.node_index) if c.node is not None else c.target_rank == self.rank
+            if i in fired or not mine or c.at_step != step:
                 continue
             fired.add(i)
             try:  # the marker keeps a restarted group from firing it again; best effort if storage is down
@@ -181,4 +201,22 @@ class TrainWorker:
                     "index": i, "fault": c.fault, "rank": self.rank, "step": step, "injected_at": time.time()})
             except Exception:
                 pass
-            inject(c.fault)
+            if c.fault == "slow":
+                self.slow = c.factor
+            elif c.fault == "nan":
+                poison = True
+            elif c.fault in GPU_FAULTS:
+                self._gpu_fault(c)
+            else:
+                inject(c.fault)
+        return poison
+
+    def _gpu_fault(self, c) -> None:
+        """Break this node's simulated GPU; a fault that would kill the CUDA context kills this rank's step."""
+        ray.get(self.agent.gpu_fault.remote(c.fault, 0, xid=c.xid, count=c.count, temperature=c.temperature))
+        from resilient.anomaly.detectors import XID_ACTIONS
+
+        fatal = c.fault in ("gpu_lost", "ecc") or (c.fault == "gpu_xid" and c.xid in XID_ACTIONS)
+        if fatal:
+            raise RuntimeError(f"simulated {c.fault}{f' XID {c.xid}' if c.fault == 'gpu_xid' else ''}: "
+                               "the GPU this rank runs on failed")

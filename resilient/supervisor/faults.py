@@ -10,10 +10,13 @@ class FaultKind(str, Enum):
     HANG = "hang"              # a rank stopped answering or stopped making progress
     ERROR = "error"            # the training code raised (e.g. a collective failed)
     START_TIMEOUT = "start_timeout"  # a worker group did not start in supervisor.start_timeout
+    ANOMALY = "anomaly"        # the anomaly detector raised an actionable event (hardware, NaN, spike)
 
 
 class Action(str, Enum):
     RESTART = "restart"        # restart the whole worker group from the newest checkpoint
+    CORDON = "cordon"          # exclude the node(s) and restart the group without them
+    ROLLBACK = "rollback"      # restart from a checkpoint before the anomaly, skipping the bad batches
     GIVE_UP = "give_up"        # end the job as FAILED with the reason
 
 
@@ -26,10 +29,16 @@ class Fault:
     evidence: str
     injected_at: float | None = None   # when a planned (chaos) fault fired, if it was one
     node: str | None = None
+    anomaly: str | None = None         # ANOMALY: the event kind (gpu_xid, nan, loss_spike, ...)
+    suggested: str | None = None       # ANOMALY: the detector's suggested action
+    rollback_to: int | None = None     # ANOMALY: newest step known to be good
+    skip_batches: tuple[int, ...] = ()  # ANOMALY: data steps to take out of the order
 
     def to_record(self) -> dict:
         d = asdict(self)
-        d["kind"] = self.kind.value
+        d["kind"] = self.anomaly or self.kind.value  # what went wrong, e.g. "crash", "hang", "gpu_xid", "nan"
+        d["fault_class"] = self.kind.value
+        d["skip_batches"] = list(self.skip_batches)
         return d
 
 
@@ -39,9 +48,12 @@ class Decision:
     reason: str
     delay_s: float = 0.0
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    rollback_to: int | None = None
+    skip_batches: tuple[int, ...] = ()
 
     def to_record(self) -> dict:
         d = asdict(self)
         d["action"] = self.action.value
         d["exclude_nodes"] = list(self.exclude_nodes)
+        d["skip_batches"] = list(self.skip_batches)
         return d

@@ -31,6 +31,22 @@ def raylet_reachable(node: dict, timeout: float = 0.5) -> bool:
         return False
 
 
+def assign(num_workers: int, bundle: dict[str, float], order: list[str], resources: dict[str, dict],
+           excluded: set[str]) -> list[str] | None:
+    """Which node each rank goes to: pack ranks onto the nodes in `order`, skipping `excluded` (cordoned
+    or lost) ones; None when the healthy nodes cannot hold `num_workers` bundles. Pure."""
+    out = []
+    for nid in order:
+        if nid in excluded:
+            continue
+        res = resources[nid]
+        fits = min((int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=num_workers)
+        out += [nid] * min(fits, num_workers - len(out))
+        if len(out) == num_workers:
+            return out
+    return None
+
+
 def schedulable_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
 
@@ -38,19 +54,26 @@ def schedulable_nodes() -> list[dict]:
 class Nodes:
     def __init__(self):
         self.agents: dict[str, object] = {}
+        self.order: list[str] = []
+        self._lost: set[str] = set()
+        self.resources: dict[str, dict] = {}
         self._event_refs: dict[str, ray.ObjectRef] = {}
         self._last_events = 0.0
 
     def start(self, spec: JobSpec, run_uri: str) -> list[dict]:
-        ckpt = spec.checkpoint.model_dump()
+        ckpt, anomaly = spec.checkpoint.model_dump(), spec.anomaly.model_dump()
         nodes = schedulable_nodes()
+        self.order = [n["NodeID"] for n in nodes]  # a node's index (chaos `node = i`) is its place here
+        self.resources = {n["NodeID"]: n["Resources"] for n in nodes}
         for n in nodes:
             nid = n["NodeID"]
             strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
-            self.agents[nid] = NodeAgent.options(scheduling_strategy=strategy, max_restarts=0).remote(nid, run_uri, ckpt)
+            self.agents[nid] = NodeAgent.options(scheduling_strategy=strategy, max_restarts=0).remote(
+                nid, run_uri, ckpt, anomaly)
         ray.get([a.info.remote() for a in self.agents.values()], timeout=120)
         self._ring()
-        return [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in nodes]
+        return [{"index": i, "node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
+                for i, n in enumerate(nodes)]
 
     def _ring(self) -> None:
         ids = sorted(self.agents)
@@ -58,7 +81,12 @@ class Nodes:
             peer = self.agents[ids[(i + 1) % len(ids)]] if len(ids) > 1 else None
             self.agents[nid].set_peer.remote(peer)
 
+    def lost(self) -> set[str]:
+        """Nodes that died during the run."""
+        return set(self._lost)
+
     def drop(self, node_id: str) -> None:
+        self._lost.add(node_id)
         if self.agents.pop(node_id, None) is not None:
             self._event_refs.pop(node_id, None)
             self._ring()
@@ -81,34 +109,45 @@ class Nodes:
             self.drop(nid)
         return gone
 
-    def poll_events(self, every_s: float = 1.0) -> list[dict]:
-        """Events the agents reported since the last call (non-blocking; at most every `every_s`)."""
-        out = []
+    def poll_events(self, every_s: float = 1.0) -> tuple[list[dict], list[tuple[str, dict]]]:
+        """Checkpoint events and metric samples (node, sample) the agents reported since the last
+        call (non-blocking; asks at most every `every_s`)."""
+        out, samples = [], []
         for nid, ref in list(self._event_refs.items()):
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
                 del self._event_refs[nid]
                 try:
-                    out += [{**e, "node": nid} for e in ray.get(ref)]
+                    got = ray.get(ref)
                 except ray.exceptions.RayActorError:
                     self.drop(nid)
+                    continue
+                out += [{**e, "node": nid} for e in got["events"]]
+                samples += [(nid, smp) for smp in got["samples"]]
         if time.time() - self._last_events >= every_s:
             self._last_events = time.time()
             for nid, a in self.agents.items():
                 self._event_refs.setdefault(nid, a.events.remote())
-        return out
+        return out, samples
 
     def flush_events(self, timeout: float = 10.0) -> list[dict]:
         out = []
         for nid, a in list(self.agents.items()):
             try:
-                out += [{**e, "node": nid} for e in ray.get(a.events.remote(), timeout=timeout)]
+                out += [{**e, "node": nid} for e in ray.get(a.events.remote(), timeout=timeout)["events"]]
             except Exception:
                 pass
         self._event_refs.clear()
         return out
 
-    def restore_source(self, store: CheckpointStore, fingerprint: str) -> tuple[dict | None, list[str]]:
+    def index_of(self, node_id: str) -> int:
+        return self.order.index(node_id) if node_id in self.order else -1
+
+    def node_at(self, index: int) -> str | None:
+        return self.order[index] if 0 <= index < len(self.order) else None
+
+    def restore_source(self, store: CheckpointStore, fingerprint: str,
+                       at_most: int | None = None) -> tuple[dict | None, list[str]]:
         cands = []
         for nid, agent in list(self.agents.items()):
             try:
@@ -124,6 +163,8 @@ class Nodes:
             cands += [(s, "storage", None, None) for s in store.steps()]
         except Exception as e:  # storage outage: memory copies still count
             skipped.append(f"storage: cannot list ({type(e).__name__}: {e})"[:300])
+        if at_most is not None:  # a rollback: only states from before the anomaly
+            cands = [c for c in cands if c[0] <= at_most]
         cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
         for step, tier, nid, agent in cands:
             try:

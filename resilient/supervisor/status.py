@@ -2,7 +2,9 @@
 
 Contract: `fold(records)` is pure. Its keys are a public format (README, "status --json"):
 `state`, `step`, `total_steps`, `restarts`, `faults` (each with `kind`, `rank`, `step`,
-`detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`), plus extras.
+`detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`),
+`cordoned_nodes` (each with `node`, `reason`), `rollbacks` (each with `from_step`, `to_step`,
+`skipped_batches`, `reason`) and `events` (anomaly events counted by kind), plus extras.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ def fold(records: list[dict]) -> dict[str, Any]:
     s: dict[str, Any] = {"state": "PENDING", "step": 0, "total_steps": None, "restarts": 0, "faults": [],
                          "restores": [], "checkpoints": 0, "last_checkpoint": None, "reason": None,
                          "name": None, "run_id": None, "started_at": None, "ended_at": None,
-                         "loss": None, "tokens_per_s": None, "run_dir": None}
+                         "loss": None, "tokens_per_s": None, "run_dir": None,
+                         "cordoned_nodes": [], "rollbacks": [], "events": {}}
     for r in records:
         t = r["type"]
         if t == "job":
@@ -36,8 +39,14 @@ def fold(records: list[dict]) -> dict[str, Any]:
             s["faults"].append({k: r.get(k) for k in ("kind", "rank", "step", "detected_at", "injected_at",
                                                        "evidence", "node")}
                                | {"recovered_at": None, "recovery_s": None, "steps_replayed": None})
-        elif t == "decision" and r.get("action") == "restart":
+        elif t == "restart":
             s["restarts"] += 1
+        elif t == "cordon":
+            s["cordoned_nodes"].append({"node": r["node"], "reason": r["reason"]})
+        elif t == "rollback":
+            s["rollbacks"].append({k: r.get(k) for k in ("from_step", "to_step", "skipped_batches", "reason")})
+        elif t == "anomaly":
+            s["events"][r["kind"]] = s["events"].get(r["kind"], 0) + 1
         elif t == "recovered" and s["faults"]:
             idx = r.get("fault_index", len(s["faults"]) - 1)
             s["faults"][idx].update(recovered_at=r["recovered_at"], recovery_s=r["recovery_s"],

@@ -1,31 +1,32 @@
 """The supervisor loop: start the worker group, watch it, turn what it sees into faults, act on the
 policy's decisions, and journal all of it.
 
-Contract: `Supervisor.run()` drives the job from PENDING (or from where its journal left off) to
-SUCCEEDED, FAILED or STOPPED and returns the folded status. Every state change goes through
-`state.transition()` and is journalled with its cause; every fault, decision, restore and checkpoint
-is journalled before it is acted on. It holds no state the journal cannot rebuild.
+Contract: `Supervisor.run()` drives a new (or resumed) run from PENDING to SUCCEEDED, FAILED or
+STOPPED and returns the folded status. Every state change goes through `state.transition()` and is
+journalled with its cause; every fault, anomaly, decision, restore, rollback, cordon and checkpoint
+is journalled before it is acted on. What it needs to go on (restarts, cordoned nodes, skipped
+batches) is rebuilt from the journal, so a resumed supervisor behaves like the one that died.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-from ray.util.placement_group import remove_placement_group
-
-from resilient.agents.group import GroupStartError, WorkerGroup, make_placement_group
+from resilient.agents.group import GroupStartError, WorkerGroup
+from resilient.anomaly.events import CORDON, WARN, AnomalyEvent
+from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.checkpoint.storage import CheckpointStore
-from resilient.config import JobSpec
+from resilient.config import GPU_FAULTS, JobSpec
 from resilient.rundir import RunDir
 from resilient.supervisor import policy
 from resilient.supervisor.faults import Action, Fault, FaultKind
 from resilient.supervisor.journal import Journal, read_records
-from resilient.supervisor.nodes import Nodes
+from resilient.supervisor.nodes import Nodes, assign
 from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.status import fold
+from resilient.supervisor.watch import Watch
 
 STOP_FILE = "control/stop"
-TICK = 0.1  # seconds between polls: bounds crash-detection latency, costs ~nothing
 
 
 class Supervisor:
@@ -34,12 +35,16 @@ class Supervisor:
         self.spec, self.rundir, self.journal, self.base_ref = spec, rundir, journal, base_ref
         self.store = CheckpointStore(rundir)
         self.nodes = Nodes()
+        self.monitor = AnomalyMonitor(spec, rundir)
         self.on_progress = on_progress or (lambda s: None)
         status = fold(read_records(rundir))
         self.state = JobState(status["state"])
         self.restarts = status["restarts"]
         self.fault_index = len(status["faults"])
+        self.cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
+        self.skip = sorted({b for r in status["rollbacks"] for b in r["skipped_batches"]})
         self.pending_recovery: tuple[int, Fault, int] | None = None  # (fault index, fault, restored step)
+        self.pending_rollback: dict | None = None
         self.step = status["step"]
         self._last_progress_journal = 0.0
         self._last_stop_check = 0.0
@@ -54,7 +59,8 @@ class Supervisor:
         self.on_progress({"state": self.state.value, "step": self.step, "total": self.spec.train.steps,
                           "restarts": self.restarts, **extra})
 
-    def _fired(self) -> dict[int, dict]:
+    def fired(self) -> dict[int, dict]:
+        """Planned faults that already fired (their markers), by chaos index."""
         out = {}
         try:
             for name in self.rundir.listdir("chaos"):
@@ -65,7 +71,7 @@ class Supervisor:
             pass
         return out
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         now = time.time()
         if now - self._last_stop_check < 1.0:
             return False
@@ -84,32 +90,27 @@ class Supervisor:
         # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
         self._to(JobState.PREFLIGHT, "job accepted")
-        self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
-        self._to(JobState.STARTING, "preflight passed: node agents up")
-        pg = make_placement_group(self.spec, self.spec.supervisor.start_timeout)
-        if pg is None:
-            self._to(JobState.FAILED, "the cluster could not place the worker group; lower cluster.num_workers "
-                                      "or cluster.resources_per_worker, or add nodes")
-            return fold(read_records(self.rundir))
         try:
+            self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
+            self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
-                self._attempt(pg)
+                self._attempt()
         finally:
-            remove_placement_group(pg)
             self._journal_events(self.nodes.flush_events())
             self.nodes.shutdown()
+            self.monitor.close()
             deadline = time.time() + self.spec.checkpoint.persist_timeout
             while not self.journal.flush() and time.time() < deadline:
                 time.sleep(1.0)
         return fold(read_records(self.rundir))
 
-    def _restore_point(self) -> dict | None:
+    def _restore_point(self, at_most: int | None) -> dict | None:
         """The freshest verified copy over memory, peer and storage; journalled with what was skipped."""
         gone = self.nodes.prune_dead()
         if gone:
             self.journal.append("nodes_lost", nodes=gone)
         t0 = time.time()
-        source, skipped = self.nodes.restore_source(self.store, self.spec.fingerprint())
+        source, skipped = self.nodes.restore_source(self.store, self.spec.fingerprint(), at_most)
         if source or skipped:
             self.journal.append("restore", step=source["step"] if source else 0,
                                 tier=source["tier"] if source else "none",
@@ -117,22 +118,34 @@ class Supervisor:
                                 lookup_s=round(time.time() - t0, 4))
         return source
 
-    def _attempt(self, pg) -> None:
-        source = self._restore_point()
-        restore_step = source["step"] if source else None
+    def _attempt(self) -> None:
+        rollback, self.pending_rollback = self.pending_rollback, None
+        source = self._restore_point(rollback["rollback_to"] if rollback else None)
+        restore_step = source["step"] if source else 0
+        if rollback:
+            self.skip = sorted(set(self.skip) | set(rollback["skip_batches"]))
+            self.journal.append("rollback", from_step=rollback["from_step"], to_step=restore_step,
+                                skipped_batches=list(rollback["skip_batches"]), reason=rollback["reason"])
         if self.pending_recovery:
             idx, fault, _ = self.pending_recovery
-            self.pending_recovery = (idx, fault, restore_step or 0)
-        fired = self._fired()
-        group = WorkerGroup(self.spec, self.rundir, pg, attempt=self.restarts)
+            self.pending_recovery = (idx, fault, restore_step)
+        placement = assign(self.spec.cluster.num_workers, self.spec.cluster.resources_per_worker,
+                           self.nodes.order, self.nodes.resources, set(self.cordoned) | self.nodes.lost())
+        if placement is None:
+            self._to(JobState.FAILED, f"the healthy nodes cannot hold cluster.num_workers="
+                     f"{self.spec.cluster.num_workers} (cordoned: {sorted(self.cordoned) or 'none'}); add nodes "
+                     "or lower cluster.num_workers, then `resilient launch --resume RUN_DIR`")
+            return
+        fired = self.fired()
+        group = WorkerGroup(self.spec, self.rundir, placement, attempt=self.restarts)
         try:
             try:
-                group.start(source, sorted(fired), self.base_ref, self.nodes.agent_for)
+                group.start(source, sorted(fired), self.base_ref, self.nodes.agent_for, self.skip, self.nodes.index_of)
             except GroupStartError as e:
                 kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
-                self._handle(Fault(kind, e.rank, (restore_step or 0) + 1, time.time(), str(e)), group)
+                self._handle(Fault(kind, e.rank, restore_step + 1, time.time(), str(e)), group)
                 return
-            outcome = self._watch(group, restore_step or 0, fired)
+            outcome = Watch(self, group, restore_step, fired).run()
             if isinstance(outcome, Fault):
                 self._handle(outcome, group)
             elif outcome == "done":
@@ -156,84 +169,76 @@ class Supervisor:
         if decision.action == Action.GIVE_UP:
             self._to(JobState.FAILED, decision.reason)
             return
-        self._to(JobState.RESTARTING, decision.reason)
+        for node in decision.exclude_nodes:
+            self.cordon(node, decision.reason)
+        if decision.action == Action.ROLLBACK:
+            self.pending_rollback = {"from_step": fault.step, "rollback_to": decision.rollback_to,
+                                     "skip_batches": decision.skip_batches, "reason": decision.reason}
+        self._to(JobState.ROLLING_BACK if decision.action == Action.ROLLBACK else JobState.RESTARTING, decision.reason)
         t0 = time.time()
         group.shutdown()
         self.restarts += 1
+        self.journal.append("restart", n=self.restarts, fault_index=idx)
         if decision.delay_s:
             time.sleep(decision.delay_s)
         self.journal.append("teardown", fault_index=idx, seconds=time.time() - t0)
         self.pending_recovery = (idx, fault, 0)
         self._to(JobState.STARTING, f"restart {self.restarts}")
 
-    def _watch(self, group: WorkerGroup, restored: int, fired: dict[int, dict]) -> Fault | str:
-        """Poll the group until it finishes, stops, or shows a fault (returned as a Fault)."""
-        cfg = self.spec.supervisor
-        last_step, last_progress = restored, time.time()
-        running = False
-        error_since: float | None = None
-        while True:
-            group.poll(TICK)
-            now = time.time()
-            if self.state != JobState.STOPPING and self._stop_requested():
-                group.request_stop()
-                if self.state == JobState.STARTING:
-                    self._to(JobState.RUNNING, "workers started")
-                self._to(JobState.STOPPING, "stop requested (resilient stop)")
-            hb = group.latest
-            self._journal_checkpoints(hb)
-            self._journal_events(self.nodes.poll_events())
-            if group.dead:
-                rank = min(group.dead)
-                return self._fault(FaultKind.CRASH, rank, last_step + 1, group.dead[rank], group, fired)
-            errors = {r: h["error"] for r, h in hb.items() if h.get("phase") == "error"}
-            if errors:
-                # A peer's death surfaces in the survivors as collective errors first: give Ray a moment
-                # to report the death, which is the root cause, before blaming the error.
-                error_since = error_since or now
-                if now - error_since > 2.0:
-                    rank = min(errors)
-                    return self._fault(FaultKind.ERROR, rank, last_step + 1, errors[rank], group, fired)
-            for rank, seen in group.last_answer.items():
-                # The heartbeat is answered by its own thread in every phase, so once a rank has
-                # answered, silence means the process is stuck; before that it may still be starting.
-                phase = hb.get(rank, {}).get("phase", "created")
-                limit = cfg.hang_timeout if rank in hb else cfg.start_timeout
-                if rank not in group.pending or now - seen <= limit:
-                    continue
-                return self._fault(FaultKind.HANG, rank, last_step + 1,
-                                   f"rank {rank} answered no heartbeat for {now - seen:.1f}s (phase {phase})", group, fired)
-            phases = [hb.get(r, {}).get("phase") for r in range(self.spec.cluster.num_workers)]
-            if not running and all(p in ("training", "exporting", "done", "stopped") for p in phases):
-                running = True
-                last_progress = now
-                if self.state == JobState.STARTING:
-                    self._to(JobState.RUNNING, "all ranks training")
-            step = min((h.get("step", 0) for h in hb.values()), default=0) if len(hb) == len(phases) else last_step
-            ended = None
-            if all(p == "done" for p in phases):
-                ended = "done"
-            elif all(p in ("stopped", "done") for p in phases) and "stopped" in phases:
-                ended = "stopped"
-            if step > last_step or ended:
-                last_step, last_progress = max(step, last_step), now
-                self._progress(last_step, hb, force=bool(ended))
-            elif running and all(p == "training" for p in phases) and now - last_progress > cfg.hang_timeout:
-                return self._fault(FaultKind.HANG, None, last_step + 1,
-                                   f"no rank finished a step for {now - last_progress:.1f}s", group, fired)
-            if ended:
-                return ended
+    def cordon(self, node: str, reason: str) -> None:
+        if node not in self.cordoned:
+            self.cordoned[node] = reason
+            self.journal.append("cordon", node=node, reason=reason)
 
-    def _fault(self, kind: FaultKind, rank: int | None, step: int, evidence: str, group: WorkerGroup,
-               fired: dict[int, dict]) -> Fault:
-        injected = None
-        for rec in self._fired().values():  # a planned fault that fired in this attempt
-            if rec["index"] not in fired and (rank is None or rec["rank"] == rank):
-                injected, step = rec["injected_at"], rec["step"]
-        return Fault(kind, rank, step, time.time(), evidence, injected_at=injected,
-                     node=group.node_of(rank) if rank is not None else None)
+    # -- what the watch reports ---------------------------------------------------------------------
+    def on_anomaly(self, e: AnomalyEvent, group: WorkerGroup) -> Fault | None:
+        """Journal an event; return the Fault to act on, or None when it needs no restart."""
+        ranks_on_node = [r for r, n in enumerate(group.placement) if e.node and n == e.node]
+        decision = e.action
+        if e.action == CORDON and not ranks_on_node:
+            self.cordon(e.node, f"{e.kind}: {e.evidence.get('reason', '')} (no rank there: no restart)")
+            decision = "cordon_only"
+        self.journal.append("anomaly", kind=e.kind, severity=e.severity, action=e.action, node=e.node, rank=e.rank,
+                            step=e.step, evidence=e.evidence, decision=decision, event_t=e.t)
+        self.monitor.record_event(e, decision)
+        if e.action == WARN or decision == "cordon_only":
+            return None
+        rank = e.rank if e.rank is not None else (ranks_on_node[0] if ranks_on_node else None)
+        step = e.step or self.step + 1
+        skip: tuple[int, ...] = ()
+        rollback_to = None
+        if e.kind == "nan":
+            rollback_to, skip = step - 1, tuple(group.data_steps.get(step, ()))
+        elif e.kind == "loss_spike":
+            spikes = e.evidence.get("spike_steps", [step])
+            rollback_to = min(spikes) - 1
+            skip = tuple(d for s in spikes for d in group.data_steps.get(s, ()))
+        evidence = f"{e.kind}: {e.evidence}"
+        return Fault(FaultKind.ANOMALY, rank, step, time.time(), evidence[:500], node=e.node,
+                     anomaly=e.kind, suggested=e.action, rollback_to=rollback_to, skip_batches=skip)
 
-    def _journal_checkpoints(self, hb: dict[int, dict]) -> None:
+    def fire_gpu_chaos(self, step: int, group: WorkerGroup, fired: dict[int, dict]) -> None:
+        """A GPU fault on a node where no rank runs (the ranks fire their own, at the exact step) is set
+        on that node's simulated GPU by the supervisor when the job reaches its step."""
+        for i, c in enumerate(self.spec.chaos):
+            if c.fault not in GPU_FAULTS or c.node is None or i in fired or c.at_step > step:
+                continue
+            node = self.nodes.node_at(c.node)
+            if node in group.placement:
+                continue
+            agent = self.nodes.agent_for(node) if node else None
+            rec = {"index": i, "fault": c.fault, "rank": c.target_rank, "node": node, "step": step,
+                   "injected_at": time.time()}
+            fired[i] = rec
+            try:
+                self.rundir.write_json(f"chaos/fired-{i:04d}.json", rec)
+            except Exception:
+                pass
+            if agent is not None:
+                agent.gpu_fault.remote(c.fault, 0, xid=c.xid, count=c.count, temperature=c.temperature)
+            self.journal.append("chaos", **rec)
+
+    def journal_checkpoints(self, hb: dict[int, dict]) -> None:
         for rank, h in hb.items():
             for rec in h.get("checkpoints", []):
                 self.journal.append("checkpoint", rank=rank, tier="memory", **rec)
@@ -245,7 +250,16 @@ class Supervisor:
             if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
                 self.journal.append(kind, **e)
 
-    def _progress(self, step: int, hb: dict[int, dict], force: bool = False) -> None:
+    def node_events(self) -> list[AnomalyEvent]:
+        events, samples = self.nodes.poll_events()
+        self._journal_events(events)
+        out = []
+        for node, sample in samples:
+            out += self.monitor.node(node, sample)
+        self.monitor.maybe_flush()
+        return out
+
+    def progress(self, step: int, hb: dict[int, dict], force: bool = False) -> None:
         self.step = step
         h0 = hb.get(0, {})
         if self.pending_recovery and step > self.pending_recovery[2]:

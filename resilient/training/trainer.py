@@ -30,6 +30,7 @@ class StepResult:
     mean_loss: float     # mean over ranks
     grad_norm: float
     step_time: float     # seconds, forward to optimizer step
+    compute_s: float     # seconds of this rank's own forward pass, before any collective (straggler signal)
     data_wait: float     # seconds spent fetching the batch
     tokens: int          # tokens processed job-wide in this step
     stop: bool           # some rank asked to stop after this step
@@ -54,8 +55,11 @@ class Trainer:
         base = load_base(self.base_dir).to(self.device)
         self.model = apply_adapter(base, spec.peft, spec.train.seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # broadcast_buffers=False: buffers (rotary tables) are identical on every rank, and without the
+        # broadcast the forward pass has no collective, so its time is this rank's own speed.
         self.ddp = torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.train.lr)
         warm = spec.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -63,12 +67,18 @@ class Trainer:
         # Dropout draws differ per rank but are fixed by the seed; saved per rank in every checkpoint.
         torch.manual_seed(spec.train.seed * 7919 + self.rank + 1)
 
-    def step(self, data_step: int, stop: bool = False, poison: bool = False) -> StepResult:
-        """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`)."""
+    def step(self, data_step: int, stop: bool = False, poison: bool = False, slow: float = 1.0) -> StepResult:
+        """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`); `slow` stretches
+        this rank's forward pass by that factor (chaos `slow`)."""
         t0 = time.perf_counter()
         batch = self.samples[self.order.batch_indices(data_step, self.rank)].to(self.device)
         t1 = time.perf_counter()
         loss = self.ddp(input_ids=batch, labels=batch).loss
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if slow > 1.0:
+            time.sleep((slow - 1.0) * (time.perf_counter() - t1))
+        compute = time.perf_counter() - t1
         if poison:
             loss = loss * float("nan")
         loss.backward()
@@ -87,7 +97,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         return StepResult(loss=float(loss), mean_loss=float(stats[0]) / self.world, grad_norm=grad_norm,
-                          step_time=t2 - t1, data_wait=t1 - t0,
+                          step_time=t2 - t1, compute_s=compute, data_wait=t1 - t0,
                           tokens=batch.numel() * self.world, stop=bool(stats[1] > 0), nonfinite=nonfinite)
 
     def _rng_states(self) -> list[torch.Tensor]:

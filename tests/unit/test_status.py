@@ -12,6 +12,7 @@ def test_fold_faults_restarts_and_recovery():
         {"t": 3, "type": "progress", "step": 13},
         {"t": 4, "type": "fault", "kind": "crash", "rank": 1, "step": 14, "detected_at": 4.0},
         {"t": 4, "type": "decision", "action": "restart"},
+        {"t": 4, "type": "restart", "n": 1},
         {"t": 5, "type": "restore", "step": 10, "tier": "storage"},
         {"t": 7, "type": "recovered", "fault_index": 0, "recovered_at": 7.5, "recovery_s": 3.5, "steps_replayed": 3},
         {"t": 9, "type": "transition", "from": "RUNNING", "to": "SUCCEEDED", "cause": "done"},

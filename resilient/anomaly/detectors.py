@@ -1,0 +1,202 @@
+"""Detectors: each a small class over a window of samples; `observe(...)` returns new events.
+
+Contract: detectors are deterministic functions of what they were fed (no clocks, no I/O), so the
+same trace gives the same events in the live job, in tests and in bench/anomaly_eval.py. Every
+threshold comes from `AnomalyConfig` (documented in the README).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict, deque
+
+from resilient.anomaly.events import CORDON, RESTART, ROLLBACK, WARN, AnomalyEvent
+from resilient.config import AnomalyConfig
+
+# XID classes (NVIDIA's XID catalogue) -> what to do. Unknown XIDs are warnings.
+XID_ACTIONS: dict[int, tuple[str, str]] = {
+    **{x: (RESTART, "application error: restart the job") for x in (13, 31, 43, 45, 69)},
+    **{x: (CORDON, "memory error: reset the GPU (the node is drained meanwhile)") for x in (48, 63, 64, 92, 94, 95)},
+    **{x: (CORDON, "GPU/NVLink/GSP failure: drain the node") for x in (74, 79, 119, 120, 140)},
+}
+THERMAL_THROTTLE = 0x20 | 0x40  # SW and HW thermal slowdown
+POWER_THROTTLE = 0x04 | 0x80    # SW power cap, HW power brake
+
+
+class HardwareDetector:
+    """XIDs, uncorrectable ECC increases, row-remap failure/pending, recovery action, lost GPU, thermal."""
+
+    def __init__(self, cfg: AnomalyConfig):
+        self.cfg = cfg
+        self.last: dict[tuple[str, int], dict] = {}
+        self.warned: set[tuple[str, int, str]] = set()
+
+    def observe(self, node: str, s: dict) -> list[AnomalyEvent]:
+        key, t, g = (node, s["gpu"]), s["t"], s["gpu"]
+        prev = self.last.get(key, {})
+        self.last[key] = s
+        ev = []
+
+        def add(kind, action, severity="critical", **evidence):
+            ev.append(AnomalyEvent(t, kind, severity, action, node=node, evidence={"gpu": g, **evidence}))
+
+        if s.get("lost"):
+            if not prev.get("lost"):
+                add("gpu_lost", CORDON, reason="GPU is lost: NVML no longer answers")
+            return ev
+        if s.get("xid"):
+            action, why = XID_ACTIONS.get(s["xid"], (WARN, "unclassified XID"))
+            add("gpu_xid", action, "critical" if action != WARN else "warning", xid=s["xid"], reason=why)
+        for f in ("ecc_volatile_uncorrected", "ecc_aggregate_uncorrected"):
+            if s.get(f) is not None and prev.get(f) is not None and s[f] > prev[f]:
+                add("gpu_ecc", CORDON, counter=f, before=prev[f], now=s[f], reason="uncorrectable ECC errors rose")
+                break
+        if s.get("remap_failed") and not prev.get("remap_failed"):
+            add("gpu_remap", CORDON, reason="row remapping failed")
+        elif s.get("remap_pending") and not prev.get("remap_pending"):
+            add("gpu_remap", CORDON, pending=True, reason="row remap pending: the GPU needs a reset")
+        if s.get("recovery_action") and not prev.get("recovery_action"):
+            add("gpu_recovery", CORDON, recovery_action=s["recovery_action"], reason="driver asks for a recovery action")
+        hot = (s.get("temp") or 0) >= self.cfg.thermal_c or bool((s.get("throttle_reasons") or 0) & THERMAL_THROTTLE)
+        if hot and (node, g, "thermal") not in self.warned:
+            self.warned.add((node, g, "thermal"))
+            add("thermal", WARN, "warning", temp=s.get("temp"), throttle_reasons=s.get("throttle_reasons"))
+        elif not hot:
+            self.warned.discard((node, g, "thermal"))
+        if (s.get("throttle_reasons") or 0) & POWER_THROTTLE and (node, g, "power") not in self.warned:
+            self.warned.add((node, g, "power"))
+            add("power_throttle", WARN, "warning", throttle_reasons=s.get("throttle_reasons"))
+        return ev
+
+
+class StragglerDetector:
+    """A rank whose compute time stays above its peers' median by `straggler_factor` for
+    `straggler_window` consecutive steps. Comparing with peers of the same step makes a job-wide
+    slowdown invisible by construction; the rank's own history (its median before the streak)
+    must also be exceeded, so a rank that was always a bit slower is not flagged on noise."""
+
+    def __init__(self, cfg: AnomalyConfig, world: int):
+        self.cfg, self.world = cfg, world
+        self.steps: dict[int, dict[int, float]] = defaultdict(dict)
+        self.streak: dict[int, int] = defaultdict(int)
+        self.history: dict[int, deque] = defaultdict(lambda: deque(maxlen=200))
+        self.flagged: set[int] = set()
+
+    def observe(self, t: float, rank: int, step: int, compute_s: float) -> list[AnomalyEvent]:
+        row = self.steps[step]
+        row[rank] = compute_s
+        if len(row) < self.world or self.world < 2:
+            return []
+        del self.steps[step]
+        for old in [s for s in self.steps if s < step - 50]:
+            del self.steps[old]
+        ev = []
+        for r, x in row.items():
+            peers = statistics.median(v for k, v in row.items() if k != r)
+            own = statistics.median(self.history[r]) if len(self.history[r]) >= 5 else x
+            slow = x >= self.cfg.straggler_min_s and x > self.cfg.straggler_factor * peers
+            self.streak[r] = self.streak[r] + 1 if slow else 0
+            if not slow:
+                self.history[r].append(x)
+                self.flagged.discard(r)
+            if self.streak[r] >= self.cfg.straggler_window and r not in self.flagged and x > own:
+                self.flagged.add(r)
+                ev.append(AnomalyEvent(t, "straggler", "warning", WARN, rank=r, step=step, evidence={
+                    "compute_s": round(x, 5), "peers_median_s": round(peers, 5), "ratio": round(x / peers, 3),
+                    "own_median_s": round(own, 5), "window": self.cfg.straggler_window}))
+        return ev
+
+
+class NumericsDetector:
+    """NaN/Inf loss or grad norm -> rollback; a loss spike (robust z-score over a window) -> warning,
+    and a rollback after `spike_patience` consecutive spikes. Fed the job-wide mean loss per step."""
+
+    def __init__(self, cfg: AnomalyConfig):
+        self.cfg = cfg
+        self.window: deque = deque(maxlen=cfg.spike_window)
+        self.spikes: list[int] = []
+
+    def observe(self, t: float, step: int, loss: float, grad_norm: float, rank: int | None = None) -> list[AnomalyEvent]:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return [AnomalyEvent(t, "nan", "critical", ROLLBACK, rank=rank, step=step,
+                                 evidence={"loss": repr(loss), "grad_norm": repr(grad_norm)})]
+        ev = []
+        if len(self.window) >= self.window.maxlen // 2:
+            med = statistics.median(self.window)
+            mad = statistics.median(abs(x - med) for x in self.window) * 1.4826
+            z = (loss - med) / mad if mad > 0 else 0.0
+            if z > self.cfg.spike_z:
+                self.spikes.append(step)
+                action = ROLLBACK if len(self.spikes) >= self.cfg.spike_patience else WARN
+                ev.append(AnomalyEvent(t, "loss_spike", "warning" if action == WARN else "critical", action,
+                                       rank=rank, step=step, evidence={"loss": loss, "median": med, "z": round(z, 2),
+                                                                       "spike_steps": list(self.spikes)}))
+                if action == ROLLBACK:
+                    self.spikes = []
+                return ev  # a spike does not enter the baseline
+        self.spikes = []
+        self.window.append(loss)
+        return ev
+
+
+class HangDetector:
+    """No step progress on a rank for `hang_timeout` seconds while training (others wait at the collective)."""
+
+    def __init__(self, hang_timeout: float):
+        self.timeout = hang_timeout
+        self.last: dict[int, tuple[int, float]] = {}
+        self.fired: set[int] = set()
+
+    def observe(self, t: float, rank: int, step: int) -> list[AnomalyEvent]:
+        prev = self.last.get(rank)
+        if prev is None or step > prev[0]:
+            self.last[rank] = (step, t)
+            self.fired.discard(rank)
+            return []
+        if t - prev[1] > self.timeout and rank not in self.fired:
+            self.fired.add(rank)
+            return [AnomalyEvent(t, "hang", "critical", RESTART, rank=rank, step=step + 1,
+                                 evidence={"stalled_s": round(t - prev[1], 2), "last_step": step})]
+        return []
+
+
+class HostDetector:
+    """Steady RSS growth of a worker (a leak): least-squares slope over `leak_window_s` above
+    `leak_mb_per_min` with a good fit (R^2 >= 0.9)."""
+
+    def __init__(self, cfg: AnomalyConfig):
+        self.cfg = cfg
+        self.series: dict[int, deque] = defaultdict(deque)
+        self.flagged: set[int] = set()
+
+    def observe(self, t: float, node: str, rss: dict[int, int]) -> list[AnomalyEvent]:
+        ev = []
+        for rank, b in rss.items():
+            s = self.series[rank]
+            s.append((t, b / 2**20))
+            while s and t - s[0][0] > self.cfg.leak_window_s:
+                s.popleft()
+            if len(s) < 10 or t - s[0][0] < self.cfg.leak_window_s / 2:
+                continue
+            slope, r2 = _fit(s)
+            per_min = slope * 60
+            if per_min > self.cfg.leak_mb_per_min and r2 >= 0.9:
+                if rank not in self.flagged:
+                    self.flagged.add(rank)
+                    ev.append(AnomalyEvent(t, "rss_leak", "warning", WARN, node=node, rank=rank, evidence={
+                        "mb_per_min": round(per_min, 1), "r2": round(r2, 3), "rss_mb": round(s[-1][1], 1)}))
+            else:
+                self.flagged.discard(rank)
+        return ev
+
+
+def _fit(points) -> tuple[float, float]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return 0.0, 0.0
+    slope = sxy / sxx
+    return slope, (sxy * sxy) / (sxx * syy)

@@ -1,0 +1,25 @@
+"""AnomalyEvent: what a detector found, with its evidence and the action it suggests."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+# Suggested actions, in increasing severity. The supervisor's policy maps them to decisions.
+WARN, RESTART, ROLLBACK, CORDON = "warn", "restart", "rollback", "cordon"
+
+
+@dataclass(frozen=True)
+class AnomalyEvent:
+    t: float
+    kind: str          # gpu_xid, gpu_ecc, gpu_remap, gpu_recovery, gpu_lost, hang, straggler, nan, loss_spike, rss_leak, thermal
+    severity: str      # "warning" or "critical"
+    action: str        # warn, restart, rollback, cordon
+    node: str | None = None
+    rank: int | None = None
+    step: int | None = None
+    evidence: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        d = asdict(self)
+        d["evidence"] = json.dumps(self.evidence, sort_keys=True, default=str)
+        return d

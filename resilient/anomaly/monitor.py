@@ -1,0 +1,86 @@
+"""AnomalyMonitor: the supervisor's view of every metric; turns samples into events.
+
+Contract: `training(rows)` takes the per-step records the ranks report (through heartbeats),
+`node(node_id, sample)` the GPU/host samples of a NodeAgent; both return the AnomalyEvents their
+detectors raise. Every row goes to Parquet (`metrics/train`, `metrics/gpu`, `metrics/host`), every
+event to `events/` with the decision taken (`record_event`), and to Prometheus when enabled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from resilient.anomaly import store
+from resilient.anomaly.detectors import HardwareDetector, HostDetector, NumericsDetector, StragglerDetector
+from resilient.anomaly.events import AnomalyEvent
+from resilient.config import JobSpec
+from resilient.rundir import RunDir
+
+
+class AnomalyMonitor:
+    def __init__(self, spec: JobSpec, rundir: RunDir):
+        cfg = spec.anomaly
+        self.hardware = HardwareDetector(cfg)
+        self.straggler = StragglerDetector(cfg, spec.cluster.num_workers)
+        self.numerics = NumericsDetector(cfg)
+        self.host = HostDetector(cfg)
+        self.logs = {"train": store.ParquetLog(rundir, "metrics/train", store.TRAIN),
+                     "gpu": store.ParquetLog(rundir, "metrics/gpu", store.GPU),
+                     "host": store.ParquetLog(rundir, "metrics/host", store.HOST),
+                     "events": store.ParquetLog(rundir, "events", store.EVENTS)}
+        self.exporter = None
+        if cfg.prometheus_port:
+            from resilient.anomaly.exporter import Exporter
+
+            self.exporter = Exporter(cfg.prometheus_port)
+        self._last_flush = time.time()
+        self.counts: dict[str, int] = {}
+
+    def training(self, rows: list[dict]) -> list[AnomalyEvent]:
+        ev: list[AnomalyEvent] = []
+        self.logs["train"].append(rows)
+        for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
+            if self.exporter:
+                self.exporter.training(r)
+            if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
+                ev += self.numerics.observe(r["t"], r["step"], r["loss"], r["grad_norm"], rank=r["rank"])
+                continue
+            if r["rank"] == 0 and r.get("mean_loss") is not None:
+                ev += self.numerics.observe(r["t"], r["step"], r["mean_loss"], r["grad_norm"])
+            ev += self.straggler.observe(r["t"], r["rank"], r["step"], r["compute_s"])
+        return ev
+
+    def node(self, node_id: str, sample: dict) -> list[AnomalyEvent]:
+        ev: list[AnomalyEvent] = []
+        for g in sample.get("gpus", []):
+            row = {**g, "node": node_id}
+            self.logs["gpu"].append([row])
+            if self.exporter:
+                self.exporter.gpu(row)
+            ev += self.hardware.observe(node_id, g)
+        host = sample.get("host")
+        if host:
+            self.logs["host"].append([{**host, "node": node_id, "rss_json": json.dumps(host.get("rss", {}))}])
+            ev += self.host.observe(host["t"], node_id, {int(k): v for k, v in host.get("rss", {}).items()})
+        return ev
+
+    def record_event(self, e: AnomalyEvent, decision: str) -> None:
+        self.counts[e.kind] = self.counts.get(e.kind, 0) + 1
+        self.logs["events"].append([{**e.to_record(), "decision": decision}])
+        if self.exporter:
+            self.exporter.event(e.kind, e.severity)
+
+    def maybe_flush(self, every_s: float = 5.0) -> None:
+        if time.time() - self._last_flush >= every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.time()
+        for log in self.logs.values():
+            log.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.exporter:
+            self.exporter.close()
