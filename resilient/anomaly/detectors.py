@@ -70,15 +70,17 @@ class HardwareDetector:
 
 
 class StragglerDetector:
-    """A rank whose compute time stays above its peers' median by `straggler_factor` for
-    `straggler_window` consecutive steps. Comparing with peers of the same step makes a job-wide
-    slowdown invisible by construction; the rank's own history (its median before the streak)
-    must also be exceeded, so a rank that was always a bit slower is not flagged on noise."""
+    """A rank whose compute time stays above its peers' median by `straggler_factor` over a
+    confirmation window: the median, over the last `straggler_window` steps, of its per-step ratio to
+    the median of its peers (a median, so one noisy step neither makes nor breaks a streak).
+    Comparing with peers at the same step makes a job-wide slowdown invisible by construction; the
+    rank must also be slower than its own healthy history, so a rank that was always a little slower
+    is not flagged on noise. It fires once, and again only after a whole calm window."""
 
     def __init__(self, cfg: AnomalyConfig, world: int):
         self.cfg, self.world = cfg, world
         self.steps: dict[int, dict[int, float]] = defaultdict(dict)
-        self.streak: dict[int, int] = defaultdict(int)
+        self.ratios: dict[int, deque] = defaultdict(lambda: deque(maxlen=cfg.straggler_window))
         self.history: dict[int, deque] = defaultdict(lambda: deque(maxlen=200))
         self.flagged: set[int] = set()
 
@@ -93,17 +95,23 @@ class StragglerDetector:
         ev = []
         for r, x in row.items():
             peers = statistics.median(v for k, v in row.items() if k != r)
-            own = statistics.median(self.history[r]) if len(self.history[r]) >= 5 else x
-            slow = x >= self.cfg.straggler_min_s and x > self.cfg.straggler_factor * peers
-            self.streak[r] = self.streak[r] + 1 if slow else 0
-            if not slow:
+            ratio = x / peers if peers > 0 else 1.0
+            window = self.ratios[r]
+            window.append(ratio)
+            if len(window) < window.maxlen:
+                continue
+            typical = statistics.median(window)
+            own = statistics.median(self.history[r]) if len(self.history[r]) >= 5 else 0.0
+            if ratio <= self.cfg.straggler_factor:
                 self.history[r].append(x)
-                self.flagged.discard(r)
-            if self.streak[r] >= self.cfg.straggler_window and r not in self.flagged and x > own:
+            slow = typical > self.cfg.straggler_factor and x >= self.cfg.straggler_min_s and x > own
+            if slow and r not in self.flagged:
                 self.flagged.add(r)
                 ev.append(AnomalyEvent(t, "straggler", "warning", WARN, rank=r, step=step, evidence={
-                    "compute_s": round(x, 5), "peers_median_s": round(peers, 5), "ratio": round(x / peers, 3),
+                    "compute_s": round(x, 5), "peers_median_s": round(peers, 5), "ratio": round(typical, 3),
                     "own_median_s": round(own, 5), "window": self.cfg.straggler_window}))
+            elif max(window) <= self.cfg.straggler_factor:
+                self.flagged.discard(r)
         return ev
 
 

@@ -31,3 +31,15 @@ def test_gives_up_with_a_reason_when_budget_spent():
 def test_policy_is_pure():
     cfg = SupervisorConfig()
     assert decide(FAULT, 1, cfg) == decide(FAULT, 1, cfg)
+
+
+def test_anomalies_map_to_cordon_and_rollback():
+    cfg = SupervisorConfig()
+    xid = Fault(FaultKind.ANOMALY, 1, 12, 1.0, "gpu_xid", node="nodeA", anomaly="gpu_xid", suggested="cordon")
+    d = decide(xid, 0, cfg)
+    assert d.action is Action.CORDON and d.exclude_nodes == ("nodeA",)
+    nan = Fault(FaultKind.ANOMALY, 0, 12, 1.0, "nan", anomaly="nan", suggested="rollback", rollback_to=11,
+                skip_batches=(12,))
+    d = decide(nan, 0, cfg)
+    assert d.action is Action.ROLLBACK and d.rollback_to == 11 and d.skip_batches == (12,)
+    assert decide(nan, cfg.max_restarts, cfg).action is Action.GIVE_UP
