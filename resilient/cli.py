@@ -52,22 +52,48 @@ def cli() -> None:
 @click.argument("spec", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. train.steps=40.")
 @click.option("--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp).")
+@click.option("--chaos-mtbf", metavar="DURATION", help="Random chaos: faults at random times, mean time between them (60s, 5m).")
+@click.option("--chaos-faults", default="kill,exit,hang", show_default=True, help="Random chaos: the kinds drawn from.")
+@click.option("--chaos-seed", default=0, show_default=True, type=int, help="Random chaos: the same seed, the same schedule.")
+@click.option("--dashboard", "with_dashboard", is_flag=True, help="Serve the dashboard beside the job (127.0.0.1).")
+@click.option("--dashboard-port", default=8265, show_default=True, type=int)
 @click.option("--resume", "resume_dir", metavar="RUN_DIR",
               help="Continue a run from its journal and newest persisted checkpoint (--set may change e.g. train.steps).")
 @user_errors
-def launch(spec, overrides, run_id, resume_dir) -> None:
+def launch(spec, overrides, run_id, chaos_mtbf, chaos_faults, chaos_seed, with_dashboard, dashboard_port,
+           resume_dir) -> None:
     """Run the job described by SPEC (TOML or YAML)."""
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
     from resilient.launcher import resume as do_resume
 
+    dash = dashboard_port if with_dashboard else None
     if resume_dir:
-        status = do_resume(resume_dir, overrides=list(overrides))
+        status = do_resume(resume_dir, overrides=list(overrides), dashboard_port=dash)
     else:
         if not spec:
             raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
-        status = do_launch(load_spec(spec, list(overrides)), run_id)
+        job = load_spec(spec, list(overrides))
+        if chaos_mtbf:
+            job = with_random_chaos(job, chaos_mtbf, chaos_faults, chaos_seed)
+        status = do_launch(job, run_id, dashboard_port=dash)
     sys.exit(1 if status["state"] == "FAILED" else 0)
+
+
+def with_random_chaos(job, mtbf: str, faults: str, seed: int):
+    """The spec plus a seeded random schedule of faults (kept in the run's spec.json, so --resume keeps it)."""
+    from resilient.chaos.catalogue import FAULTS
+    from resilient.chaos.schedule import parse_duration, random_schedule
+    from resilient.config import validate_tree
+
+    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+    bad = [k for k in kinds if k not in FAULTS or FAULTS[k].target != "rank" or k == "node_loss"]
+    if bad or not kinds:
+        raise UserError(f"--chaos-faults {faults!r}: random chaos draws rank faults; choose from "
+                        + ", ".join(k for k, f in FAULTS.items() if f.target == "rank" and k != "node_loss"))
+    tree = job.model_dump(mode="json")
+    tree["chaos"] = tree["chaos"] + random_schedule(parse_duration(mtbf), kinds, seed, job.cluster.num_workers)
+    return validate_tree(tree)
 
 
 @cli.command()
@@ -119,6 +145,70 @@ def stop(run_dir, wait, timeout) -> None:
         time.sleep(0.5)
     if wait:
         raise UserError(f"the job did not stop within --timeout {timeout}s; is its `resilient launch` still running?")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; another than loopback needs --token.")
+@click.option("--port", default=8265, show_default=True, type=int)
+@click.option("--token", envvar="RESILIENT_DASHBOARD_TOKEN", help="Every request must carry it (env RESILIENT_DASHBOARD_TOKEN).")
+@user_errors
+def dashboard(run_dir, host, port, token) -> None:
+    """Serve the live anomaly dashboard of a run (running or finished)."""
+    from resilient.anomaly.dashboard.app import check_bind, serve, url
+
+    check_bind(host, token)
+    rd = _rundir(run_dir)
+    click.echo(f"dashboard of {rd.uri}: {url(host, port, token)}  (Ctrl-C to stop)")
+    serve(rd, host, port, token)
+
+
+@cli.group()
+def chaos() -> None:
+    """Break a running job on purpose."""
+
+
+@chaos.command("inject")
+@click.argument("run_dir")
+@click.option("--fault", required=True, help="A fault of the catalogue (README), e.g. kill, hang, slow, gpu_xid.")
+@click.option("--rank", type=int, help="The rank hit (rank faults).")
+@click.option("--node", type=int, help="The node hit, by index (GPU faults).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="factor=2, xid=79, count=1, temperature=95, seconds=5")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the job to carry it out.")
+@user_errors
+def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
+    """Hit a running job from another terminal; waits until its supervisor has carried the fault out."""
+    import uuid
+
+    from resilient.chaos.catalogue import FAULTS
+    from resilient.config import _parse_value
+    from resilient.supervisor.journal import read_records
+    from resilient.supervisor.status import fold
+
+    if fault not in FAULTS:
+        raise UserError(f"--fault {fault!r} is not in the catalogue: {', '.join(FAULTS)}")
+    kw = {}
+    for p in params:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise UserError(f"--param {p!r}: expected KEY=VALUE, e.g. --param factor=2")
+        kw[k] = _parse_value(v)
+    rd = _rundir(run_dir)
+    if fold(read_records(rd))["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+        raise UserError(f"{run_dir} is not running")
+    req = uuid.uuid4().hex[:12]
+    rd.write_json(f"control/inject-{req}.json", {"fault": fault, "rank": rank, "node": node, "params": kw})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for r in read_records(rd):
+            if r.get("request") == req:
+                if r["type"] == "chaos_refused":
+                    raise UserError(f"the job refused {fault}: {r['error']}")
+                click.echo(f"injected {fault} at step {r.get('step')} ({r.get('rank') if r.get('rank') is not None else r.get('node')})")
+                return
+        time.sleep(0.3)
+    rd.remove(f"control/inject-{req}.json")
+    raise UserError(f"the job did not pick the request up within {timeout}s; is its `resilient launch` running?")
 
 
 @cli.group()

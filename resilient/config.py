@@ -16,11 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resilient.chaos.catalogue import FAULTS, GPU, PROCESS
 from resilient.errors import SpecError
 
-CHAOS_FAULTS = ("kill", "exit", "hang", "node_loss", "slow", "nan", "gpu_xid", "gpu_lost", "ecc", "thermal")
-PROCESS_FAULTS = ("kill", "exit", "hang", "node_loss", "slow", "nan")  # carried out by the rank itself
-GPU_FAULTS = ("gpu_xid", "gpu_lost", "ecc", "thermal")  # set on a node's simulated GPU
+CHAOS_FAULTS = tuple(FAULTS)
+PROCESS_FAULTS = PROCESS  # carried out by the rank itself
+GPU_FAULTS = GPU          # set on a node's simulated GPU
 
 
 class _Section(BaseModel):
@@ -124,7 +125,8 @@ class SupervisorConfig(_Section):
 class ChaosEntry(_Section):
     """One planned fault: `fault` hits `rank` (or `node`) when the job reaches `at_step`, once."""
 
-    at_step: int = Field(..., ge=1, description="The step at whose start the fault fires.")
+    at_step: int | None = Field(None, ge=1, description="The step at whose start the fault fires.")
+    at_time: float | None = Field(None, ge=0, description="Or: seconds after the job first started training.")
     fault: Literal[CHAOS_FAULTS] = Field(..., description="See the README's fault catalogue.")
     rank: int | None = Field(None, ge=0, description="The rank hit (default 0 unless `node` is given).")
     node: int | None = Field(None, ge=0, description="GPU faults: the node hit, by index in the journal's node list.")
@@ -132,9 +134,12 @@ class ChaosEntry(_Section):
     xid: int = Field(79, ge=1, description="gpu_xid: the XID the simulated GPU reports.")
     count: int = Field(1, ge=1, description="ecc: uncorrectable ECC errors added.")
     temperature: float = Field(95.0, description="thermal: the simulated GPU's temperature in C.")
+    seconds: float = Field(5.0, gt=0, description="storage_outage: how long storage refuses writes.")
 
     @model_validator(mode="after")
     def _target(self) -> "ChaosEntry":
+        if (self.at_step is None) == (self.at_time is None):
+            raise ValueError("give exactly one trigger: at_step or at_time")
         if self.node is not None and self.fault not in GPU_FAULTS:
             raise ValueError(f"fault {self.fault!r} is aimed at a rank; `node` only goes with {', '.join(GPU_FAULTS)}")
         if self.node is not None and self.rank is not None:
@@ -197,7 +202,7 @@ class JobSpec(_Section):
                 raise ValueError(f"chaos[{i}].node {c.node} does not exist; nodes are 0..{self.cluster.local_nodes - 1}")
             if c.rank is not None and c.rank >= self.cluster.num_workers:
                 raise ValueError(f"chaos[{i}].rank {c.rank} does not exist; ranks are 0..{self.cluster.num_workers - 1}")
-            if c.at_step > self.train.steps:
+            if c.at_step is not None and c.at_step > self.train.steps:
                 raise ValueError(f"chaos[{i}].at_step {c.at_step} is past train.steps {self.train.steps}")
             if c.fault == "node_loss" and not self.cluster.address and self.cluster.local_nodes < 2:
                 raise ValueError(f"chaos[{i}] node_loss needs several nodes: set cluster.local_nodes >= 2 "

@@ -103,6 +103,21 @@ class WorkerGroup:
             except RayActorError as e:
                 self.dead[rank] = str(e).splitlines()[0][:300]
 
+    def final_heartbeats(self, timeout: float = 1.0) -> dict[int, dict]:
+        """One last heartbeat from every rank still answering (before a teardown), so what the
+        survivors did since the previous heartbeat (metrics, checkpoints) is not lost."""
+        refs = {rank: (self.pending.pop(rank, None) or w.heartbeat.remote()) for rank, w in enumerate(self.workers)
+                if rank not in self.dead}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        out = {}
+        for rank, ref in refs.items():
+            if ref in ready:
+                try:
+                    out[rank] = ray.get(ref)
+                except RayActorError:
+                    pass
+        return out
+
     def request_stop(self) -> None:
         for w in self.workers:
             w.request_stop.remote()

@@ -133,6 +133,10 @@ class NodeAgent:
             samples.append(self.samples.popleft())
         return {"events": self.persister.drain_events(), "samples": samples, "gpu_status": self.gpu_status}
 
+    def storage_outage(self, seconds: float) -> None:
+        """Chaos: this node's persister finds storage refusing every write for `seconds`."""
+        self.persister.outage_until = time.time() + seconds
+
     def corrupt(self, step: int) -> bool:
         """Chaos and tests: flip bytes of the in-memory copy of `step`."""
         e = self.tier.get(step)

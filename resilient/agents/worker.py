@@ -57,6 +57,8 @@ class TrainWorker:
         self._stop = threading.Event()
         self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
         self.slow = 1.0
+        self._poison_next = False
+        self._gpu_fault_pending = None
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
 
@@ -90,6 +92,20 @@ class TrainWorker:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def inject(self, fault: str, params: dict) -> None:
+        """Chaos from outside (timed, random or `resilient chaos inject`): carried out on this process."""
+        from resilient.config import ChaosEntry
+
+        c = ChaosEntry(at_step=1, fault=fault, rank=self.rank, **params)
+        if fault == "slow":
+            self.slow = c.factor
+        elif fault == "nan":
+            self._poison_next = True
+        elif fault in GPU_FAULTS:
+            self._gpu_fault_pending = c  # the training thread meets it at its next step
+        else:
+            inject(fault)
 
     def _set(self, **kw: Any) -> None:
         with self._lock:
@@ -147,13 +163,19 @@ class TrainWorker:
         step = data_step = 0
         if restore:
             self._set(phase="restoring")
+            t0 = time.perf_counter()
             snap = ckpt_engine.load(restore, self.rank, self.store, spec.fingerprint())
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
+            self._set(restore_s=time.perf_counter() - t0)
         self._set(phase="training", step=step, restored_step=step)
         restored, total = step, spec.train.steps
         while step < total:
-            poison = self._maybe_inject(step + 1, fired)
+            poison = self._maybe_inject(step + 1, fired) or self._poison_next
+            self._poison_next = False
+            if self._gpu_fault_pending is not None:
+                c, self._gpu_fault_pending = self._gpu_fault_pending, None
+                self._gpu_fault(c)
             next_data = data_step + 1
             while next_data in self.skip:
                 next_data += 1

@@ -19,6 +19,7 @@ class Persister:
     def __init__(self, tier: MemoryTier, store: CheckpointStore, keep: int, keep_every: int, max_backoff: float = 8.0):
         self.tier, self.store, self.keep, self.keep_every, self.max_backoff = tier, store, keep, keep_every, max_backoff
         self.persisted: set[int] = set()
+        self.outage_until = 0.0
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="persister")
@@ -43,6 +44,8 @@ class Persister:
                     continue
             t0 = time.time()
             try:
+                if time.time() < self.outage_until:  # chaos `storage_outage`: storage refuses writes
+                    raise ConnectionRefusedError("storage unavailable (injected storage_outage)")
                 m = self.store.commit(entry.files, entry.manifest)
             except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
                 self.event(event="persist_error", step=entry.step, error=f"{type(e).__name__}: {e}"[:300],

@@ -57,17 +57,19 @@ def _prepare_base(spec: JobSpec, rundir: RunDir) -> None:
         rundir.upload_dir(tmp, "base_model")
 
 
-def launch(spec: JobSpec, run_id: str | None = None, console: Console | None = None) -> dict:
+def launch(spec: JobSpec, run_id: str | None = None, console: Console | None = None,
+           dashboard_port: int | None = None) -> dict:
     run_id = run_id or default_run_id()
     rundir = run_dir_for(spec.checkpoint.storage, spec.name, run_id, spec.checkpoint.storage_options)
     if rundir.exists(JOURNAL):
         raise UserError(f"run directory {rundir.uri} already exists; pass another --run-id, or continue it with "
                         f"`resilient launch --resume {rundir.uri}`")
     _check_writable(rundir, "checkpoint.storage")
-    return _run(spec, rundir, run_id, console or Console(), fresh=True)
+    return _run(spec, rundir, run_id, console or Console(), fresh=True, dashboard_port=dashboard_port)
 
 
-def resume(run_uri: str, console: Console | None = None, overrides: list[str] | None = None) -> dict:
+def resume(run_uri: str, console: Console | None = None, overrides: list[str] | None = None,
+           dashboard_port: int | None = None) -> dict:
     """Continue a run whose launcher died or which was stopped (overrides may extend train.steps)."""
     rundir = RunDir(run_uri)
     if not rundir.exists(SPEC_FILE):
@@ -83,10 +85,32 @@ def resume(run_uri: str, console: Console | None = None, overrides: list[str] | 
         raise UserError(f"run {run_uri} already SUCCEEDED; raise train.steps with --set to train further")
     if overrides:
         rundir.write_json(SPEC_FILE, spec.model_dump(mode="json"))
-    return _run(spec, rundir, rundir.uri.rsplit("/", 1)[-1], console or Console(), fresh=False)
+    return _run(spec, rundir, rundir.uri.rsplit("/", 1)[-1], console or Console(), fresh=False,
+                dashboard_port=dashboard_port)
 
 
-def _run(spec: JobSpec, rundir: RunDir, run_id: str, console: Console, fresh: bool) -> dict:
+def write_chaos_report(rundir: RunDir, console: Console) -> dict | None:
+    """For a run that had faults: `<run dir>/chaos_report.json` and the table."""
+    from resilient.chaos.report import build, print_report
+
+    markers = []
+    for name in rundir.listdir("chaos"):
+        if name.startswith("fired-"):
+            try:
+                markers.append(rundir.read_json(f"chaos/{name}"))
+            except Exception:
+                pass
+    records = read_records(rundir)
+    if not markers and not any(r["type"] == "fault" for r in records):
+        return None
+    report = build(records, markers)
+    rundir.write_json("chaos_report.json", report)
+    print_report(report, console)
+    return report
+
+
+def _run(spec: JobSpec, rundir: RunDir, run_id: str, console: Console, fresh: bool,
+         dashboard_port: int | None = None) -> dict:
     from resilient.supervisor.supervisor import Supervisor
 
     conn = connect(spec.cluster)
@@ -110,10 +134,19 @@ def _run(spec: JobSpec, rundir: RunDir, run_id: str, console: Console, fresh: bo
         console.print(f"run {spec.name}/{run_id}: {spec.cluster.num_workers} workers, {spec.train.steps} steps -> "
                       f"{rundir.uri}", highlight=False, soft_wrap=True)
         _prepare_base(spec, rundir)
+        dash = None
+        if dashboard_port:
+            from resilient.anomaly.dashboard.app import serve, url
+
+            dash = serve(rundir, port=dashboard_port, background=True)
+            console.print(f"dashboard: {url('127.0.0.1', dashboard_port, None)}", highlight=False)
         t0 = time.time()
         with ProgressLine(console) as progress:
             status = Supervisor(spec, rundir, journal, base_ref(spec, rundir), on_progress=progress.update).run()
         print_summary(status, console, time.time() - t0)
+        write_chaos_report(rundir, console)
+        if dash is not None:
+            dash.should_exit = True
         return status
     finally:
         conn.close()

@@ -15,6 +15,7 @@ from typing import Callable
 from resilient.agents.group import GroupStartError, WorkerGroup
 from resilient.anomaly.events import CORDON, WARN, AnomalyEvent
 from resilient.anomaly.monitor import AnomalyMonitor
+from resilient.chaos.inject import carry_out, pending_requests
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import GPU_FAULTS, JobSpec
 from resilient.rundir import RunDir
@@ -48,6 +49,9 @@ class Supervisor:
         self.step = status["step"]
         self._last_progress_journal = 0.0
         self._last_stop_check = 0.0
+        self._last_chaos_tick = 0.0
+        self.training_s = max((r.get("training_s", 0.0) for r in read_records(rundir) if r["type"] == "progress"),
+                              default=0.0)  # seconds spent training (all ranks stepping), over every attempt
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _to(self, new: JobState, cause: str) -> None:
@@ -140,7 +144,8 @@ class Supervisor:
         group = WorkerGroup(self.spec, self.rundir, placement, attempt=self.restarts)
         try:
             try:
-                group.start(source, sorted(fired), self.base_ref, self.nodes.agent_for, self.skip, self.nodes.index_of)
+                group.start(source, sorted(i for i in fired if isinstance(i, int)), self.base_ref,
+                            self.nodes.agent_for, self.skip, self.nodes.index_of)
             except GroupStartError as e:
                 kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
                 self._handle(Fault(kind, e.rank, restore_step + 1, time.time(), str(e)), group)
@@ -176,6 +181,9 @@ class Supervisor:
                                      "skip_batches": decision.skip_batches, "reason": decision.reason}
         self._to(JobState.ROLLING_BACK if decision.action == Action.ROLLBACK else JobState.RESTARTING, decision.reason)
         t0 = time.time()
+        last = group.final_heartbeats()
+        self.journal_checkpoints(last)
+        self.monitor.training([m for h in last.values() for m in h.get("metrics", [])])  # recorded, not acted on
         group.shutdown()
         self.restarts += 1
         self.journal.append("restart", n=self.restarts, fault_index=idx)
@@ -221,7 +229,7 @@ class Supervisor:
         """A GPU fault on a node where no rank runs (the ranks fire their own, at the exact step) is set
         on that node's simulated GPU by the supervisor when the job reaches its step."""
         for i, c in enumerate(self.spec.chaos):
-            if c.fault not in GPU_FAULTS or c.node is None or i in fired or c.at_step > step:
+            if c.fault not in GPU_FAULTS or c.node is None or c.at_step is None or i in fired or c.at_step > step:
                 continue
             node = self.nodes.node_at(c.node)
             if node in group.placement:
@@ -237,6 +245,43 @@ class Supervisor:
             if agent is not None:
                 agent.gpu_fault.remote(c.fault, 0, xid=c.xid, count=c.count, temperature=c.temperature)
             self.journal.append("chaos", **rec)
+
+    def chaos_tick(self, group: WorkerGroup, fired: dict) -> None:
+        """Carry out timed chaos that is due and `resilient chaos inject` requests (about once a second)."""
+        now = time.time()
+        if now - self._last_chaos_tick < 1.0:
+            return
+        self._last_chaos_tick = now
+        # `at_time` counts training time (the clock stops while the job restarts), so random chaos
+        # models faults per hour of training, and one fault never lands in the previous one's recovery.
+        due = [(i, c) for i, c in enumerate(self.spec.chaos)
+               if c.at_time is not None and i not in fired and self.training_s >= c.at_time]
+        for i, c in due:
+            params = {k: getattr(c, k) for k in ("factor", "xid", "count", "temperature", "seconds")}
+            self._inject(group, fired, i, c.fault, c.rank, c.node, params)
+        try:
+            requests = pending_requests(self.rundir)
+        except Exception:  # storage outage
+            requests = []
+        for req_id, req in requests:
+            self.rundir.remove(f"control/inject-{req_id}.json")
+            self._inject(group, fired, f"req-{req_id}", req["fault"], req.get("rank"), req.get("node"),
+                         req.get("params", {}), request=req_id)
+
+    def _inject(self, group, fired, index, fault, rank, node, params, request=None) -> None:
+        try:
+            rec = carry_out(self, group, fault, rank, node, params)
+        except Exception as e:  # a request the job cannot honour: say so, keep training
+            self.journal.append("chaos_refused", index=index, fault=fault, request=request, error=str(e))
+            fired[index] = {}
+            return
+        rec.update(index=index, request=request)
+        fired[index] = rec
+        try:
+            self.rundir.write_json(f"chaos/fired-{str(index).replace('/', '_')}.json", rec)
+        except Exception:
+            pass
+        self.journal.append("chaos", **rec)
 
     def journal_checkpoints(self, hb: dict[int, dict]) -> None:
         for rank, h in hb.items():
@@ -272,5 +317,6 @@ class Supervisor:
         now = time.time()
         if force or now - self._last_progress_journal >= 2.0:
             self._last_progress_journal = now
-            self.journal.append("progress", step=step, loss=h0.get("mean_loss"), tokens_per_s=h0.get("tokens_per_s"))
+            self.journal.append("progress", step=step, loss=h0.get("mean_loss"), tokens_per_s=h0.get("tokens_per_s"),
+                                training_s=round(self.training_s, 3))
         self._emit(loss=h0.get("mean_loss"), tokens_per_s=h0.get("tokens_per_s"))

@@ -7,6 +7,7 @@ first), heartbeat silence or no progress for `hang_timeout` (hang), and actionab
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 from resilient.agents.group import WorkerGroup
@@ -20,25 +21,31 @@ ERROR_GRACE = 2.0   # seconds an error waits for a peer's death to explain it
 class Watch:
     def __init__(self, sup, group: WorkerGroup, restored: int, fired: dict[int, dict]):
         self.sup, self.group, self.restored, self.fired = sup, group, restored, fired
+        self.before = set(fired)  # markers that predate this attempt: not this attempt's faults
         self.cfg = sup.spec.supervisor
         self.world = sup.spec.cluster.num_workers
         self.last_step, self.last_progress = restored, time.time()
         self.running = False
         self.error_since: float | None = None
+        self.step_times: list[float] = []
 
     def fault(self, kind: FaultKind, rank: int | None, evidence: str) -> Fault:
         step, injected = self.last_step + 1, None
         for rec in self.sup.fired().values():  # a planned fault that fired in this attempt
-            if rec["index"] not in self.fired and (rank is None or rec.get("rank") == rank):
+            if rec["index"] not in self.before and (rank is None or rec.get("rank") == rank):
                 injected, step = rec["injected_at"], rec["step"]
         return Fault(kind, rank, step, time.time(), evidence, injected_at=injected,
                      node=self.group.node_of(rank) if rank is not None else None)
 
     def run(self) -> Fault | str:
         sup, group, cfg = self.sup, self.group, self.cfg
+        last = time.time()
         while True:
             group.poll(TICK)
             now = time.time()
+            if self.running and sup.state in (JobState.RUNNING, JobState.STOPPING):
+                sup.training_s += now - last
+            last = now
             if sup.state != JobState.STOPPING and sup.stop_requested():
                 group.request_stop()
                 if sup.state == JobState.STARTING:
@@ -46,10 +53,11 @@ class Watch:
                 sup._to(JobState.STOPPING, "stop requested (resilient stop)")
             hb = group.latest
             sup.journal_checkpoints(hb)
+            events = self.ingest(hb)  # first, so what arrived with this poll is recorded whatever happens
             if group.dead:
                 rank = min(group.dead)
                 return self.fault(FaultKind.CRASH, rank, group.dead[rank])
-            found = self.anomalies(hb)
+            found = self.act_on(events)
             if found:
                 return found
             errors = {r: h["error"] for r, h in hb.items() if h.get("phase") == "error"}
@@ -65,15 +73,21 @@ class Watch:
             if outcome:
                 return outcome
 
-    def anomalies(self, hb: dict[int, dict]) -> Fault | None:
+    def ingest(self, hb: dict[int, dict]) -> list:
+        """Hand the new per-step metrics and node samples to the monitor; return the events raised."""
         rows = []
         for h in hb.values():
             rows += h.get("metrics", [])
             h["metrics"] = []
         for r in rows:
             self.group.data_steps.setdefault(r["step"], set()).add(r["data_step"])
-        events = self.sup.monitor.training(rows) + self.sup.node_events()
+            self.step_times.append(r["step_time"] + r["data_wait"])
+        return self.sup.monitor.training(rows) + self.sup.node_events()
+
+    def act_on(self, events: list) -> Fault | None:
         self.sup.fire_gpu_chaos(self.last_step + 1, self.group, self.fired)
+        if self.running:
+            self.sup.chaos_tick(self.group, self.fired)
         for e in events:
             fault = self.sup.on_anomaly(e, self.group)
             if fault is not None:
@@ -86,7 +100,7 @@ class Watch:
         from dataclasses import replace
 
         for rec in self.sup.fired().values():
-            if rec["index"] not in self.fired:
+            if rec["index"] not in self.before:
                 step = fault.step if fault.anomaly in ("nan", "loss_spike") else rec["step"]
                 return replace(fault, injected_at=rec["injected_at"], step=step)
         return fault
@@ -107,6 +121,8 @@ class Watch:
         phases = [hb.get(r, {}).get("phase") for r in range(self.world)]
         if not self.running and all(p in ("training", "persisting", "exporting", "done", "stopped") for p in phases):
             self.running, self.last_progress = True, now
+            sup.journal.append("group_ready", restore_s=max(h.get("restore_s", 0.0) for h in hb.values()),
+                               restored_step=self.restored)
             if sup.state == JobState.STARTING:
                 sup._to(JobState.RUNNING, "all ranks training")
         step = min((h.get("step", 0) for h in hb.values()), default=0) if len(hb) == self.world else self.last_step
@@ -118,6 +134,8 @@ class Watch:
         if step > self.last_step or ended:
             self.last_step, self.last_progress = max(step, self.last_step), now
             sup.progress(self.last_step, hb, force=bool(ended))
+            if ended and self.step_times:
+                sup.journal.append("progress_stats", median_step_s=statistics.median(self.step_times))
         elif self.running and all(p == "training" for p in phases) and now - self.last_progress > self.cfg.hang_timeout:
             return self.fault(FaultKind.HANG, None, f"no rank finished a step for {now - self.last_progress:.1f}s")
         return ended

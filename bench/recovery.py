@@ -1,0 +1,304 @@
+"""Recovery benchmark: resilient vs Ray Train (TorchTrainer + FailureConfig) vs torchrun --max-restarts,
+side by side, in one invocation, on the same workload and the same faults.
+
+Workload: DDP over gloo, 2 workers on CPU, the built-in tiny Llama with LoRA (resilient's own
+Trainer, so every system trains the same model on the same batches). Fault schedules, each fired
+once by the rank's own process: `kill` (SIGKILL of rank 1 at two fixed steps), `mtbf` (SIGKILLs at
+seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: recovery
+time (fault -> next finished step), steps replayed, goodput (steps x median step time / wall time
+from the first to the last step), hang detection time, and the no-fault step time vs plain torchrun
+DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
+Usage: python bench/recovery.py [--steps 150] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(cmd: list[str], timeout: float, env: dict | None = None, log: str | None = None) -> tuple[int, float]:
+    t0 = time.time()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        rc = 124
+    return rc, time.time() - t0
+
+
+def read_log(path: str) -> list[tuple[int, float, float]]:
+    if not os.path.exists(path):
+        return []
+    return [(int(a), float(b), float(c)) for a, b, c in (line.split() for line in open(path) if line.strip())]
+
+
+def markers(d: str) -> list[dict]:
+    if not os.path.isdir(d):
+        return []
+    return sorted((json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.startswith("fired-")),
+                  key=lambda m: m["t"])
+
+
+def analyse(log: list, faults: list[dict], total: int) -> dict:
+    """Recovery per fault, steps replayed, goodput, median step time, completion."""
+    out = {"recovery": [], "replayed": [], "done": bool(log) and log[-1][0] == total}
+    if not log:
+        return {**out, "goodput": None, "step_s": None}
+    for f in faults:
+        after = [(s, t) for s, t, _ in log if t > f["t"]]
+        if after:
+            out["recovery"].append(after[0][1] - f["t"])
+            out["replayed"].append(max(0, f["step"] - after[0][0]))
+    step_s = statistics.median(d for _, _, d in log)
+    wall = log[-1][1] - log[0][1] + step_s
+    out.update(step_s=step_s, goodput=min(1.0, total * step_s / wall) if out["done"] else None)
+    return out
+
+
+# -- the three systems ------------------------------------------------------------------------------
+SPEC = """name = "{name}"
+[cluster]
+num_workers = 2
+[peft]
+method = "lora"
+r = 4
+lora_alpha = 8
+target_modules = ["q_proj", "v_proj"]
+[data]
+path = "{work}/corpus.txt"
+seq_len = {seq_len}
+[train]
+steps = {steps}
+batch_size = {batch}
+seed = 7
+[checkpoint]
+storage = "{work}/runs"
+every = 1
+[supervisor]
+heartbeat_interval = 0.5
+hang_timeout = {hang}
+"""
+
+
+def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
+    name = f"res-{case}"
+    spec = SPEC.format(name=name, work=work, steps=a.steps, seq_len=a.seq_len, batch=a.batch, hang=a.hang_timeout)
+    for f in schedule:
+        trig = f"at_step = {f['at_step']}" if "at_step" in f else f"at_time = {f['at_time']}"
+        spec += f'\n[[chaos]]\n{trig}\nfault = "{f["fault"]}"\nrank = {f["rank"]}\n'
+    path = f"{work}/{name}.toml"
+    open(path, "w").write(spec)
+    rc, wall = sh([sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r"], a.limit,
+                  log=f"{work}/{name}.log")
+    run = f"{work}/runs/{name}/r"
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(f"{run}/metrics/train").to_pylist() if os.path.isdir(f"{run}/metrics/train") else []
+    by_step: dict[int, tuple[float, float]] = {}
+    for r in sorted(rows, key=lambda r: r["t"]):
+        if r["rank"] == 0:
+            by_step[r["step"]] = (r["t"], r["step_time"] + r["data_wait"])  # the last time a step finished
+    log = sorted(((s, t, d) for s, (t, d) in by_step.items()), key=lambda x: x[1])
+    # every time a step finished (replays included) for recovery: from all rank-0 rows
+    all_rows = sorted(((r["step"], r["t"], r["step_time"] + r["data_wait"]) for r in rows if r["rank"] == 0),
+                      key=lambda x: x[1])
+    fired = []
+    for n in sorted(os.listdir(f"{run}/chaos")) if os.path.isdir(f"{run}/chaos") else []:
+        m = json.load(open(f"{run}/chaos/{n}"))
+        fired.append({"fault": m["fault"], "step": m["step"], "t": m["injected_at"]})
+    res = analyse(all_rows, fired, a.steps)
+    res["done"] = rc == 0
+    if res["done"] and log:
+        res["goodput"] = min(1.0, a.steps * res["step_s"] / (all_rows[-1][1] - all_rows[0][1] + res["step_s"]))
+    status = json.loads(subprocess.run([sys.executable, "-m", "resilient.cli", "status", run, "--json"],
+                                       capture_output=True, text=True).stdout or "{}")
+    hangs = [f for f in status.get("faults", []) if f["kind"] == "hang" and f.get("injected_at")]
+    res["hang_detect"] = hangs[0]["detected_at"] - hangs[0]["injected_at"] if hangs else None
+    return res
+
+
+def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | None = None) -> dict:
+    tag = f"tr-{case}"
+    cfg = {"work": work, "base": f"{work}/base", "steps": a.steps, "seq_len": a.seq_len, "batch": a.batch,
+           "every": a.every if every is None else every, "ckpt_dir": f"{work}/{tag}/ckpt",
+           "marker_dir": f"{work}/{tag}/markers", "step_log": f"{work}/{tag}/steps.log", "faults": schedule,
+           "collective_timeout": a.collective_timeout}
+    os.makedirs(f"{work}/{tag}", exist_ok=True)
+    json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
+    port = free_port()
+    rc, wall = sh([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                   "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                   os.path.join(HERE, "peer_loop.py"), f"{work}/{tag}/cfg.json"], a.limit,
+                  env={"PYTHONPATH": os.path.join(HERE, "..")}, log=f"{work}/{tag}.log")
+    res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
+    res["done"] = rc == 0 and res["done"]
+    return res
+
+
+def run_ray_train(work: str, case: str, schedule: list[dict], a) -> dict:
+    tag = f"rt-{case}"
+    cfg = {"work": work, "base": f"{work}/base", "steps": a.steps, "seq_len": a.seq_len, "batch": a.batch,
+           "every": a.every, "marker_dir": f"{work}/{tag}/markers", "step_log": f"{work}/{tag}/steps.log",
+           "faults": schedule, "storage": f"{work}/{tag}/storage", "collective_timeout": a.collective_timeout}
+    os.makedirs(f"{work}/{tag}", exist_ok=True)
+    json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
+    rc, wall = sh([sys.executable, os.path.join(HERE, "recovery.py"), "--_ray-train", f"{work}/{tag}/cfg.json"],
+                  a.limit, env={"PYTHONPATH": os.path.join(HERE, "..")}, log=f"{work}/{tag}.log")
+    res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
+    res["done"] = rc == 0 and res["done"]
+    return res
+
+
+def ray_train_driver(cfg_path: str) -> None:
+    """Internal: the Ray Train job (a driver of its own, like a user's script)."""
+    import ray
+    import torch
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = json.load(open(cfg_path))
+
+    def loop(cfg):
+        import tempfile
+
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        from bench.peer_loop import Faults, apply_state, make_spec, run, state_of
+        from resilient.training.trainer import Trainer
+
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        torch.set_num_threads(1)
+        trainer = Trainer(make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]), rank, world,
+                          cfg["base"], torch.device("cpu"))
+        trainer.setup()
+        start = 0
+        ckpt = ray.train.get_checkpoint()
+        if ckpt:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+            apply_state(trainer, state)
+            start = state["step"]
+
+        def after(step):
+            if step % cfg["every"]:
+                return
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    torch.save(state_of(trainer, step), os.path.join(d, "state.pt"))
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+            dist.barrier()
+
+        faults = Faults(cfg["faults"], rank, cfg["marker_dir"]) if cfg["faults"] else None
+        run(trainer, rank, start, cfg["steps"], faults, cfg["step_log"], after)
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                                       "PYTHONPATH": os.path.join(HERE, "..")}})
+    trainer = TorchTrainer(loop, train_loop_config=cfg,
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
+                                                        resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(storage_path=cfg["storage"], name="bench",
+                                                failure_config=FailureConfig(max_failures=3),
+                                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    trainer.fit()
+    ray.shutdown()
+
+
+# -- the table --------------------------------------------------------------------------------------
+def fmt(xs, unit="s"):
+    xs = [x for x in xs if x is not None]
+    return "-" if not xs else "/".join(f"{x:.2f}" for x in xs) + unit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--every", type=int, default=10, help="peers' checkpoint interval in steps")
+    ap.add_argument("--mtbf", type=float, default=4.0, help="mean training seconds between faults (mtbf case)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--hang-timeout", type=float, default=5.0)
+    ap.add_argument("--collective-timeout", type=float, default=30.0, help="peers notice a hang only through it")
+    ap.add_argument("--limit", type=float, default=240.0, help="seconds one run may take")
+    ap.add_argument("--quick", action="store_true", help="kill and no-fault cases only")
+    ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.ray_train:
+        return ray_train_driver(a.ray_train)
+    from resilient.training.corpus import write_corpus
+    from resilient.training.data import BYTE_VOCAB
+    from resilient.training.model import build_tiny_llama
+
+    work = tempfile.mkdtemp(prefix="resilient-bench-")
+    write_corpus(f"{work}/corpus.txt")
+    build_tiny_llama(f"{work}/base", BYTE_VOCAB)
+    r = random.Random(a.seed)
+    t, mtbf = 0.0, []
+    while len(mtbf) < 3:
+        t += r.expovariate(1 / a.mtbf)
+        mtbf.append({"fault": "kill", "rank": r.randrange(2), "at_time": round(t, 2)})
+    cases = {"none": [], "kill": [{"fault": "kill", "rank": 1, "at_step": a.steps // 3},
+                                  {"fault": "kill", "rank": 1, "at_step": 2 * a.steps // 3}]}
+    if not a.quick:
+        cases.update(mtbf=mtbf, hang=[{"fault": "hang", "rank": 1, "at_step": a.steps // 2}])
+    systems = {"resilient": run_resilient, "Ray Train": run_ray_train, "torchrun": run_torchrun}
+    t0 = time.time()
+    plain = run_torchrun(work, "plain", [], a, every=0)
+    print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
+    results: dict[str, dict[str, dict]] = {}
+    for case, schedule in cases.items():
+        for sysname, fn in systems.items():
+            res = fn(work, case, schedule, a)
+            results.setdefault(sysname, {})[case] = res
+            print(f"  {case:<5} {sysname:<10} done={res['done']} recovery={fmt(res['recovery'])} "
+                  f"replayed={res['replayed']} goodput={res['goodput']}", flush=True)
+    print(f"\nsame workload (DDP, 2 CPU workers, tiny Llama + LoRA, {a.steps} steps), same faults; "
+          f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s")
+    head = (f"{'system':<10} {'step ms':>8} {'overhead':>9} | {'kill: recovery':>16} {'replayed':>9} {'goodput':>8} |"
+            f" {'mtbf: recovery':>22} {'goodput':>8} | {'hang detected':>14}")
+    print(head)
+    print("-" * len(head))
+    for sysname, by in results.items():
+        none, kill = by["none"], by["kill"]
+        mt, hang = by.get("mtbf", {}), by.get("hang", {})
+        over = f"{none['step_s'] / plain['step_s'] - 1:+.1%}" if none.get("step_s") and plain.get("step_s") else "-"
+        if sysname == "resilient":
+            hd = f"{hang['hang_detect']:.1f}s" if hang.get("hang_detect") else "-"
+        else:  # peers have no hang detector: the collective timeout ends the wait, if anything does
+            hd = (f">= {a.collective_timeout:.0f}s (timeout)" if hang.get("recovery") else
+                  f"not in {a.limit:.0f}s") if hang else "-"
+        gp = lambda r: f"{r['goodput']:.1%}" if r.get("goodput") else ("FAILED" if r else "-")  # noqa: E731
+        print(f"{sysname:<10} {none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} {over:>9} | "
+              f"{fmt(kill['recovery']):>16} {'/'.join(map(str, kill['replayed'])) or '-':>9} {gp(kill):>8} | "
+              f"{fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
