@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from resilient.checkpoint.storage import CheckpointStore
-from resilient.config import GPU_FAULTS, JobSpec
+from resilient.config import GPU_FAULTS, PROCESS_FAULTS, JobSpec
 from resilient.rundir import RunDir
 
 
@@ -59,6 +59,7 @@ class TrainWorker:
         self.slow = 1.0
         self._poison_next = False
         self._gpu_fault_pending = None
+        self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
 
@@ -214,8 +215,17 @@ class TrainWorker:
         """Fire this rank's planned process faults due at `step`; True if this step's loss must be NaN."""
         poison = False
         for i, c in enumerate(self.spec.chaos):
+            if i in fired or c.at_step != step:
+                continue
+            if c.fault not in PROCESS_FAULTS and c.fault not in GPU_FAULTS:
+                # Job-wide faults (storage, checkpoints, the supervisor) are the supervisor's to carry
+                # out; rank 0 holds the job at this step until it has, so "at_step" means this step.
+                if self.rank == 0:
+                    fired.add(i)
+                    self._ask_supervisor(i)
+                continue
             mine = (c.node == self.node_index) if c.node is not None else c.target_rank == self.rank
-            if i in fired or not mine or c.at_step != step:
+            if not mine:
                 continue
             fired.add(i)
             try:  # the marker keeps a restarted group from firing it again; best effort if storage is down
@@ -232,6 +242,16 @@ class TrainWorker:
             else:
                 inject(c.fault)
         return poison
+
+    def _ask_supervisor(self, index: int, timeout: float = 60.0) -> None:
+        self._chaos_ack.clear()
+        self._set(chaos_request=index)
+        self._chaos_ack.wait(timeout)
+        self._set(chaos_request=None)
+
+    def chaos_done(self) -> None:
+        """The supervisor carried out the job-wide fault this rank asked for."""
+        self._chaos_ack.set()
 
     def _gpu_fault(self, c) -> None:
         """Break this node's simulated GPU; a fault that would kill the CUDA context kills this rank's step."""

@@ -18,9 +18,9 @@ from resilient.checkpoint.storage import ckpt_dir
 REQUESTS = "control"
 
 
-def carry_out(sup, group, fault: str, rank: int | None, node: int | None, params: dict) -> dict:
+def carry_out(sup, group, fault: str, rank: int | None, node: int | None, params: dict, index=None) -> dict:
     ft = FAULTS[fault]
-    rec = {"fault": fault, "rank": rank, "node": None, "injected_at": time.time(), "step": sup.step + 1}
+    rec = {"index": index, "fault": fault, "rank": rank, "node": None, "injected_at": time.time(), "step": sup.step + 1}
     if ft.target == "rank" or (fault in GPU and node is None):
         rank = 0 if rank is None else rank
         rec["rank"] = rank
@@ -42,24 +42,39 @@ def carry_out(sup, group, fault: str, rank: int | None, node: int | None, params
             agent.storage_outage.remote(params.get("seconds", 5.0))
     elif fault == "corrupt_checkpoint":
         rec["damaged_step"] = corrupt_newest(sup)
-    elif fault == "supervisor_kill":
+        if rec["damaged_step"] is None:
+            raise ValueError("no checkpoint to damage yet")
+    elif fault == "supervisor_kill":  # marker first: the resumed supervisor must not fire it again
+        sup.rundir.write_json(marker(index), rec)
         sup.journal.append("chaos", **rec)
         os.kill(os.getpid(), signal.SIGKILL)
     return rec
 
 
+def marker(index) -> str:
+    return f"chaos/fired-{str(index).replace('/', '_')}.json"
+
+
 def corrupt_newest(sup) -> int | None:
-    """Flip bytes of the newest persisted checkpoint and of every in-memory copy of that step."""
-    steps = sup.store.steps()
-    if not steps:
-        return None
-    step = steps[-1]
-    path = f"{ckpt_dir(step)}/shared.safetensors"
-    data = bytearray(sup.rundir.read_bytes(path))
-    data[len(data) // 2] ^= 0xFF
-    sup.rundir.write_bytes(path, bytes(data))
+    """Damage the newest checkpoint: flip bytes in every copy of it (storage, memory, peer replica)."""
+    import ray
+
+    in_memory = []
     for agent in sup.nodes.agents.values():
-        agent.corrupt.remote(step)
+        try:
+            in_memory += [e["step"] for e in ray.get(agent.inventory.remote(), timeout=10)]
+        except Exception:
+            pass
+    persisted = sup.store.steps()
+    step = max(in_memory + persisted, default=None)
+    if step is None:
+        return None
+    if step in persisted:
+        path = f"{ckpt_dir(step)}/shared.safetensors"
+        data = bytearray(sup.rundir.read_bytes(path))
+        data[len(data) // 2] ^= 0xFF
+        sup.rundir.write_bytes(path, bytes(data))
+    ray.get([agent.corrupt.remote(step) for agent in sup.nodes.agents.values()], timeout=10)
     return step
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 from resilient.agents.group import GroupStartError, WorkerGroup
 from resilient.anomaly.events import CORDON, WARN, AnomalyEvent
 from resilient.anomaly.monitor import AnomalyMonitor
-from resilient.chaos.inject import carry_out, pending_requests
+from resilient.chaos.inject import carry_out, marker, pending_requests
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import GPU_FAULTS, JobSpec
 from resilient.rundir import RunDir
@@ -268,9 +268,19 @@ class Supervisor:
             self._inject(group, fired, f"req-{req_id}", req["fault"], req.get("rank"), req.get("node"),
                          req.get("params", {}), request=req_id)
 
+    def chaos_requested(self, group: WorkerGroup, hb: dict[int, dict], fired: dict) -> None:
+        """Rank 0 reached the step of a job-wide fault and waits for it: carry it out, then release it."""
+        index = hb.get(0, {}).get("chaos_request")
+        if index is None or index in fired:
+            return
+        c = self.spec.chaos[index]
+        params = {k: getattr(c, k) for k in ("factor", "xid", "count", "temperature", "seconds")}
+        self._inject(group, fired, index, c.fault, c.rank, c.node, params)
+        group.workers[0].chaos_done.remote()
+
     def _inject(self, group, fired, index, fault, rank, node, params, request=None) -> None:
         try:
-            rec = carry_out(self, group, fault, rank, node, params)
+            rec = carry_out(self, group, fault, rank, node, params, index)
         except Exception as e:  # a request the job cannot honour: say so, keep training
             self.journal.append("chaos_refused", index=index, fault=fault, request=request, error=str(e))
             fired[index] = {}
@@ -278,7 +288,7 @@ class Supervisor:
         rec.update(index=index, request=request)
         fired[index] = rec
         try:
-            self.rundir.write_json(f"chaos/fired-{str(index).replace('/', '_')}.json", rec)
+            self.rundir.write_json(marker(index), rec)
         except Exception:
             pass
         self.journal.append("chaos", **rec)

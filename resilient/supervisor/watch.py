@@ -86,6 +86,7 @@ class Watch:
 
     def act_on(self, events: list) -> Fault | None:
         self.sup.fire_gpu_chaos(self.last_step + 1, self.group, self.fired)
+        self.sup.chaos_requested(self.group, self.group.latest, self.fired)
         if self.running:
             self.sup.chaos_tick(self.group, self.fired)
         for e in events:
