@@ -112,6 +112,7 @@ class SupervisorConfig(_Section):
     start_timeout: float = Field(300.0, gt=0, description="Seconds a worker group may take to start and restore.")
     backoff_base: float = Field(0.0, ge=0, description="Delay before the 2nd restart; doubles after (first is immediate).")
     backoff_max: float = Field(30.0, ge=0, description="Upper bound of the restart delay in seconds.")
+    warm_spares: bool = Field(True, description="Keep started spare workers so a restart starts no process (CPU jobs).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SupervisorConfig":

@@ -36,6 +36,64 @@ def split_resources(res: dict[str, float]) -> dict:
     return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "resources": other}
 
 
+def uses_spares(spec: JobSpec) -> bool:
+    """Warm spares need no reserved device: CPU jobs only (a GPU is only visible to an actor that holds it)."""
+    return spec.supervisor.warm_spares and not spec.cluster.resources_per_worker.get("GPU")
+
+
+def new_worker(spec: JobSpec, run_uri: str, node: str, rank: int, attempt: int):
+    """A TrainWorker pinned to `node` (rank -1: a spare). With spares, workers reserve no CPU in Ray's
+    accounting, since placement is ours (`nodes.assign`) and an idle spare must not block a rank."""
+    opts = {"num_cpus": 0} if uses_spares(spec) else split_resources(spec.cluster.resources_per_worker)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return TrainWorker.options(scheduling_strategy=strategy, max_restarts=0, max_concurrency=4, **opts).remote(
+        spec.model_dump(), rank, run_uri, attempt)
+
+
+class SparePool:
+    """Warm spare workers, per node: started (imports done) before they are needed, so no process
+    start or torch import sits on the recovery path. `fill(nodes)` tops the pool up without waiting;
+    `take(node)` hands out a spare on that node that is up, or None."""
+
+    def __init__(self, spec: JobSpec, run_uri: str):
+        self.spec, self.run_uri = spec, run_uri
+        self.spares: dict[str, list[tuple[object, ray.ObjectRef]]] = {}
+
+    def fill(self, nodes: list[str]) -> None:
+        want: dict[str, int] = {}
+        for n in nodes:
+            want[n] = want.get(n, 0) + 1
+        for n, k in want.items():
+            have = self.spares.setdefault(n, [])
+            for _ in range(k - len(have)):
+                w = new_worker(self.spec, self.run_uri, n, -1, -1)
+                have.append((w, w.ping.remote()))
+
+    def take(self, node: str):
+        have = self.spares.get(node, [])
+        while have:
+            w, ready = have.pop(0)
+            done, _ = ray.wait([ready], timeout=0)
+            if not done:  # still starting: it stays a spare for next time
+                have.append((w, ready))
+                return None
+            try:
+                ray.get(ready)
+                return w
+            except RayActorError:  # died with its node
+                continue
+        return None
+
+    def shutdown(self) -> None:
+        for have in self.spares.values():
+            for w, _ in have:
+                try:
+                    ray.kill(w, no_restart=True)
+                except Exception:
+                    pass
+        self.spares.clear()
+
+
 class WorkerGroup:
     def __init__(self, spec: JobSpec, rundir: RunDir, placement: list[str], attempt: int):
         """`placement[rank]` is the node the rank must run on (hard affinity: cordoned nodes stay out)."""
@@ -50,16 +108,13 @@ class WorkerGroup:
         self.data_steps: dict[int, set[int]] = {}  # step -> data steps the ranks trained on (rollback skips)
 
     def start(self, restore: dict | None, fired: list[int], base_ref: str, agent_for, skip: list[int],
-              node_index=lambda node_id: -1) -> None:
+              node_index=lambda node_id: -1, spares=None) -> None:
         """Create, rendezvous and start the ranks; `agent_for(node_id)` gives a node's NodeAgent."""
-        opts = split_resources(self.spec.cluster.resources_per_worker)
-        spec_dict = self.spec.model_dump()
         for rank in range(self.spec.cluster.num_workers):
-            strategy = NodeAffinitySchedulingStrategy(node_id=self.placement[rank], soft=False)
-            self.workers.append(TrainWorker.options(scheduling_strategy=strategy, max_restarts=0,
-                                                    max_concurrency=4, **opts)
-                                .remote(spec_dict, rank, self.rundir.uri, self.attempt))
-        refs = [w.info.remote() for w in self.workers]
+            node = self.placement[rank]
+            w = spares.take(node) if spares else None
+            self.workers.append(w or new_worker(self.spec, self.rundir.uri, node, rank, self.attempt))
+        refs = [w.info.remote(rank, self.attempt) for rank, w in enumerate(self.workers)]
         try:
             self.infos = ray.get(refs, timeout=self.spec.supervisor.start_timeout)
         except GetTimeoutError:
@@ -92,6 +147,7 @@ class WorkerGroup:
         if not self.pending:
             time.sleep(wait_s)
             return
+        self._check_local_pids()
         by_ref = {ref: rank for rank, ref in self.pending.items()}
         ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=wait_s)
         for ref in ready:
@@ -102,6 +158,20 @@ class WorkerGroup:
                 self.last_answer[rank] = time.time()
             except RayActorError as e:
                 self.dead[rank] = str(e).splitlines()[0][:300]
+
+    def _check_local_pids(self) -> None:
+        """A rank on this machine whose process is gone is dead now; Ray takes ~0.5 s to say so."""
+        if not hasattr(self, "_here"):
+            self._here = _local_ips()
+        for rank, info in enumerate(self.infos):
+            if rank in self.dead or info["ip"] not in self._here:
+                continue
+            try:
+                gone = psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                self.dead[rank] = f"the worker process {info['pid']} of rank {rank} is gone"
 
     def final_heartbeats(self, timeout: float = 1.0) -> dict[int, dict]:
         """One last heartbeat from every rank still answering (before a teardown), so what the

@@ -46,10 +46,22 @@ def raylet_pid() -> int:
     raise RuntimeError("no raylet among this worker's parent processes")
 
 
+def _warm_imports() -> None:
+    """What a rank needs before its first step, imported while nothing waits for it (warm spares)."""
+    import peft  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import resilient.checkpoint.engine  # noqa: F401
+    import resilient.training.trainer  # noqa: F401
+
+
 @ray.remote(max_concurrency=4)
 class TrainWorker:
     def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
+        """`rank = -1` makes a warm spare: imports done, waiting for `info(rank, attempt)` to become a rank."""
         self.spec = JobSpec.model_validate(spec)
+        _warm_imports()
         self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
         self.rundir = RunDir(run_uri, self.spec.checkpoint.storage_options)
         self.store = CheckpointStore(self.rundir)
@@ -63,9 +75,16 @@ class TrainWorker:
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
 
-    def info(self) -> dict:
+    def ping(self) -> int:
+        return os.getpid()
+
+    def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
+        """Where this worker runs (and a free port for rank 0's rendezvous); a spare takes its rank here."""
         from resilient.agents.rendezvous import free_port, node_ip
 
+        if rank is not None:
+            self.rank, self.attempt = rank, attempt
+            self._set(rank=rank)
         ip = node_ip()
         return {"rank": self.rank, "pid": os.getpid(), "ip": ip, "port": free_port(ip),
                 "node_id": ray.get_runtime_context().get_node_id()}
@@ -169,7 +188,7 @@ class TrainWorker:
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
-        self._set(phase="training", step=step, restored_step=step)
+        self._set(phase="training", step=step, restored_step=step, training_at=time.time())
         restored, total = step, spec.train.steps
         while step < total:
             poison = self._maybe_inject(step + 1, fired) or self._poison_next

@@ -39,7 +39,7 @@ def account(records: list[dict]) -> dict:
         elif t == "restore" and current is not None and "restore" not in by_fault[current]:
             by_fault[current]["restore_lookup"] = r.get("lookup_s", 0.0)
         elif t == "group_ready" and current is not None and current in starting_at and "ready" not in by_fault[current]:
-            by_fault[current]["ready"] = r["t"] - starting_at[current]
+            by_fault[current]["ready"] = r.get("ready_at", r["t"]) - starting_at[current]
             by_fault[current]["restore_worker"] = r.get("restore_s", 0.0)
         elif t == "progress_stats":
             step_times.append(r["median_step_s"])

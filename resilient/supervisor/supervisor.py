@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from resilient.agents.group import GroupStartError, WorkerGroup
+from resilient.agents.group import GroupStartError, SparePool, WorkerGroup, uses_spares
 from resilient.anomaly.events import CORDON, WARN, AnomalyEvent
 from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.chaos.inject import carry_out, marker, pending_requests
@@ -36,6 +36,7 @@ class Supervisor:
         self.spec, self.rundir, self.journal, self.base_ref = spec, rundir, journal, base_ref
         self.store = CheckpointStore(rundir)
         self.nodes = Nodes()
+        self.spares = SparePool(spec, rundir.uri) if uses_spares(spec) else None
         self.monitor = AnomalyMonitor(spec, rundir)
         self.on_progress = on_progress or (lambda s: None)
         status = fold(read_records(rundir))
@@ -102,6 +103,8 @@ class Supervisor:
         finally:
             self._journal_events(self.nodes.flush_events())
             self.nodes.shutdown()
+            if self.spares:
+                self.spares.shutdown()
             self.monitor.close()
             deadline = time.time() + self.spec.checkpoint.persist_timeout
             while not self.journal.flush() and time.time() < deadline:
@@ -145,7 +148,9 @@ class Supervisor:
         try:
             try:
                 group.start(source, sorted(i for i in fired if isinstance(i, int)), self.base_ref,
-                            self.nodes.agent_for, self.skip, self.nodes.index_of)
+                            self.nodes.agent_for, self.skip, self.nodes.index_of, self.spares)
+                if self.spares:
+                    self.spares.fill(placement)  # replacements for the next restart, warming up meanwhile
             except GroupStartError as e:
                 kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
                 self._handle(Fault(kind, e.rank, restore_step + 1, time.time(), str(e)), group)

@@ -123,7 +123,8 @@ class Watch:
         if not self.running and all(p in ("training", "persisting", "exporting", "done", "stopped") for p in phases):
             self.running, self.last_progress = True, now
             sup.journal.append("group_ready", restore_s=max(h.get("restore_s", 0.0) for h in hb.values()),
-                               restored_step=self.restored)
+                               restored_step=self.restored,
+                               ready_at=max(h.get("training_at") or now for h in hb.values()))
             if sup.state == JobState.STARTING:
                 sup._to(JobState.RUNNING, "all ranks training")
         step = min((h.get("step", 0) for h in hb.values()), default=0) if len(hb) == self.world else self.last_step
