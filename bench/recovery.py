@@ -237,15 +237,15 @@ def fmt(xs, unit="s"):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--every", type=int, default=10, help="peers' checkpoint interval in steps")
     ap.add_argument("--mtbf", type=float, default=4.0, help="mean training seconds between faults (mtbf case)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-timeout", type=float, default=5.0)
-    ap.add_argument("--collective-timeout", type=float, default=30.0, help="peers notice a hang only through it")
-    ap.add_argument("--limit", type=float, default=240.0, help="seconds one run may take")
+    ap.add_argument("--collective-timeout", type=float, default=20.0, help="peers notice a hang only through it")
+    ap.add_argument("--limit", type=float, default=100.0, help="seconds one run may take (then it counts as failed)")
     ap.add_argument("--quick", action="store_true", help="kill and no-fault cases only")
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
     a = ap.parse_args()

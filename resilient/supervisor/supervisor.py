@@ -97,6 +97,10 @@ class Supervisor:
         self._to(JobState.PREFLIGHT, "job accepted")
         try:
             self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
+            first = assign(self.spec.cluster.num_workers, self.spec.cluster.resources_per_worker,
+                           self.nodes.order, self.nodes.resources, set(self.cordoned))
+            if self.spares and first:
+                self.spares.fill(first)  # warming up beside the first group: ready for the first fault
             self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
                 self._attempt()
