@@ -183,10 +183,10 @@ def main() -> None:
         print(f"{label:<10} {ours * 1e3:8.2f}ms {sync * 1e3:8.2f}ms {d} {ours / sync:7.1%} {plain * 1e3:8.2f}ms "
               f"{ours / plain:6.2f}x {thr / 1e6:12.0f} {put / 1e6:9.0f} {thr / put:6.1%} {durable / 1e6:9.0f} "
               f"{thr / durable:6.1%}")
-    print("persist = CheckpointStore.commit: every file written to a temp name, fsync'd and renamed, then the "
-          "manifest; put = fsspec pipe_file of the same bytes (no fsync); put+fsync = the same, made durable")
         if why:
             print(f"  dcp.async_save: {why}")
+    print("persist = CheckpointStore.commit: every file written to a temp name, fsync'd and renamed, then the "
+          "manifest; put = fsspec pipe_file of the same bytes (no fsync); put+fsync = the same, made durable")
     never, every = step_overhead(args.steps)
     print(f"\nstep time, tiny model, 1 rank: never {never * 1e3:.2f} ms, snapshot every step {every * 1e3:.2f} ms "
           f"-> overhead {(every - never) / never:+.1%}")

@@ -175,7 +175,6 @@ def run_ray_train(work: str, case: str, schedule: list[dict], a) -> dict:
 def ray_train_driver(cfg_path: str) -> None:
     """Internal: the Ray Train job (a driver of its own, like a user's script)."""
     import ray
-    import torch
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from resilient.training.corpus import write_corpus
@@ -84,3 +86,27 @@ def assert_same_adapter(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
+
+
+@contextmanager
+def background_launch(*args: str):
+    """`resilient launch ARGS` running in the background (own process group, killed on exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "launch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def await_journal(run: Path, predicate, timeout: float = 120) -> None:
+    """Wait until the run's journal text satisfies `predicate` (the journal is the event to await)."""
+    journal = Path(run) / "journal.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if journal.exists() and predicate(journal.read_text()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{journal}: condition not met within {timeout}s")

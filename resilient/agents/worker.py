@@ -61,6 +61,8 @@ class TrainWorker:
     def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: imports done, waiting for `info(rank, attempt)` to become a rank."""
         self.spec = JobSpec.model_validate(spec)
+        if rank < 0:  # a spare warms up at low priority: it must not slow the ranks training beside it
+            os.nice(10)
         _warm_imports()
         self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
         self.rundir = RunDir(run_uri, self.spec.checkpoint.storage_options)
@@ -83,6 +85,11 @@ class TrainWorker:
         from resilient.agents.rendezvous import free_port, node_ip
 
         if rank is not None:
+            if self.rank < 0:
+                try:  # a promoted spare trains at normal priority again (where the OS lets us)
+                    os.setpriority(os.PRIO_PROCESS, 0, 0)
+                except OSError:
+                    pass
             self.rank, self.attempt = rank, attempt
             self._set(rank=rank)
         ip = node_ip()

@@ -9,6 +9,7 @@ batches) is rebuilt from the journal, so a resumed supervisor behaves like the o
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -49,7 +50,8 @@ class Supervisor:
         self.pending_rollback: dict | None = None
         self.step = status["step"]
         self._last_progress_journal = 0.0
-        self._last_stop_check = 0.0
+        self._stop_seen, self._closed = False, False
+        self._requests: list[tuple[str, dict]] = []
         self._last_chaos_tick = 0.0
         self.training_s = max((r.get("training_s", 0.0) for r in read_records(rundir) if r["type"] == "progress"),
                               default=0.0)  # seconds spent training (all ranks stepping), over every attempt
@@ -77,16 +79,20 @@ class Supervisor:
         return out
 
     def stop_requested(self) -> bool:
-        now = time.time()
-        if now - self._last_stop_check < 1.0:
-            return False
-        self._last_stop_check = now
-        if self.journal.unflushed:
-            self.journal.flush()
-        try:
-            return self.rundir.exists(STOP_FILE)
-        except Exception:  # storage outage: ask again next time
-            return False
+        return self._stop_seen
+
+    def _poll_control(self) -> None:
+        """Background: look for `resilient stop` and `resilient chaos inject` requests in the run
+        directory every second, so the watch loop never waits on storage (which may be down)."""
+        while not self._closed:
+            try:
+                self._stop_seen = self._stop_seen or self.rundir.exists(STOP_FILE)
+                for req_id, req in pending_requests(self.rundir):
+                    self.rundir.remove(f"control/inject-{req_id}.json")
+                    self._requests.append((req_id, req))
+            except Exception:  # storage outage: ask again next time
+                pass
+            time.sleep(1.0)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -95,6 +101,7 @@ class Supervisor:
         # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
         self._to(JobState.PREFLIGHT, "job accepted")
+        threading.Thread(target=self._poll_control, daemon=True, name="control").start()
         try:
             self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
             first = assign(self.spec.cluster.num_workers, self.spec.cluster.resources_per_worker,
@@ -110,9 +117,8 @@ class Supervisor:
             if self.spares:
                 self.spares.shutdown()
             self.monitor.close()
-            deadline = time.time() + self.spec.checkpoint.persist_timeout
-            while not self.journal.flush() and time.time() < deadline:
-                time.sleep(1.0)
+            self._closed = True
+            self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
         return fold(read_records(self.rundir))
 
     def _restore_point(self, at_most: int | None) -> dict | None:
@@ -268,12 +274,8 @@ class Supervisor:
         for i, c in due:
             params = {k: getattr(c, k) for k in ("factor", "xid", "count", "temperature", "seconds")}
             self._inject(group, fired, i, c.fault, c.rank, c.node, params)
-        try:
-            requests = pending_requests(self.rundir)
-        except Exception:  # storage outage
-            requests = []
-        for req_id, req in requests:
-            self.rundir.remove(f"control/inject-{req_id}.json")
+        while self._requests:
+            req_id, req = self._requests.pop(0)
             self._inject(group, fired, f"req-{req_id}", req["fault"], req.get("rank"), req.get("node"),
                          req.get("params", {}), request=req_id)
 

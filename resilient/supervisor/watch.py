@@ -38,7 +38,7 @@ class Watch:
                      node=self.group.node_of(rank) if rank is not None else None)
 
     def run(self) -> Fault | str:
-        sup, group, cfg = self.sup, self.group, self.cfg
+        sup, group = self.sup, self.group
         last = time.time()
         while True:
             group.poll(TICK)

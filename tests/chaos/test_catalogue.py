@@ -6,14 +6,12 @@ rollback skips a batch, so it does not). A quick subset runs in CI (`make test`)
 catalogue runs with `make test-all` (or `pytest tests/chaos`).
 """
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
 from resilient.chaos.catalogue import FAULTS
-from tests.helpers import adapter, assert_same_adapter, resilient_cli, status, write_job
+from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, resilient_cli, status,
+                           write_job)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
 NODES = ["--set", "cluster.local_nodes=3", "--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=3"]
@@ -100,26 +98,16 @@ def test_random_chaos_report(tmp_path):
 
 def test_chaos_inject_from_another_terminal(tmp_path):
     spec = write_job(tmp_path, name="inj", steps=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "launch", str(spec), "--run-id", "i"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "runs" / "inj" / "i"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "journal.jsonl").exists()
-                                              and '"to": "RUNNING"' in (run / "journal.jsonl").read_text()):
-            time.sleep(0.2)
+    with background_launch(str(spec), "--run-id", "i") as proc:
+        await_journal(run, lambda text: '"to": "RUNNING"' in text)
         r = resilient_cli("chaos", "inject", str(run), "--fault", "kill", "--rank", "1", timeout=60)
         assert r.returncode == 0 and "injected kill" in r.stdout, r.stdout
-        deadline = time.time() + 120
-        while time.time() < deadline and '"recovered"' not in (run / "journal.jsonl").read_text():
-            time.sleep(0.2)
+        await_journal(run, lambda text: '"recovered"' in text)
         bad = resilient_cli("chaos", "inject", str(run), "--fault", "meteor", timeout=60)
         assert bad.returncode == 2 and "catalogue" in bad.stdout
         assert resilient_cli("stop", str(run)).returncode == 0
         assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        proc.communicate()
     s = status(run)
     assert s["state"] == "STOPPED" and s["restarts"] == 1
     (f,) = s["faults"]

@@ -1,12 +1,10 @@
 """End-to-end jobs through the CLI on an embedded local Ray with the built-in tiny model."""
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.helpers import adapter, assert_same_adapter, resilient_cli, status, write_job
+from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, resilient_cli, status,
+                           write_job)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -75,21 +73,12 @@ def test_budget_spent_gives_up_with_reason(work):
 
 def test_stop_persists_state_and_ends_stopped(work):
     spec = write_job(work, name="long", steps=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "launch", str(spec), "--run-id", "s"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = work / "runs" / "long" / "s"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # await a checkpoint, i.e. training is under way
-            if (run / "journal.jsonl").exists() and '"checkpoint"' in (run / "journal.jsonl").read_text():
-                break
-            time.sleep(0.2)
+    with background_launch(str(spec), "--run-id", "s") as proc:
+        await_journal(run, lambda text: '"checkpoint"' in text)  # training is under way
         r = resilient_cli("stop", str(run), timeout=120)
         assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout
         assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        proc.communicate()
     s = status(run)
     assert s["state"] == "STOPPED" and s["last_checkpoint"] == s["step"] > 0
 
