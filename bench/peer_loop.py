@@ -3,7 +3,7 @@ resilient (its Trainer), with the checkpoint loop a user writes for Ray Train or
 
 Also the fault injector shared by every system: a schedule of (fault, rank, step or training-time)
 entries, each fired once (a marker file), by the rank's own process: SIGKILL or SIGSTOP.
-Each rank-0 step is logged as "step unix_time step_seconds" so recovery can be measured from outside.
+Each rank-0 step is logged as "step unix_time step_seconds pid" so recovery can be measured from outside.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def run(trainer: Trainer, rank: int, start: int, total: int, faults: Faults | No
             faults.tick(time.perf_counter() - t0)
         if rank == 0 and step_log:
             with open(step_log, "a") as f:
-                f.write(f"{step} {time.time()} {r.step_time + r.data_wait}\n")
+                f.write(f"{step} {time.time()} {r.step_time + r.data_wait} {os.getpid()}\n")
         if after_step:
             after_step(step)
 
@@ -115,8 +115,15 @@ def torchrun_main() -> None:
     from datetime import timedelta
 
     cfg = json.load(open(sys.argv[1]))
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["collective_timeout"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    timeout = timedelta(seconds=cfg["collective_timeout"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun's agent keeps one TCPStore across restarts, and the default group's keys
+    # (default_pg/...) are the same in every round: a new rank can read the dead rank's stale
+    # address and fail connectFullMesh. A per-restart prefix keeps the rounds apart.
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     torch.set_num_threads(1)
     trainer = Trainer(make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]), rank, world,
                       cfg["base"], torch.device("cpu"))

@@ -8,7 +8,7 @@ seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per s
 time (fault -> next finished step), steps replayed, goodput (steps x median step time / wall time
 from the first to the last step), hang detection time, and the no-fault step time vs plain torchrun
 DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
-Usage: python bench/recovery.py [--steps 150] [--quick]
+Usage: python bench/recovery.py [--steps 400] [--quick] [--systems resilient,ray,torchrun] [--cases none,kill,mtbf,hang]
 """
 from __future__ import annotations
 
@@ -49,10 +49,11 @@ def sh(cmd: list[str], timeout: float, env: dict | None = None, log: str | None 
     return rc, time.time() - t0
 
 
-def read_log(path: str) -> list[tuple[int, float, float]]:
+def read_log(path: str) -> list[tuple[int, float, float, str]]:
+    """Rank 0's finished steps: (step, unix time, step seconds, life), life = the process that ran it."""
     if not os.path.exists(path):
         return []
-    return [(int(a), float(b), float(c)) for a, b, c in (line.split() for line in open(path) if line.strip())]
+    return [(int(a), float(b), float(c), d) for a, b, c, d in (line.split() for line in open(path) if line.strip())]
 
 
 def markers(d: str) -> list[dict]:
@@ -63,16 +64,21 @@ def markers(d: str) -> list[dict]:
 
 
 def analyse(log: list, faults: list[dict], total: int) -> dict:
-    """Recovery per fault, steps replayed, goodput, median step time, completion."""
+    """Per fault: recovery = fault -> the first step finished by the next life (a rank-0 step that
+    was already under way when the fault fired does not count), steps replayed = fault step - that
+    step. step_s = median wall time between consecutive steps of one life (so whatever a system
+    does between steps, checkpoints included, is in it); goodput = steps x step_s / wall time."""
     out = {"recovery": [], "replayed": [], "done": bool(log) and log[-1][0] == total}
     if not log:
         return {**out, "goodput": None, "step_s": None}
     for f in faults:
-        after = [(s, t) for s, t, _ in log if t > f["t"]]
+        before = [life for _, t, _, life in log if t <= f["t"]]
+        after = [(s, t) for s, t, _, life in log if t > f["t"] and (not before or life != before[-1])]
         if after:
             out["recovery"].append(after[0][1] - f["t"])
             out["replayed"].append(max(0, f["step"] - after[0][0]))
-    step_s = statistics.median(d for _, _, d in log)
+    gaps = [b[1] - a[1] for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1]
+    step_s = statistics.median(gaps) if gaps else statistics.median(d for _, _, d, _ in log)
     wall = log[-1][1] - log[0][1] + step_s
     out.update(step_s=step_s, goodput=min(1.0, total * step_s / wall) if out["done"] else None)
     return out
@@ -117,22 +123,15 @@ def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(f"{run}/metrics/train").to_pylist() if os.path.isdir(f"{run}/metrics/train") else []
-    by_step: dict[int, tuple[float, float]] = {}
-    for r in sorted(rows, key=lambda r: r["t"]):
-        if r["rank"] == 0:
-            by_step[r["step"]] = (r["t"], r["step_time"] + r["data_wait"])  # the last time a step finished
-    log = sorted(((s, t, d) for s, (t, d) in by_step.items()), key=lambda x: x[1])
-    # every time a step finished (replays included) for recovery: from all rank-0 rows
-    all_rows = sorted(((r["step"], r["t"], r["step_time"] + r["data_wait"]) for r in rows if r["rank"] == 0),
-                      key=lambda x: x[1])
+    # every time rank 0 finished a step (replays included); a life is one attempt of the group
+    log = sorted(((r["step"], r["t"], r["step_time"] + r["data_wait"], str(r["attempt"])) for r in rows
+                  if r["rank"] == 0), key=lambda x: x[1])
     fired = []
     for n in sorted(os.listdir(f"{run}/chaos")) if os.path.isdir(f"{run}/chaos") else []:
         m = json.load(open(f"{run}/chaos/{n}"))
         fired.append({"fault": m["fault"], "step": m["step"], "t": m["injected_at"]})
-    res = analyse(all_rows, fired, a.steps)
-    res["done"] = rc == 0
-    if res["done"] and log:
-        res["goodput"] = min(1.0, a.steps * res["step_s"] / (all_rows[-1][1] - all_rows[0][1] + res["step_s"]))
+    res = analyse(log, fired, a.steps)
+    res["done"] = rc == 0 and res["done"]
     status = json.loads(subprocess.run([sys.executable, "-m", "resilient.cli", "status", run, "--json"],
                                        capture_output=True, text=True).stdout or "{}")
     hangs = [f for f in status.get("faults", []) if f["kind"] == "hang" and f.get("injected_at")]
@@ -236,16 +235,18 @@ def fmt(xs, unit="s"):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--every", type=int, default=10, help="peers' checkpoint interval in steps")
-    ap.add_argument("--mtbf", type=float, default=4.0, help="mean training seconds between faults (mtbf case)")
+    ap.add_argument("--mtbf", type=float, default=5.0, help="mean training seconds between faults (mtbf case)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-timeout", type=float, default=5.0)
     ap.add_argument("--collective-timeout", type=float, default=20.0, help="peers notice a hang only through it")
     ap.add_argument("--limit", type=float, default=100.0, help="seconds one run may take (then it counts as failed)")
     ap.add_argument("--quick", action="store_true", help="kill and no-fault cases only")
+    ap.add_argument("--systems", default="resilient,ray,torchrun", help="comma list, a subset of the default")
+    ap.add_argument("--cases", default="none,kill,mtbf,hang", help="comma list, a subset of the default")
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ray_train:
@@ -266,7 +267,9 @@ def main() -> None:
                                   {"fault": "kill", "rank": 1, "at_step": 2 * a.steps // 3}]}
     if not a.quick:
         cases.update(mtbf=mtbf, hang=[{"fault": "hang", "rank": 1, "at_step": a.steps // 2}])
-    systems = {"resilient": run_resilient, "Ray Train": run_ray_train, "torchrun": run_torchrun}
+    cases = {k: v for k, v in cases.items() if k in a.cases.split(",") or k == "none"}
+    systems = {n: fn for n, fn, key in (("resilient", run_resilient, "resilient"), ("Ray Train", run_ray_train, "ray"),
+                                        ("torchrun", run_torchrun, "torchrun")) if key in a.systems.split(",")}
     t0 = time.time()
     plain = run_torchrun(work, "plain", [], a, every=0)
     print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
@@ -284,7 +287,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for sysname, by in results.items():
-        none, kill = by["none"], by["kill"]
+        none, kill = by["none"], by.get("kill", {})
         mt, hang = by.get("mtbf", {}), by.get("hang", {})
         over = f"{none['step_s'] / plain['step_s'] - 1:+.1%}" if none.get("step_s") and plain.get("step_s") else "-"
         if sysname == "resilient":
@@ -294,7 +297,7 @@ def main() -> None:
                   f"not in {a.limit:.0f}s") if hang else "-"
         gp = lambda r: f"{r['goodput']:.1%}" if r.get("goodput") else ("FAILED" if r else "-")  # noqa: E731
         print(f"{sysname:<10} {none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} {over:>9} | "
-              f"{fmt(kill['recovery']):>16} {'/'.join(map(str, kill['replayed'])) or '-':>9} {gp(kill):>8} | "
+              f"{fmt(kill.get('recovery', [])):>16} {'/'.join(map(str, kill.get('replayed', []))) or '-':>9} {gp(kill):>8} | "
               f"{fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14}")
     shutil.rmtree(work, ignore_errors=True)
 
