@@ -8,7 +8,7 @@ seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per s
 time (fault -> next finished step), steps replayed, goodput (steps x median step time / wall time
 from the first to the last step), hang detection time, and the no-fault step time vs plain torchrun
 DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
-Usage: python bench/recovery.py [--steps 400] [--quick] [--systems resilient,ray,torchrun] [--cases none,kill,mtbf,hang]
+Usage: python bench/recovery.py [--steps 300] [--quick] [--systems resilient,ray,torchrun] [--cases none,kill,mtbf,hang]
 """
 from __future__ import annotations
 
@@ -235,10 +235,10 @@ def fmt(xs, unit="s"):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--every", type=int, default=10, help="peers' checkpoint interval in steps")
+    ap.add_argument("--every", type=int, default=25, help="peers' checkpoint interval in steps")
     ap.add_argument("--mtbf", type=float, default=5.0, help="mean training seconds between faults (mtbf case)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-timeout", type=float, default=5.0)

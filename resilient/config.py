@@ -88,6 +88,11 @@ class CheckpointConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for `storage`.")
     every: int = Field(1, ge=1, description="Snapshot interval in steps (memory tier).")
     persist_every: int = Field(10, ge=1, description="Persist every Nth snapshot to storage (and always the last).")
+    handoff_s: float = Field(1.0, ge=0, description=(
+        "Between persisted snapshots, rank 0 gives its node agent (and the peer) the newest at most this "
+        "often, in seconds (0 = every snapshot). Every rank keeps its newest itself, and on a fault a "
+        "survivor hands that over first, so a restart loses no step; this bounds the loss only when "
+        "every rank is lost at once."))
     memory_keep: int = Field(2, ge=1, description="Newest snapshots each node agent keeps in host memory.")
     max_pending: int = Field(16, ge=1, description="Snapshots waiting for storage before the oldest is dropped.")
     persist_timeout: float = Field(600.0, gt=0, description="Seconds the end of a job waits for its final persist.")

@@ -110,3 +110,8 @@ def await_journal(run: Path, predicate, timeout: float = 120) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{journal}: condition not met within {timeout}s")
+
+
+def read_journal(run: Path | str) -> list[dict]:
+    """The run's journal records, in order."""
+    return [json.loads(line) for line in (Path(run) / "journal.jsonl").read_text().splitlines() if line.strip()]

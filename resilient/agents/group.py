@@ -144,10 +144,10 @@ class WorkerGroup:
             if now - self.issued_at.get(rank, 0) >= interval:
                 self.pending[rank] = w.heartbeat.remote()
                 self.issued_at[rank] = now
+        self._check_local_pids()  # every tick: a SIGKILLed rank is seen within one tick, not one heartbeat
         if not self.pending:
             time.sleep(wait_s)
             return
-        self._check_local_pids()
         by_ref = {ref: rank for rank, ref in self.pending.items()}
         ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=wait_s)
         for ref in ready:
@@ -187,6 +187,21 @@ class WorkerGroup:
                 except RayActorError:
                     pass
         return out
+
+    def flush_newest(self, answers: dict[int, dict], timeout: float = 5.0) -> dict | None:
+        """Have the survivor holding the newest snapshot (by `answers`, the final heartbeats) hand it
+        to its node agent, so the restart restores it; {rank, step, seconds} or None if none could."""
+        order = sorted(((h["snapshot_step"], rank) for rank, h in answers.items()
+                        if h.get("snapshot_step") is not None), reverse=True)
+        deadline = time.time() + timeout
+        for _, rank in order:
+            t0 = time.time()
+            try:
+                step = ray.get(self.workers[rank].flush.remote(), timeout=max(0.1, deadline - t0))
+            except Exception:  # died or stuck meanwhile: the next survivor
+                continue
+            return {"rank": rank, "step": step, "seconds": round(time.time() - t0, 4)}
+        return None
 
     def request_stop(self) -> None:
         for w in self.workers:

@@ -103,6 +103,10 @@ class NodeAgent:
     def put_replica(self, step: int, files: dict[str, bytes], manifest: dict) -> None:
         self.tier.put(Entry(step, files, manifest, role="peer"))
 
+    def has(self, step: int) -> bool:
+        """Whether a copy of `step` (own or a peer's replica) is in this node's memory."""
+        return self.tier.get(step) is not None
+
     def inventory(self) -> list[dict]:
         return self.tier.inventory()
 

@@ -76,6 +76,17 @@ class TrainWorker:
         self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
+        self._prepared = self._prepare() if rank < 0 else None
+
+    def _prepare(self):
+        """A spare builds its model and data now (on the CPU), so a promotion only connects them."""
+        import torch
+
+        from resilient.training.trainer import Trainer
+
+        trainer = Trainer(self.spec, -1, self.world, self._base_dir(), torch.device("cpu"))
+        trainer.prepare()
+        return trainer
 
     def ping(self) -> int:
         return os.getpid()
@@ -112,10 +123,16 @@ class TrainWorker:
             out = dict(self.status)
         engine = getattr(self, "engine", None)
         out["checkpoints"] = engine.drain_records() if engine else []
+        out["snapshot_step"] = engine.latest.step if engine and engine.latest else None
         with self._lock:
             out["metrics"], self.metrics = self.metrics, []
         out["now"] = time.time()
         return out
+
+    def flush(self) -> int | None:
+        """Hand this rank's newest snapshot to its node agent now (a survivor, before a restart)."""
+        engine = getattr(self, "engine", None)
+        return engine.flush() if engine else None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -182,16 +199,20 @@ class TrainWorker:
         init_process_group(self._backend(), master_ip, master_port, self.rank, self.world,
                            spec.supervisor.collective_timeout, node_ip())
         self._set(phase="loading")
-        trainer = Trainer(spec, self.rank, self.world, self._base_dir(), self._device())
-        trainer.setup()
+        trainer, self._prepared = self._prepared, None
+        if trainer is None:
+            trainer = Trainer(spec, self.rank, self.world, self._base_dir(), self._device())
+            trainer.prepare()
+        trainer.rank, trainer.device = self.rank, self._device()
+        trainer.connect()
         cc = spec.checkpoint
         self.engine = engine = ckpt_engine.CheckpointEngine(self.agent, spec.fingerprint(), cc.persist_every,
-                                                            cc.every, self.rank)
+                                                            cc.every, self.rank, cc.handoff_s)
         step = data_step = 0
         if restore:
             self._set(phase="restoring")
             t0 = time.perf_counter()
-            snap = ckpt_engine.load(restore, self.rank, self.store, spec.fingerprint())
+            snap = ckpt_engine.load(restore, self.store, spec.fingerprint())
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
@@ -213,7 +234,9 @@ class TrainWorker:
                    "compute_s": r.compute_s, "data_wait": r.data_wait, "attempt": self.attempt,
                    "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9)}
             with self._lock:
-                self.metrics = self.metrics[-5000:] + [rec]
+                self.metrics.append(rec)
+                if len(self.metrics) > 5000:  # nobody is draining them: keep the newest
+                    del self.metrics[:-5000]
             if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips the batch
                 self._set(phase="nonfinite", nonfinite_step=step + 1, nonfinite_data_step=next_data)
                 return

@@ -1,11 +1,15 @@
 """The rank-side checkpoint engine: `save()` blocks training only for the host-memory copy.
 
-Contract: `save(trainer, step, data_step, final)` is collective (every rank calls it at the same
-step) and returns the seconds training was blocked. Rank 0 then serialises the snapshot (safetensors
-+ JSON), computes its manifest and hands it to its node's agent on a background thread, in order;
-the agent replicates it to a peer and persists it when `persist` says so (every `persist_every`-th
-snapshot and the final one). `finish(step)` waits until `step` is durable in storage.
-`load(source, rank, store, fingerprint)` fetches and verifies a snapshot from memory or storage.
+Contract: `save(trainer, step, data_step, final)` is local to the rank (no collective): every rank
+takes a host copy of the state after `step` and keeps the newest in its own memory (`latest`); the
+state is the same on every DDP rank, so any survivor of a fault holds the freshest one. Rank 0 hands
+snapshots to its node's agent on a background thread, in order: every one that must persist (every
+`persist_every`-th snapshot and the final one) and, between those, the newest at most every
+`handoff_s` seconds (0 = every snapshot); the agent replicates each to a peer and persists those
+marked. `flush(timeout)` hands this rank's newest snapshot to its agent now (the supervisor calls it
+on a survivor before a restart, so a restart replays nothing). `finish(step)` waits until `step` is
+durable in storage. `load(source, store, fingerprint)` fetches and verifies a snapshot from memory
+or storage.
 """
 from __future__ import annotations
 
@@ -15,18 +19,23 @@ import time
 
 import ray
 
-from resilient.checkpoint.snapshot import META, SHARED, Snapshot, rank_file
+from resilient.checkpoint.snapshot import META, SHARED, Snapshot
 from resilient.checkpoint.storage import CheckpointStore, make_manifest
 
 
 class CheckpointEngine:
-    def __init__(self, agent, fingerprint: str, persist_every: int, every: int, rank: int):
+    def __init__(self, agent, fingerprint: str, persist_every: int, every: int, rank: int, handoff_s: float = 0.0):
         self.agent, self.fingerprint, self.persist_every, self.every, self.rank = (
             agent, fingerprint, persist_every, every, rank)
+        self.handoff_s = handoff_s
         self._queue: queue.Queue = queue.Queue()
         self.error: str | None = None
-        self.records: list[dict] = []  # blocking time etc. of each snapshot, drained by the heartbeat
+        self.records: list[dict] = []  # blocking time etc. of each handed-off snapshot, drained by the heartbeat
+        self.latest: Snapshot | None = None
+        self.handed_step = -1  # the newest step this rank gave its agent
+        self._last_handoff = 0.0
         self._lock = threading.Lock()
+        self._put_lock = threading.Lock()
         if rank == 0:
             threading.Thread(target=self._handoff, daemon=True, name="ckpt-handoff").start()
 
@@ -37,25 +46,47 @@ class CheckpointEngine:
         t0 = time.perf_counter()
         snap = trainer.snapshot(step, data_step, self.fingerprint)
         blocking = time.perf_counter() - t0
-        if snap is not None:
-            self._queue.put((snap, self.should_persist(step, final), blocking))
+        self.latest = snap
+        if self.rank == 0:
+            persist = self.should_persist(step, final)
+            now = time.monotonic()
+            if persist or now - self._last_handoff >= self.handoff_s:
+                self._last_handoff = now
+                self._queue.put((snap, persist, blocking))
         return blocking
+
+    def _put(self, snap: Snapshot, persist: bool) -> float:
+        """Hand `snap` to this node's agent; returns the seconds it took."""
+        t0 = time.perf_counter()
+        files = snap.to_files()
+        manifest = make_manifest(snap.step, files, self.fingerprint)
+        ray.get(self.agent.put.remote(snap.step, files, manifest, persist))
+        with self._put_lock:
+            self.handed_step = max(self.handed_step, snap.step)
+        return time.perf_counter() - t0
 
     def _handoff(self) -> None:
         while True:
             snap, persist, blocking = self._queue.get()
             try:
-                t0 = time.perf_counter()
-                files = snap.to_files()
-                manifest = make_manifest(snap.step, files, self.fingerprint)
-                ray.get(self.agent.put.remote(snap.step, files, manifest, persist))
+                seconds = self._put(snap, persist)
                 with self._lock:
                     self.records.append({"step": snap.step, "blocking_s": blocking, "bytes": snap.nbytes,
-                                         "handoff_s": time.perf_counter() - t0, "persist": persist})
+                                         "handoff_s": seconds, "persist": persist})
             except Exception as e:  # the agent is gone: reported, the supervisor decides
                 self.error = f"checkpoint handoff failed at step {snap.step}: {type(e).__name__}: {e}"
             finally:
                 self._queue.task_done()
+
+    def flush(self) -> int | None:
+        """Hand the newest snapshot to this node's agent unless it holds that step already (its own
+        or a peer's replica); returns the step (None: no snapshot yet)."""
+        snap = self.latest
+        if snap is None:
+            return None
+        if snap.step > self.handed_step and not ray.get(self.agent.has.remote(snap.step)):
+            self._put(snap, False)
+        return snap.step
 
     def drain_records(self) -> list[dict]:
         with self._lock:
@@ -63,7 +94,7 @@ class CheckpointEngine:
         return out
 
     def drain(self) -> None:
-        """Wait until every snapshot taken so far is in the node agent's memory."""
+        """Wait until every snapshot queued so far is in the node agent's memory."""
         self._queue.join()
 
     def finish(self, step: int, timeout: float) -> None:
@@ -75,10 +106,10 @@ class CheckpointEngine:
             raise TimeoutError(f"step {step} was not persisted within checkpoint.persist_timeout={timeout}s")
 
 
-def load(source: dict, rank: int, store: CheckpointStore, fingerprint: str) -> Snapshot:
-    """The snapshot `source` names ({step, tier, agent}), verified; a rank fetches only its parts."""
+def load(source: dict, store: CheckpointStore, fingerprint: str) -> Snapshot:
+    """The snapshot `source` names ({step, tier, agent}), verified."""
     step = source["step"]
     if source.get("agent") is not None:
-        got = ray.get(source["agent"].fetch.remote(step, [SHARED, META, rank_file(rank)], fingerprint))
+        got = ray.get(source["agent"].fetch.remote(step, [SHARED, META], fingerprint))
         return Snapshot.from_files(got["files"])
     return Snapshot.from_files(store.load(step, fingerprint))

@@ -1,8 +1,9 @@
 """A training state in host memory and its serialised form.
 
 Contract: a `Snapshot` holds everything needed to continue training bit for bit: adapter weights,
-optimizer and scheduler state and the data position (saved once, DDP replicates them) plus each
-rank's RNG state. `to_files()` gives safetensors and JSON bytes only; `Snapshot.from_files()` reads
+optimizer and scheduler state and the data position (saved once, DDP replicates them); `per_rank`
+holds rank-specific tensors where a trainer has any (ours has none: its random draws are seeded per
+step). `to_files()` gives safetensors and JSON bytes only; `Snapshot.from_files()` reads
 them back without executing anything from them (no pickle).
 """
 from __future__ import annotations

@@ -198,6 +198,10 @@ class Supervisor:
         t0 = time.time()
         last = group.final_heartbeats()
         self.journal_checkpoints(last)
+        flushed = group.flush_newest(last)  # the survivors' newest state goes to memory first
+        if flushed and flushed["step"] is not None:
+            self.journal.append("checkpoint", rank=flushed["rank"], tier="memory", step=flushed["step"],
+                                handoff_s=flushed["seconds"], flush=True, fault_index=idx)
         self.monitor.training([m for h in last.values() for m in h.get("metrics", [])])  # recorded, not acted on
         group.shutdown()
         self.restarts += 1

@@ -4,7 +4,8 @@ Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update on 
 `data_step` and returns `StepResult` with job-wide agreement on `stop` (any rank asked) and on
 `nonfinite` (any rank saw a NaN/Inf loss or grad norm), so every rank takes the same branch after
 every step. `snapshot()`/`restore()` capture and reinstate the whole state bit for bit; both are
-collective (every rank calls them at the same step).
+local (no collective): the state is the same on every rank and random draws are seeded per
+(seed, rank, data step).
 """
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ class Trainer:
         self.spec, self.rank, self.world, self.base_dir, self.device = spec, rank, world, base_dir, device
 
     def setup(self) -> None:
+        self.prepare()
+        self.connect()
+
+    def prepare(self) -> None:
+        """The rank-independent part (tokenizer, data, base model with the adapter): a warm spare
+        does it before it has a rank, so none of it sits on the recovery path."""
         spec = self.spec
         if spec.model.builtin:
             self.tokenizer = ByteTokenizer()
@@ -51,9 +58,13 @@ class Trainer:
             from transformers import AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.samples = tokenize_corpus(spec.data.path, self.tokenizer, spec.data.seq_len)
+        self.model = apply_adapter(load_base(self.base_dir).to(self.device), spec.peft, spec.train.seed)
+
+    def connect(self) -> None:
+        """The rank's part: data order, DDP over the initialised process group, optimizer, scheduler."""
+        spec = self.spec
         self.order = DataOrder(len(self.samples), self.world, spec.train.batch_size, spec.train.seed)
-        base = load_base(self.base_dir).to(self.device)
-        self.model = apply_adapter(base, spec.peft, spec.train.seed)
+        self.model.to(self.device)  # a spare prepares on the CPU (it holds no GPU)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # broadcast_buffers=False: buffers (rotary tables) are identical on every rank, and without the
         # broadcast the forward pass has no collective, so its time is this rank's own speed.
@@ -64,13 +75,14 @@ class Trainer:
         warm = spec.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
-        # Dropout draws differ per rank but are fixed by the seed; saved per rank in every checkpoint.
-        torch.manual_seed(spec.train.seed * 7919 + self.rank + 1)
 
     def step(self, data_step: int, stop: bool = False, poison: bool = False, slow: float = 1.0) -> StepResult:
         """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`); `slow` stretches
         this rank's forward pass by that factor (chaos `slow`)."""
         t0 = time.perf_counter()
+        # Random draws (dropout) are a function of (seed, rank, data step) alone: no RNG state to
+        # checkpoint, so a snapshot needs no collective and a resumed step draws what it drew before.
+        torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + self.rank)
         batch = self.samples[self.order.batch_indices(data_step, self.rank)].to(self.device)
         t1 = time.perf_counter()
         loss = self.ddp(input_ids=batch, labels=batch).loss
@@ -100,29 +112,14 @@ class Trainer:
                           step_time=t2 - t1, compute_s=compute, data_wait=t1 - t0,
                           tokens=batch.numel() * self.world, stop=bool(stats[1] > 0), nonfinite=nonfinite)
 
-    def _rng_states(self) -> list[torch.Tensor]:
-        mine = torch.get_rng_state()
-        gathered = [torch.empty_like(mine) for _ in range(self.world)]
-        if self.device.type == "cuda":  # nccl gathers device tensors
-            dev = [g.to(self.device) for g in gathered]
-            dist.all_gather(dev, mine.to(self.device))
-            gathered = [d.cpu() for d in dev]
-        else:
-            dist.all_gather(gathered, mine)
-        return gathered
-
-    def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot | None:
-        """Collective: rank 0 gets the full state after `step` in host memory, others None."""
-        rngs = self._rng_states()
-        if self.rank != 0:
-            return None
+    def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot:
+        """The full state after `step` in host memory. Local: DDP keeps it equal on every rank."""
         tensors = {f"model.{k}": v for k, v in trainable_state(self.model).items()}
         optim_tensors, optim_meta = optimizer_parts(self.optimizer.state_dict())
         tensors.update(optim_tensors)
         meta = {"optimizer": optim_meta, "scheduler": self.scheduler.state_dict(),
                 "fingerprint": fingerprint, "world_size": self.world}
-        per_rank = {r: {"rng.torch": rng} for r, rng in enumerate(rngs)}
-        return Snapshot(step=step, data_step=data_step, shared=host_copy(tensors), per_rank=per_rank, meta=meta)
+        return Snapshot(step=step, data_step=data_step, shared=host_copy(tensors), per_rank={}, meta=meta)
 
     def restore(self, snap: Snapshot) -> None:
         """Reinstate the state captured by `snapshot` (every rank, from the same snapshot)."""
@@ -133,7 +130,6 @@ class Trainer:
                     params[key[6:]].copy_(t.to(self.device))
         self.optimizer.load_state_dict(optimizer_state(snap.shared, snap.meta["optimizer"]))
         self.scheduler.load_state_dict(snap.meta["scheduler"])
-        torch.set_rng_state(snap.per_rank[self.rank]["rng.torch"])
 
 
 def write_adapter(peft_model, out_dir: str, base_ref: str) -> None:
