@@ -4,6 +4,14 @@ Contract: `RunDir(uri, storage_options)` names `<checkpoint.storage>/<name>/<run
 it are relative strings ("journal.jsonl", "checkpoints/step_00000010/manifest.json"). Writes of a
 whole file are atomic where the filesystem allows it (local: write to a temp name, then rename;
 object stores: a single PUT is atomic by nature). Nothing read from here is ever unpickled.
+
+Every call on an object store is bounded in time, so a caller's retry loop (journal writer,
+persister, control poller) always gets its turn: writes, listings, existence checks and deletes
+raise `fsspec.exceptions.FSTimeoutError` after OP_TIMEOUT_S (+1 s per 5 MB written), and s3
+clients get connect/read timeouts and few botocore retries (`S3_CLIENT_DEFAULTS`, the user's
+`config_kwargs` win). Why: botocore sends every PUT with `Expect: 100-continue` and aiohttp waits for
+the "100 Continue" without any timeout, so a PUT on a connection that went half-open during a
+network fault would otherwise block its thread forever.
 """
 from __future__ import annotations
 
@@ -14,6 +22,22 @@ import uuid
 from typing import Any
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+OP_TIMEOUT_S = 60.0
+WRITE_BYTES_PER_S = 5e6  # the slowest upload rate a write is given time for, beyond OP_TIMEOUT_S
+S3_CLIENT_DEFAULTS = {"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 3}}
+
+
+def with_s3_defaults(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """`storage_options` with bounded s3 client timeouts, unless the user (options or fsspec's
+    FSSPEC_S3_* config) chose their own."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return storage_options
+    from fsspec.config import conf
+
+    user = {**conf.get("s3", {}).get("config_kwargs", {}), **storage_options.get("config_kwargs", {})}
+    return {**storage_options, "config_kwargs": {**S3_CLIENT_DEFAULTS, **user}}
 
 
 class RunDir:
@@ -22,8 +46,14 @@ class RunDir:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = uri.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **with_s3_defaults(self.uri, self.storage_options))
         self.root = self.root.rstrip("/")
+
+    def _bound(self, nbytes: int = 0) -> dict[str, float]:
+        """The per-call time limit for an async (object store) filesystem; none for local files."""
+        if isinstance(self.fs, AsyncFileSystem):
+            return {"timeout": OP_TIMEOUT_S + nbytes / WRITE_BYTES_PER_S}
+        return {}
 
     @property
     def is_local(self) -> bool:
@@ -41,10 +71,10 @@ class RunDir:
         return f"{self.uri}/{rel}" if rel else self.uri
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self.fs.exists(self.path(rel), **self._bound())
 
     def makedirs(self, rel: str = "") -> None:
-        self.fs.makedirs(self.path(rel), exist_ok=True)
+        self.fs.makedirs(self.path(rel), exist_ok=True, **self._bound())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file atomically (readers see the old file or the new one, never a part)."""
@@ -58,9 +88,10 @@ class RunDir:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         else:
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(target, data, **self._bound(len(data)))
 
     def read_bytes(self, rel: str) -> bytes:
+        # Unbounded here (a checkpoint may be large): s3 read timeouts end a stalled read.
         return self.fs.cat_file(self.path(rel))
 
     def write_json(self, rel: str, obj: Any) -> None:
@@ -72,14 +103,14 @@ class RunDir:
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly below `rel`; [] where it does not exist."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
+            entries = self.fs.ls(self.path(rel), detail=False, refresh=True, **self._bound())
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def remove(self, rel: str) -> None:
         try:
-            self.fs.rm(self.path(rel), recursive=True)
+            self.fs.rm(self.path(rel), recursive=True, **self._bound())
         except FileNotFoundError:
             pass
 

@@ -61,9 +61,8 @@ class TrainWorker:
     def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: imports done, waiting for `info(rank, attempt)` to become a rank."""
         self.spec = JobSpec.model_validate(spec)
-        if rank < 0:  # a spare warms up at low priority: it must not slow the ranks training beside it
-            os.nice(10)
-        _warm_imports()
+        if rank >= 0:
+            _warm_imports()
         self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
         self.rundir = RunDir(run_uri, self.spec.checkpoint.storage_options)
         self.store = CheckpointStore(self.rundir)
@@ -76,7 +75,28 @@ class TrainWorker:
         self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created", "step": 0,
                                        "error": None, "checkpoints": [], "started_at": time.time()}
-        self._prepared = self._prepare() if rank < 0 else None
+        self._prepared = None
+        self._warm = threading.Event()
+        if rank < 0:  # a spare warms up on a thread of its own, at low priority (see _warm_up)
+            threading.Thread(target=self._warm_up, daemon=True, name="spare-warm-up").start()
+        else:
+            self._warm.set()
+
+    def _warm_up(self) -> None:
+        """Imports, data and model of a spare. Niceness is per thread on Linux: only this thread
+        yields to the ranks training beside it; the thread that will train is never lowered
+        (an unprivileged process could not raise it back)."""
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+        try:
+            _warm_imports()
+            self._prepared = self._prepare()
+        except Exception:  # the rank builds its own when promoted; nothing is lost
+            self._prepared = None
+        finally:
+            self._warm.set()
 
     def _prepare(self):
         """A spare builds its model and data now (on the CPU), so a promotion only connects them."""
@@ -89,6 +109,8 @@ class TrainWorker:
         return trainer
 
     def ping(self) -> int:
+        """Answers once this worker is warm (a spare: imports, data and model ready)."""
+        self._warm.wait()
         return os.getpid()
 
     def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
@@ -96,11 +118,7 @@ class TrainWorker:
         from resilient.agents.rendezvous import free_port, node_ip
 
         if rank is not None:
-            if self.rank < 0:
-                try:  # a promoted spare trains at normal priority again (where the OS lets us)
-                    os.setpriority(os.PRIO_PROCESS, 0, 0)
-                except OSError:
-                    pass
+            self._warm.wait()  # a spare promoted before it is warm (no other choice) finishes warming first
             self.rank, self.attempt = rank, attempt
             self._set(rank=rank)
         ip = node_ip()

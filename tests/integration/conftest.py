@@ -84,8 +84,7 @@ class S3Server:
 
     Stopping it refuses new connections; connections the client keeps alive may still be served
     (werkzeug finishes them), so an outage is felt by every new request, not necessarily by all.
-    `TcpGate` above cuts every connection, but a job behind a gate cut that way did not finish in
-    time (see the closing note of the change that added it): the gate is kept for that follow-up."""
+    `TcpGate` above cuts every connection: the outage tests put the job behind one."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
