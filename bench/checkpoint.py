@@ -139,7 +139,7 @@ def step_overhead(steps: int) -> tuple[float, float]:
             agent = NodeAgent.remote("bench", f"file://{d}/runs/bench/r", spec.checkpoint.model_dump())
             trainer = Trainer(spec, 0, 1, f"{d}/base", torch.device("cpu"))
             trainer.setup()
-            engine = CheckpointEngine(agent, spec.fingerprint(), 10, 1, 0)
+            engine = CheckpointEngine(agent, spec.fingerprint(), 10, 1, 0, spec.checkpoint.handoff_s)
             never, every = [], []
             for s in range(1, 2 * steps + 1):  # interleave so both see the same machine state
                 t0 = time.perf_counter()

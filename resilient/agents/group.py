@@ -51,9 +51,9 @@ def new_worker(spec: JobSpec, run_uri: str, node: str, rank: int, attempt: int):
 
 
 class SparePool:
-    """Warm spare workers, per node: started (imports done) before they are needed, so no process
-    start or torch import sits on the recovery path. `fill(nodes)` tops the pool up without waiting;
-    `take(node)` hands out a spare on that node that is up, or None."""
+    """Warm spare workers, per node: started (imports done, data and model built) before they are
+    needed, so no process start, torch import or model build sits on the recovery path. `fill(nodes)`
+    tops the pool up without waiting; `take(node)` hands out a spare on that node (a warm one first)."""
 
     def __init__(self, spec: JobSpec, run_uri: str):
         self.spec, self.run_uri = spec, run_uri
@@ -70,18 +70,25 @@ class SparePool:
                 have.append((w, w.ping.remote()))
 
     def take(self, node: str):
+        """A spare on `node`: a warm one if any; else one still warming up, which has a head start
+        over a process started now (its model is half built); None if the node has none."""
         have = self.spares.get(node, [])
-        while have:
-            w, ready = have.pop(0)
+        warming = None
+        for entry in list(have):
+            w, ready = entry
             done, _ = ray.wait([ready], timeout=0)
-            if not done:  # still starting: it stays a spare for next time
-                have.append((w, ready))
-                return None
+            if not done:
+                warming = warming or entry
+                continue
+            have.remove(entry)
             try:
                 ray.get(ready)
                 return w
             except RayActorError:  # died with its node
                 continue
+        if warming is not None:
+            have.remove(warming)
+            return warming[0]
         return None
 
     def shutdown(self) -> None:

@@ -83,13 +83,17 @@ class TrainWorker:
             self._warm.set()
 
     def _warm_up(self) -> None:
-        """Imports, data and model of a spare. Niceness is per thread on Linux: only this thread
-        yields to the ranks training beside it; the thread that will train is never lowered
-        (an unprivileged process could not raise it back)."""
+        """Imports, data and model of a spare, on this thread only, at idle priority: it runs on
+        CPU time the ranks leave unused (and at full speed in a restart, when the ranks are gone).
+        Scheduling policy and niceness are per thread on Linux, so the thread that will train is
+        never lowered (an unprivileged process could not raise it back)."""
         try:
-            os.nice(10)
-        except OSError:
-            pass
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):  # not Linux: a plain nice
+            try:
+                os.nice(10)
+            except OSError:
+                pass
         try:
             _warm_imports()
             self._prepared = self._prepare()
