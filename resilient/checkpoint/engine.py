@@ -6,7 +6,7 @@ state is the same on every DDP rank, so any survivor of a fault holds the freshe
 snapshots to its node's agent on a background thread, in order: every one that must persist (every
 `persist_every`-th snapshot and the final one) and, between those, the newest at most every
 `handoff_s` seconds (0 = every snapshot); the agent replicates each to a peer and persists those
-marked. `flush(timeout)` hands this rank's newest snapshot to its agent now (the supervisor calls it
+marked. `flush()` hands this rank's newest snapshot to its agent now (the supervisor calls it
 on a survivor before a restart, so a restart replays nothing). `finish(step)` waits until `step` is
 durable in storage. `load(source, store, fingerprint)` fetches and verifies a snapshot from memory
 or storage.

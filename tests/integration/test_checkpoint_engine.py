@@ -47,7 +47,7 @@ def test_s3_kill_restores_from_memory_and_matches_clean_run(tmp_path, s3):
 
 def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
     """The job reaches the store through a TCP gate; the gate then cuts every connection (kept-alive
-    ones included) and refuses new ones for 5 s: a real network outage from the job's side."""
+    ones included) and refuses new ones for 8 s: a real network outage from the job's side."""
     spec = write_job(tmp_path, storage="s3://runs/jobs", steps=300)
     gate = TcpGate(s3.port)
     gate.open()
@@ -69,7 +69,7 @@ def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
             pytest.fail("no checkpoint was persisted")
         assert proc.poll() is None, "the job ended before the outage"
         gate.close()
-        time.sleep(5)  # the outage itself
+        time.sleep(8)  # the outage itself
         gate.open()
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -77,9 +77,9 @@ def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
         gate.close()
     assert proc.returncode == 0, out
     recs = journal(s3.fs(), "runs/jobs/t/outage/journal.jsonl")
-    # The outage was felt (commits failed and were retried), training went on through it, and every
-    # snapshot reached storage afterwards.
-    assert any(r["type"] == "persist_error" for r in recs)
+    # The outage was felt (a commit failed and was retried, or rode it out in the client's own
+    # retries), training went on through it, and every snapshot reached storage afterwards.
+    assert any(r["type"] == "persist_error" or (r["type"] == "persisted" and r["seconds"] >= 3) for r in recs)
     persisted = {r["step"] for r in recs if r["type"] == "persisted"}
     assert persisted == set(range(3, 301, 3))
     assert not any(r["type"] == "persist_dropped" for r in recs)
