@@ -80,6 +80,8 @@ def analyse(log: list, faults: list[dict], total: int) -> dict:
             out["replayed"].append(max(0, f["step"] - after[0][0]))
     gaps = [b[1] - a[1] for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1]
     step_s = statistics.median(gaps) if gaps else statistics.median(d for _, _, d, _ in log)
+    late = [b[1] - a[1] for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1 and a[0] > total // 2]
+    out["steady_s"] = statistics.median(late) if late else step_s  # second half: one-time warm-ups are over
     wall = log[-1][1] - log[0][1] + step_s
     out.update(step_s=step_s, span=wall, goodput=min(1.0, total * step_s / wall) if out["done"] else None)
     return out
@@ -295,7 +297,7 @@ def main() -> None:
                 r["goodput"] = min(1.0, a.steps * ref / r["span"])
     print(f"\nsame workload (DDP, 2 CPU workers, tiny Llama + LoRA, {a.steps} steps), same faults; "
           f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s")
-    head = (f"{'system':<10} {'step ms':>8} {'overhead':>9} | {'kill: recovery':>16} {'replayed':>9} {'goodput':>8}"
+    head = (f"{'system':<10} {'step ms':>8} {'overhead':>9} {'steady':>7} | {'kill: recovery':>16} {'replayed':>9} {'goodput':>8}"
             f" {'@1 fault/min':>12} | {'mtbf: recovery':>22} {'goodput':>8} | {'hang: detected':>14} {'recovered':>10}")
     print(head)
     print("-" * len(head))
@@ -303,6 +305,7 @@ def main() -> None:
         none, kill = by["none"], by.get("kill", {})
         mt, hang = by.get("mtbf", {}), by.get("hang", {})
         over = f"{none['step_s'] / plain['step_s'] - 1:+.1%}" if none.get("step_s") and plain.get("step_s") else "-"
+        steady = f"{none['steady_s'] / plain['steady_s'] - 1:+.1%}" if none.get("steady_s") and plain.get("steady_s") else "-"
         if sysname == "resilient":
             hd = f"{hang['hang_detect']:.1f}s" if hang.get("hang_detect") else "-"
         else:  # peers have no hang detector: the collective timeout ends the wait, if anything does
@@ -311,10 +314,11 @@ def main() -> None:
         # one fault a minute: each costs its recovery plus the replayed steps (kill case, this system's step)
         lost = [rec + rep * (none.get("step_s") or 0) for rec, rep in zip(kill.get("recovery", []), kill.get("replayed", []))]
         per_min = f"{max(0.0, 1 - statistics.mean(lost) / 60):.1%}" if lost else "-"
-        print(f"{sysname:<10} {none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} {over:>9} | "
+        print(f"{sysname:<10} {none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} {over:>9} {steady:>7} | "
               f"{fmt(kill.get('recovery', [])):>16} {'/'.join(map(str, kill.get('replayed', []))) or '-':>9} {gp(kill):>8}"
               f" {per_min:>12} | {fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14} {fmt(hang.get('recovery', [])):>10}")
-    print("overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints; goodput: steps x the "
+    print("overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints (steady: over the "
+          "second half of the run, after one-time warm-ups such as resilient's spares); goodput: steps x the "
           "system's no-fault step time / wall time from its first step to its last; @1 fault/min: "
           "1 - (recovery + replayed steps) / 60 s, from the kill case")
     shutil.rmtree(work, ignore_errors=True)
