@@ -78,9 +78,10 @@ def analyse(log: list, faults: list[dict], total: int) -> dict:
         if after:
             out["recovery"].append(after[0][1] - f["t"])
             out["replayed"].append(max(0, f["step"] - after[0][0]))
-    gaps = [b[1] - a[1] for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1]
+    pairs = [(a[0], b[1] - a[1]) for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1]
+    gaps = [g for _, g in pairs]
     step_s = statistics.median(gaps) if gaps else statistics.median(d for _, _, d, _ in log)
-    late = [b[1] - a[1] for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1 and a[0] > total // 2]
+    late = [g for s, g in pairs if s > total // 2]
     out["steady_s"] = statistics.median(late) if late else step_s  # second half: one-time warm-ups are over
     wall = log[-1][1] - log[0][1] + step_s
     out.update(step_s=step_s, span=wall, goodput=min(1.0, total * step_s / wall) if out["done"] else None)

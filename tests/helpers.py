@@ -113,5 +113,8 @@ def await_journal(run: Path, predicate, timeout: float = 120) -> None:
 
 
 def read_journal(run: Path | str) -> list[dict]:
-    """The run's journal records, in order."""
-    return [json.loads(line) for line in (Path(run) / "journal.jsonl").read_text().splitlines() if line.strip()]
+    """The run's journal records, in order (through the project's own reader)."""
+    from resilient.rundir import RunDir
+    from resilient.supervisor.journal import read_records
+
+    return read_records(RunDir(str(run)))

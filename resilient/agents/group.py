@@ -113,6 +113,7 @@ class WorkerGroup:
         self.latest: dict[int, dict] = {}
         self.dead: dict[int, str] = {}
         self.data_steps: dict[int, set[int]] = {}  # step -> data steps the ranks trained on (rollback skips)
+        self._here = _local_ips()  # ranks at these addresses run on this machine (pid watch, SIGKILL)
 
     def start(self, restore: dict | None, fired: list[int], base_ref: str, agent_for, skip: list[int],
               node_index=lambda node_id: -1, spares=None) -> None:
@@ -168,8 +169,6 @@ class WorkerGroup:
 
     def _check_local_pids(self) -> None:
         """A rank on this machine whose process is gone is dead now; Ray takes ~0.5 s to say so."""
-        if not hasattr(self, "_here"):
-            self._here = _local_ips()
         for rank, info in enumerate(self.infos):
             if rank in self.dead or info["ip"] not in self._here:
                 continue
@@ -217,9 +216,8 @@ class WorkerGroup:
     def shutdown(self) -> None:
         # ray.kill asks the worker to exit first, which a SIGSTOPped process never does; where the
         # rank runs on this machine, SIGKILL it directly so teardown does not wait for Ray's fallback.
-        here = _local_ips()
         for info in self.infos:
-            if info["ip"] in here:
+            if info["ip"] in self._here:
                 try:
                     os.kill(info["pid"], signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):

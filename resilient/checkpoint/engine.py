@@ -35,7 +35,6 @@ class CheckpointEngine:
         self.handed_step = -1  # the newest step this rank gave its agent
         self._last_handoff = 0.0
         self._lock = threading.Lock()
-        self._put_lock = threading.Lock()
         if rank == 0:
             threading.Thread(target=self._handoff, daemon=True, name="ckpt-handoff").start()
 
@@ -61,7 +60,7 @@ class CheckpointEngine:
         files = snap.to_files()
         manifest = make_manifest(snap.step, files, self.fingerprint)
         ray.get(self.agent.put.remote(snap.step, files, manifest, persist))
-        with self._put_lock:
+        with self._lock:
             self.handed_step = max(self.handed_step, snap.step)
         return time.perf_counter() - t0
 

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from resilient.chaos.catalogue import FAULTS
-from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, resilient_cli, status,
-                           write_job)
+from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, read_journal,
+                           resilient_cli, status, write_job)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
 NODES = ["--set", "cluster.local_nodes=3", "--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=3"]
@@ -75,8 +75,7 @@ def test_fault_is_survived(clean, fault):
     if fault in ("slow", "thermal"):
         assert s["restarts"] == 0 and s["events"]
     if fault == "storage_outage":
-        recs = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
-        assert any(r["type"] == "persist_error" for r in recs)
+        assert any(r["type"] == "persist_error" for r in read_journal(run))
     if fault == "corrupt_checkpoint":
         assert any("checksum" in " ".join(x["skipped"]) for x in s["restores"])
 

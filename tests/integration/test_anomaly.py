@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.helpers import resilient_cli, status, write_job
+from tests.helpers import read_journal, resilient_cli, status, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 SIM = '\n[anomaly]\ngpu = "simulated"\n'
@@ -18,8 +18,7 @@ def test_xid79_cordons_its_node_and_job_completes_on_the_others(tmp_path):
     run = tmp_path / "runs" / "t" / "xid"
     s = status(run)
     assert s["state"] == "SUCCEEDED" and s["restarts"] == 1 and s["events"]["gpu_xid"] == 1
-    nodes = next(json.loads(line)["nodes"] for line in (run / "journal.jsonl").read_text().splitlines()
-                 if '"type": "nodes"' in line)
+    nodes = next(r["nodes"] for r in read_journal(run) if r["type"] == "nodes")
     assert [c["node"] for c in s["cordoned_nodes"]] == [nodes[1]["node_id"]]
     events = pd.read_parquet(str(run / "events"))
     row = events[events.kind == "gpu_xid"].iloc[0]
