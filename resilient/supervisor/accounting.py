@@ -4,7 +4,8 @@ Contract: `account(records)` is pure. For each fault it gives `detection` (injec
 0 when the fault was not planned), `teardown` (killing the old group), `restart` (new workers up),
 `restore` (finding and loading the state), `replay` (re-doing steps lost since the restored
 checkpoint) in seconds, `detected_by` and the `decision`. `goodput` is effective training time over
-wall time, counted from the first RUNNING to the end (the one-time start-up is not a fault's cost):
+wall time, counted from the first RUNNING (or from the first fault, if one struck before the
+supervisor saw the group running) to the end; the one-time start-up is not a fault's cost:
 1 - sum(lost) / wall.
 """
 from __future__ import annotations
@@ -62,7 +63,11 @@ def account(records: list[dict]) -> dict:
                        "decision": a.get("decision"), "recovered_at": f.get("recovered_at"),
                        "recovery_s": f.get("recovery_s"), "steps_replayed": f.get("steps_replayed"),
                        "lost_s": {k: round(v, 3) for k, v in lost.items()}})
-    wall = (end - first_running) if first_running and end else 0.0
+    # A fault can strike before the first heartbeat showed every rank training (short jobs, early
+    # faults): its lost time then lies before the first RUNNING, so the wall starts with it.
+    fault_starts = [f.get("injected_at") or f["detected_at"] for f in s["faults"]]
+    start = min([first_running] + fault_starts) if first_running and fault_starts else first_running
+    wall = (end - start) if start and end else 0.0
     lost_sum = sum(lost_total.values())
     return {"faults": faults, "recovered": sum(1 for f in faults if f["recovered_at"]), "total": len(faults),
             "wall_s": round(wall, 3), "lost_s": {k: round(v, 3) for k, v in lost_total.items()},

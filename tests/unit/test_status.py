@@ -22,3 +22,20 @@ def test_fold_faults_restarts_and_recovery():
     f = s["faults"][0]
     assert (f["kind"], f["rank"], f["step"], f["recovery_s"], f["recovered_at"]) == ("crash", 1, 14, 3.5, 7.5)
     assert s["restores"] == [{"step": 10, "tier": "storage", "skipped": []}]
+
+
+def test_goodput_counts_a_fault_that_struck_before_the_first_running():
+    from resilient.supervisor.accounting import account
+
+    recs = [
+        {"t": 1, "type": "job", "name": "n", "run_id": "r", "total_steps": 30},
+        {"t": 2, "type": "transition", "from": "PENDING", "to": "STARTING"},
+        {"t": 3, "type": "fault", "kind": "crash", "rank": 1, "step": 14, "detected_at": 3.1, "injected_at": 3.0},
+        {"t": 3.1, "type": "decision", "action": "restart"},
+        {"t": 5, "type": "transition", "from": "STARTING", "to": "RUNNING"},
+        {"t": 5, "type": "recovered", "fault_index": 0, "recovered_at": 5.0, "recovery_s": 2.0, "steps_replayed": 0},
+        {"t": 7, "type": "transition", "from": "RUNNING", "to": "SUCCEEDED", "cause": "done"},
+    ]
+    r = account(recs)
+    assert r["wall_s"] == 4.0  # from the fault, not from the first RUNNING (2 s)
+    assert 0 < r["goodput"] < 1 and r["lost_s"]["detection"] == pytest.approx(0.1)
