@@ -319,7 +319,7 @@ def main() -> None:
               f"{fmt(kill.get('recovery', [])):>16} {'/'.join(map(str, kill.get('replayed', []))) or '-':>9} {gp(kill):>8}"
               f" {per_min:>12} | {fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14} {fmt(hang.get('recovery', [])):>10}")
     print("overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints (steady: over the "
-          "second half of the run, after one-time warm-ups such as resilient's spares); goodput: steps x the "
+          "second half of the run, after one-time warm-ups such as spare workers); goodput: steps x the "
           "system's no-fault step time / wall time from its first step to its last; @1 fault/min: "
           "1 - (recovery + replayed steps) / 60 s, from the kill case")
     shutil.rmtree(work, ignore_errors=True)
