@@ -1,10 +1,12 @@
-"""The training loop the peers run in bench/recovery.py: the same model, data, optimizer and steps as
-resilient (its Trainer), with the checkpoint loop a user writes for Ray Train or torchrun.
+"""The training loop the peers run in bench/recovery.py: the same model, data, optimizer and steps
+as resilient (its Trainer), with the checkpoint loop a user writes for Ray Train or torchrun.
 
 Also the fault injector shared by every system: a schedule of (fault, rank, step or training-time)
 entries, each fired once (a marker file), by the rank's own process: SIGKILL or SIGSTOP.
-Each rank-0 step is logged as "step unix_time step_seconds pid" so recovery can be measured from outside.
+Each rank-0 step is logged as "step unix_time step_seconds pid" so recovery can be measured from
+outside.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +22,20 @@ from resilient.training.trainer import Trainer
 
 
 def make_spec(work: str, steps: int, seq_len: int, batch: int):
-    return validate_tree({"name": "bench", "data": {"path": f"{work}/corpus.txt", "seq_len": seq_len},
-                          "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                          "train": {"steps": steps, "batch_size": batch, "seed": 7},
-                          "checkpoint": {"storage": f"{work}/runs"}})
+    return validate_tree(
+        {
+            "name": "bench",
+            "data": {"path": f"{work}/corpus.txt", "seq_len": seq_len},
+            "peft": {
+                "method": "lora",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "v_proj"],
+            },
+            "train": {"steps": steps, "batch_size": batch, "seed": 7},
+            "checkpoint": {"storage": f"{work}/runs"},
+        }
+    )
 
 
 class Faults:
@@ -46,7 +58,9 @@ class Faults:
         for i, f in enumerate(self.schedule):
             if f["rank"] != self.rank or os.path.exists(os.path.join(self.dir, f"fired-{i}")):
                 continue
-            if ("at_step" in f and f["at_step"] == step) or ("at_time" in f and self.training_s >= f["at_time"]):
+            if ("at_step" in f and f["at_step"] == step) or (
+                "at_time" in f and self.training_s >= f["at_time"]
+            ):
                 with open(os.path.join(self.dir, f"fired-{i}"), "w") as m:
                     json.dump({"fault": f["fault"], "step": step, "t": time.time()}, m)
                 os.kill(os.getpid(), signal.SIGSTOP if f["fault"] == "hang" else signal.SIGKILL)
@@ -79,8 +93,14 @@ class TorchSaveCheckpoints:
 
 
 def state_of(trainer: Trainer, step: int) -> dict:
-    return {"step": step, "model": {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
-            "optim": trainer.optimizer.state_dict(), "sched": trainer.scheduler.state_dict()}
+    return {
+        "step": step,
+        "model": {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+        },
+        "optim": trainer.optimizer.state_dict(),
+        "sched": trainer.scheduler.state_dict(),
+    }
 
 
 def apply_state(trainer: Trainer, state: dict) -> None:
@@ -92,8 +112,15 @@ def apply_state(trainer: Trainer, state: dict) -> None:
     trainer.scheduler.load_state_dict(state["sched"])
 
 
-def run(trainer: Trainer, rank: int, start: int, total: int, faults: Faults | None, step_log: str | None,
-        after_step=None) -> None:
+def run(
+    trainer: Trainer,
+    rank: int,
+    start: int,
+    total: int,
+    faults: Faults | None,
+    step_log: str | None,
+    after_step=None,
+) -> None:
     """Train from `start` to `total`; `after_step(step)` is the system's checkpoint hook."""
     for step in range(start + 1, total + 1):
         if faults:
@@ -120,19 +147,38 @@ def torchrun_main() -> None:
     # torchrun's agent keeps one TCPStore across restarts, and the default group's keys
     # (default_pg/...) are the same in every round: a new rank can read the dead rank's stale
     # address and fail connectFullMesh. A per-restart prefix keeps the rounds apart.
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                is_master=False, timeout=timeout)
-    store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    store = dist.PrefixStore(
+        f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store
+    )
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     torch.set_num_threads(1)
-    trainer = Trainer(make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]), rank, world,
-                      cfg["base"], torch.device("cpu"))
+    trainer = Trainer(
+        make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]),
+        rank,
+        world,
+        cfg["base"],
+        torch.device("cpu"),
+    )
     trainer.setup()
     ckpt = TorchSaveCheckpoints(cfg["ckpt_dir"], cfg["every"]) if cfg["every"] else None
     start = ckpt.load(trainer) if ckpt else 0
     faults = Faults(cfg["faults"], rank, cfg["marker_dir"]) if cfg["faults"] else None
-    run(trainer, rank, start, cfg["steps"], faults, cfg["step_log"],
-        (lambda s: ckpt.save(trainer, s, rank)) if ckpt else None)
+    run(
+        trainer,
+        rank,
+        start,
+        cfg["steps"],
+        faults,
+        cfg["step_log"],
+        (lambda s: ckpt.save(trainer, s, rank)) if ckpt else None,
+    )
     dist.destroy_process_group()
 
 

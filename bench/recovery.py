@@ -1,5 +1,7 @@
-"""Recovery benchmark: resilient vs Ray Train (TorchTrainer + FailureConfig) vs torchrun --max-restarts,
-side by side, in one invocation, on the same workload and the same faults.
+"""Recovery benchmark: resilient vs Ray Train (TorchTrainer) vs torchrun, side by side.
+
+In one invocation, on the same workload and the same faults: Ray Train is TorchTrainer with a
+FailureConfig, torchrun runs with --max-restarts.
 
 Workload: DDP over gloo, 2 workers on CPU, the built-in tiny Llama with LoRA (resilient's own
 Trainer, so every system trains the same model on the same batches). Fault schedules, each fired
@@ -7,9 +9,12 @@ once by the rank's own process: `kill` (SIGKILL of rank 1 at two fixed steps), `
 seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: recovery
 time (fault -> next finished step), steps replayed, goodput (steps x median step time / wall time
 from the first to the last step), hang detection time, and the no-fault step time vs plain torchrun
-DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
-Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun] [--cases none,kill,mtbf,hang]
+DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user
+writes).
+Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
+                                [--cases none,kill,mtbf,hang]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sh(cmd: list[str], timeout: float, env: dict | None = None, log: str | None = None) -> tuple[int, float]:
+def sh(
+    cmd: list[str], timeout: float, env: dict | None = None, log: str | None = None
+) -> tuple[int, float]:
     t0 = time.time()
     out = open(log, "w") if log else subprocess.DEVNULL
-    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})})
+    p = subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -50,17 +62,25 @@ def sh(cmd: list[str], timeout: float, env: dict | None = None, log: str | None 
 
 
 def read_log(path: str) -> list[tuple[int, float, float, str]]:
-    """Rank 0's finished steps: (step, unix time, step seconds, life), life = the process that ran it."""
+    """Rank 0's finished steps: (step, unix time, step seconds, life).
+
+    life = the process that ran it.
+    """
     if not os.path.exists(path):
         return []
-    return [(int(a), float(b), float(c), d) for a, b, c, d in (line.split() for line in open(path) if line.strip())]
+    return [
+        (int(a), float(b), float(c), d)
+        for a, b, c, d in (line.split() for line in open(path) if line.strip())
+    ]
 
 
 def markers(d: str) -> list[dict]:
     if not os.path.isdir(d):
         return []
-    return sorted((json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.startswith("fired-")),
-                  key=lambda m: m["t"])
+    return sorted(
+        (json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.startswith("fired-")),
+        key=lambda m: m["t"],
+    )
 
 
 def analyse(log: list, faults: list[dict], total: int) -> dict:
@@ -74,21 +94,31 @@ def analyse(log: list, faults: list[dict], total: int) -> dict:
         return {**out, "goodput": None, "step_s": None}
     for f in faults:
         before = [life for _, t, _, life in log if t <= f["t"]]
-        after = [(s, t) for s, t, _, life in log if t > f["t"] and (not before or life != before[-1])]
+        after = [
+            (s, t) for s, t, _, life in log if t > f["t"] and (not before or life != before[-1])
+        ]
         if after:
             out["recovery"].append(after[0][1] - f["t"])
             out["replayed"].append(max(0, f["step"] - after[0][0]))
-    pairs = [(a[0], b[1] - a[1]) for a, b in zip(log, log[1:]) if b[3] == a[3] and b[0] == a[0] + 1]
+    pairs = [
+        (a[0], b[1] - a[1])
+        for a, b in zip(log, log[1:], strict=False)
+        if b[3] == a[3] and b[0] == a[0] + 1
+    ]
     gaps = [g for _, g in pairs]
     step_s = statistics.median(gaps) if gaps else statistics.median(d for _, _, d, _ in log)
     late = [g for s, g in pairs if s > total // 2]
-    out["steady_s"] = statistics.median(late) if late else step_s  # second half: one-time warm-ups are over
+    out["steady_s"] = (
+        statistics.median(late) if late else step_s
+    )  # second half: one-time warm-ups are over
     wall = log[-1][1] - log[0][1] + step_s
-    out.update(step_s=step_s, span=wall, goodput=min(1.0, total * step_s / wall) if out["done"] else None)
+    out.update(
+        step_s=step_s, span=wall, goodput=min(1.0, total * step_s / wall) if out["done"] else None
+    )
     return out
 
 
-# -- the three systems ------------------------------------------------------------------------------
+# -- the three systems -----------------------------------------------------------------------------
 SPEC = """name = "{name}"
 [cluster]
 num_workers = 2
@@ -115,31 +145,54 @@ hang_timeout = {hang}
 
 def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
     name = f"res-{case}"
-    spec = SPEC.format(name=name, work=work, steps=a.steps, seq_len=a.seq_len, batch=a.batch, hang=a.hang_timeout)
+    spec = SPEC.format(
+        name=name, work=work, steps=a.steps, seq_len=a.seq_len, batch=a.batch, hang=a.hang_timeout
+    )
     for f in schedule:
         trig = f"at_step = {f['at_step']}" if "at_step" in f else f"at_time = {f['at_time']}"
         spec += f'\n[[chaos]]\n{trig}\nfault = "{f["fault"]}"\nrank = {f["rank"]}\n'
     path = f"{work}/{name}.toml"
     open(path, "w").write(spec)
-    rc, wall = sh([sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r"], a.limit,
-                  log=f"{work}/{name}.log")
+    rc, wall = sh(
+        [sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r"],
+        a.limit,
+        log=f"{work}/{name}.log",
+    )
     run = f"{work}/runs/{name}/r"
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(f"{run}/metrics/train").to_pylist() if os.path.isdir(f"{run}/metrics/train") else []
+    rows = (
+        pq.read_table(f"{run}/metrics/train").to_pylist()
+        if os.path.isdir(f"{run}/metrics/train")
+        else []
+    )
     # every time rank 0 finished a step (replays included); a life is one attempt of the group
-    log = sorted(((r["step"], r["t"], r["step_time"] + r["data_wait"], str(r["attempt"])) for r in rows
-                  if r["rank"] == 0), key=lambda x: x[1])
-    fired = []
-    for n in sorted(os.listdir(f"{run}/chaos")) if os.path.isdir(f"{run}/chaos") else []:
-        m = json.load(open(f"{run}/chaos/{n}"))
-        fired.append({"fault": m["fault"], "step": m["step"], "t": m["injected_at"]})
+    log = sorted(
+        (
+            (r["step"], r["t"], r["step_time"] + r["data_wait"], str(r["attempt"]))
+            for r in rows
+            if r["rank"] == 0
+        ),
+        key=lambda x: x[1],
+    )
+    from resilient.rundir import RunDir, markers
+
+    fired = [
+        {"fault": m.fault, "step": m.step, "t": m.injected_at}
+        for m in markers.read_all(RunDir(run))
+    ]
     res = analyse(log, fired, a.steps)
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
         res["goodput"] = None
-    status = json.loads(subprocess.run([sys.executable, "-m", "resilient.cli", "status", run, "--json"],
-                                       capture_output=True, text=True).stdout or "{}")
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "resilient.cli", "status", run, "--json"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        or "{}"
+    )
     hangs = [f for f in status.get("faults", []) if f["kind"] == "hang" and f.get("injected_at")]
     res["hang_detect"] = hangs[0]["detected_at"] - hangs[0]["injected_at"] if hangs else None
     return res
@@ -147,17 +200,44 @@ def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
 
 def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | None = None) -> dict:
     tag = f"tr-{case}"
-    cfg = {"work": work, "base": f"{work}/base", "steps": a.steps, "seq_len": a.seq_len, "batch": a.batch,
-           "every": a.every if every is None else every, "ckpt_dir": f"{work}/{tag}/ckpt",
-           "marker_dir": f"{work}/{tag}/markers", "step_log": f"{work}/{tag}/steps.log", "faults": schedule,
-           "collective_timeout": a.collective_timeout}
+    cfg = {
+        "work": work,
+        "base": f"{work}/base",
+        "steps": a.steps,
+        "seq_len": a.seq_len,
+        "batch": a.batch,
+        "every": a.every if every is None else every,
+        "ckpt_dir": f"{work}/{tag}/ckpt",
+        "marker_dir": f"{work}/{tag}/markers",
+        "step_log": f"{work}/{tag}/steps.log",
+        "faults": schedule,
+        "collective_timeout": a.collective_timeout,
+    }
     os.makedirs(f"{work}/{tag}", exist_ok=True)
     json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
     port = free_port()
-    rc, wall = sh([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                   "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                   os.path.join(HERE, "peer_loop.py"), f"{work}/{tag}/cfg.json"], a.limit,
-                  env={"PYTHONPATH": os.path.join(HERE, "..")}, log=f"{work}/{tag}.log")
+    rc, wall = sh(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "3",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            os.path.join(HERE, "peer_loop.py"),
+            f"{work}/{tag}/cfg.json",
+        ],
+        a.limit,
+        env={"PYTHONPATH": os.path.join(HERE, "..")},
+        log=f"{work}/{tag}.log",
+    )
     res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
@@ -167,13 +247,32 @@ def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | Non
 
 def run_ray_train(work: str, case: str, schedule: list[dict], a) -> dict:
     tag = f"rt-{case}"
-    cfg = {"work": work, "base": f"{work}/base", "steps": a.steps, "seq_len": a.seq_len, "batch": a.batch,
-           "every": a.every, "marker_dir": f"{work}/{tag}/markers", "step_log": f"{work}/{tag}/steps.log",
-           "faults": schedule, "storage": f"{work}/{tag}/storage", "collective_timeout": a.collective_timeout}
+    cfg = {
+        "work": work,
+        "base": f"{work}/base",
+        "steps": a.steps,
+        "seq_len": a.seq_len,
+        "batch": a.batch,
+        "every": a.every,
+        "marker_dir": f"{work}/{tag}/markers",
+        "step_log": f"{work}/{tag}/steps.log",
+        "faults": schedule,
+        "storage": f"{work}/{tag}/storage",
+        "collective_timeout": a.collective_timeout,
+    }
     os.makedirs(f"{work}/{tag}", exist_ok=True)
     json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
-    rc, wall = sh([sys.executable, os.path.join(HERE, "recovery.py"), "--_ray-train", f"{work}/{tag}/cfg.json"],
-                  a.limit, env={"PYTHONPATH": os.path.join(HERE, "..")}, log=f"{work}/{tag}.log")
+    rc, wall = sh(
+        [
+            sys.executable,
+            os.path.join(HERE, "recovery.py"),
+            "--_ray-train",
+            f"{work}/{tag}/cfg.json",
+        ],
+        a.limit,
+        env={"PYTHONPATH": os.path.join(HERE, "..")},
+        log=f"{work}/{tag}.log",
+    )
     res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
@@ -199,10 +298,18 @@ def ray_train_driver(cfg_path: str) -> None:
         from bench.peer_loop import Faults, apply_state, make_spec, run, state_of
         from resilient.training.trainer import Trainer
 
-        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        rank, world = (
+            ray.train.get_context().get_world_rank(),
+            ray.train.get_context().get_world_size(),
+        )
         torch.set_num_threads(1)
-        trainer = Trainer(make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]), rank, world,
-                          cfg["base"], torch.device("cpu"))
+        trainer = Trainer(
+            make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]),
+            rank,
+            world,
+            cfg["base"],
+            torch.device("cpu"),
+        )
         trainer.setup()
         start = 0
         ckpt = ray.train.get_checkpoint()
@@ -218,26 +325,43 @@ def ray_train_driver(cfg_path: str) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     torch.save(state_of(trainer, step), os.path.join(d, "state.pt"))
-                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+                ray.train.report(
+                    {"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None
+                )
             dist.barrier()
 
         faults = Faults(cfg["faults"], rank, cfg["marker_dir"]) if cfg["faults"] else None
         run(trainer, rank, start, cfg["steps"], faults, cfg["step_log"], after)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-                                       "PYTHONPATH": os.path.join(HERE, "..")}})
-    trainer = TorchTrainer(loop, train_loop_config=cfg,
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
-                                                        resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(storage_path=cfg["storage"], name="bench",
-                                                failure_config=FailureConfig(max_failures=3),
-                                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "GLOO_SOCKET_IFNAME": "lo",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.path.join(HERE, ".."),
+            }
+        },
+    )
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            storage_path=cfg["storage"],
+            name="bench",
+            failure_config=FailureConfig(max_failures=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
     trainer.fit()
     ray.shutdown()
 
 
-# -- the table --------------------------------------------------------------------------------------
+# -- the table -------------------------------------------------------------------------------------
 def fmt(xs, unit="s"):
     xs = [x for x in xs if x is not None]
     return "-" if not xs else "/".join(f"{x:.2f}" for x in xs) + unit
@@ -249,14 +373,27 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--every", type=int, default=25, help="peers' checkpoint interval in steps")
-    ap.add_argument("--mtbf", type=float, default=5.0, help="mean training seconds between faults (mtbf case)")
+    ap.add_argument(
+        "--mtbf", type=float, default=5.0, help="mean training seconds between faults (mtbf case)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-timeout", type=float, default=5.0)
-    ap.add_argument("--collective-timeout", type=float, default=20.0, help="peers notice a hang only through it")
-    ap.add_argument("--limit", type=float, default=100.0, help="seconds one run may take (then it counts as failed)")
+    ap.add_argument(
+        "--collective-timeout", type=float, default=20.0, help="peers notice a hang only through it"
+    )
+    ap.add_argument(
+        "--limit",
+        type=float,
+        default=100.0,
+        help="seconds one run may take (then it counts as failed)",
+    )
     ap.add_argument("--quick", action="store_true", help="kill and no-fault cases only")
-    ap.add_argument("--systems", default="resilient,ray,torchrun", help="comma list, a subset of the default")
-    ap.add_argument("--cases", default="none,kill,mtbf,hang", help="comma list, a subset of the default")
+    ap.add_argument(
+        "--systems", default="resilient,ray,torchrun", help="comma list, a subset of the default"
+    )
+    ap.add_argument(
+        "--cases", default="none,kill,mtbf,hang", help="comma list, a subset of the default"
+    )
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ray_train:
@@ -273,13 +410,25 @@ def main() -> None:
     while len(mtbf) < 3:
         t += r.expovariate(1 / a.mtbf)
         mtbf.append({"fault": "kill", "rank": r.randrange(2), "at_time": round(t, 2)})
-    cases = {"none": [], "kill": [{"fault": "kill", "rank": 1, "at_step": a.steps // 3},
-                                  {"fault": "kill", "rank": 1, "at_step": 2 * a.steps // 3}]}
+    cases = {
+        "none": [],
+        "kill": [
+            {"fault": "kill", "rank": 1, "at_step": a.steps // 3},
+            {"fault": "kill", "rank": 1, "at_step": 2 * a.steps // 3},
+        ],
+    }
     if not a.quick:
         cases.update(mtbf=mtbf, hang=[{"fault": "hang", "rank": 1, "at_step": a.steps // 2}])
     cases = {k: v for k, v in cases.items() if k in a.cases.split(",") or k == "none"}
-    systems = {n: fn for n, fn, key in (("resilient", run_resilient, "resilient"), ("Ray Train", run_ray_train, "ray"),
-                                        ("torchrun", run_torchrun, "torchrun")) if key in a.systems.split(",")}
+    systems = {
+        n: fn
+        for n, fn, key in (
+            ("resilient", run_resilient, "resilient"),
+            ("Ray Train", run_ray_train, "ray"),
+            ("torchrun", run_torchrun, "torchrun"),
+        )
+        if key in a.systems.split(",")
+    }
     t0 = time.time()
     plain = run_torchrun(work, "plain", [], a, every=0)
     print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
@@ -289,39 +438,78 @@ def main() -> None:
             t_run = time.time()
             res = fn(work, case, schedule, a)
             results.setdefault(sysname, {})[case] = res
-            print(f"  {case:<5} {sysname:<10} {time.time() - t_run:5.0f}s done={res['done']} recovery={fmt(res['recovery'])} "
-                  f"replayed={res['replayed']} goodput={res['goodput']}", flush=True)
-    for by in results.values():  # goodput against the system's own fault-free step: slow steps after a fault count as lost
+            print(
+                f"  {case:<5} {sysname:<10} {time.time() - t_run:5.0f}s done={res['done']} "
+                f"recovery={fmt(res['recovery'])} "
+                f"replayed={res['replayed']} goodput={res['goodput']}",
+                flush=True,
+            )
+    # goodput against the system's own fault-free step: slow steps after a fault count as lost
+    for by in results.values():
         ref = by["none"].get("step_s")
         for r in by.values():
             if ref and r.get("goodput") is not None:
                 r["goodput"] = min(1.0, a.steps * ref / r["span"])
-    print(f"\nsame workload (DDP, 2 CPU workers, tiny Llama + LoRA, {a.steps} steps), same faults; "
-          f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s")
-    head = (f"{'system':<10} {'step ms':>8} {'overhead':>9} {'steady':>7} | {'kill: recovery':>16} {'replayed':>9} {'goodput':>8}"
-            f" {'@1 fault/min':>12} | {'mtbf: recovery':>22} {'goodput':>8} | {'hang: detected':>14} {'recovered':>10}")
+    print(
+        f"\nsame workload (DDP, 2 CPU workers, tiny Llama + LoRA, {a.steps} steps), same faults; "
+        f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s"
+    )
+    head = (
+        f"{'system':<10} {'step ms':>8} {'overhead':>9} {'steady':>7} | "
+        f"{'kill: recovery':>16} {'replayed':>9} {'goodput':>8}"
+        f" {'@1 fault/min':>12} | {'mtbf: recovery':>22} {'goodput':>8} | "
+        f"{'hang: detected':>14} {'recovered':>10}"
+    )
     print(head)
     print("-" * len(head))
     for sysname, by in results.items():
         none, kill = by["none"], by.get("kill", {})
         mt, hang = by.get("mtbf", {}), by.get("hang", {})
-        over = f"{none['step_s'] / plain['step_s'] - 1:+.1%}" if none.get("step_s") and plain.get("step_s") else "-"
-        steady = f"{none['steady_s'] / plain['steady_s'] - 1:+.1%}" if none.get("steady_s") and plain.get("steady_s") else "-"
+        over = (
+            f"{none['step_s'] / plain['step_s'] - 1:+.1%}"
+            if none.get("step_s") and plain.get("step_s")
+            else "-"
+        )
+        steady = (
+            f"{none['steady_s'] / plain['steady_s'] - 1:+.1%}"
+            if none.get("steady_s") and plain.get("steady_s")
+            else "-"
+        )
         if sysname == "resilient":
             hd = f"{hang['hang_detect']:.1f}s" if hang.get("hang_detect") else "-"
         else:  # peers have no hang detector: the collective timeout ends the wait, if anything does
-            hd = (f">= {a.collective_timeout:.0f}s" if hang.get("recovery") else f"not in {a.limit:.0f}s") if hang else "-"
+            hd = (
+                (
+                    f">= {a.collective_timeout:.0f}s"
+                    if hang.get("recovery")
+                    else f"not in {a.limit:.0f}s"
+                )
+                if hang
+                else "-"
+            )
         gp = lambda r: f"{r['goodput']:.1%}" if r.get("goodput") else ("FAILED" if r else "-")  # noqa: E731
-        # one fault a minute: each costs its recovery plus the replayed steps (kill case, this system's step)
-        lost = [rec + rep * (none.get("step_s") or 0) for rec, rep in zip(kill.get("recovery", []), kill.get("replayed", []))]
+        # one fault a minute: each costs its recovery plus the replayed steps
+        # (kill case, this system's step)
+        lost = [
+            rec + rep * (none.get("step_s") or 0)
+            for rec, rep in zip(kill.get("recovery", []), kill.get("replayed", []), strict=True)
+        ]
         per_min = f"{max(0.0, 1 - statistics.mean(lost) / 60):.1%}" if lost else "-"
-        print(f"{sysname:<10} {none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} {over:>9} {steady:>7} | "
-              f"{fmt(kill.get('recovery', [])):>16} {'/'.join(map(str, kill.get('replayed', []))) or '-':>9} {gp(kill):>8}"
-              f" {per_min:>12} | {fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14} {fmt(hang.get('recovery', [])):>10}")
-    print("overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints (steady: over the "
-          "second half of the run, after one-time warm-ups such as spare workers); goodput: steps x the "
-          "system's no-fault step time / wall time from its first step to its last; @1 fault/min: "
-          "1 - (recovery + replayed steps) / 60 s, from the kill case")
+        print(
+            f"{sysname:<10} "
+            f"{none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} "
+            f"{over:>9} {steady:>7} | "
+            f"{fmt(kill.get('recovery', [])):>16} "
+            f"{'/'.join(map(str, kill.get('replayed', []))) or '-':>9} {gp(kill):>8}"
+            f" {per_min:>12} | {fmt(mt.get('recovery', [])):>22} {gp(mt):>8} | {hd:>14} "
+            f"{fmt(hang.get('recovery', [])):>10}"
+        )
+    print(
+        "overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints "
+        "(steady: over the second half of the run, after one-time warm-ups such as spare workers); "
+        "goodput: steps x the system's no-fault step time / wall time from its first step to its "
+        "last; @1 fault/min: 1 - (recovery + replayed steps) / 60 s, from the kill case"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

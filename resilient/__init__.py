@@ -1,4 +1,6 @@
-"""resilient: fault-tolerant LoRA fine-tuning on Ray (supervisor, anomaly detector, checkpoint engine)."""
+"""resilient: fault-tolerant LoRA fine-tuning on Ray (supervisor, anomaly detector, checkpoint
+engine)."""
+
 from resilient.config import JobSpec, load_spec
 from resilient.errors import SpecError, UserError
 

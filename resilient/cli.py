@@ -3,6 +3,7 @@
 Every user mistake ends in one message on stderr naming the field or argument and the fix, and exit
 code 2 (no traceback). A job that ends SUCCEEDED or STOPPED exits 0, FAILED exits 1.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,9 @@ import time
 import click
 from rich.console import Console
 
+from resilient.catalogue import FAULTS, RANDOM, RANDOM_DEFAULT
 from resilient.errors import UserError
+from resilient.runlog.states import TERMINAL
 
 
 def user_errors(fn):
@@ -24,21 +27,28 @@ def user_errors(fn):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
     return wrapper
 
 
 def _rundir(uri: str):
     from resilient.rundir import RunDir
-    from resilient.supervisor.journal import JOURNAL
+    from resilient.rundir.layout import JOURNAL
 
     try:
         rd = RunDir(uri)
         found = rd.exists(JOURNAL)
     except Exception as e:
-        raise UserError(f"RUN_DIR {uri!r} cannot be read ({type(e).__name__}: {e}); give a run directory path or "
-                        "fsspec URI (credentials through fsspec's config, e.g. FSSPEC_S3)") from None
+        raise UserError(
+            f"RUN_DIR {uri!r} cannot be read ({type(e).__name__}: {e}); give a run directory path "
+            "or "
+            "fsspec URI (credentials through fsspec's config, e.g. FSSPEC_S3)"
+        ) from None
     if not found:
-        raise UserError(f"RUN_DIR {uri!r} holds no journal; give the run directory printed by `resilient launch`")
+        raise UserError(
+            f"RUN_DIR {uri!r} holds no journal; give the run directory printed by `resilient "
+            "launch`"
+        )
     return rd
 
 
@@ -50,18 +60,60 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("spec", required=False)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key, e.g. train.steps=40.")
-@click.option("--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp).")
-@click.option("--chaos-mtbf", metavar="DURATION", help="Random chaos: faults at random times, mean time between them (60s, 5m).")
-@click.option("--chaos-faults", default="kill,exit,hang", show_default=True, help="Random chaos: the kinds drawn from.")
-@click.option("--chaos-seed", default=0, show_default=True, type=int, help="Random chaos: the same seed, the same schedule.")
-@click.option("--dashboard", "with_dashboard", is_flag=True, help="Serve the dashboard beside the job (127.0.0.1).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a spec key, e.g. train.steps=40.",
+)
+@click.option(
+    "--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp)."
+)
+@click.option(
+    "--chaos-mtbf",
+    metavar="DURATION",
+    help="Random chaos: faults at random times, mean time between them (60s, 5m).",
+)
+@click.option(
+    "--chaos-faults",
+    default=",".join(RANDOM_DEFAULT),
+    show_default=True,
+    help="Random chaos: the kinds drawn from.",
+)
+@click.option(
+    "--chaos-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Random chaos: the same seed, the same schedule.",
+)
+@click.option(
+    "--dashboard",
+    "with_dashboard",
+    is_flag=True,
+    help="Serve the dashboard beside the job (127.0.0.1).",
+)
 @click.option("--dashboard-port", default=8265, show_default=True, type=int)
-@click.option("--resume", "resume_dir", metavar="RUN_DIR",
-              help="Continue a run from its journal and newest persisted checkpoint (--set may change e.g. train.steps).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    metavar="RUN_DIR",
+    help="Continue a run from its journal and newest persisted checkpoint (--set may change e.g. "
+    "train.steps).",
+)
 @user_errors
-def launch(spec, overrides, run_id, chaos_mtbf, chaos_faults, chaos_seed, with_dashboard, dashboard_port,
-           resume_dir) -> None:
+def launch(
+    spec,
+    overrides,
+    run_id,
+    chaos_mtbf,
+    chaos_faults,
+    chaos_seed,
+    with_dashboard,
+    dashboard_port,
+    resume_dir,
+) -> None:
     """Run the job described by SPEC (TOML or YAML)."""
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
@@ -81,18 +133,21 @@ def launch(spec, overrides, run_id, chaos_mtbf, chaos_faults, chaos_seed, with_d
 
 
 def with_random_chaos(job, mtbf: str, faults: str, seed: int):
-    """The spec plus a seeded random schedule of faults (kept in the run's spec.json, so --resume keeps it)."""
-    from resilient.chaos.catalogue import FAULTS
+    """The spec plus a seeded random schedule of faults (kept in the run's spec.json, so --resume
+    keeps it)."""
     from resilient.chaos.schedule import parse_duration, random_schedule
     from resilient.config import validate_tree
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-    bad = [k for k in kinds if k not in FAULTS or FAULTS[k].target != "rank" or k == "node_loss"]
-    if bad or not kinds:
-        raise UserError(f"--chaos-faults {faults!r}: random chaos draws rank faults; choose from "
-                        + ", ".join(k for k, f in FAULTS.items() if f.target == "rank" and k != "node_loss"))
+    if not kinds or any(k not in RANDOM for k in kinds):
+        raise UserError(
+            f"--chaos-faults {faults!r}: random chaos draws rank faults; choose from "
+            + ", ".join(RANDOM)
+        )
     tree = job.model_dump(mode="json")
-    tree["chaos"] = tree["chaos"] + random_schedule(parse_duration(mtbf), kinds, seed, job.cluster.num_workers)
+    tree["chaos"] = tree["chaos"] + random_schedule(
+        parse_duration(mtbf), kinds, seed, job.cluster.num_workers
+    )
     return validate_tree(tree)
 
 
@@ -102,17 +157,22 @@ def with_random_chaos(job, mtbf: str, faults: str, seed: int):
 @user_errors
 def status(run_dir, as_json) -> None:
     """State, progress, restarts and faults of a run (running or finished), from its journal."""
-    from resilient.supervisor.journal import read_records
-    from resilient.supervisor.status import fold
+    from resilient.runlog import fold, read_records
 
     s = fold(read_records(_rundir(run_dir)))
     if as_json:
         click.echo(json.dumps(s, indent=1, default=str))
         return
-    click.echo(f"{s['state']}  step {s['step']}/{s['total_steps']}  restarts {s['restarts']}  "
-               f"checkpoints {s['checkpoints']} (last step {s['last_checkpoint']})")
+    click.echo(
+        f"{s['state']}  step {s['step']}/{s['total_steps']}  restarts {s['restarts']}  "
+        f"checkpoints {s['checkpoints']} (last step {s['last_checkpoint']})"
+    )
     for f in s["faults"]:
-        rec = f"recovered in {f['recovery_s']:.2f}s" if f.get("recovery_s") is not None else "not recovered"
+        rec = (
+            f"recovered in {f['recovery_s']:.2f}s"
+            if f.get("recovery_s") is not None
+            else "not recovered"
+        )
         click.echo(f"  fault {f['kind']} rank {f['rank']} step {f['step']}: {rec}")
     if s.get("reason"):
         click.echo(f"  {s['reason']}")
@@ -124,38 +184,50 @@ def status(run_dir, as_json) -> None:
 @click.option("--timeout", default=300.0, help="Seconds to wait.")
 @user_errors
 def stop(run_dir, wait, timeout) -> None:
-    """Stop a running job cleanly: the ranks agree on a step, persist it, and the job ends STOPPED."""
-    from resilient.supervisor.journal import read_records
-    from resilient.supervisor.status import fold
-    from resilient.supervisor.supervisor import STOP_FILE
+    """Stop a running job cleanly: the ranks agree on a step, persist it, and the job ends
+    STOPPED."""
+    from resilient.rundir.control import request_stop
+    from resilient.runlog import fold, read_records
 
     rd = _rundir(run_dir)
     s = fold(read_records(rd))
-    if s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+    if s["state"] in TERMINAL:
         click.echo(f"run already ended {s['state']}")
         return
-    rd.write_json(STOP_FILE, {"requested_at": time.time()})
+    request_stop(rd)
     click.echo("stop requested")
     deadline = time.time() + timeout
     while wait and time.time() < deadline:
         s = fold(read_records(rd))
-        if s["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if s["state"] in TERMINAL:
             click.echo(f"{s['state']} at step {s['step']}")
             return
         time.sleep(0.5)
     if wait:
-        raise UserError(f"the job did not stop within --timeout {timeout}s; is its `resilient launch` still running?")
+        raise UserError(
+            f"the job did not stop within --timeout {timeout}s; is its `resilient launch` still "
+            "running?"
+        )
 
 
 @cli.command()
 @click.argument("run_dir")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; another than loopback needs --token.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; another than loopback needs --token.",
+)
 @click.option("--port", default=8265, show_default=True, type=int)
-@click.option("--token", envvar="RESILIENT_DASHBOARD_TOKEN", help="Every request must carry it (env RESILIENT_DASHBOARD_TOKEN).")
+@click.option(
+    "--token",
+    envvar="RESILIENT_DASHBOARD_TOKEN",
+    help="Every request must carry it (env RESILIENT_DASHBOARD_TOKEN).",
+)
 @user_errors
 def dashboard(run_dir, host, port, token) -> None:
     """Serve the live anomaly dashboard of a run (running or finished)."""
-    from resilient.anomaly.dashboard.app import check_bind, serve, url
+    from resilient.dashboard.app import check_bind, serve, url
 
     check_bind(host, token)
     rd = _rundir(run_dir)
@@ -170,20 +242,33 @@ def chaos() -> None:
 
 @chaos.command("inject")
 @click.argument("run_dir")
-@click.option("--fault", required=True, help="A fault of the catalogue (README), e.g. kill, hang, slow, gpu_xid.")
+@click.option(
+    "--fault",
+    required=True,
+    help="A fault of the catalogue (README), e.g. kill, hang, slow, gpu_xid.",
+)
 @click.option("--rank", type=int, help="The rank hit (rank faults).")
 @click.option("--node", type=int, help="The node hit, by index (GPU faults).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="factor=2, xid=79, count=1, temperature=95, seconds=5")
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the job to carry it out.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="factor=2, xid=79, count=1, temperature=95, seconds=5",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the job to carry it out.",
+)
 @user_errors
 def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
-    """Hit a running job from another terminal; waits until its supervisor has carried the fault out."""
-    import uuid
-
-    from resilient.chaos.catalogue import FAULTS
-    from resilient.config import _parse_value
-    from resilient.supervisor.journal import read_records
-    from resilient.supervisor.status import fold
+    """Hit a running job from another terminal; waits until its supervisor has carried the fault
+    out."""
+    from resilient.config import parse_value
+    from resilient.rundir.control import cancel_inject, write_inject
+    from resilient.runlog import fold, read_records
 
     if fault not in FAULTS:
         raise UserError(f"--fault {fault!r} is not in the catalogue: {', '.join(FAULTS)}")
@@ -192,23 +277,27 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
         k, sep, v = p.partition("=")
         if not sep:
             raise UserError(f"--param {p!r}: expected KEY=VALUE, e.g. --param factor=2")
-        kw[k] = _parse_value(v)
+        kw[k] = parse_value(v)
     rd = _rundir(run_dir)
-    if fold(read_records(rd))["state"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+    if fold(read_records(rd))["state"] in TERMINAL:
         raise UserError(f"{run_dir} is not running")
-    req = uuid.uuid4().hex[:12]
-    rd.write_json(f"control/inject-{req}.json", {"fault": fault, "rank": rank, "node": node, "params": kw})
+    req = write_inject(rd, fault, rank, node, kw)
     deadline = time.time() + timeout
     while time.time() < deadline:
         for r in read_records(rd):
             if r.get("request") == req:
                 if r["type"] == "chaos_refused":
                     raise UserError(f"the job refused {fault}: {r['error']}")
-                click.echo(f"injected {fault} at step {r.get('step')} ({r.get('rank') if r.get('rank') is not None else r.get('node')})")
+                click.echo(
+                    f"injected {fault} at step {r.get('step')} "
+                    f"({r.get('rank') if r.get('rank') is not None else r.get('node')})"
+                )
                 return
         time.sleep(0.3)
-    rd.remove(f"control/inject-{req}.json")
-    raise UserError(f"the job did not pick the request up within {timeout}s; is its `resilient launch` running?")
+    cancel_inject(rd, req)
+    raise UserError(
+        f"the job did not pick the request up within {timeout}s; is its `resilient launch` running?"
+    )
 
 
 @cli.group()
@@ -236,8 +325,13 @@ def ckpt_list(run_dir) -> None:
         except CheckpointInvalid as e:
             ok = f"NO: {e}"
         size = sum(f["size"] for f in m["files"].values())
-        t.add_row(str(step), "storage", f"{size / 1024:.1f} KiB",
-                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])), ok)
+        t.add_row(
+            str(step),
+            "storage",
+            f"{size / 1024:.1f} KiB",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])),
+            ok,
+        )
     console.print(t)
 
 
@@ -271,14 +365,16 @@ def ckpt_verify(run_dir, step) -> None:
 @user_errors
 def ckpt_export(run_dir, step, out) -> None:
     """Write checkpoint STEP as a peft adapter directory OUT."""
-    from resilient.checkpoint.export import export_step
     from resilient.checkpoint.storage import CheckpointInvalid
+    from resilient.training.export import export_step
 
     rd = _rundir(run_dir)
     try:
         export_step(rd, step, out)
     except CheckpointInvalid as e:
-        raise UserError(f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints") from None
+        raise UserError(
+            f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints"
+        ) from None
     click.echo(f"adapter of step {step} written to {out}")
 
 

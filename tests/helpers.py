@@ -1,4 +1,6 @@
-"""Shared test helpers: job specs on the generated corpus, the CLI as a subprocess, adapter comparison."""
+"""Shared test helpers: job specs on the generated corpus, the CLI as a subprocess, adapter
+comparison."""
+
 from __future__ import annotations
 
 import json
@@ -39,27 +41,43 @@ hang_timeout = 4.0
 """
 
 
-def write_job(dirpath: Path, name: str = "t", steps: int = 24, storage: str | None = None, extra: str = "") -> Path:
+def write_job(
+    dirpath: Path, name: str = "t", steps: int = 24, storage: str | None = None, extra: str = ""
+) -> Path:
     corpus = dirpath / "corpus.txt"
     if not corpus.exists():
         write_corpus(str(corpus), lines=600)
     spec = dirpath / f"{name}.toml"
-    spec.write_text(BASE_SPEC.format(name=name, corpus=corpus, steps=steps,
-                                     storage=storage or f"file://{dirpath}/runs") + extra)
+    spec.write_text(
+        BASE_SPEC.format(
+            name=name, corpus=corpus, steps=steps, storage=storage or f"file://{dirpath}/runs"
+        )
+        + extra
+    )
     return spec
 
 
-def resilient_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def resilient_cli(
+    *args: str, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the `resilient` CLI in its own process group; on timeout the whole group is killed."""
     cmd = [sys.executable, "-m", "resilient.cli", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, env={**os.environ, **(env or {})})
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         os.killpg(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
-        raise AssertionError(f"resilient {' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}")
+        raise AssertionError(
+            f"resilient {' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}"
+        ) from e
     return subprocess.CompletedProcess(cmd, p.returncode, out, "")
 
 
@@ -91,8 +109,13 @@ def assert_same_adapter(a: dict, b: dict) -> None:
 @contextmanager
 def background_launch(*args: str):
     """`resilient launch ARGS` running in the background (own process group, killed on exit)."""
-    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "launch", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilient.cli", "launch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         yield proc
     finally:
@@ -102,7 +125,10 @@ def background_launch(*args: str):
 
 
 def await_journal(run: Path, predicate, timeout: float = 120) -> None:
-    """Wait until the run's journal text satisfies `predicate` (the journal is the event to await)."""
+    """Wait until the run's journal text satisfies `predicate`.
+
+    The journal is the event to await.
+    """
     journal = Path(run) / "journal.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -115,6 +141,6 @@ def await_journal(run: Path, predicate, timeout: float = 120) -> None:
 def read_journal(run: Path | str) -> list[dict]:
     """The run's journal records, in order (through the project's own reader)."""
     from resilient.rundir import RunDir
-    from resilient.supervisor.journal import read_records
+    from resilient.runlog.journal import read_records
 
     return read_records(RunDir(str(run)))

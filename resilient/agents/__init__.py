@@ -1,1 +1,2 @@
-"""Ray actors: one TrainWorker per rank (and, with the checkpoint engine, one NodeAgent per node)."""
+"""Ray actors: one TrainWorker per rank (and, with the checkpoint engine, one NodeAgent per
+node)."""

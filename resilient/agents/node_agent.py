@@ -1,11 +1,13 @@
 """NodeAgent: one long-lived actor per node; outlives worker restarts.
 
-Contract: samples the node's GPUs (NVML, or a simulated GPU) and host every `anomaly.interval`; holds the node's memory tier of checkpoints (primary copies from the ranks on this node,
-replicas from a peer node), forwards each primary copy to its peer agent, and persists primaries to
-storage in the background. `inventory()` says what it holds, `fetch()` hands out verified files,
-`events()` drains what happened (persisted, persist errors, drops, replications) for the journal.
-It never unpickles anything from storage.
+Contract: samples the node's GPUs (NVML, or a simulated GPU) and host every `anomaly.interval`;
+holds the node's memory tier of checkpoints (primary copies from the ranks on this node, replicas
+from a peer node), forwards each primary copy to its peer agent, and persists primaries to storage
+in the background. `inventory()` says what it holds, `fetch()` hands out verified files, `events()`
+drains what happened (persisted, persist errors, drops, replications) for the journal. It never
+unpickles anything from storage.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,14 +16,13 @@ import time
 from collections import deque
 
 import psutil
-
 import ray
 
+from resilient.anomaly.collectors import HostCollector, open_gpu_collector
+from resilient.anomaly.simulated import SimulatedNvml
 from resilient.checkpoint.memory import Entry, MemoryTier
 from resilient.checkpoint.persister import Persister
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, verify_files
-from resilient.anomaly.collectors import HostCollector, open_gpu_collector
-from resilient.anomaly.simulated import SimulatedNvml
 from resilient.config import AnomalyConfig, CheckpointConfig
 from resilient.rundir import RunDir
 
@@ -32,8 +33,12 @@ class NodeAgent:
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
         self.tier = MemoryTier(keep=cfg.memory_keep, max_pending=cfg.max_pending)
-        self.persister = Persister(self.tier, CheckpointStore(RunDir(run_uri, cfg.storage_options)),
-                                   keep=cfg.keep, keep_every=cfg.keep_every)
+        self.persister = Persister(
+            self.tier,
+            CheckpointStore(RunDir(run_uri, cfg.storage_options)),
+            keep=cfg.keep,
+            keep_every=cfg.keep_every,
+        )
         self.peer = None
         self.pids: dict[int, int] = {}
         self.samples: deque = deque(maxlen=10_000)
@@ -63,22 +68,27 @@ class NodeAgent:
             self.persister.event(event="collector_error", error=f"{type(e).__name__}: {e}"[:300])
 
     def register(self, rank: int, pid: int) -> None:
-        """A rank on this node: its RSS is sampled from now on (the previous attempt's ranks are dropped)."""
-        self.pids = {r: p for r, p in self.pids.items() if r != rank and psutil.pid_exists(p)} | {rank: pid}
+        """A rank on this node: its RSS is sampled from now on (the previous attempt's ranks are
+        dropped)."""
+        alive = {r: p for r, p in self.pids.items() if r != rank and psutil.pid_exists(p)}
+        self.pids = alive | {rank: pid}
 
-    def gpu_fault(self, fault: str, gpu: int = 0, xid: int = 79, count: int = 1, temperature: float = 95.0) -> str:
-        """Chaos on the simulated GPU of this node: gpu_xid, gpu_lost, ecc, thermal."""
+    def gpu_fault(self, fault: str, params: dict, gpu: int = 0) -> str:
+        """Chaos on the simulated GPU of this node: gpu_xid (`xid`), gpu_lost, ecc (`count`),
+        thermal (`temperature`); other parameters are ignored."""
         if self.sim is None:
             raise RuntimeError('GPU faults need anomaly.gpu = "simulated"')
         if fault == "gpu_xid":
-            self.sim.xid(gpu, xid)
+            self.sim.xid(gpu, params.get("xid", 79))
         elif fault == "gpu_lost":
             self.sim.lose(gpu)
         elif fault == "ecc":
-            g = self.sim.gpus[gpu]
-            self.sim.set(gpu, ecc_volatile=g["ecc_volatile"] + count, ecc_aggregate=g["ecc_aggregate"] + count)
+            g, n = self.sim.gpus[gpu], params.get("count", 1)
+            self.sim.set(
+                gpu, ecc_volatile=g["ecc_volatile"] + n, ecc_aggregate=g["ecc_aggregate"] + n
+            )
         elif fault == "thermal":
-            self.sim.set(gpu, temp=temperature, throttle=0x40)
+            self.sim.set(gpu, temp=params.get("temperature", 95.0), throttle=0x40)
         self._wake.set()  # sample now: the fault is seen within one event poll, not one interval
         return self.gpu_status
 
@@ -92,13 +102,16 @@ class NodeAgent:
         """A rank on this node hands over a snapshot (primary copy)."""
         for ev in self.tier.put(Entry(step, files, manifest, role="memory", persist=persist)):
             self.persister.event(**ev)
-        if self.peer is not None:  # synchronous here, but off the training thread (the rank's handoff)
+        # synchronous here, but off the training thread (the rank's handoff)
+        if self.peer is not None:
             t0 = time.time()
             try:
                 ray.get(self.peer.put_replica.remote(step, files, manifest), timeout=60)
                 self.persister.event(event="replicated", step=step, seconds=time.time() - t0)
             except Exception as e:  # the peer node is gone: the primary copy and storage remain
-                self.persister.event(event="replication_failed", step=step, error=str(e).splitlines()[0][:200])
+                self.persister.event(
+                    event="replication_failed", step=step, error=str(e).splitlines()[0][:200]
+                )
 
     def put_replica(self, step: int, files: dict[str, bytes], manifest: dict) -> None:
         self.tier.put(Entry(step, files, manifest, role="peer"))
@@ -135,7 +148,11 @@ class NodeAgent:
         samples = []
         while self.samples:
             samples.append(self.samples.popleft())
-        return {"events": self.persister.drain_events(), "samples": samples, "gpu_status": self.gpu_status}
+        return {
+            "events": self.persister.drain_events(),
+            "samples": samples,
+            "gpu_status": self.gpu_status,
+        }
 
     def storage_outage(self, seconds: float) -> None:
         """Chaos: this node's persister finds storage refusing every write for `seconds`."""

@@ -3,6 +3,7 @@
 Contract: every address used is the IP Ray reports for the node, never the hostname; gloo is pinned
 to the network interface that carries that IP (GLOO_SOCKET_IFNAME), unless the user set one.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,25 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(backend: str, master_ip: str, master_port: int, rank: int, world: int,
-                       timeout_s: float, my_ip: str) -> None:
+def init_process_group(
+    backend: str,
+    master_ip: str,
+    master_port: int,
+    rank: int,
+    world: int,
+    timeout_s: float,
+    my_ip: str,
+) -> None:
     import torch.distributed as dist
 
     if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
         iface = iface_for(my_ip) or ("lo" if my_ip.startswith("127.") else None)
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
-    dist.init_process_group(backend, init_method=f"tcp://{master_ip}:{master_port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_ip}:{master_port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )

@@ -3,10 +3,11 @@
 Contract: `GpuCollector(nvml)` reads every GPU through the pynvml API; `nvml` is the real `pynvml`
 module or a `SimulatedNvml`, which implements the same functions and raises the same errors, so the
 same code path runs with and without a GPU. `sample()` returns one dict per GPU; a GPU that stops
-answering yields `lost=True` (a fault, not missing data); XID critical errors come from an NVML event
-set. Without NVML or a GPU, `open_gpu_collector()` says why once and returns None.
+answering yields `lost=True` (a fault, not missing data); XID critical errors come from an NVML
+event set. Without NVML or a GPU, `open_gpu_collector()` says why once and returns None.
 `HostCollector.sample(pids)` returns CPU, memory, disk and network counters and each worker's RSS.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,21 +15,36 @@ import time
 import psutil
 import pynvml
 
-FIELDS = ("util", "mem_used", "mem_total", "temp", "power_w", "sm_clock", "throttle_reasons",
-          "ecc_volatile_uncorrected", "ecc_aggregate_uncorrected", "retired_pending", "remap_pending",
-          "remap_failed", "pcie_replay", "recovery_action")
+FIELDS = (
+    "util",
+    "mem_used",
+    "mem_total",
+    "temp",
+    "power_w",
+    "sm_clock",
+    "throttle_reasons",
+    "ecc_volatile_uncorrected",
+    "ecc_aggregate_uncorrected",
+    "retired_pending",
+    "remap_pending",
+    "remap_failed",
+    "pcie_replay",
+    "recovery_action",
+)
 
 
 class GpuCollector:
     def __init__(self, nvml):
         self.nvml = nvml
         nvml.nvmlInit()
-        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        self.handles = [
+            nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())
+        ]
         self.events = nvml.nvmlEventSetCreate()
         for h in self.handles:
             try:
                 nvml.nvmlDeviceRegisterEvents(h, nvml.nvmlEventTypeXidCriticalError, self.events)
-            except pynvml.NVMLError:  # not supported on this GPU: XIDs then come only from the driver log
+            except pynvml.NVMLError:  # not supported here: XIDs then come from the driver log
                 pass
         self.lost: set[int] = set()
 
@@ -46,19 +62,33 @@ class GpuCollector:
         mem = self._read(h, "mem", n.nvmlDeviceGetMemoryInfo)
         power = self._read(h, "power", n.nvmlDeviceGetPowerUsage)
         remap = self._read(h, "remap", n.nvmlDeviceGetRemappedRows)
-        rec = self._read(h, "recovery", n.nvmlDeviceGetFieldValues, [n.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+        rec = self._read(
+            h, "recovery", n.nvmlDeviceGetFieldValues, [n.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION]
+        )
         return {
-            "gpu": i, "lost": False,
+            "gpu": i,
+            "lost": False,
             "util": util.gpu if util else None,
-            "mem_used": mem.used if mem else None, "mem_total": mem.total if mem else None,
+            "mem_used": mem.used if mem else None,
+            "mem_total": mem.total if mem else None,
             "temp": self._read(h, "temp", n.nvmlDeviceGetTemperature, n.NVML_TEMPERATURE_GPU),
             "power_w": power / 1000 if power is not None else None,
             "sm_clock": self._read(h, "clock", n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_SM),
             "throttle_reasons": self._read(h, "throttle", n.nvmlDeviceGetCurrentClocksEventReasons),
-            "ecc_volatile_uncorrected": self._read(h, "ecc", n.nvmlDeviceGetTotalEccErrors,
-                                                   n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, n.NVML_VOLATILE_ECC),
-            "ecc_aggregate_uncorrected": self._read(h, "ecc", n.nvmlDeviceGetTotalEccErrors,
-                                                    n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, n.NVML_AGGREGATE_ECC),
+            "ecc_volatile_uncorrected": self._read(
+                h,
+                "ecc",
+                n.nvmlDeviceGetTotalEccErrors,
+                n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                n.NVML_VOLATILE_ECC,
+            ),
+            "ecc_aggregate_uncorrected": self._read(
+                h,
+                "ecc",
+                n.nvmlDeviceGetTotalEccErrors,
+                n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                n.NVML_AGGREGATE_ECC,
+            ),
             "retired_pending": self._read(h, "retired", n.nvmlDeviceGetRetiredPagesPendingStatus),
             "remap_pending": bool(remap[2]) if remap else None,
             "remap_failed": bool(remap[3]) if remap else None,
@@ -95,7 +125,8 @@ class GpuCollector:
 
 
 def open_gpu_collector(mode: str, simulated=None) -> tuple[GpuCollector | None, str]:
-    """The collector for `anomaly.gpu`, or None and the reason (said once, then the collector stays off)."""
+    """The collector for `anomaly.gpu`, or None and the reason (said once, then the collector
+    stays off)."""
     if mode == "off":
         return None, "anomaly.gpu = off"
     if mode == "simulated":
@@ -114,7 +145,8 @@ class HostCollector:
         psutil.cpu_percent(None)  # the first call only primes the counter
 
     def sample(self, pids: dict[int, int]) -> dict:
-        """Host counters plus the RSS of each worker; `pids` maps rank -> pid (ranks on this node)."""
+        """Host counters plus the RSS of each worker; `pids` maps rank -> pid (ranks on this
+        node)."""
         vm = psutil.virtual_memory()
         disk = psutil.disk_io_counters()
         net = psutil.net_io_counters()
@@ -124,6 +156,13 @@ class HostCollector:
                 rss[rank] = psutil.Process(pid).memory_info().rss
             except psutil.Error:
                 pass
-        return {"t": time.time(), "cpu_percent": psutil.cpu_percent(None), "mem_percent": vm.percent,
-                "disk_read": disk.read_bytes if disk else None, "disk_write": disk.write_bytes if disk else None,
-                "net_sent": net.bytes_sent, "net_recv": net.bytes_recv, "rss": rss}
+        return {
+            "t": time.time(),
+            "cpu_percent": psutil.cpu_percent(None),
+            "mem_percent": vm.percent,
+            "disk_read": disk.read_bytes if disk else None,
+            "disk_write": disk.write_bytes if disk else None,
+            "net_sent": net.bytes_sent,
+            "net_recv": net.bytes_recv,
+            "rss": rss,
+        }

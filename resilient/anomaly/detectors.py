@@ -4,6 +4,7 @@ Contract: detectors are deterministic functions of what they were fed (no clocks
 same trace gives the same events in the live job, in tests and in bench/anomaly_eval.py. Every
 threshold comes from `AnomalyConfig` (documented in the README).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,15 +17,19 @@ from resilient.config import AnomalyConfig
 # XID classes (NVIDIA's XID catalogue) -> what to do. Unknown XIDs are warnings.
 XID_ACTIONS: dict[int, tuple[str, str]] = {
     **{x: (RESTART, "application error: restart the job") for x in (13, 31, 43, 45, 69)},
-    **{x: (CORDON, "memory error: reset the GPU (the node is drained meanwhile)") for x in (48, 63, 64, 92, 94, 95)},
+    **{
+        x: (CORDON, "memory error: reset the GPU (the node is drained meanwhile)")
+        for x in (48, 63, 64, 92, 94, 95)
+    },
     **{x: (CORDON, "GPU/NVLink/GSP failure: drain the node") for x in (74, 79, 119, 120, 140)},
 }
 THERMAL_THROTTLE = 0x20 | 0x40  # SW and HW thermal slowdown
-POWER_THROTTLE = 0x04 | 0x80    # SW power cap, HW power brake
+POWER_THROTTLE = 0x04 | 0x80  # SW power cap, HW power brake
 
 
 class HardwareDetector:
-    """XIDs, uncorrectable ECC increases, row-remap failure/pending, recovery action, lost GPU, thermal."""
+    """XIDs, uncorrectable ECC increases, row-remap failure/pending, recovery action, lost GPU,
+    thermal."""
 
     def __init__(self, cfg: AnomalyConfig):
         self.cfg = cfg
@@ -32,50 +37,108 @@ class HardwareDetector:
         self.warned: set[tuple[str, int, str]] = set()
 
     def observe(self, node: str, s: dict) -> list[AnomalyEvent]:
-        key, t, g = (node, s["gpu"]), s["t"], s["gpu"]
+        key = (node, s["gpu"])
         prev = self.last.get(key, {})
         self.last[key] = s
-        ev = []
-
-        def add(kind, action, severity="critical", **evidence):
-            ev.append(AnomalyEvent(t, kind, severity, action, node=node, evidence={"gpu": g, **evidence}))
-
         if s.get("lost"):
-            if not prev.get("lost"):
-                add("gpu_lost", CORDON, reason="GPU is lost: NVML no longer answers")
-            return ev
+            lost = (
+                "gpu_lost",
+                CORDON,
+                "critical",
+                {"reason": "GPU is lost: NVML no longer answers"},
+            )
+            found = [] if prev.get("lost") else [lost]
+        else:
+            found = self._failures(s, prev) + self._warnings(node, s)
+        return [
+            AnomalyEvent(
+                s["t"], kind, severity, action, node=node, evidence={"gpu": s["gpu"], **evidence}
+            )
+            for kind, action, severity, evidence in found
+        ]
+
+    @staticmethod
+    def _failures(s: dict, prev: dict) -> list[tuple[str, str, str, dict]]:
+        """(kind, action, severity, evidence) of what failed since the previous sample."""
+        out = []
         if s.get("xid"):
             action, why = XID_ACTIONS.get(s["xid"], (WARN, "unclassified XID"))
-            add("gpu_xid", action, "critical" if action != WARN else "warning", xid=s["xid"], reason=why)
+            severity = "critical" if action != WARN else "warning"
+            out.append(("gpu_xid", action, severity, {"xid": s["xid"], "reason": why}))
         for f in ("ecc_volatile_uncorrected", "ecc_aggregate_uncorrected"):
             if s.get(f) is not None and prev.get(f) is not None and s[f] > prev[f]:
-                add("gpu_ecc", CORDON, counter=f, before=prev[f], now=s[f], reason="uncorrectable ECC errors rose")
+                out.append(
+                    (
+                        "gpu_ecc",
+                        CORDON,
+                        "critical",
+                        {
+                            "counter": f,
+                            "before": prev[f],
+                            "now": s[f],
+                            "reason": "uncorrectable ECC errors rose",
+                        },
+                    )
+                )
                 break
         if s.get("remap_failed") and not prev.get("remap_failed"):
-            add("gpu_remap", CORDON, reason="row remapping failed")
+            out.append(("gpu_remap", CORDON, "critical", {"reason": "row remapping failed"}))
         elif s.get("remap_pending") and not prev.get("remap_pending"):
-            add("gpu_remap", CORDON, pending=True, reason="row remap pending: the GPU needs a reset")
+            out.append(
+                (
+                    "gpu_remap",
+                    CORDON,
+                    "critical",
+                    {"pending": True, "reason": "row remap pending: the GPU needs a reset"},
+                )
+            )
         if s.get("recovery_action") and not prev.get("recovery_action"):
-            add("gpu_recovery", CORDON, recovery_action=s["recovery_action"], reason="driver asks for a recovery action")
-        hot = (s.get("temp") or 0) >= self.cfg.thermal_c or bool((s.get("throttle_reasons") or 0) & THERMAL_THROTTLE)
+            out.append(
+                (
+                    "gpu_recovery",
+                    CORDON,
+                    "critical",
+                    {
+                        "recovery_action": s["recovery_action"],
+                        "reason": "driver asks for a recovery action",
+                    },
+                )
+            )
+        return out
+
+    def _warnings(self, node: str, s: dict) -> list[tuple[str, str, str, dict]]:
+        """Thermal and power throttling: warned once until the condition clears."""
+        g, throttle = s["gpu"], s.get("throttle_reasons") or 0
+        out = []
+        hot = (s.get("temp") or 0) >= self.cfg.thermal_c or bool(throttle & THERMAL_THROTTLE)
         if hot and (node, g, "thermal") not in self.warned:
             self.warned.add((node, g, "thermal"))
-            add("thermal", WARN, "warning", temp=s.get("temp"), throttle_reasons=s.get("throttle_reasons"))
+            out.append(
+                (
+                    "thermal",
+                    WARN,
+                    "warning",
+                    {"temp": s.get("temp"), "throttle_reasons": s.get("throttle_reasons")},
+                )
+            )
         elif not hot:
             self.warned.discard((node, g, "thermal"))
-        if (s.get("throttle_reasons") or 0) & POWER_THROTTLE and (node, g, "power") not in self.warned:
+        if throttle & POWER_THROTTLE and (node, g, "power") not in self.warned:
             self.warned.add((node, g, "power"))
-            add("power_throttle", WARN, "warning", throttle_reasons=s.get("throttle_reasons"))
-        return ev
+            out.append(
+                ("power_throttle", WARN, "warning", {"throttle_reasons": s.get("throttle_reasons")})
+            )
+        return out
 
 
 class StragglerDetector:
     """A rank whose compute time stays above its peers' median by `straggler_factor` over a
-    confirmation window: the median, over the last `straggler_window` steps, of its per-step ratio to
-    the median of its peers (a median, so one noisy step neither makes nor breaks a streak).
-    Comparing with peers at the same step makes a job-wide slowdown invisible by construction; the
-    rank must also be slower than its own healthy history, so a rank that was always a little slower
-    is not flagged on noise. It fires once, and again only after a whole calm window."""
+    confirmation window: the median, over the last `straggler_window` steps, of its per-step
+    ratio to the median of its peers (a median, so one noisy step neither makes nor breaks a
+    streak). Comparing with peers at the same step makes a job-wide slowdown invisible by
+    construction; the rank must also be slower than its own healthy history, so a rank that was
+    always a little slower is not flagged on noise. It fires once, and again only after a whole
+    calm window."""
 
     def __init__(self, cfg: AnomalyConfig, world: int):
         self.cfg, self.world = cfg, world
@@ -107,27 +170,53 @@ class StragglerDetector:
             slow = typical > self.cfg.straggler_factor and x >= self.cfg.straggler_min_s and x > own
             if slow and r not in self.flagged:
                 self.flagged.add(r)
-                ev.append(AnomalyEvent(t, "straggler", "warning", WARN, rank=r, step=step, evidence={
-                    "compute_s": round(x, 5), "peers_median_s": round(peers, 5), "ratio": round(typical, 3),
-                    "own_median_s": round(own, 5), "window": self.cfg.straggler_window}))
+                ev.append(
+                    AnomalyEvent(
+                        t,
+                        "straggler",
+                        "warning",
+                        WARN,
+                        rank=r,
+                        step=step,
+                        evidence={
+                            "compute_s": round(x, 5),
+                            "peers_median_s": round(peers, 5),
+                            "ratio": round(typical, 3),
+                            "own_median_s": round(own, 5),
+                            "window": self.cfg.straggler_window,
+                        },
+                    )
+                )
             elif max(window) <= self.cfg.straggler_factor:
                 self.flagged.discard(r)
         return ev
 
 
 class NumericsDetector:
-    """NaN/Inf loss or grad norm -> rollback; a loss spike (robust z-score over a window) -> warning,
-    and a rollback after `spike_patience` consecutive spikes. Fed the job-wide mean loss per step."""
+    """NaN/Inf loss or grad norm -> rollback; a loss spike (robust z-score over a window) ->
+    warning, and a rollback after `spike_patience` consecutive spikes. Fed the job-wide mean loss
+    per step."""
 
     def __init__(self, cfg: AnomalyConfig):
         self.cfg = cfg
         self.window: deque = deque(maxlen=cfg.spike_window)
         self.spikes: list[int] = []
 
-    def observe(self, t: float, step: int, loss: float, grad_norm: float, rank: int | None = None) -> list[AnomalyEvent]:
+    def observe(
+        self, t: float, step: int, loss: float, grad_norm: float, rank: int | None = None
+    ) -> list[AnomalyEvent]:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return [AnomalyEvent(t, "nan", "critical", ROLLBACK, rank=rank, step=step,
-                                 evidence={"loss": repr(loss), "grad_norm": repr(grad_norm)})]
+            return [
+                AnomalyEvent(
+                    t,
+                    "nan",
+                    "critical",
+                    ROLLBACK,
+                    rank=rank,
+                    step=step,
+                    evidence={"loss": repr(loss), "grad_norm": repr(grad_norm)},
+                )
+            ]
         ev = []
         if len(self.window) >= self.window.maxlen // 2:
             med = statistics.median(self.window)
@@ -136,36 +225,28 @@ class NumericsDetector:
             if z > self.cfg.spike_z:
                 self.spikes.append(step)
                 action = ROLLBACK if len(self.spikes) >= self.cfg.spike_patience else WARN
-                ev.append(AnomalyEvent(t, "loss_spike", "warning" if action == WARN else "critical", action,
-                                       rank=rank, step=step, evidence={"loss": loss, "median": med, "z": round(z, 2),
-                                                                       "spike_steps": list(self.spikes)}))
+                ev.append(
+                    AnomalyEvent(
+                        t,
+                        "loss_spike",
+                        "warning" if action == WARN else "critical",
+                        action,
+                        rank=rank,
+                        step=step,
+                        evidence={
+                            "loss": loss,
+                            "median": med,
+                            "z": round(z, 2),
+                            "spike_steps": list(self.spikes),
+                        },
+                    )
+                )
                 if action == ROLLBACK:
                     self.spikes = []
                 return ev  # a spike does not enter the baseline
         self.spikes = []
         self.window.append(loss)
         return ev
-
-
-class HangDetector:
-    """No step progress on a rank for `hang_timeout` seconds while training (others wait at the collective)."""
-
-    def __init__(self, hang_timeout: float):
-        self.timeout = hang_timeout
-        self.last: dict[int, tuple[int, float]] = {}
-        self.fired: set[int] = set()
-
-    def observe(self, t: float, rank: int, step: int) -> list[AnomalyEvent]:
-        prev = self.last.get(rank)
-        if prev is None or step > prev[0]:
-            self.last[rank] = (step, t)
-            self.fired.discard(rank)
-            return []
-        if t - prev[1] > self.timeout and rank not in self.fired:
-            self.fired.add(rank)
-            return [AnomalyEvent(t, "hang", "critical", RESTART, rank=rank, step=step + 1,
-                                 evidence={"stalled_s": round(t - prev[1], 2), "last_step": step})]
-        return []
 
 
 class HostDetector:
@@ -191,8 +272,21 @@ class HostDetector:
             if per_min > self.cfg.leak_mb_per_min and r2 >= 0.9:
                 if rank not in self.flagged:
                     self.flagged.add(rank)
-                    ev.append(AnomalyEvent(t, "rss_leak", "warning", WARN, node=node, rank=rank, evidence={
-                        "mb_per_min": round(per_min, 1), "r2": round(r2, 3), "rss_mb": round(s[-1][1], 1)}))
+                    ev.append(
+                        AnomalyEvent(
+                            t,
+                            "rss_leak",
+                            "warning",
+                            WARN,
+                            node=node,
+                            rank=rank,
+                            evidence={
+                                "mb_per_min": round(per_min, 1),
+                                "r2": round(r2, 3),
+                                "rss_mb": round(s[-1][1], 1),
+                            },
+                        )
+                    )
             else:
                 self.flagged.discard(rank)
         return ev
@@ -202,7 +296,7 @@ def _fit(points) -> tuple[float, float]:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     syy = sum((y - my) ** 2 for y in ys)
     if sxx == 0 or syy == 0:
         return 0.0, 0.0

@@ -1,4 +1,5 @@
 """AnomalyEvent: what a detector found, with its evidence and the action it suggests."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ WARN, RESTART, ROLLBACK, CORDON = "warn", "restart", "rollback", "cordon"
 @dataclass(frozen=True)
 class AnomalyEvent:
     t: float
-    kind: str          # gpu_xid, gpu_ecc, gpu_remap, gpu_recovery, gpu_lost, hang, straggler, nan, loss_spike, rss_leak, thermal
-    severity: str      # "warning" or "critical"
-    action: str        # warn, restart, rollback, cordon
+    # gpu_xid, gpu_ecc, gpu_remap, gpu_recovery, gpu_lost, hang, straggler, nan, loss_spike,
+    # rss_leak, thermal
+    kind: str
+    severity: str  # "warning" or "critical"
+    action: str  # warn, restart, rollback, cordon
     node: str | None = None
     rank: int | None = None
     step: int | None = None

@@ -5,6 +5,7 @@ Contract: `training(rows)` takes the per-step records the ranks report (through 
 detectors raise. Every row goes to Parquet (`metrics/train`, `metrics/gpu`, `metrics/host`), every
 event to `events/` with the decision taken (`record_event`), and to Prometheus when enabled.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,12 @@ import math
 import time
 
 from resilient.anomaly import store
-from resilient.anomaly.detectors import HardwareDetector, HostDetector, NumericsDetector, StragglerDetector
+from resilient.anomaly.detectors import (
+    HardwareDetector,
+    HostDetector,
+    NumericsDetector,
+    StragglerDetector,
+)
 from resilient.anomaly.events import AnomalyEvent
 from resilient.config import JobSpec
 from resilient.rundir import RunDir
@@ -25,10 +31,12 @@ class AnomalyMonitor:
         self.straggler = StragglerDetector(cfg, spec.cluster.num_workers)
         self.numerics = NumericsDetector(cfg)
         self.host = HostDetector(cfg)
-        self.logs = {"train": store.ParquetLog(rundir, "metrics/train", store.TRAIN),
-                     "gpu": store.ParquetLog(rundir, "metrics/gpu", store.GPU),
-                     "host": store.ParquetLog(rundir, "metrics/host", store.HOST),
-                     "events": store.ParquetLog(rundir, "events", store.EVENTS)}
+        self.logs = {
+            "train": store.ParquetLog(rundir, "metrics/train", store.TRAIN),
+            "gpu": store.ParquetLog(rundir, "metrics/gpu", store.GPU),
+            "host": store.ParquetLog(rundir, "metrics/host", store.HOST),
+            "events": store.ParquetLog(rundir, "events", store.EVENTS),
+        }
         self.exporter = None
         if cfg.prometheus_port:
             from resilient.anomaly.exporter import Exporter
@@ -44,7 +52,9 @@ class AnomalyMonitor:
             if self.exporter:
                 self.exporter.training(r)
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
-                ev += self.numerics.observe(r["t"], r["step"], r["loss"], r["grad_norm"], rank=r["rank"])
+                ev += self.numerics.observe(
+                    r["t"], r["step"], r["loss"], r["grad_norm"], rank=r["rank"]
+                )
                 continue
             if r["rank"] == 0 and r.get("mean_loss") is not None:
                 ev += self.numerics.observe(r["t"], r["step"], r["mean_loss"], r["grad_norm"])
@@ -61,8 +71,12 @@ class AnomalyMonitor:
             ev += self.hardware.observe(node_id, g)
         host = sample.get("host")
         if host:
-            self.logs["host"].append([{**host, "node": node_id, "rss_json": json.dumps(host.get("rss", {}))}])
-            ev += self.host.observe(host["t"], node_id, {int(k): v for k, v in host.get("rss", {}).items()})
+            self.logs["host"].append(
+                [{**host, "node": node_id, "rss_json": json.dumps(host.get("rss", {}))}]
+            )
+            ev += self.host.observe(
+                host["t"], node_id, {int(k): v for k, v in host.get("rss", {}).items()}
+            )
         return ev
 
     def record_event(self, e: AnomalyEvent, decision: str) -> None:

@@ -5,6 +5,7 @@ own NVMLError subclasses), so `GpuCollector(SimulatedNvml(n))` exercises the rea
 Tests and chaos faults change readings with `set()`, queue XIDs with `xid()`, and lose a GPU with
 `lose()` (every call on it then raises NVMLError_GpuIsLost).
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,9 +25,26 @@ class SimulatedNvml:
     nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
 
     def __init__(self, count: int = 1):
-        self.gpus = [dict(util=35, mem_used=20 << 30, mem_total=80 << 30, temp=55.0, power_mw=300_000, sm_clock=1755,
-                          throttle=0, ecc_volatile=0, ecc_aggregate=0, retired_pending=0, remap_pending=False,
-                          remap_failed=False, pcie_replay=0, recovery_action=0, lost=False) for _ in range(count)]
+        self.gpus = [
+            dict(
+                util=35,
+                mem_used=20 << 30,
+                mem_total=80 << 30,
+                temp=55.0,
+                power_mw=300_000,
+                sm_clock=1755,
+                throttle=0,
+                ecc_volatile=0,
+                ecc_aggregate=0,
+                retired_pending=0,
+                remap_pending=False,
+                remap_failed=False,
+                pcie_replay=0,
+                recovery_action=0,
+                lost=False,
+            )
+            for _ in range(count)
+        ]
         self._events: deque = deque()
         self._lock = threading.Lock()
 
@@ -37,13 +55,16 @@ class SimulatedNvml:
 
     def xid(self, index: int, xid: int) -> None:
         with self._lock:
-            self._events.append(SimpleNamespace(device=index, eventType=self.nvmlEventTypeXidCriticalError,
-                                                eventData=xid))
+            self._events.append(
+                SimpleNamespace(
+                    device=index, eventType=self.nvmlEventTypeXidCriticalError, eventData=xid
+                )
+            )
 
     def lose(self, index: int) -> None:
         self.set(index, lost=True)
 
-    # -- the pynvml API -----------------------------------------------------------------------------
+    # -- the pynvml API ---------------------------------------------------------------------
     def nvmlInit(self) -> None:
         pass
 
@@ -67,7 +88,9 @@ class SimulatedNvml:
 
     def nvmlDeviceGetMemoryInfo(self, h):
         g = self._g(h)
-        return SimpleNamespace(used=g["mem_used"], total=g["mem_total"], free=g["mem_total"] - g["mem_used"])
+        return SimpleNamespace(
+            used=g["mem_used"], total=g["mem_total"], free=g["mem_total"] - g["mem_used"]
+        )
 
     def nvmlDeviceGetTemperature(self, h, sensor):
         return self._g(h)["temp"]
@@ -97,7 +120,10 @@ class SimulatedNvml:
 
     def nvmlDeviceGetFieldValues(self, h, fields):
         g = self._g(h)
-        return [SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(uiVal=g["recovery_action"])) for _ in fields]
+        return [
+            SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(uiVal=g["recovery_action"]))
+            for _ in fields
+        ]
 
     def nvmlEventSetCreate(self):
         return object()

@@ -5,6 +5,7 @@ complete file `<name>/part-<n>.parquet`, so the directory is a dataset pandas/py
 any moment while the job runs (`pd.read_parquet(run_dir + "/metrics/train")`). Schemas (README,
 "Metrics and events"): one column per key of the rows; the writer never drops a column.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,7 +33,9 @@ class ParquetLog:
             rows, self.rows = self.rows, []
         if not rows:
             return True
-        table = pa.Table.from_pylist([{f: r.get(f) for f in self.schema.names} for r in rows], schema=self.schema)
+        table = pa.Table.from_pylist(
+            [{f: r.get(f) for f in self.schema.names} for r in rows], schema=self.schema
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf)
         try:
@@ -46,15 +49,68 @@ class ParquetLog:
 
 
 f64, i64, s = pa.float64(), pa.int64(), pa.string()
-TRAIN = pa.schema([("t", f64), ("rank", i64), ("step", i64), ("data_step", i64), ("loss", f64),
-                   ("mean_loss", f64), ("grad_norm", f64), ("step_time", f64), ("compute_s", f64),
-                   ("data_wait", f64), ("tokens_per_s", f64), ("attempt", i64)])
-GPU = pa.schema([("t", f64), ("node", s), ("gpu", i64), ("lost", pa.bool_()), ("util", f64), ("mem_used", i64),
-                 ("mem_total", i64), ("temp", f64), ("power_w", f64), ("sm_clock", f64), ("throttle_reasons", i64),
-                 ("ecc_volatile_uncorrected", i64), ("ecc_aggregate_uncorrected", i64), ("retired_pending", i64),
-                 ("remap_pending", pa.bool_()), ("remap_failed", pa.bool_()), ("pcie_replay", i64),
-                 ("recovery_action", i64), ("xid", i64)])
-HOST = pa.schema([("t", f64), ("node", s), ("cpu_percent", f64), ("mem_percent", f64), ("disk_read", i64),
-                  ("disk_write", i64), ("net_sent", i64), ("net_recv", i64), ("rss_json", s)])
-EVENTS = pa.schema([("t", f64), ("kind", s), ("severity", s), ("action", s), ("node", s), ("rank", i64),
-                    ("step", i64), ("evidence", s), ("decision", s)])
+TRAIN = pa.schema(
+    [
+        ("t", f64),
+        ("rank", i64),
+        ("step", i64),
+        ("data_step", i64),
+        ("loss", f64),
+        ("mean_loss", f64),
+        ("grad_norm", f64),
+        ("step_time", f64),
+        ("compute_s", f64),
+        ("data_wait", f64),
+        ("tokens_per_s", f64),
+        ("attempt", i64),
+    ]
+)
+GPU = pa.schema(
+    [
+        ("t", f64),
+        ("node", s),
+        ("gpu", i64),
+        ("lost", pa.bool_()),
+        ("util", f64),
+        ("mem_used", i64),
+        ("mem_total", i64),
+        ("temp", f64),
+        ("power_w", f64),
+        ("sm_clock", f64),
+        ("throttle_reasons", i64),
+        ("ecc_volatile_uncorrected", i64),
+        ("ecc_aggregate_uncorrected", i64),
+        ("retired_pending", i64),
+        ("remap_pending", pa.bool_()),
+        ("remap_failed", pa.bool_()),
+        ("pcie_replay", i64),
+        ("recovery_action", i64),
+        ("xid", i64),
+    ]
+)
+HOST = pa.schema(
+    [
+        ("t", f64),
+        ("node", s),
+        ("cpu_percent", f64),
+        ("mem_percent", f64),
+        ("disk_read", i64),
+        ("disk_write", i64),
+        ("net_sent", i64),
+        ("net_recv", i64),
+        ("rss_json", s),
+    ]
+)
+EVENTS = pa.schema(
+    [
+        ("t", f64),
+        ("kind", s),
+        ("severity", s),
+        ("action", s),
+        ("node", s),
+        ("rank", i64),
+        ("step", i64),
+        ("evidence", s),
+        ("decision", s),
+    ]
+)

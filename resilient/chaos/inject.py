@@ -1,89 +1,108 @@
-"""Carrying out a fault on a running job, from the supervisor: timed and random chaos, and requests
-written by `resilient chaos inject` into the run directory's control folder.
+"""Carrying out a fault on a running job from the driver's side, through what `JobView` exposes.
 
-Contract: `carry_out(sup, group, fault, rank, node, params)` injects the fault for real (signals
-through the rank's own process, the node agent's simulated GPU or storage, the checkpoint bytes, or
-this very driver) and returns the record to journal. Requests are files `control/inject-<id>.json`
-holding {fault, rank, node, params}; each is carried out once and acknowledged in the journal.
+Contract: `aim(view, key, fault, rank, node, params)` checks that the fault can hit its target and
+returns the `FiredFault` to record (raising ValueError, with the reason, when it cannot: no such
+rank or node, no checkpoint to damage); it does no damage. `strike(view, fired, params)` does the
+damage for real: through the rank's own process (`WorkerGroup.inject`), a node agent's simulated
+GPU or persister, the checkpoint bytes (storage and every memory copy), or this very driver
+(SIGKILL). Markers and the journal are the controller's: it records a fault before it strikes.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
 
-from resilient.chaos.catalogue import FAULTS, GPU
+import ray
+
+from resilient.anomaly.detectors import XID_ACTIONS
+from resilient.catalogue import FAULTS, GPU
+from resilient.checkpoint.snapshot import SHARED
 from resilient.checkpoint.storage import ckpt_dir
+from resilient.rundir.markers import FiredFault
+from resilient.supervisor.hooks import JobView
 
-REQUESTS = "control"
+
+def is_fatal(fault: str, params: dict) -> bool:
+    """A GPU fault that would kill the CUDA context (and so the step of the ranks on that GPU)."""
+    return fault in ("gpu_lost", "ecc") or (fault == "gpu_xid" and params.get("xid") in XID_ACTIONS)
 
 
-def carry_out(sup, group, fault: str, rank: int | None, node: int | None, params: dict, index=None) -> dict:
-    ft = FAULTS[fault]
-    rec = {"index": index, "fault": fault, "rank": rank, "node": None, "injected_at": time.time(), "step": sup.step + 1}
-    if ft.target == "rank" or (fault in GPU and node is None):
+def aim(
+    view: JobView,
+    key: str,
+    fault: str,
+    rank: int | None,
+    node: int | None,
+    params: dict,
+    index: int | None = None,
+    request: str | None = None,
+) -> FiredFault:
+    if fault not in FAULTS:
+        raise ValueError(f"{fault!r} is not in the fault catalogue")
+    if FAULTS[fault].target == "rank" or (fault in GPU and node is None):
         rank = 0 if rank is None else rank
-        rec["rank"] = rank
-        if not 0 <= rank < len(group.workers):
+        if not 0 <= rank < view.group.size:
             raise ValueError(f"rank {rank} does not exist")
+    node_id = None
     if fault in GPU:
-        node_id = sup.nodes.node_at(node) if node is not None else group.placement[rank]
-        rec["node"] = node_id
-        on_node = [r for r, n in enumerate(group.placement) if n == node_id]
-        if on_node:  # the ranks on that GPU see the failure in their next step
-            for r in on_node:
-                group.workers[r].inject.remote(fault, params)
-        else:
-            sup.nodes.agent_for(node_id).gpu_fault.remote(fault, 0, **params)
-    elif ft.by == "worker":
-        group.workers[rank].inject.remote(fault, params)
+        node_id = view.nodes.node_at(node) if node is not None else view.group.placement[rank]
+        if node_id is None:
+            raise ValueError(f"node {node} does not exist")
+    damaged = None
+    if fault == "corrupt_checkpoint":
+        damaged = newest_checkpoint(view)
+        if damaged is None:
+            raise ValueError("no checkpoint to damage yet")
+    return FiredFault(
+        key,
+        fault,
+        time.time(),
+        step=view.step + 1,
+        rank=rank,
+        node=node_id,
+        index=index,
+        request=request,
+        damaged_step=damaged,
+    )
+
+
+def strike(view: JobView, fired: FiredFault, params: dict) -> None:
+    fault = fired.fault
+    if fault in GPU:
+        on_node = [r for r, n in enumerate(view.group.placement) if n == fired.node]
+        for r in on_node:  # the ranks on that GPU see the failure in their next step
+            view.group.inject(r, fault, params, is_fatal(fault, params))
+        if not on_node:
+            view.nodes.agent_for(fired.node).gpu_fault.remote(fault, params)
+    elif FAULTS[fault].by == "worker":
+        view.group.inject(fired.rank, fault, params)
     elif fault == "storage_outage":
-        for agent in sup.nodes.agents.values():
+        for agent in view.nodes.agents.values():
             agent.storage_outage.remote(params.get("seconds", 5.0))
     elif fault == "corrupt_checkpoint":
-        rec["damaged_step"] = corrupt_newest(sup)
-        if rec["damaged_step"] is None:
-            raise ValueError("no checkpoint to damage yet")
-    elif fault == "supervisor_kill":  # marker first: the resumed supervisor must not fire it again
-        sup.rundir.write_json(marker(index), rec)
-        sup.journal.append("chaos", **rec)
+        corrupt(view, fired.damaged_step)
+    elif fault == "supervisor_kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    return rec
 
 
-def marker(index) -> str:
-    return f"chaos/fired-{str(index).replace('/', '_')}.json"
-
-
-def corrupt_newest(sup) -> int | None:
-    """Damage the newest checkpoint: flip bytes in every copy of it (storage, memory, peer replica)."""
-    import ray
-
+def newest_checkpoint(view: JobView) -> int | None:
+    """The newest snapshot anywhere: in a node agent's memory or persisted."""
     in_memory = []
-    for agent in sup.nodes.agents.values():
+    for agent in view.nodes.agents.values():
         try:
             in_memory += [e["step"] for e in ray.get(agent.inventory.remote(), timeout=10)]
-        except Exception:
+        except Exception:  # an agent that is gone holds nothing
             pass
-    persisted = sup.store.steps()
-    step = max(in_memory + persisted, default=None)
-    if step is None:
-        return None
-    if step in persisted:
-        path = f"{ckpt_dir(step)}/shared.safetensors"
-        data = bytearray(sup.rundir.read_bytes(path))
+    return max(in_memory + view.store.steps(), default=None)
+
+
+def corrupt(view: JobView, step: int) -> None:
+    """Flip bytes in every copy of `step`: in storage and in every node agent's memory."""
+    if step in view.store.steps():
+        path = f"{ckpt_dir(step)}/{SHARED}"
+        data = bytearray(view.store.rundir.read_bytes(path))
         data[len(data) // 2] ^= 0xFF
-        sup.rundir.write_bytes(path, bytes(data))
-    ray.get([agent.corrupt.remote(step) for agent in sup.nodes.agents.values()], timeout=10)
-    return step
-
-
-def pending_requests(rundir) -> list[tuple[str, dict]]:
-    out = []
-    for name in rundir.listdir(REQUESTS):
-        if name.startswith("inject-") and name.endswith(".json"):
-            try:
-                out.append((name[7:-5], rundir.read_json(f"{REQUESTS}/{name}")))
-            except Exception:  # half-written: next time
-                continue
-    return out
+        view.store.rundir.write_bytes(path, bytes(data))
+    ray.get([agent.corrupt.remote(step) for agent in view.nodes.agents.values()], timeout=10)

@@ -7,58 +7,129 @@ time), or, for faults that need no restart (slow, thermal, a storage outage), to
 that noticed it; such a fault counts as recovered once the job finished a step after it.
 Totals: `faults`, `recovered`, `goodput` and its lost-time breakdown (see accounting.py).
 """
+
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
-from resilient.supervisor.accounting import account
+from resilient.rundir.markers import FiredFault
+from resilient.runlog.accounting import account
 
-NOTICED_BY = {"slow": ("straggler",), "thermal": ("thermal",), "storage_outage": ("persist_error",),
-              "corrupt_checkpoint": ("restore",)}
+NOTICED_BY = {
+    "slow": ("straggler",),
+    "thermal": ("thermal",),
+    "storage_outage": ("persist_error",),
+    "corrupt_checkpoint": ("restore",),
+}
 
 
-def build(records: list[dict], markers: list[dict]) -> dict:
+def _noticed(records: list[dict], m: FiredFault) -> dict | None:
+    """The first record after `m` fired that shows it was noticed (see NOTICED_BY)."""
+    kinds = NOTICED_BY.get(m.fault, ())
+    for r in records:
+        if r["t"] < m.injected_at:
+            continue
+        if r["type"] == "anomaly" and r["kind"] in kinds:
+            return r
+        if r["type"] in kinds and (r["type"] != "restore" or r.get("skipped")):
+            return r
+    return None
+
+
+def _unacted(records: list[dict], progress: list[tuple], m: FiredFault) -> dict:
+    """The entry of a fault that needed no restart: who noticed, recovered at its next step."""
+    seen = _noticed(records, m)
+    after = next((t for t, _ in progress if t > m.injected_at), None)
+    if seen is None:
+        by = None
+    else:
+        by = f"anomaly detector: {seen['kind']}" if seen["type"] == "anomaly" else seen["type"]
+    return {
+        "kind": m.fault,
+        "rank": m.rank,
+        "node": m.node,
+        "step": m.step,
+        "injected_at": m.injected_at,
+        "detected_at": seen["t"] if seen else None,
+        "detected_by": by,
+        "decision": (seen or {}).get("decision", "none: training went on"),
+        "recovered_at": after,
+        "recovery_s": round(after - m.injected_at, 3) if after else None,
+        "steps_replayed": 0,
+        "lost_s": {},
+    }
+
+
+def build(records: list[dict], markers: list[FiredFault]) -> dict:
     acc = account(records)
     faults = list(acc["faults"])
     matched = {round(f["injected_at"], 3) for f in faults if f.get("injected_at")}
     progress = [(r["t"], r["step"]) for r in records if r["type"] == "progress"]
-    for m in sorted(markers, key=lambda m: m["injected_at"]):
-        if not m.get("fault") or round(m["injected_at"], 3) in matched:
-            continue
-        kinds = NOTICED_BY.get(m["fault"], ())
-        seen = next((r for r in records if r["t"] >= m["injected_at"] and (
-            (r["type"] == "anomaly" and r["kind"] in kinds) or (r["type"] in kinds and r["type"] != "restore")
-            or (r["type"] == "restore" and "restore" in kinds and r.get("skipped")))), None)
-        after = next((t for t, _ in progress if t > m["injected_at"]), None)
-        faults.append({"kind": m["fault"], "rank": m.get("rank"), "node": m.get("node"), "step": m.get("step"),
-                       "injected_at": m["injected_at"], "detected_at": seen["t"] if seen else None,
-                       "detected_by": (f"anomaly detector: {seen['kind']}" if seen and seen["type"] == "anomaly"
-                                       else seen["type"] if seen else None),
-                       "decision": seen.get("decision", "none: training went on") if seen else "none: training went on",
-                       "recovered_at": after, "recovery_s": round(after - m["injected_at"], 3) if after else None,
-                       "steps_replayed": 0, "lost_s": {}})
+    for m in sorted(markers, key=lambda m: m.injected_at):
+        if round(m.injected_at, 3) not in matched:
+            faults.append(_unacted(records, progress, m))
     faults.sort(key=lambda f: f.get("injected_at") or f["detected_at"] or 0)
     recovered = sum(1 for f in faults if f["recovered_at"])
-    totals = {"faults": len(faults), "recovered": recovered, "goodput": acc["goodput"], "lost_s": acc["lost_s"],
-              "wall_s": acc["wall_s"]}
-    return {"faults": faults, "totals": totals, "recovered": recovered, "goodput": acc["goodput"],
-            "lost_s": acc["lost_s"], "wall_s": acc["wall_s"]}
+    totals = {
+        "faults": len(faults),
+        "recovered": recovered,
+        "goodput": acc["goodput"],
+        "lost_s": acc["lost_s"],
+        "wall_s": acc["wall_s"],
+    }
+    return {
+        "faults": faults,
+        "totals": totals,
+        "recovered": recovered,
+        "goodput": acc["goodput"],
+        "lost_s": acc["lost_s"],
+        "wall_s": acc["wall_s"],
+    }
 
 
 def print_report(report: dict, console: Console) -> None:
     tot = report["totals"]
     goodput = "n/a" if tot["goodput"] is None else f"{tot['goodput']:.1%}"
-    t = Table(title=f"chaos report: {tot['recovered']}/{tot['faults']} faults recovered, goodput {goodput}",
-              title_justify="left")
-    for col in ("fault", "target", "step", "detected by", "after", "decision", "recovery_s", "replayed"):
+    t = Table(
+        title=f"chaos report: {tot['recovered']}/{tot['faults']} faults recovered, goodput "
+        f"{goodput}",
+        title_justify="left",
+    )
+    for col in (
+        "fault",
+        "target",
+        "step",
+        "detected by",
+        "after",
+        "decision",
+        "recovery_s",
+        "replayed",
+    ):
         t.add_column(col)
     for f in report["faults"]:
-        lag = f"{f['detected_at'] - f['injected_at']:.2f}s" if f.get("detected_at") and f.get("injected_at") else "-"
-        target = f"rank {f['rank']}" if f.get("rank") is not None else (str(f.get("node"))[:8] if f.get("node") else "job")
-        t.add_row(f["kind"], target, str(f.get("step")), str(f.get("detected_by") or "-"), lag, str(f.get("decision") or "-"),
-                  f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered",
-                  str(f.get("steps_replayed") or 0))
+        lag = (
+            f"{f['detected_at'] - f['injected_at']:.2f}s"
+            if f.get("detected_at") and f.get("injected_at")
+            else "-"
+        )
+        target = (
+            f"rank {f['rank']}"
+            if f.get("rank") is not None
+            else (str(f.get("node"))[:8] if f.get("node") else "job")
+        )
+        t.add_row(
+            f["kind"],
+            target,
+            str(f.get("step")),
+            str(f.get("detected_by") or "-"),
+            lag,
+            str(f.get("decision") or "-"),
+            f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered",
+            str(f.get("steps_replayed") or 0),
+        )
     console.print(t)
     lost = ", ".join(f"{k} {v:.2f}s" for k, v in report["lost_s"].items())
-    console.print(f"lost time: {lost} (of {report['wall_s']:.1f}s training wall time)", highlight=False)
+    console.print(
+        f"lost time: {lost} (of {report['wall_s']:.1f}s training wall time)", highlight=False
+    )

@@ -4,13 +4,12 @@ Contract: `random_schedule(mtbf_s, faults, seed, num_workers, horizon_s)` is pur
 arguments give the same list of `[[chaos]]` entries (dicts with `at_time`, `fault`, `rank`).
 `parse_duration("60s")` reads 60, "60s", "5m", "1h".
 """
+
 from __future__ import annotations
 
 import random
 
 from resilient.errors import UserError
-
-DEFAULT_FAULTS = ("kill", "exit", "hang")
 
 
 def parse_duration(text: str) -> float:
@@ -22,8 +21,14 @@ def parse_duration(text: str) -> float:
         raise UserError(f"--chaos-mtbf {text!r}: give a duration such as 60s, 5m or 1h") from None
 
 
-def random_schedule(mtbf_s: float, faults: tuple[str, ...], seed: int, num_workers: int,
-                    horizon_s: float = 7 * 24 * 3600, limit: int = 10_000) -> list[dict]:
+def random_schedule(
+    mtbf_s: float,
+    faults: tuple[str, ...],
+    seed: int,
+    num_workers: int,
+    horizon_s: float = 7 * 24 * 3600,
+    limit: int = 10_000,
+) -> list[dict]:
     if mtbf_s <= 0:
         raise UserError("--chaos-mtbf must be positive")
     r = random.Random(seed)
@@ -32,5 +37,7 @@ def random_schedule(mtbf_s: float, faults: tuple[str, ...], seed: int, num_worke
         t += r.expovariate(1.0 / mtbf_s)
         if t > horizon_s:
             break
-        out.append({"at_time": round(t, 3), "fault": r.choice(faults), "rank": r.randrange(num_workers)})
+        out.append(
+            {"at_time": round(t, 3), "fault": r.choice(faults), "rank": r.randrange(num_workers)}
+        )
     return out

@@ -1,4 +1,6 @@
-"""TCE: what a training state is, how it is serialised (safetensors + JSON) and committed to storage."""
+"""TCE: what a training state is, how it is serialised (safetensors + JSON) and committed to
+storage."""
+
 from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 

@@ -8,9 +8,9 @@ snapshots to its node's agent on a background thread, in order: every one that m
 `handoff_s` seconds (0 = every snapshot); the agent replicates each to a peer and persists those
 marked. `flush()` hands this rank's newest snapshot to its agent now (the supervisor calls it
 on a survivor before a restart, so a restart replays nothing). `finish(step)` waits until `step` is
-durable in storage. `load(source, store, fingerprint)` fetches and verifies a snapshot from memory
-or storage.
+durable in storage.
 """
+
 from __future__ import annotations
 
 import queue
@@ -19,18 +19,33 @@ import time
 
 import ray
 
-from resilient.checkpoint.snapshot import META, SHARED, Snapshot
-from resilient.checkpoint.storage import CheckpointStore, make_manifest
+from resilient.checkpoint.snapshot import Snapshot
+from resilient.checkpoint.storage import make_manifest
 
 
 class CheckpointEngine:
-    def __init__(self, agent, fingerprint: str, persist_every: int, every: int, rank: int, handoff_s: float = 0.0):
+    def __init__(
+        self,
+        agent,
+        fingerprint: str,
+        persist_every: int,
+        every: int,
+        rank: int,
+        handoff_s: float = 0.0,
+    ):
         self.agent, self.fingerprint, self.persist_every, self.every, self.rank = (
-            agent, fingerprint, persist_every, every, rank)
+            agent,
+            fingerprint,
+            persist_every,
+            every,
+            rank,
+        )
         self.handoff_s = handoff_s
         self._queue: queue.Queue = queue.Queue()
         self.error: str | None = None
-        self.records: list[dict] = []  # blocking time etc. of each handed-off snapshot, drained by the heartbeat
+        self.records: list[
+            dict
+        ] = []  # blocking time etc. of each handed-off snapshot, drained by the heartbeat
         self.latest: Snapshot | None = None
         self.handed_step = -1  # the newest step this rank gave its agent
         self._last_handoff = 0.0
@@ -70,10 +85,19 @@ class CheckpointEngine:
             try:
                 seconds = self._put(snap, persist)
                 with self._lock:
-                    self.records.append({"step": snap.step, "blocking_s": blocking, "bytes": snap.nbytes,
-                                         "handoff_s": seconds, "persist": persist})
+                    self.records.append(
+                        {
+                            "step": snap.step,
+                            "blocking_s": blocking,
+                            "bytes": snap.nbytes,
+                            "handoff_s": seconds,
+                            "persist": persist,
+                        }
+                    )
             except Exception as e:  # the agent is gone: reported, the supervisor decides
-                self.error = f"checkpoint handoff failed at step {snap.step}: {type(e).__name__}: {e}"
+                self.error = (
+                    f"checkpoint handoff failed at step {snap.step}: {type(e).__name__}: {e}"
+                )
             finally:
                 self._queue.task_done()
 
@@ -102,13 +126,6 @@ class CheckpointEngine:
         if self.error:
             raise RuntimeError(self.error)
         if not ray.get(self.agent.wait_persisted.remote(step, timeout)):
-            raise TimeoutError(f"step {step} was not persisted within checkpoint.persist_timeout={timeout}s")
-
-
-def load(source: dict, store: CheckpointStore, fingerprint: str) -> Snapshot:
-    """The snapshot `source` names ({step, tier, agent}), verified."""
-    step = source["step"]
-    if source.get("agent") is not None:
-        got = ray.get(source["agent"].fetch.remote(step, [SHARED, META], fingerprint))
-        return Snapshot.from_files(got["files"])
-    return Snapshot.from_files(store.load(step, fingerprint))
+            raise TimeoutError(
+                f"step {step} was not persisted within checkpoint.persist_timeout={timeout}s"
+            )

@@ -1,4 +1,5 @@
-"""The host-memory tier of one node: snapshots kept in RAM, newest first, with a bounded persist queue.
+"""The host-memory tier of one node: snapshots kept in RAM, newest first, with a bounded persist
+queue.
 
 Contract (no Ray, no I/O: the NodeAgent wraps it): `put()` stores a snapshot's files and manifest as
 the primary copy (`role="memory"`) or a replica from a peer (`role="peer"`). The newest `keep`
@@ -6,6 +7,7 @@ snapshots stay; an older one stays only while it still waits to be persisted. At
 snapshots wait for storage: past that the oldest waiting one is dropped (never the newest) and the
 drop is returned as an event for the journal.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,13 +19,18 @@ class Entry:
     step: int
     files: dict[str, bytes]
     manifest: dict
-    role: str                 # "memory" (this node's rank wrote it) or "peer" (a replica)
-    persist: bool = False     # still has to reach storage
+    role: str  # "memory" (this node's rank wrote it) or "peer" (a replica)
+    persist: bool = False  # still has to reach storage
     persisted: bool = False
 
     def summary(self) -> dict:
-        return {"step": self.step, "role": self.role, "persisted": self.persisted,
-                "bytes": sum(len(b) for b in self.files.values()), "fingerprint": self.manifest.get("fingerprint")}
+        return {
+            "step": self.step,
+            "role": self.role,
+            "persisted": self.persisted,
+            "bytes": sum(len(b) for b in self.files.values()),
+            "fingerprint": self.manifest.get("fingerprint"),
+        }
 
 
 @dataclass
@@ -42,8 +49,13 @@ class MemoryTier:
             while len(pending) > self.max_pending:
                 oldest = pending.pop(0)
                 self.entries[oldest].persist = False
-                events.append({"event": "persist_dropped", "step": oldest,
-                               "reason": f"{self.max_pending} snapshots already waiting for storage"})
+                events.append(
+                    {
+                        "event": "persist_dropped",
+                        "step": oldest,
+                        "reason": f"{self.max_pending} snapshots already waiting for storage",
+                    }
+                )
             self._evict()
             self.lock.notify_all()
         return events

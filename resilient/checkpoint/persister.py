@@ -6,6 +6,7 @@ retried with exponential backoff (0.5 s doubling to `max_backoff`) while trainin
 commit, failure and retention deletion becomes an event for the journal (`drain_events`).
 `wait_persisted(step, timeout)` blocks until that step is in storage.
 """
+
 from __future__ import annotations
 
 import threading
@@ -16,8 +17,21 @@ from resilient.checkpoint.storage import CheckpointStore
 
 
 class Persister:
-    def __init__(self, tier: MemoryTier, store: CheckpointStore, keep: int, keep_every: int, max_backoff: float = 8.0):
-        self.tier, self.store, self.keep, self.keep_every, self.max_backoff = tier, store, keep, keep_every, max_backoff
+    def __init__(
+        self,
+        tier: MemoryTier,
+        store: CheckpointStore,
+        keep: int,
+        keep_every: int,
+        max_backoff: float = 8.0,
+    ):
+        self.tier, self.store, self.keep, self.keep_every, self.max_backoff = (
+            tier,
+            store,
+            keep,
+            keep_every,
+            max_backoff,
+        )
         self.persisted: set[int] = set()
         self.outage_until = 0.0
         self._events: list[dict] = []
@@ -44,12 +58,16 @@ class Persister:
                     continue
             t0 = time.time()
             try:
-                if time.time() < self.outage_until:  # chaos `storage_outage`: storage refuses writes
+                if time.time() < self.outage_until:  # chaos `storage_outage`: refuse writes
                     raise ConnectionRefusedError("storage unavailable (injected storage_outage)")
                 m = self.store.commit(entry.files, entry.manifest)
             except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
-                self.event(event="persist_error", step=entry.step, error=f"{type(e).__name__}: {e}"[:300],
-                           retry_in=delay)
+                self.event(
+                    event="persist_error",
+                    step=entry.step,
+                    error=f"{type(e).__name__}: {e}"[:300],
+                    retry_in=delay,
+                )
                 time.sleep(delay)
                 delay = min(self.max_backoff, delay * 2)
                 continue
@@ -58,8 +76,13 @@ class Persister:
                 self.persisted.add(entry.step)
                 self.tier.mark_persisted(entry.step)
             size = sum(f["size"] for f in m["files"].values())
-            self.event(event="persisted", step=entry.step, seconds=time.time() - t0, bytes=size,
-                       persisted_at=m["persisted_at"])
+            self.event(
+                event="persisted",
+                step=entry.step,
+                seconds=time.time() - t0,
+                bytes=size,
+                persisted_at=m["persisted_at"],
+            )
             try:
                 deleted = self.store.retain(self.keep, self.keep_every)
                 if deleted:

@@ -1,11 +1,12 @@
 """A training state in host memory and its serialised form.
 
 Contract: a `Snapshot` holds everything needed to continue training bit for bit: adapter weights,
-optimizer and scheduler state and the data position (saved once, DDP replicates them); `per_rank`
-holds rank-specific tensors where a trainer has any (ours has none: its random draws are seeded per
-step). `to_files()` gives safetensors and JSON bytes only; `Snapshot.from_files()` reads
-them back without executing anything from them (no pickle).
+optimizer and scheduler state and the data position. All of it is `shared` by the ranks (DDP keeps
+it equal on every rank, and random draws are seeded per step), so any rank's copy restores every
+rank. `to_files()` gives safetensors and JSON bytes only; `Snapshot.from_files()` reads them back
+without executing anything from them (no pickle).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,40 +21,29 @@ SHARED = "shared.safetensors"
 META = "meta.json"
 
 
-def rank_file(rank: int) -> str:
-    return f"rank{rank:05d}.safetensors"
-
-
 @dataclass
 class Snapshot:
-    """State after `step` finished. `shared` tensors are rank-independent; `per_rank[r]` are rank r's."""
+    """State after `step` finished: `shared` tensors (adapter, optimizer) and JSON `meta`."""
 
     step: int
     data_step: int
     shared: dict[str, torch.Tensor]
-    per_rank: dict[int, dict[str, torch.Tensor]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_files(self) -> dict[str, bytes]:
-        files = {SHARED: st_save(self.shared)}
-        for r, tensors in sorted(self.per_rank.items()):
-            files[rank_file(r)] = st_save(tensors)
-        meta = {**self.meta, "step": self.step, "data_step": self.data_step, "ranks": sorted(self.per_rank)}
-        files[META] = json.dumps(meta, sort_keys=True).encode()
-        return files
+        meta = {**self.meta, "step": self.step, "data_step": self.data_step}
+        return {SHARED: st_save(self.shared), META: json.dumps(meta, sort_keys=True).encode()}
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes]) -> "Snapshot":
+    def from_files(cls, files: dict[str, bytes]) -> Snapshot:
         meta = json.loads(files[META])
-        # A rank restoring from memory fetches only the shared part and its own file.
-        per_rank = {r: st_load(files[rank_file(r)]) for r in meta["ranks"] if rank_file(r) in files}
-        return cls(step=meta["step"], data_step=meta["data_step"], shared=st_load(files[SHARED]),
-                   per_rank=per_rank, meta=meta)
+        return cls(
+            step=meta["step"], data_step=meta["data_step"], shared=st_load(files[SHARED]), meta=meta
+        )
 
     @property
     def nbytes(self) -> int:
-        tensors = list(self.shared.values()) + [t for d in self.per_rank.values() for t in d.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.shared.values())
 
 
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,7 +52,8 @@ def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `optimizer.state_dict()` into tensors (`optim.<pid>.<key>`) and JSON (groups, scalars)."""
+    """Split `optimizer.state_dict()` into tensors (`optim.<pid>.<key>`) and JSON (groups,
+    scalars)."""
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():
         for k, v in entry.items():

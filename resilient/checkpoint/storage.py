@@ -1,10 +1,11 @@
 """Checkpoints in a run directory: atomic commit by manifest, verification, listing, retention.
 
-Contract: a checkpoint `checkpoints/step_<step>/` is visible only once its `manifest.json` (sizes and
-sha256 of every file, written last) exists; a writer that dies earlier leaves nothing visible.
+Contract: a checkpoint `checkpoints/step_<step>/` is visible only once its `manifest.json` (sizes
+and sha256 of every file, written last) exists; a writer that dies earlier leaves nothing visible.
 `load(step)` returns the files only if every checksum, the step and (when given) the spec
 fingerprint match; otherwise it raises `CheckpointInvalid` with the reason.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,26 +24,40 @@ class CheckpointInvalid(Exception):
 
 
 def make_manifest(step: int, files: dict[str, bytes], fingerprint: str, **extra: Any) -> dict:
-    """The manifest of a checkpoint: sizes and sha256 of every file, the step and the spec fingerprint."""
-    return {"format": 1, "step": step, "fingerprint": fingerprint, "created_at": time.time(),
-            "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()}, **extra}
+    """The manifest of a checkpoint: sizes and sha256 of every file, the step and the spec
+    fingerprint."""
+    return {
+        "format": 1,
+        "step": step,
+        "fingerprint": fingerprint,
+        "created_at": time.time(),
+        "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()},
+        **extra,
+    }
 
 
-def verify_files(files: dict[str, bytes], manifest: dict, step: int, fingerprint: str | None = None) -> None:
-    """Raise CheckpointInvalid unless `files` match `manifest` (sizes, checksums), its step and fingerprint.
+def verify_files(
+    files: dict[str, bytes], manifest: dict, step: int, fingerprint: str | None = None
+) -> None:
+    """Raise CheckpointInvalid unless `files` match `manifest` (sizes, checksums), its step and
+    fingerprint.
 
     Only the files present are checked, so a rank may fetch and verify just the parts it needs."""
     if manifest.get("step") != step:
         raise CheckpointInvalid(f"step {step}: manifest says step {manifest.get('step')}")
     if fingerprint and manifest.get("fingerprint") != fingerprint:
-        raise CheckpointInvalid(f"step {step}: written by a different spec "
-                                f"(fingerprint {manifest.get('fingerprint')} != {fingerprint})")
+        raise CheckpointInvalid(
+            f"step {step}: written by a different spec "
+            f"(fingerprint {manifest.get('fingerprint')} != {fingerprint})"
+        )
     for name, data in files.items():
         info = manifest["files"].get(name)
         if info is None:
             raise CheckpointInvalid(f"step {step}: {name} is not in the manifest")
         if len(data) != info["size"] or sha256(data) != info["sha256"]:
-            raise CheckpointInvalid(f"step {step}: {name} checksum mismatch (size {len(data)}, want {info['size']})")
+            raise CheckpointInvalid(
+                f"step {step}: {name} checksum mismatch (size {len(data)}, want {info['size']})"
+            )
 
 
 def ckpt_dir(step: int) -> str:
@@ -60,7 +75,8 @@ class CheckpointStore:
         self.rundir = rundir
 
     def commit(self, files: dict[str, bytes], manifest: dict) -> dict:
-        """Write `files`, then the manifest that makes them visible. Returns the manifest as written."""
+        """Write `files`, then the manifest that makes them visible. Returns the manifest as
+        written."""
         d = ckpt_dir(manifest["step"])
         for name, data in files.items():
             self.rundir.write_bytes(f"{d}/{name}", data)
@@ -96,19 +112,6 @@ class CheckpointStore:
 
     def verify(self, step: int, fingerprint: str | None = None) -> None:
         self.load(step, fingerprint)
-
-    def newest_valid(self, fingerprint: str | None = None, at_most: int | None = None) -> tuple[int | None, list[str]]:
-        """The newest checkpoint that verifies (optionally at or before `at_most`), and why newer ones were skipped."""
-        skipped = []
-        for step in reversed(self.steps()):
-            if at_most is not None and step > at_most:
-                continue
-            try:
-                self.verify(step, fingerprint)
-                return step, skipped
-            except CheckpointInvalid as e:
-                skipped.append(str(e))
-        return None, skipped
 
     def retain(self, keep: int, keep_every: int = 0) -> list[int]:
         """Apply `retention.doomed` to the committed checkpoints. Returns the deleted steps."""

@@ -1,4 +1,6 @@
-"""Connect to Ray, create the run directory, run the supervisor, follow progress, print the summary."""
+"""Connect to Ray, create the run directory, run the supervisor, follow progress, print the
+summary."""
+
 from resilient.launcher.launch import launch, resume
 
 __all__ = ["launch", "resume"]

@@ -4,6 +4,7 @@ Contract: `connect(cluster)` returns a `Connection` whose `close()` undoes exact
 `check_capacity(spec)` raises UserError naming `cluster.num_workers` when the worker bundles cannot
 all be placed on the cluster's nodes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,14 +30,20 @@ class Connection:
 
 
 def connect(cfg: ClusterConfig) -> Connection:
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                  configure_logging=True)
+    common = dict(
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+    )
     if cfg.address:
         try:
             ray.init(address=cfg.address, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cluster.address {cfg.address!r}: cannot connect to Ray ({e}); start one with "
-                            '`ray start --head` or set cluster.address = "" for an embedded local cluster') from None
+            raise UserError(
+                f"cluster.address {cfg.address!r}: cannot connect to Ray ({e}); start one with "
+                '`ray start --head` or set cluster.address = "" for an embedded local cluster'
+            ) from None
         return Connection(embedded=False)
     cpus = os.cpu_count() or 1
     if cfg.local_nodes == 1:
@@ -47,10 +54,16 @@ def connect(cfg: ClusterConfig) -> Connection:
     # The head node (GCS, this driver) gets no CPUs, so no rank or agent lands on it: a simulated
     # node can then be removed (chaos `node_loss`) without taking the control plane with it.
     per_node = max(1, math.ceil(cpus / cfg.local_nodes))
-    # Simulated nodes die for real (chaos kills their raylet): notice that in seconds, not Ray's default ~30 s.
-    fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
-                  "health_check_initial_delay_ms": 1000}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death})
+    # Simulated nodes die for real (chaos kills their raylet): notice that in seconds, not Ray's
+    # default ~30 s.
+    fast_death = {
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 4,
+        "health_check_initial_delay_ms": 1000,
+    }
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death}
+    )
     for _ in range(cfg.local_nodes):
         cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()
@@ -73,6 +86,9 @@ def check_capacity(spec: JobSpec) -> None:
     fit = placeable(bundle, nodes)
     if fit < spec.cluster.num_workers:
         raise UserError(
-            f"cluster.num_workers = {spec.cluster.num_workers} cannot be placed: the cluster's {len(nodes)} node(s) "
-            f"fit only {fit} worker(s) of cluster.resources_per_worker = {bundle}. Lower cluster.num_workers "
-            "or cluster.resources_per_worker (e.g. {CPU = 0.5}), or add nodes.")
+            f"cluster.num_workers = {spec.cluster.num_workers} cannot be placed: the cluster's "
+            f"{len(nodes)} node(s) "
+            f"fit only {fit} worker(s) of cluster.resources_per_worker = {bundle}. Lower "
+            "cluster.num_workers "
+            "or cluster.resources_per_worker (e.g. {CPU = 0.5}), or add nodes."
+        )

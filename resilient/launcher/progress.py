@@ -1,9 +1,10 @@
 """The live progress line and the end-of-run summary.
 
-Contract: `ProgressLine.update(status)` shows `state step/total, loss, tokens/s, restarts, ETA`; on a
-terminal it redraws one line (rich), elsewhere it prints a line when the state changes or every
+Contract: `ProgressLine.update(status)` shows `state step/total, loss, tokens/s, restarts, ETA`; on
+a terminal it redraws one line (rich), elsewhere it prints a line when the state changes or every
 `every_s` seconds, so logs stay readable. `print_summary(status, console)` prints the run's outcome.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,7 +25,11 @@ def _eta(seconds: float | None) -> str:
 class ProgressLine:
     def __init__(self, console: Console, every_s: float = 5.0):
         self.console, self.every_s = console, every_s
-        self.live = Live(console=console, refresh_per_second=4, transient=True) if console.is_terminal else None
+        self.live = (
+            Live(console=console, refresh_per_second=4, transient=True)
+            if console.is_terminal
+            else None
+        )
         self._samples: list[tuple[float, int]] = []
         self._last_print, self._last_state = 0.0, None
         self.loss = self.tps = None
@@ -45,11 +50,15 @@ class ProgressLine:
         (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
         eta = (total - step) * (t1 - t0) / (s1 - s0) if s1 > s0 else None
         self.loss = s.get("loss", self.loss) if s.get("loss") is not None else self.loss
-        self.tps = s.get("tokens_per_s", self.tps) if s.get("tokens_per_s") is not None else self.tps
+        self.tps = (
+            s.get("tokens_per_s", self.tps) if s.get("tokens_per_s") is not None else self.tps
+        )
         loss = f"{self.loss:.4f}" if self.loss is not None else "-"
         tps = f"{self.tps:,.0f}" if self.tps is not None else "-"
-        return (f"{s['state']:<11} step {step}/{total}  loss {loss}  {tps} tok/s  "
-                f"restarts {s.get('restarts', 0)}  ETA {_eta(eta)}")
+        return (
+            f"{s['state']:<11} step {step}/{total}  loss {loss}  {tps} tok/s  "
+            f"restarts {s.get('restarts', 0)}  ETA {_eta(eta)}"
+        )
 
     def update(self, s: dict) -> None:
         line = self.render(s)
@@ -64,8 +73,10 @@ class ProgressLine:
 
 def print_summary(s: dict, console: Console, wall_s: float) -> None:
     ok = s["state"] == "SUCCEEDED"
-    console.print(f"\n[bold {'green' if ok else 'red'}]{s['state']}[/] {s.get('name')}/{s.get('run_id')}: "
-                  f"step {s['step']}/{s['total_steps']} in {wall_s:.1f}s, restarts {s['restarts']}")
+    console.print(
+        f"\n[bold {'green' if ok else 'red'}]{s['state']}[/] {s.get('name')}/{s.get('run_id')}: "
+        f"step {s['step']}/{s['total_steps']} in {wall_s:.1f}s, restarts {s['restarts']}"
+    )
     console.print(f"run directory: {s.get('run_dir')}", highlight=False, soft_wrap=True)
     if ok:
         console.print(f"final adapter: {s.get('run_dir')}/final", highlight=False, soft_wrap=True)
@@ -78,5 +89,12 @@ def print_summary(s: dict, console: Console, wall_s: float) -> None:
         for f in s["faults"]:
             lag = f"{f['detected_at'] - f['injected_at']:.2f}s" if f.get("injected_at") else "-"
             rec = f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered"
-            t.add_row(f["kind"], str(f["rank"]), str(f["step"]), lag, rec, str(f.get("steps_replayed", "-")))
+            t.add_row(
+                f["kind"],
+                str(f["rank"]),
+                str(f["step"]),
+                lag,
+                rec,
+                str(f.get("steps_replayed", "-")),
+            )
         console.print(t)

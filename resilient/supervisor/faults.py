@@ -1,45 +1,60 @@
-"""Faults the supervisor notices and the decisions its policy makes: small frozen values with evidence."""
+"""What the supervisor notices and what its policy decides: small frozen values with evidence.
+
+Contract: `Fault` (what went wrong, where, when, with its evidence) and `History` go into the
+policy; `Decision` (what to do, and why) and `Verdict` (what an anomaly event means) come out.
+`PendingRecovery` and `PendingRollback` are what the supervisor carries from one attempt to the
+next. All are immutable; `to_record()` gives the journal's form.
+"""
+
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 
-class FaultKind(str, Enum):
-    CRASH = "crash"            # a worker process died (actor death)
-    HANG = "hang"              # a rank stopped answering or stopped making progress
-    ERROR = "error"            # the training code raised (e.g. a collective failed)
+class FaultKind(StrEnum):
+    CRASH = "crash"  # a worker process died (actor death)
+    HANG = "hang"  # a rank stopped answering or stopped making progress
+    ERROR = "error"  # the training code raised (e.g. a collective failed)
     START_TIMEOUT = "start_timeout"  # a worker group did not start in supervisor.start_timeout
-    ANOMALY = "anomaly"        # the anomaly detector raised an actionable event (hardware, NaN, spike)
+    ANOMALY = "anomaly"  # the anomaly detector raised an actionable event (hardware, NaN, spike)
 
 
-class Action(str, Enum):
-    RESTART = "restart"        # restart the whole worker group from the newest checkpoint
-    CORDON = "cordon"          # exclude the node(s) and restart the group without them
-    ROLLBACK = "rollback"      # restart from a checkpoint before the anomaly, skipping the bad batches
-    GIVE_UP = "give_up"        # end the job as FAILED with the reason
+class Action(StrEnum):
+    RESTART = "restart"  # restart the whole worker group from the newest checkpoint
+    CORDON = "cordon"  # exclude the node(s) and restart the group without them
+    ROLLBACK = "rollback"  # restart from a checkpoint before the anomaly, skipping the bad batches
+    GIVE_UP = "give_up"  # end the job as FAILED with the reason
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: FaultKind
     rank: int | None
-    step: int                  # the step that was running when it happened
+    step: int  # the step that was running when it happened
     detected_at: float
     evidence: str
-    injected_at: float | None = None   # when a planned (chaos) fault fired, if it was one
+    injected_at: float | None = None  # when a planned (chaos) fault fired, if it was one
     node: str | None = None
-    anomaly: str | None = None         # ANOMALY: the event kind (gpu_xid, nan, loss_spike, ...)
-    suggested: str | None = None       # ANOMALY: the detector's suggested action
-    rollback_to: int | None = None     # ANOMALY: newest step known to be good
+    anomaly: str | None = None  # ANOMALY: the event kind (gpu_xid, nan, loss_spike, ...)
+    suggested: str | None = None  # ANOMALY: the detector's suggested action
+    rollback_to: int | None = None  # ANOMALY: newest step known to be good
     skip_batches: tuple[int, ...] = ()  # ANOMALY: data steps to take out of the order
 
     def to_record(self) -> dict:
         d = asdict(self)
-        d["kind"] = self.anomaly or self.kind.value  # what went wrong, e.g. "crash", "hang", "gpu_xid", "nan"
+        d["kind"] = self.anomaly or self.kind.value  # what went wrong: crash, hang, gpu_xid, nan...
         d["fault_class"] = self.kind.value
         d["skip_batches"] = list(self.skip_batches)
         return d
+
+
+@dataclass(frozen=True)
+class History:
+    """What the policy may know of the job besides the fault."""
+
+    restarts: int = 0  # restarts so far (over every life of the run)
+    stopping: bool = False  # a stop was requested and is under way
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,7 @@ class Decision:
     action: Action
     reason: str
     delay_s: float = 0.0
-    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    exclude_nodes: tuple[str, ...] = ()
     rollback_to: int | None = None
     skip_batches: tuple[int, ...] = ()
 
@@ -57,3 +72,34 @@ class Decision:
         d["exclude_nodes"] = list(self.exclude_nodes)
         d["skip_batches"] = list(self.skip_batches)
         return d
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What an anomaly event means for the job: the `decision` the journal records with it (warn,
+    cordon_only, restart, rollback, cordon), a node to `cordon` at once without a restart
+    (node, reason), and the `fault` to act on (None: training goes on)."""
+
+    decision: str
+    cordon: tuple[str, str] | None = None
+    fault: Fault | None = None
+
+
+@dataclass(frozen=True)
+class PendingRecovery:
+    """A fault acted on, not yet recovered: recovered when a step past `restored_step` is done."""
+
+    fault_index: int
+    fault: Fault
+    restored_step: int = 0
+
+
+@dataclass(frozen=True)
+class PendingRollback:
+    """A rollback decided: the next attempt restores a state at or before `rollback_to` and takes
+    `skip_batches` out of the data order."""
+
+    from_step: int
+    rollback_to: int | None
+    skip_batches: tuple[int, ...]
+    reason: str

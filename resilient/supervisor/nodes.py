@@ -1,12 +1,13 @@
 """The node inventory: one NodeAgent per schedulable node, their peers, their events, and where the
 freshest checkpoint copy lives.
 
-Contract: `Nodes.start(spec, run_uri)` places a NodeAgent on every alive node that has CPUs (pinned
-with a hard node-affinity), peers them in a ring (each replicates to the next), and drops agents
-whose node died. `restore_source()` returns the freshest verified copy over every tier, preferring,
-for the same step, this node's memory, then a peer's replica, then storage, with the reason each
-newer copy was skipped. `poll_events()` collects the agents' events without blocking.
+Contract: `Nodes(spec, run_uri).start()` places a NodeAgent on every alive node that has CPUs
+(pinned with a hard node-affinity), peers them in a ring (each replicates to the next), and drops
+agents whose node died. `restore_source()` returns the freshest verified copy over every tier,
+preferring, for the same step, this node's memory, then a peer's replica, then storage, with the
+reason each newer copy was skipped. `poll_events()` collects the agents' events without blocking.
 """
+
 from __future__ import annotations
 
 import socket
@@ -16,31 +17,39 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient.agents.node_agent import NodeAgent
+from resilient.checkpoint.source import TIER_ORDER, RestoreSource
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
-
-TIER_ORDER = {"memory": 0, "peer": 1, "storage": 2}
 
 
 def raylet_reachable(node: dict, timeout: float = 0.5) -> bool:
     """Whether the node's raylet accepts a TCP connection (a killed raylet refuses at once)."""
     try:
-        with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout):
+        with socket.create_connection(
+            (node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout
+        ):
             return True
     except OSError:
         return False
 
 
-def assign(num_workers: int, bundle: dict[str, float], order: list[str], resources: dict[str, dict],
-           excluded: set[str]) -> list[str] | None:
-    """Which node each rank goes to: pack ranks onto the nodes in `order`, skipping `excluded` (cordoned
-    or lost) ones; None when the healthy nodes cannot hold `num_workers` bundles. Pure."""
+def assign(
+    num_workers: int,
+    bundle: dict[str, float],
+    order: list[str],
+    resources: dict[str, dict],
+    excluded: set[str],
+) -> list[str] | None:
+    """Which node each rank goes to: pack ranks onto the nodes in `order`, skipping `excluded`
+    (cordoned or lost) ones; None when the healthy nodes cannot hold `num_workers` bundles. Pure."""
     out = []
     for nid in order:
         if nid in excluded:
             continue
         res = resources[nid]
-        fits = min((int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=num_workers)
+        fits = min(
+            (int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=num_workers
+        )
         out += [nid] * min(fits, num_workers - len(out))
         if len(out) == num_workers:
             return out
@@ -52,7 +61,8 @@ def schedulable_nodes() -> list[dict]:
 
 
 class Nodes:
-    def __init__(self):
+    def __init__(self, spec: JobSpec, run_uri: str):
+        self.spec, self.run_uri = spec, run_uri
         self.agents: dict[str, object] = {}
         self.order: list[str] = []
         self._lost: set[str] = set()
@@ -60,20 +70,30 @@ class Nodes:
         self._event_refs: dict[str, ray.ObjectRef] = {}
         self._last_events = 0.0
 
-    def start(self, spec: JobSpec, run_uri: str) -> list[dict]:
-        ckpt, anomaly = spec.checkpoint.model_dump(), spec.anomaly.model_dump()
+    def start(self) -> list[dict]:
+        """Start the agents; the job's node list (index, node id, ip, resources) for the journal."""
+        ckpt, anomaly = self.spec.checkpoint.model_dump(), self.spec.anomaly.model_dump()
         nodes = schedulable_nodes()
-        self.order = [n["NodeID"] for n in nodes]  # a node's index (chaos `node = i`) is its place here
+        # a node's index (chaos `node = i`) is its place here
+        self.order = [n["NodeID"] for n in nodes]
         self.resources = {n["NodeID"]: n["Resources"] for n in nodes}
         for n in nodes:
             nid = n["NodeID"]
             strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
-            self.agents[nid] = NodeAgent.options(scheduling_strategy=strategy, max_restarts=0).remote(
-                nid, run_uri, ckpt, anomaly)
+            self.agents[nid] = NodeAgent.options(
+                scheduling_strategy=strategy, max_restarts=0
+            ).remote(nid, self.run_uri, ckpt, anomaly)
         ray.get([a.info.remote() for a in self.agents.values()], timeout=120)
         self._ring()
-        return [{"index": i, "node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
-                for i, n in enumerate(nodes)]
+        return [
+            {
+                "index": i,
+                "node_id": n["NodeID"],
+                "ip": n["NodeManagerAddress"],
+                "resources": n["Resources"],
+            }
+            for i, n in enumerate(nodes)
+        ]
 
     def _ring(self) -> None:
         ids = sorted(self.agents)
@@ -95,11 +115,15 @@ class Nodes:
         return self.agents.get(node_id)
 
     def prune_dead(self, settle_s: float = 20.0) -> list[str]:
-        """Drop the agents of nodes that are gone. A node whose raylet refuses connections is gone even
-        before Ray's health check says so; wait (up to `settle_s`) for Ray to agree, so that the
-        placement group is rescheduled off it before the next worker group is placed."""
+        """Drop the agents of nodes that are gone. A node whose raylet refuses connections is
+        gone even before Ray's health check says so; wait (up to `settle_s`) for Ray to agree, so
+        that the placement group is rescheduled off it before the next worker group is placed."""
         by_id = {n["NodeID"]: n for n in ray.nodes()}
-        gone = [nid for nid in self.agents if not by_id.get(nid, {}).get("Alive") or not raylet_reachable(by_id[nid])]
+        gone = [
+            nid
+            for nid in self.agents
+            if not by_id.get(nid, {}).get("Alive") or not raylet_reachable(by_id[nid])
+        ]
         deadline = time.time() + settle_s
         while gone and time.time() < deadline:
             if not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in gone):
@@ -134,7 +158,10 @@ class Nodes:
         out = []
         for nid, a in list(self.agents.items()):
             try:
-                out += [{**e, "node": nid} for e in ray.get(a.events.remote(), timeout=timeout)["events"]]
+                out += [
+                    {**e, "node": nid}
+                    for e in ray.get(a.events.remote(), timeout=timeout)["events"]
+                ]
             except Exception:
                 pass
         self._event_refs.clear()
@@ -146,8 +173,9 @@ class Nodes:
     def node_at(self, index: int) -> str | None:
         return self.order[index] if 0 <= index < len(self.order) else None
 
-    def restore_source(self, store: CheckpointStore, fingerprint: str,
-                       at_most: int | None = None) -> tuple[dict | None, list[str]]:
+    def restore_source(
+        self, store: CheckpointStore, fingerprint: str, at_most: int | None = None
+    ) -> tuple[RestoreSource | None, list[str]]:
         cands = []
         for nid, agent in list(self.agents.items()):
             try:
@@ -180,7 +208,7 @@ class Nodes:
             except Exception as e:  # the agent died under us, or storage is down
                 skipped.append(f"{tier} on {str(nid)[:8]}: {type(e).__name__}")
                 continue
-            return {"step": step, "tier": tier, "agent": agent, "node": nid}, skipped
+            return RestoreSource(step, tier, nid, agent), skipped
         return None, skipped
 
     def shutdown(self) -> None:

@@ -1,17 +1,27 @@
-"""The failure policy: a pure function from a fault and the job's history to a decision.
+"""The failure policy: pure functions from what happened to what to do.
 
-Contract: `decide(fault, restarts_so_far, cfg)` looks at nothing else and changes nothing. Crashes,
-hangs and errors restart the group; an anomaly restarts it the way its detector suggests (cordon the
-node, roll back before the anomaly and skip its batches, or plain restart). The first
-restart is immediate (a lost step costs more than a lost second); later ones back off exponentially
-from `backoff_base` up to `backoff_max`; once `max_restarts` restarts are spent the job gives up with
-a reason a person can act on.
+Contract: every function here looks at its arguments only (no clock, no I/O) and changes nothing.
+- `judge(event, placement, data_steps, step, now)`: what an anomaly event means. Warnings are
+  journalled and training goes on; a node to cordon where no rank runs is cordoned without a
+  restart; anything else becomes a Fault: NaN/Inf rolls back to the step before it and skips its
+  data batch, a loss spike (after `anomaly.spike_patience`) rolls back before the first spike and
+  skips every spiked batch, hardware faults cordon their node, the rest restart.
+- `decide(fault, history, cfg)`: crashes, hangs and errors restart the group; an anomaly restarts
+  it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
+  restart is immediate (a lost step costs more than a lost second); later ones back off
+  exponentially from `backoff_base` up to `backoff_max`. The job gives up, with a reason a person
+  can act on, once `max_restarts` restarts are spent or when a fault strikes while it stops.
 """
+
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
+
+from resilient.anomaly.events import CORDON, ROLLBACK, WARN, AnomalyEvent
 from resilient.config import SupervisorConfig
-from resilient.anomaly.events import CORDON, ROLLBACK
-from resilient.supervisor.faults import Action, Decision, Fault, FaultKind
+from resilient.supervisor.faults import Action, Decision, Fault, FaultKind, History, Verdict
+
+RESUME_HINT = "`resilient launch --resume RUN_DIR`"
 
 
 def backoff(restarts_so_far: int, cfg: SupervisorConfig) -> float:
@@ -22,26 +32,101 @@ def backoff(restarts_so_far: int, cfg: SupervisorConfig) -> float:
 
 
 def describe(fault: Fault) -> str:
-    where = (f"rank {fault.rank}" if fault.rank is not None else
-             f"node {fault.node[:12]}" if fault.node else "the worker group")
-    kind = fault.anomaly or fault.kind.value
-    return f"{kind} of {where} at step {fault.step}"
+    if fault.rank is not None:
+        where = f"rank {fault.rank}"
+    else:
+        where = f"node {fault.node[:12]}" if fault.node else "the worker group"
+    return f"{fault.anomaly or fault.kind.value} of {where} at step {fault.step}"
 
 
-def decide(fault: Fault, restarts_so_far: int, cfg: SupervisorConfig) -> Decision:
-    if restarts_so_far >= cfg.max_restarts:
-        return Decision(Action.GIVE_UP, (
-            f"restart budget spent: {restarts_so_far} of supervisor.max_restarts={cfg.max_restarts} used; "
-            f"last fault: {describe(fault)} ({fault.evidence.splitlines()[0] if fault.evidence else 'no evidence'}). "
-            "Fix the cause shown in the journal, or raise supervisor.max_restarts, then "
-            "`resilient launch --resume RUN_DIR`"))
-    delay = backoff(restarts_so_far, cfg)
+def _first_line(fault: Fault) -> str:
+    return fault.evidence.splitlines()[0] if fault.evidence else "no evidence"
+
+
+def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
+    if history.stopping:
+        return Decision(
+            Action.GIVE_UP,
+            (
+                f"{describe(fault)} while stopping ({_first_line(fault)}): the stop could not "
+                f"complete; the newest persisted checkpoint is kept, {RESUME_HINT} goes on from it"
+            ),
+        )
+    if history.restarts >= cfg.max_restarts:
+        return Decision(
+            Action.GIVE_UP,
+            (
+                f"restart budget spent: {history.restarts} of supervisor.max_restarts="
+                f"{cfg.max_restarts} used; last fault: {describe(fault)} ({_first_line(fault)}). "
+                f"Fix the cause shown in the journal, or raise supervisor.max_restarts, then "
+                f"{RESUME_HINT}"
+            ),
+        )
+    delay = backoff(history.restarts, cfg)
     if fault.kind == FaultKind.ANOMALY and fault.suggested == CORDON and fault.node:
-        return Decision(Action.CORDON, f"{describe(fault)}: cordon node {fault.node[:12]} and restart without it",
-                        delay_s=delay, exclude_nodes=(fault.node,))
+        return Decision(
+            Action.CORDON,
+            f"{describe(fault)}: cordon node {fault.node[:12]} and restart without it",
+            delay_s=delay,
+            exclude_nodes=(fault.node,),
+        )
     if fault.kind == FaultKind.ANOMALY and fault.suggested == ROLLBACK:
-        return Decision(Action.ROLLBACK, f"{describe(fault)}: roll back to step <= {fault.rollback_to} and skip "
-                        f"data batches {list(fault.skip_batches)}", delay_s=delay, rollback_to=fault.rollback_to,
-                        skip_batches=fault.skip_batches)
-    return Decision(Action.RESTART, f"{describe(fault)}: restart the worker group from the newest checkpoint",
-                    delay_s=delay)
+        return Decision(
+            Action.ROLLBACK,
+            f"{describe(fault)}: roll back to step <= "
+            f"{fault.rollback_to} and skip data batches {list(fault.skip_batches)}",
+            delay_s=delay,
+            rollback_to=fault.rollback_to,
+            skip_batches=fault.skip_batches,
+        )
+    return Decision(
+        Action.RESTART,
+        f"{describe(fault)}: restart the worker group from the newest checkpoint",
+        delay_s=delay,
+    )
+
+
+def rollback_point(
+    e: AnomalyEvent, at: int, data_steps: Mapping[int, Collection[int]]
+) -> tuple[int | None, tuple[int, ...]]:
+    """(the newest step known good, the data batches to skip) for a numerics event at step `at`;
+    `data_steps[step]` are the data steps the ranks trained on at `step`."""
+    if e.kind == "nan":
+        return at - 1, tuple(sorted(data_steps.get(at, ())))
+    if e.kind == "loss_spike":
+        spikes = e.evidence.get("spike_steps", [at])
+        return min(spikes) - 1, tuple(d for s in spikes for d in sorted(data_steps.get(s, ())))
+    return None, ()
+
+
+def judge(
+    e: AnomalyEvent,
+    placement: Sequence[str],
+    data_steps: Mapping[int, Collection[int]],
+    step: int,
+    now: float,
+) -> Verdict:
+    """What event `e` means for a group placed as `placement` (rank -> node) whose last finished
+    step is `step`; `now` stamps the fault."""
+    on_node = [r for r, n in enumerate(placement) if e.node and n == e.node]
+    if e.action == CORDON and e.node and not on_node:
+        reason = f"{e.kind}: {e.evidence.get('reason', '')} (no rank there: no restart)"
+        return Verdict("cordon_only", cordon=(e.node, reason))
+    if e.action == WARN:
+        return Verdict(WARN)
+    rank = e.rank if e.rank is not None else (on_node[0] if on_node else None)
+    at = e.step or step + 1
+    rollback_to, skip = rollback_point(e, at, data_steps)
+    fault = Fault(
+        FaultKind.ANOMALY,
+        rank,
+        at,
+        now,
+        f"{e.kind}: {e.evidence}"[:500],
+        node=e.node,
+        anomaly=e.kind,
+        suggested=e.action,
+        rollback_to=rollback_to,
+        skip_batches=skip,
+    )
+    return Verdict(e.action, fault=fault)

@@ -1,40 +1,25 @@
-"""JobState and the table of allowed transitions.
+"""The table of allowed state changes.
 
 Contract: `transition(current, new)` returns `new` if the table allows it and raises
 `IllegalTransition` otherwise. The supervisor changes state only through it (and journals each).
+The states themselves (`JobState`, `TERMINAL`) are the run log's: status readers need them too.
 """
+
 from __future__ import annotations
 
-from enum import Enum
+from resilient.runlog.states import TERMINAL, JobState
 
-
-class JobState(str, Enum):
-    PENDING = "PENDING"
-    PREFLIGHT = "PREFLIGHT"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    DIAGNOSING = "DIAGNOSING"
-    RESTARTING = "RESTARTING"
-    ROLLING_BACK = "ROLLING_BACK"
-    RESIZING = "RESIZING"
-    STOPPING = "STOPPING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    STOPPED = "STOPPED"
-
+__all__ = ["ALLOWED", "TERMINAL", "IllegalTransition", "JobState", "transition"]
 
 S = JobState
-TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.STOPPED})
-
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.PENDING: frozenset({S.PREFLIGHT, S.FAILED}),
     S.PREFLIGHT: frozenset({S.STARTING, S.FAILED}),
     S.STARTING: frozenset({S.RUNNING, S.DIAGNOSING, S.STOPPING, S.FAILED}),
     S.RUNNING: frozenset({S.DIAGNOSING, S.STOPPING, S.SUCCEEDED, S.FAILED}),
-    S.DIAGNOSING: frozenset({S.RESTARTING, S.ROLLING_BACK, S.RESIZING, S.FAILED}),
+    S.DIAGNOSING: frozenset({S.RESTARTING, S.ROLLING_BACK, S.FAILED}),
     S.RESTARTING: frozenset({S.STARTING, S.FAILED}),
     S.ROLLING_BACK: frozenset({S.STARTING, S.FAILED}),
-    S.RESIZING: frozenset({S.STARTING, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),

@@ -1,60 +1,78 @@
-"""The supervisor loop: start the worker group, watch it, turn what it sees into faults, act on the
-policy's decisions, and journal all of it.
+"""The supervisor: start the worker group, follow what the Watch sees, act on the policy's
+decisions, and journal all of it.
 
-Contract: `Supervisor.run()` drives a new (or resumed) run from PENDING to SUCCEEDED, FAILED or
-STOPPED and returns the folded status. Every state change goes through `state.transition()` and is
-journalled with its cause; every fault, anomaly, decision, restore, rollback, cordon and checkpoint
-is journalled before it is acted on. What it needs to go on (restarts, cordoned nodes, skipped
-batches) is rebuilt from the journal, so a resumed supervisor behaves like the one that died.
+Contract: `Supervisor(spec, rundir, journal, parts).run()` drives a new (or resumed) run from
+PENDING to SUCCEEDED, FAILED or STOPPED and returns the folded status. It is the only one that
+changes the job's state: every change goes through `state.transition()` and is journalled with
+its cause; every fault, anomaly, decision, restore, rollback, cordon and checkpoint is journalled
+before it is acted on. Decisions are the policy's (`policy.judge`, `policy.decide`); chaos gets in
+only through `parts.chaos`. What it needs to go on (restarts, cordoned nodes, skipped batches) is
+rebuilt from the journal, so a resumed supervisor behaves like the one that died. A stop request
+wins over the last step: a group that ends while the job stops ends it STOPPED, its step persisted.
 """
+
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import replace
 
-from resilient.agents.group import GroupStartError, SparePool, WorkerGroup, uses_spares
-from resilient.anomaly.events import CORDON, WARN, AnomalyEvent
-from resilient.anomaly.monitor import AnomalyMonitor
-from resilient.chaos.inject import carry_out, marker, pending_requests
-from resilient.checkpoint.storage import CheckpointStore
-from resilient.config import GPU_FAULTS, JobSpec
+from resilient.agents.group import GroupStartError
+from resilient.checkpoint.source import RestoreSource
+from resilient.config import JobSpec
 from resilient.rundir import RunDir
+from resilient.rundir.layout import FINAL
+from resilient.runlog.journal import Journal, read_records
+from resilient.runlog.status import fold
 from resilient.supervisor import policy
-from resilient.supervisor.faults import Action, Fault, FaultKind
-from resilient.supervisor.journal import Journal, read_records
-from resilient.supervisor.nodes import Nodes, assign
+from resilient.supervisor.faults import (
+    Action,
+    Fault,
+    FaultKind,
+    History,
+    PendingRecovery,
+    PendingRollback,
+)
+from resilient.supervisor.hooks import JobView
+from resilient.supervisor.intake import Intake
+from resilient.supervisor.nodes import assign
+from resilient.supervisor.parts import Parts
 from resilient.supervisor.state import TERMINAL, JobState, transition
-from resilient.supervisor.status import fold
-from resilient.supervisor.watch import Watch
+from resilient.supervisor.watch import Ready, Seen, Watch
 
-STOP_FILE = "control/stop"
+PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
 
 
 class Supervisor:
-    def __init__(self, spec: JobSpec, rundir: RunDir, journal: Journal, base_ref: str,
-                 on_progress: Callable[[dict], None] | None = None):
-        self.spec, self.rundir, self.journal, self.base_ref = spec, rundir, journal, base_ref
-        self.store = CheckpointStore(rundir)
-        self.nodes = Nodes()
-        self.spares = SparePool(spec, rundir.uri) if uses_spares(spec) else None
-        self.monitor = AnomalyMonitor(spec, rundir)
+    def __init__(
+        self,
+        spec: JobSpec,
+        rundir: RunDir,
+        journal: Journal,
+        parts: Parts,
+        on_progress: Callable[[dict], None] | None = None,
+    ):
+        self.spec, self.rundir, self.journal, self.parts = spec, rundir, journal, parts
+        self.nodes, self.chaos = parts.nodes, parts.chaos
+        self.clock = parts.clock
+        self.intake = Intake(journal, parts.monitor, parts.nodes)
         self.on_progress = on_progress or (lambda s: None)
-        status = fold(read_records(rundir))
+        records = read_records(rundir)
+        status = fold(records)
         self.state = JobState(status["state"])
         self.restarts = status["restarts"]
         self.fault_index = len(status["faults"])
         self.cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
         self.skip = sorted({b for r in status["rollbacks"] for b in r["skipped_batches"]})
-        self.pending_recovery: tuple[int, Fault, int] | None = None  # (fault index, fault, restored step)
-        self.pending_rollback: dict | None = None
+        self.pending_recovery: PendingRecovery | None = None
+        self.pending_rollback: PendingRollback | None = None
         self.step = status["step"]
+        # seconds spent training (every rank stepping), over every attempt and life of the run
+        self.training_s = max(
+            (r.get("training_s", 0.0) for r in records if r["type"] == "progress"), default=0.0
+        )
+        self.data_steps: dict[int, set[int]] = {}  # step -> data steps trained (rollback skips)
         self._last_progress_journal = 0.0
-        self._stop_seen, self._closed = False, False
-        self._requests: list[tuple[str, dict]] = []
-        self._last_chaos_tick = 0.0
-        self.training_s = max((r.get("training_s", 0.0) for r in read_records(rundir) if r["type"] == "progress"),
-                              default=0.0)  # seconds spent training (all ranks stepping), over every attempt
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _to(self, new: JobState, cause: str) -> None:
@@ -63,285 +81,292 @@ class Supervisor:
         self._emit()
 
     def _emit(self, **extra) -> None:
-        self.on_progress({"state": self.state.value, "step": self.step, "total": self.spec.train.steps,
-                          "restarts": self.restarts, **extra})
-
-    def fired(self) -> dict[int, dict]:
-        """Planned faults that already fired (their markers), by chaos index."""
-        out = {}
-        try:
-            for name in self.rundir.listdir("chaos"):
-                if name.startswith("fired-") and name.endswith(".json"):
-                    rec = self.rundir.read_json(f"chaos/{name}")
-                    out[rec["index"]] = rec
-        except Exception:  # storage outage: markers are best effort
-            pass
-        return out
-
-    def stop_requested(self) -> bool:
-        return self._stop_seen
-
-    def _poll_control(self) -> None:
-        """Background: look for `resilient stop` and `resilient chaos inject` requests in the run
-        directory every second, so the watch loop never waits on storage (which may be down)."""
-        while not self._closed:
-            try:
-                self._stop_seen = self._stop_seen or self.rundir.exists(STOP_FILE)
-                for req_id, req in pending_requests(self.rundir):
-                    self.rundir.remove(f"control/inject-{req_id}.json")
-                    self._requests.append((req_id, req))
-            except Exception:  # storage outage: ask again next time
-                pass
-            time.sleep(1.0)
-
-    # -- the loop ----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        if self.state != JobState.PENDING:
-            raise RuntimeError(f"the journal says {self.state.value}; only a new or resumed run can be supervised")
-        # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
-        # restores from the newest persisted checkpoint: memory tiers died with the old driver.
-        self._to(JobState.PREFLIGHT, "job accepted")
-        threading.Thread(target=self._poll_control, daemon=True, name="control").start()
-        try:
-            self.journal.append("nodes", nodes=self.nodes.start(self.spec, self.rundir.uri))
-            first = assign(self.spec.cluster.num_workers, self.spec.cluster.resources_per_worker,
-                           self.nodes.order, self.nodes.resources, set(self.cordoned))
-            if self.spares and first:
-                self.spares.fill(first)  # warming up beside the first group: ready for the first fault
-            self._to(JobState.STARTING, "preflight passed: node agents up")
-            while self.state not in TERMINAL:
-                self._attempt()
-        finally:
-            self._journal_events(self.nodes.flush_events())
-            self.nodes.shutdown()
-            if self.spares:
-                self.spares.shutdown()
-            self.monitor.close()
-            self._closed = True
-            self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
-        return fold(read_records(self.rundir))
-
-    def _restore_point(self, at_most: int | None) -> dict | None:
-        """The freshest verified copy over memory, peer and storage; journalled with what was skipped."""
-        gone = self.nodes.prune_dead()
-        if gone:
-            self.journal.append("nodes_lost", nodes=gone)
-        t0 = time.time()
-        source, skipped = self.nodes.restore_source(self.store, self.spec.fingerprint(), at_most)
-        if source or skipped:
-            self.journal.append("restore", step=source["step"] if source else 0,
-                                tier=source["tier"] if source else "none",
-                                node=source["node"] if source else None, skipped=skipped,
-                                lookup_s=round(time.time() - t0, 4))
-        return source
-
-    def _attempt(self) -> None:
-        rollback, self.pending_rollback = self.pending_rollback, None
-        source = self._restore_point(rollback["rollback_to"] if rollback else None)
-        restore_step = source["step"] if source else 0
-        if rollback:
-            self.skip = sorted(set(self.skip) | set(rollback["skip_batches"]))
-            self.journal.append("rollback", from_step=rollback["from_step"], to_step=restore_step,
-                                skipped_batches=list(rollback["skip_batches"]), reason=rollback["reason"])
-        if self.pending_recovery:
-            idx, fault, _ = self.pending_recovery
-            self.pending_recovery = (idx, fault, restore_step)
-        placement = assign(self.spec.cluster.num_workers, self.spec.cluster.resources_per_worker,
-                           self.nodes.order, self.nodes.resources, set(self.cordoned) | self.nodes.lost())
-        if placement is None:
-            self._to(JobState.FAILED, f"the healthy nodes cannot hold cluster.num_workers="
-                     f"{self.spec.cluster.num_workers} (cordoned: {sorted(self.cordoned) or 'none'}); add nodes "
-                     "or lower cluster.num_workers, then `resilient launch --resume RUN_DIR`")
-            return
-        fired = self.fired()
-        group = WorkerGroup(self.spec, self.rundir, placement, attempt=self.restarts)
-        try:
-            try:
-                group.start(source, sorted(i for i in fired if isinstance(i, int)), self.base_ref,
-                            self.nodes.agent_for, self.skip, self.nodes.index_of, self.spares)
-                if self.spares:
-                    self.spares.fill(placement)  # replacements for the next restart, warming up meanwhile
-            except GroupStartError as e:
-                kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
-                self._handle(Fault(kind, e.rank, restore_step + 1, time.time(), str(e)), group)
-                return
-            outcome = Watch(self, group, restore_step, fired).run()
-            if isinstance(outcome, Fault):
-                self._handle(outcome, group)
-            elif outcome == "done":
-                self.journal.append("final", path=self.rundir.url("final"), step=self.step)
-                self._to(JobState.SUCCEEDED, f"all {self.spec.train.steps} steps done; final adapter written")
-            elif outcome == "stopped":
-                self._to(JobState.STOPPED, f"stopped on request at step {self.step}; state persisted")
-        finally:
-            group.shutdown()
-
-    def _handle(self, fault: Fault, group: WorkerGroup) -> None:
-        if self.state == JobState.STOPPING:
-            self._to(JobState.FAILED, f"{policy.describe(fault)} while stopping")
-            return
-        self._to(JobState.DIAGNOSING, policy.describe(fault))
-        self.journal.append("fault", **fault.to_record())
-        idx = self.fault_index
-        self.fault_index += 1
-        decision = policy.decide(fault, self.restarts, self.spec.supervisor)
-        self.journal.append("decision", fault_index=idx, **decision.to_record())
-        if decision.action == Action.GIVE_UP:
-            self._to(JobState.FAILED, decision.reason)
-            return
-        for node in decision.exclude_nodes:
-            self.cordon(node, decision.reason)
-        if decision.action == Action.ROLLBACK:
-            self.pending_rollback = {"from_step": fault.step, "rollback_to": decision.rollback_to,
-                                     "skip_batches": decision.skip_batches, "reason": decision.reason}
-        self._to(JobState.ROLLING_BACK if decision.action == Action.ROLLBACK else JobState.RESTARTING, decision.reason)
-        t0 = time.time()
-        last = group.final_heartbeats()
-        self.journal_checkpoints(last)
-        flushed = group.flush_newest(last)  # the survivors' newest state goes to memory first
-        if flushed and flushed["step"] is not None:
-            self.journal.append("checkpoint", rank=flushed["rank"], tier="memory", step=flushed["step"],
-                                handoff_s=flushed["seconds"], flush=True, fault_index=idx)
-        self.monitor.training([m for h in last.values() for m in h.get("metrics", [])])  # recorded, not acted on
-        group.shutdown()
-        self.restarts += 1
-        self.journal.append("restart", n=self.restarts, fault_index=idx)
-        if decision.delay_s:
-            time.sleep(decision.delay_s)
-        self.journal.append("teardown", fault_index=idx, seconds=time.time() - t0)
-        self.pending_recovery = (idx, fault, 0)
-        self._to(JobState.STARTING, f"restart {self.restarts}")
+        self.on_progress(
+            {
+                "state": self.state.value,
+                "step": self.step,
+                "total": self.spec.train.steps,
+                "restarts": self.restarts,
+                **extra,
+            }
+        )
 
     def cordon(self, node: str, reason: str) -> None:
         if node not in self.cordoned:
             self.cordoned[node] = reason
             self.journal.append("cordon", node=node, reason=reason)
 
-    # -- what the watch reports ---------------------------------------------------------------------
-    def on_anomaly(self, e: AnomalyEvent, group: WorkerGroup) -> Fault | None:
-        """Journal an event; return the Fault to act on, or None when it needs no restart."""
-        ranks_on_node = [r for r, n in enumerate(group.placement) if e.node and n == e.node]
-        decision = e.action
-        if e.action == CORDON and not ranks_on_node:
-            self.cordon(e.node, f"{e.kind}: {e.evidence.get('reason', '')} (no rank there: no restart)")
-            decision = "cordon_only"
-        self.journal.append("anomaly", kind=e.kind, severity=e.severity, action=e.action, node=e.node, rank=e.rank,
-                            step=e.step, evidence=e.evidence, decision=decision, event_t=e.t)
-        self.monitor.record_event(e, decision)
-        if e.action == WARN or decision == "cordon_only":
-            return None
-        rank = e.rank if e.rank is not None else (ranks_on_node[0] if ranks_on_node else None)
-        step = e.step or self.step + 1
-        skip: tuple[int, ...] = ()
-        rollback_to = None
-        if e.kind == "nan":
-            rollback_to, skip = step - 1, tuple(group.data_steps.get(step, ()))
-        elif e.kind == "loss_spike":
-            spikes = e.evidence.get("spike_steps", [step])
-            rollback_to = min(spikes) - 1
-            skip = tuple(d for s in spikes for d in group.data_steps.get(s, ()))
-        evidence = f"{e.kind}: {e.evidence}"
-        return Fault(FaultKind.ANOMALY, rank, step, time.time(), evidence[:500], node=e.node,
-                     anomaly=e.kind, suggested=e.action, rollback_to=rollback_to, skip_batches=skip)
+    def _placement(self) -> list[str] | None:
+        c = self.spec.cluster
+        return assign(
+            c.num_workers,
+            c.resources_per_worker,
+            self.nodes.order,
+            self.nodes.resources,
+            set(self.cordoned) | self.nodes.lost(),
+        )
 
-    def fire_gpu_chaos(self, step: int, group: WorkerGroup, fired: dict[int, dict]) -> None:
-        """A GPU fault on a node where no rank runs (the ranks fire their own, at the exact step) is set
-        on that node's simulated GPU by the supervisor when the job reaches its step."""
-        for i, c in enumerate(self.spec.chaos):
-            if c.fault not in GPU_FAULTS or c.node is None or c.at_step is None or i in fired or c.at_step > step:
-                continue
-            node = self.nodes.node_at(c.node)
-            if node in group.placement:
-                continue
-            agent = self.nodes.agent_for(node) if node else None
-            rec = {"index": i, "fault": c.fault, "rank": c.target_rank, "node": node, "step": step,
-                   "injected_at": time.time()}
-            fired[i] = rec
-            try:
-                self.rundir.write_json(f"chaos/fired-{i:04d}.json", rec)
-            except Exception:
-                pass
-            if agent is not None:
-                agent.gpu_fault.remote(c.fault, 0, xid=c.xid, count=c.count, temperature=c.temperature)
-            self.journal.append("chaos", **rec)
-
-    def chaos_tick(self, group: WorkerGroup, fired: dict) -> None:
-        """Carry out timed chaos that is due and `resilient chaos inject` requests (about once a second)."""
-        now = time.time()
-        if now - self._last_chaos_tick < 1.0:
-            return
-        self._last_chaos_tick = now
-        # `at_time` counts training time (the clock stops while the job restarts), so random chaos
-        # models faults per hour of training, and one fault never lands in the previous one's recovery.
-        due = [(i, c) for i, c in enumerate(self.spec.chaos)
-               if c.at_time is not None and i not in fired and self.training_s >= c.at_time]
-        for i, c in due:
-            params = {k: getattr(c, k) for k in ("factor", "xid", "count", "temperature", "seconds")}
-            self._inject(group, fired, i, c.fault, c.rank, c.node, params)
-        while self._requests:
-            req_id, req = self._requests.pop(0)
-            self._inject(group, fired, f"req-{req_id}", req["fault"], req.get("rank"), req.get("node"),
-                         req.get("params", {}), request=req_id)
-
-    def chaos_requested(self, group: WorkerGroup, hb: dict[int, dict], fired: dict) -> None:
-        """Rank 0 reached the step of a job-wide fault and waits for it: carry it out, then release it."""
-        index = hb.get(0, {}).get("chaos_request")
-        if index is None or index in fired:
-            return
-        c = self.spec.chaos[index]
-        params = {k: getattr(c, k) for k in ("factor", "xid", "count", "temperature", "seconds")}
-        self._inject(group, fired, index, c.fault, c.rank, c.node, params)
-        group.workers[0].chaos_done.remote()
-
-    def _inject(self, group, fired, index, fault, rank, node, params, request=None) -> None:
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.state != JobState.PENDING:
+            raise RuntimeError(
+                f"the journal says {self.state.value}; only a new or resumed run can be supervised"
+            )
+        # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
+        # restores from the newest persisted checkpoint: memory tiers died with the old driver.
+        self._to(JobState.PREFLIGHT, "job accepted")
         try:
-            rec = carry_out(self, group, fault, rank, node, params, index)
-        except Exception as e:  # a request the job cannot honour: say so, keep training
-            self.journal.append("chaos_refused", index=index, fault=fault, request=request, error=str(e))
-            fired[index] = {}
+            self.journal.append("nodes", nodes=self.nodes.start())
+            first = self._placement()
+            if self.parts.spares and first:
+                self.parts.spares.fill(first)  # warming up beside the first group
+            self._to(JobState.STARTING, "preflight passed: node agents up")
+            while self.state not in TERMINAL:
+                self._attempt()
+        finally:
+            self._close()
+        return fold(read_records(self.rundir))
+
+    def _close(self) -> None:
+        self.intake.close()
+        self.nodes.shutdown()
+        if self.parts.spares:
+            self.parts.spares.shutdown()
+        self.parts.control.close()
+        self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
+
+    def _attempt(self) -> None:
+        source = self._prepare_attempt()
+        restored = source.step if source else 0
+        placement = self._placement()
+        if placement is None:
+            self._to(
+                JobState.FAILED,
+                f"the healthy nodes cannot hold cluster.num_workers="
+                f"{self.spec.cluster.num_workers} (cordoned: {sorted(self.cordoned) or 'none'});"
+                " add nodes or lower cluster.num_workers, then `resilient launch --resume "
+                "RUN_DIR`",
+            )
             return
-        rec.update(index=index, request=request)
-        fired[index] = rec
+        group = self.parts.new_group(placement, self.restarts)
+        self.data_steps = {}
         try:
-            self.rundir.write_json(marker(index), rec)
-        except Exception:
-            pass
-        self.journal.append("chaos", **rec)
+            outcome = self._start(group, source, restored) or self._follow(group, restored)
+            self._conclude(outcome, group)
+        finally:
+            group.shutdown()
 
-    def journal_checkpoints(self, hb: dict[int, dict]) -> None:
-        for rank, h in hb.items():
-            for rec in h.get("checkpoints", []):
-                self.journal.append("checkpoint", rank=rank, tier="memory", **rec)
-            h["checkpoints"] = []
+    def _prepare_attempt(self) -> RestoreSource | None:
+        """Find the state to restore (before the anomaly, for a rollback) and journal it."""
+        rollback, self.pending_rollback = self.pending_rollback, None
+        source = self._restore_point(rollback.rollback_to if rollback else None)
+        restored = source.step if source else 0
+        if rollback:
+            self.skip = sorted(set(self.skip) | set(rollback.skip_batches))
+            self.journal.append(
+                "rollback",
+                from_step=rollback.from_step,
+                to_step=restored,
+                skipped_batches=list(rollback.skip_batches),
+                reason=rollback.reason,
+            )
+        if self.pending_recovery:
+            self.pending_recovery = replace(self.pending_recovery, restored_step=restored)
+        return source
 
-    def _journal_events(self, events: list[dict]) -> None:
+    def _restore_point(self, at_most: int | None) -> RestoreSource | None:
+        """The freshest verified copy over memory, peer and storage; journalled with what was
+        skipped and why."""
+        gone = self.nodes.prune_dead()
+        if gone:
+            self.journal.append("nodes_lost", nodes=gone)
+        t0 = time.time()
+        source, skipped = self.nodes.restore_source(
+            self.parts.store, self.spec.fingerprint(), at_most
+        )
+        if source or skipped:
+            self.journal.append(
+                "restore",
+                step=source.step if source else 0,
+                tier=source.tier if source else "none",
+                node=source.node if source else None,
+                skipped=skipped,
+                lookup_s=round(time.time() - t0, 4),
+            )
+        return source
+
+    def _start(self, group, source: RestoreSource | None, restored: int) -> Fault | None:
+        try:
+            group.start(source, self.chaos.plan(), self.skip)
+        except GroupStartError as e:
+            kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
+            return Fault(kind, e.rank, restored + 1, self.clock(), str(e))
+        if self.parts.spares:
+            self.parts.spares.fill(group.placement)  # replacements for the next restart
+        return None
+
+    def _follow(self, group, restored: int) -> Fault | str:
+        """Poll until the group ends ("done" or "stopped") or a fault must be acted on."""
+        watch = Watch(
+            group, restored, self.spec.cluster.num_workers, self.spec.supervisor, self.clock
+        )
+        while True:
+            seen = watch.poll()
+            if self.state in (JobState.RUNNING, JobState.STOPPING):
+                self.training_s += seen.trained_s
+            self._check_stop(group)
+            # what arrived with this poll is recorded first, whatever happens next
+            self._record(seen.fresh)
+            events = self.intake.events(list(seen.metrics))
+            if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
+                return self.chaos.attribute(seen.fault)
+            self.chaos.tick(
+                JobView(
+                    self.step,
+                    self.training_s,
+                    watch.running,
+                    seen.latest,
+                    group,
+                    self.nodes,
+                    self.parts.store,
+                )
+            )
+            anomaly = self._anomalies(events, group)
+            if anomaly:
+                return anomaly
+            if seen.ready:
+                self._ready(seen.ready, restored)
+            if seen.step is not None:
+                self._progress(seen)
+            if seen.fault:
+                return self.chaos.attribute(seen.fault)
+            if seen.ended:
+                return seen.ended
+
+    def _check_stop(self, group) -> None:
+        if self.state != JobState.STOPPING and self.parts.control.stop_requested:
+            group.request_stop()
+            self._to(JobState.STOPPING, "stop requested (resilient stop)")
+
+    def _conclude(self, outcome: Fault | str, group) -> None:
+        if isinstance(outcome, Fault):
+            self._handle(outcome, group)
+            return
+        if outcome == "done":
+            self.journal.append("final", path=self.rundir.url(FINAL), step=self.step)
+        if self.state == JobState.STOPPING or outcome == "stopped":
+            if self.state != JobState.STOPPING:  # ranks that stopped on their own: say so first
+                self._to(JobState.STOPPING, "every rank stopped")
+            self._to(JobState.STOPPED, f"stopped on request at step {self.step}; state persisted")
+            return
+        self._to(
+            JobState.SUCCEEDED, f"all {self.spec.train.steps} steps done; final adapter written"
+        )
+
+    # -- acting on a fault -------------------------------------------------------------------------
+    def _handle(self, fault: Fault, group) -> None:
+        stopping = self.state == JobState.STOPPING
+        if not stopping:
+            self._to(JobState.DIAGNOSING, policy.describe(fault))
+        self.journal.append("fault", **fault.to_record())
+        idx, self.fault_index = self.fault_index, self.fault_index + 1
+        decision = policy.decide(fault, History(self.restarts, stopping), self.spec.supervisor)
+        self.journal.append("decision", fault_index=idx, **decision.to_record())
+        if decision.action == Action.GIVE_UP:
+            self._to(JobState.FAILED, decision.reason)
+            return
+        for node in decision.exclude_nodes:
+            self.cordon(node, decision.reason)
+        rollback = decision.action == Action.ROLLBACK
+        if rollback:
+            self.pending_rollback = PendingRollback(
+                fault.step, decision.rollback_to, decision.skip_batches, decision.reason
+            )
+        self._to(JobState.ROLLING_BACK if rollback else JobState.RESTARTING, decision.reason)
+        self._teardown(group, idx, decision.delay_s)
+        self.pending_recovery = PendingRecovery(idx, fault)
+        self._to(JobState.STARTING, f"restart {self.restarts}")
+
+    def _teardown(self, group, idx: int, delay_s: float) -> None:
+        """Save what the survivors did and hold (their newest snapshot goes to memory first), then
+        end the group."""
+        t0 = time.time()
+        last = group.final_heartbeats()
+        self._record(last.values())
+        flushed = group.flush_newest(last)
+        if flushed and flushed.step is not None:
+            self.journal.append(
+                "checkpoint",
+                rank=flushed.rank,
+                tier="memory",
+                step=flushed.step,
+                handoff_s=flushed.seconds,
+                flush=True,
+                fault_index=idx,
+            )
+        self.intake.keep([m for h in last.values() for m in h.metrics])
+        group.shutdown()
+        self.restarts += 1
+        self.journal.append("restart", n=self.restarts, fault_index=idx)
+        if delay_s:
+            time.sleep(delay_s)
+        self.journal.append("teardown", fault_index=idx, seconds=time.time() - t0)
+
+    # -- what the watch saw ------------------------------------------------------------------------
+    def _record(self, heartbeats) -> None:
+        for step, data_step in self.intake.heartbeats(heartbeats):
+            self.data_steps.setdefault(step, set()).add(data_step)
+
+    def _anomalies(self, events: list, group) -> Fault | None:
+        """Journal every anomaly event with what the policy made of it; the first fault to act on
+        (None: training goes on)."""
+        found = None
         for e in events:
-            kind = e.pop("event")
-            if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
-                self.journal.append(kind, **e)
+            v = policy.judge(e, group.placement, self.data_steps, self.step, self.clock())
+            if v.cordon:
+                self.cordon(*v.cordon)
+            self.intake.anomaly(e, v.decision)
+            found = found or (self.chaos.attribute(v.fault) if v.fault else None)
+        return found
 
-    def node_events(self) -> list[AnomalyEvent]:
-        events, samples = self.nodes.poll_events()
-        self._journal_events(events)
-        out = []
-        for node, sample in samples:
-            out += self.monitor.node(node, sample)
-        self.monitor.maybe_flush()
-        return out
+    def _ready(self, ready: Ready, restored: int) -> None:
+        self.journal.append(
+            "group_ready",
+            restore_s=ready.restore_s,
+            restored_step=restored,
+            ready_at=ready.ready_at,
+        )
+        if self.state == JobState.STARTING:
+            self._to(JobState.RUNNING, "all ranks training")
 
-    def progress(self, step: int, hb: dict[int, dict], force: bool = False) -> None:
-        self.step = step
-        h0 = hb.get(0, {})
-        if self.pending_recovery and step > self.pending_recovery[2]:
-            idx, fault, restored = self.pending_recovery
-            done_at = max(h.get("first_step_done_at") or h.get("step_done_at") or time.time() for h in hb.values())
-            start = fault.injected_at or fault.detected_at
-            self.journal.append("recovered", fault_index=idx, recovered_at=done_at,
-                                recovery_s=round(done_at - start, 3), steps_replayed=max(0, fault.step - 1 - restored))
+    def _progress(self, seen: Seen) -> None:
+        self.step = seen.step
+        p = self.pending_recovery
+        if p and self.step > p.restored_step:
+            done_at = max(
+                h.first_step_done_at or h.step_done_at or seen.now for h in seen.latest.values()
+            )
+            start = p.fault.injected_at or p.fault.detected_at
+            self.journal.append(
+                "recovered",
+                fault_index=p.fault_index,
+                recovered_at=done_at,
+                recovery_s=round(done_at - start, 3),
+                steps_replayed=max(0, p.fault.step - 1 - p.restored_step),
+            )
             self.pending_recovery = None
+        h0 = seen.latest.get(0)
+        loss, tps = (h0.mean_loss, h0.tokens_per_s) if h0 else (None, None)
         now = time.time()
-        if force or now - self._last_progress_journal >= 2.0:
+        if seen.ended or now - self._last_progress_journal >= PROGRESS_EVERY_S:
             self._last_progress_journal = now
-            self.journal.append("progress", step=step, loss=h0.get("mean_loss"), tokens_per_s=h0.get("tokens_per_s"),
-                                training_s=round(self.training_s, 3))
-        self._emit(loss=h0.get("mean_loss"), tokens_per_s=h0.get("tokens_per_s"))
+            self.journal.append(
+                "progress",
+                step=self.step,
+                loss=loss,
+                tokens_per_s=tps,
+                training_s=round(self.training_s, 3),
+            )
+        if seen.median_step_s is not None:
+            self.journal.append("progress_stats", median_step_s=seen.median_step_s)
+        self._emit(loss=loss, tokens_per_s=tps)

@@ -1,143 +1,172 @@
-"""Watch: one attempt's polling loop, from a started worker group to its end or its first fault.
+"""Watch: one attempt's observer. It polls the worker group and says what it saw; it acts on
+nothing.
 
-Contract: `Watch(supervisor, group, restored_step, fired).run()` returns "done", "stopped" or the
-Fault to act on. Detection sources, in order of precedence: actor death (instant), a rank's
-training error (after a short grace, since a dead peer shows up in survivors as collective errors
-first), heartbeat silence or no progress for `hang_timeout` (hang), and actionable anomaly events.
+Contract: `Watch(group, restored, world, cfg, clock).poll()` waits up to one TICK for heartbeats
+and returns a `Seen`: the heartbeats that arrived, the training time since the previous poll, and
+what they add up to: the group became ready (every rank training), the job-wide step advanced, the
+group ended ("done" or "stopped"), or a fault. Faults, in order of precedence: a rank's death
+(CRASH, within one tick), a rank's training error (ERROR, after a short grace, since a dead peer
+shows up in survivors as collective errors first), a rank silent for `hang_timeout` (HANG; before
+its first answer, `start_timeout`), no step finished for `hang_timeout` while every rank trains
+(HANG). Only the supervisor changes state.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from resilient.agents.group import WorkerGroup
+from resilient.agents.heartbeat import Heartbeat
+from resilient.config import SupervisorConfig
 from resilient.supervisor.faults import Fault, FaultKind
-from resilient.supervisor.state import JobState
 
-TICK = 0.1          # seconds between polls: bounds crash-detection latency, costs ~nothing
-ERROR_GRACE = 2.0   # seconds an error waits for a peer's death to explain it
+TICK = 0.1  # seconds between polls: bounds crash-detection latency, costs ~nothing
+ERROR_GRACE = 2.0  # seconds an error waits for a peer's death to explain it
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Every rank trains: how long the slowest restore took and when the last rank began."""
+
+    restore_s: float
+    ready_at: float
+
+
+@dataclass(frozen=True)
+class Seen:
+    now: float
+    latest: Mapping[int, Heartbeat]  # each rank's newest heartbeat
+    fresh: tuple[Heartbeat, ...] = ()  # the heartbeats that arrived in this poll
+    trained_s: float = 0.0  # training time since the previous poll (0 until every rank trains)
+    ready: Ready | None = None  # the group has just become ready
+    step: int | None = None  # the step every rank finished, when it advanced or the group ended
+    ended: str | None = None  # "done" | "stopped": every rank finished (never with a fault)
+    fault: Fault | None = None
+    median_step_s: float | None = None  # with `ended`: this attempt's median step time
+    metrics: tuple[dict, ...] = field(default=())  # the per-step records of `fresh`, in order
 
 
 class Watch:
-    def __init__(self, sup, group: WorkerGroup, restored: int, fired: dict[int, dict]):
-        self.sup, self.group, self.restored, self.fired = sup, group, restored, fired
-        self.before = set(fired)  # markers that predate this attempt: not this attempt's faults
-        self.cfg = sup.spec.supervisor
-        self.world = sup.spec.cluster.num_workers
-        self.last_step, self.last_progress = restored, time.time()
+    def __init__(
+        self,
+        group,
+        restored: int,
+        world: int,
+        cfg: SupervisorConfig,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.group, self.restored, self.world, self.cfg, self.clock = (
+            group,
+            restored,
+            world,
+            cfg,
+            clock,
+        )
+        self.last_step = restored
+        self.last_poll = self.last_progress = clock()
         self.running = False
         self.error_since: float | None = None
         self.step_times: list[float] = []
 
-    def fault(self, kind: FaultKind, rank: int | None, evidence: str) -> Fault:
-        step, injected = self.last_step + 1, None
-        for rec in self.sup.fired().values():  # a planned fault that fired in this attempt
-            if rec["index"] not in self.before and (rank is None or rec.get("rank") == rank):
-                injected, step = rec["injected_at"], rec["step"]
-        return Fault(kind, rank, step, time.time(), evidence, injected_at=injected,
-                     node=self.group.node_of(rank) if rank is not None else None)
+    def poll(self) -> Seen:
+        fresh = tuple(self.group.poll(TICK))
+        now = self.clock()
+        trained = now - self.last_poll if self.running else 0.0
+        self.last_poll = now
+        metrics = tuple(m for hb in fresh for m in hb.metrics)
+        self.step_times += [m["step_time"] + m["data_wait"] for m in metrics]
+        latest = dict(self.group.latest)
+        fault = self._dead(now) or self._erred(now, latest) or self._silent(now, latest)
+        ready = self._ready(now, latest)
+        step, ended = self._advance(now, latest)
+        if fault is None and ended is None:
+            fault = self._stalled(now, latest)
+        median = statistics.median(self.step_times) if ended and self.step_times else None
+        return Seen(
+            now,
+            latest,
+            fresh,
+            trained,
+            ready,
+            step,
+            None if fault else ended,
+            fault,
+            median,
+            metrics,
+        )
 
-    def run(self) -> Fault | str:
-        sup, group = self.sup, self.group
-        last = time.time()
-        while True:
-            group.poll(TICK)
-            now = time.time()
-            if self.running and sup.state in (JobState.RUNNING, JobState.STOPPING):
-                sup.training_s += now - last
-            last = now
-            if sup.state != JobState.STOPPING and sup.stop_requested():
-                group.request_stop()
-                if sup.state == JobState.STARTING:
-                    sup._to(JobState.RUNNING, "workers started")
-                sup._to(JobState.STOPPING, "stop requested (resilient stop)")
-            hb = group.latest
-            sup.journal_checkpoints(hb)
-            events = self.ingest(hb)  # first, so what arrived with this poll is recorded whatever happens
-            if group.dead:
-                rank = min(group.dead)
-                return self.fault(FaultKind.CRASH, rank, group.dead[rank])
-            found = self.act_on(events)
-            if found:
-                return found
-            errors = {r: h["error"] for r, h in hb.items() if h.get("phase") == "error"}
-            if errors:
-                self.error_since = self.error_since or now
-                if now - self.error_since > ERROR_GRACE:
-                    rank = min(errors)
-                    return self.fault(FaultKind.ERROR, rank, errors[rank])
-            hung = self.silent_rank(now, hb)
-            if hung is not None:
-                return hung
-            outcome = self.advance(now, hb)
-            if outcome:
-                return outcome
+    def _fault(self, kind: FaultKind, rank: int | None, evidence: str, now: float) -> Fault:
+        node = self.group.node_of(rank) if rank is not None else None
+        return Fault(kind, rank, self.last_step + 1, now, evidence, node=node)
 
-    def ingest(self, hb: dict[int, dict]) -> list:
-        """Hand the new per-step metrics and node samples to the monitor; return the events raised."""
-        rows = []
-        for h in hb.values():
-            rows += h.get("metrics", [])
-            h["metrics"] = []
-        for r in rows:
-            self.group.data_steps.setdefault(r["step"], set()).add(r["data_step"])
-            self.step_times.append(r["step_time"] + r["data_wait"])
-        return self.sup.monitor.training(rows) + self.sup.node_events()
+    def _dead(self, now: float) -> Fault | None:
+        if not self.group.dead:
+            return None
+        rank = min(self.group.dead)
+        return self._fault(FaultKind.CRASH, rank, self.group.dead[rank], now)
 
-    def act_on(self, events: list) -> Fault | None:
-        self.sup.fire_gpu_chaos(self.last_step + 1, self.group, self.fired)
-        self.sup.chaos_requested(self.group, self.group.latest, self.fired)
-        if self.running:
-            self.sup.chaos_tick(self.group, self.fired)
-        for e in events:
-            fault = self.sup.on_anomaly(e, self.group)
-            if fault is not None:
-                if fault.anomaly == "nan" or fault.rank is not None:
-                    fault = self._with_injection(fault)
-                return fault
-        return None
+    def _erred(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
+        errors = {r: h.error for r, h in latest.items() if h.phase == "error"}
+        if not errors:
+            return None
+        self.error_since = self.error_since or now
+        if now - self.error_since <= ERROR_GRACE:
+            return None
+        rank = min(errors)
+        return self._fault(FaultKind.ERROR, rank, errors[rank] or "", now)
 
-    def _with_injection(self, fault: Fault) -> Fault:
-        from dataclasses import replace
-
-        for rec in self.sup.fired().values():
-            if rec["index"] not in self.before:
-                step = fault.step if fault.anomaly in ("nan", "loss_spike") else rec["step"]
-                return replace(fault, injected_at=rec["injected_at"], step=step)
-        return fault
-
-    def silent_rank(self, now: float, hb: dict[int, dict]) -> Fault | None:
+    def _silent(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
         # The heartbeat is answered by its own thread in every phase, so once a rank has answered,
         # silence means the process is stuck; before that it may still be starting.
         for rank, seen in self.group.last_answer.items():
-            limit = self.cfg.hang_timeout if rank in hb else self.cfg.start_timeout
+            limit = self.cfg.hang_timeout if rank in latest else self.cfg.start_timeout
             if rank in self.group.pending and now - seen > limit:
-                phase = hb.get(rank, {}).get("phase", "created")
-                return self.fault(FaultKind.HANG, rank, f"rank {rank} answered no heartbeat for {now - seen:.1f}s "
-                                                        f"(phase {phase})")
+                phase = latest[rank].phase if rank in latest else "created"
+                return self._fault(
+                    FaultKind.HANG,
+                    rank,
+                    f"rank {rank} answered no heartbeat for {now - seen:.1f}s (phase {phase})",
+                    now,
+                )
         return None
 
-    def advance(self, now: float, hb: dict[int, dict]) -> Fault | str | None:
-        sup = self.sup
-        phases = [hb.get(r, {}).get("phase") for r in range(self.world)]
-        if not self.running and all(p in ("training", "persisting", "exporting", "done", "stopped") for p in phases):
-            self.running, self.last_progress = True, now
-            sup.journal.append("group_ready", restore_s=max(h.get("restore_s", 0.0) for h in hb.values()),
-                               restored_step=self.restored,
-                               ready_at=max(h.get("training_at") or now for h in hb.values()))
-            if sup.state == JobState.STARTING:
-                sup._to(JobState.RUNNING, "all ranks training")
-        step = min((h.get("step", 0) for h in hb.values()), default=0) if len(hb) == self.world else self.last_step
+    def _ready(self, now: float, latest: Mapping[int, Heartbeat]) -> Ready | None:
+        if self.running or len(latest) < self.world:
+            return None
+        if not all(h.past_start for h in latest.values()):
+            return None
+        self.running, self.last_progress = True, now
+        return Ready(
+            max(h.restore_s for h in latest.values()),
+            max(h.training_at or now for h in latest.values()),
+        )
+
+    def _advance(
+        self, now: float, latest: Mapping[int, Heartbeat]
+    ) -> tuple[int | None, str | None]:
+        if len(latest) < self.world:
+            return None, None
+        phases = [h.phase for h in latest.values()]
         ended = None
         if all(p == "done" for p in phases):
             ended = "done"
-        elif all(p in ("stopped", "done") for p in phases) and "stopped" in phases:
+        elif all(p in ("stopped", "done") for p in phases):
             ended = "stopped"
-        if step > self.last_step or ended:
-            self.last_step, self.last_progress = max(step, self.last_step), now
-            sup.progress(self.last_step, hb, force=bool(ended))
-            if ended and self.step_times:
-                sup.journal.append("progress_stats", median_step_s=statistics.median(self.step_times))
-        elif self.running and all(p == "training" for p in phases) and now - self.last_progress > self.cfg.hang_timeout:
-            return self.fault(FaultKind.HANG, None, f"no rank finished a step for {now - self.last_progress:.1f}s")
-        return ended
+        step = min(h.step for h in latest.values())
+        if step <= self.last_step and not ended:
+            return None, None
+        self.last_step, self.last_progress = max(step, self.last_step), now
+        return self.last_step, ended
+
+    def _stalled(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
+        training = len(latest) == self.world and all(h.phase == "training" for h in latest.values())
+        if self.running and training and now - self.last_progress > self.cfg.hang_timeout:
+            return self._fault(
+                FaultKind.HANG,
+                None,
+                f"no rank finished a step for {now - self.last_progress:.1f}s",
+                now,
+            )
+        return None

@@ -1,1 +1,2 @@
-"""The workload: a Hugging Face causal LM with a peft adapter, trained with DDP, resumable bit for bit."""
+"""The workload: a Hugging Face causal LM with a peft adapter, trained with DDP, resumable bit
+for bit."""

@@ -4,10 +4,10 @@ Contract: `batch_indices(step, rank)` is a pure function of (seed, number of sam
 batch size, data step, rank): the same inputs give the same samples on every machine, interrupted or
 not. A run resumes its data order by restoring `data_step` alone.
 """
+
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
 import torch
 
@@ -26,7 +26,8 @@ class ByteTokenizer:
 
 
 def read_documents(path: str) -> list[str]:
-    """Documents of a text file (one per non-empty line) or JSONL (the `text` field of each line)."""
+    """Documents of a text file (one per non-empty line) or JSONL (the `text` field of each
+    line)."""
     docs = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -57,11 +58,15 @@ class DataOrder:
 
     def __init__(self, num_samples: int, world_size: int, batch_size: int, seed: int):
         self.n, self.world, self.batch, self.seed = num_samples, world_size, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}  # the newest few epochs' permutations
 
-    @lru_cache(maxsize=4)
     def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+            if len(self._perms) > 4:
+                del self._perms[min(self._perms)]
+        return self._perms[epoch]
 
     def batch_indices(self, data_step: int, rank: int) -> list[int]:
         start = (data_step - 1) * self.batch * self.world + rank * self.batch

@@ -2,17 +2,26 @@
 
 Contract: `build_tiny_llama(dir)` writes the same small Llama-architecture model (weights fixed by a
 constant seed, safetensors) every time it is called; `load_base(dir)` loads any local HF causal LM;
-`peft_config(table)` turns the spec's `peft` table into a peft config or raises ValueError naming
-the bad key; `apply_adapter(model, table, seed)` gives the same initial adapter for the same seed.
+`apply_adapter(model, table, seed)` gives the same initial adapter for the same seed.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+from resilient.config import peft_config
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 BASE_SEED = 1234  # the built-in base is the same for every job, whatever train.seed says
 
 
@@ -23,8 +32,13 @@ def build_tiny_llama(out_dir: str, vocab_size: int) -> None:
 
     hf_logging.disable_progress_bar()
 
-    cfg = LlamaConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                      pad_token_id=None, **TINY_LLAMA)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=None,
+        **TINY_LLAMA,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(BASE_SEED)
         model = LlamaForCausalLM(cfg)
@@ -37,24 +51,6 @@ def load_base(model_dir: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     return model
-
-
-def peft_config(table: dict[str, Any]):
-    """The peft config for the spec's `peft` table (`method` names the peft type)."""
-    from peft import get_peft_config
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    opts = dict(table)
-    method = str(opts.pop("method", "lora")).upper()
-    known = {str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING}
-    if method not in known:
-        raise ValueError(f"peft.method {method.lower()!r} is not a peft type; use one of: "
-                         + ", ".join(sorted(k.lower() for k in known)))
-    opts.setdefault("task_type", "CAUSAL_LM")
-    try:
-        return get_peft_config({"peft_type": method, **opts})
-    except TypeError as e:
-        raise ValueError(f"peft: {e}; check the key against peft's {method.title()}Config") from None
 
 
 def apply_adapter(model: torch.nn.Module, table: dict[str, Any], seed: int) -> torch.nn.Module:

@@ -5,33 +5,60 @@ must equal the fault-free run's bit for bit wherever the fault leaves the data o
 rollback skips a batch, so it does not). A quick subset runs in CI (`make test`); the whole
 catalogue runs with `make test-all` (or `pytest tests/chaos`).
 """
+
 import json
 
 import pytest
 
-from resilient.chaos.catalogue import FAULTS
-from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, read_journal,
-                           resilient_cli, status, write_job)
+from resilient.catalogue import FAULTS
+from tests.helpers import (
+    adapter,
+    assert_same_adapter,
+    await_journal,
+    background_launch,
+    read_journal,
+    resilient_cli,
+    status,
+    write_job,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
-NODES = ["--set", "cluster.local_nodes=3", "--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=3"]
+NODES = [
+    "--set",
+    "cluster.local_nodes=3",
+    "--set",
+    "checkpoint.every=1",
+    "--set",
+    "checkpoint.persist_every=3",
+]
 SIM = '\n[anomaly]\ngpu = "simulated"\n'
 QUICK = {"kill", "storage_outage", "corrupt_checkpoint", "supervisor_kill", "gpu_lost"}
 
 
 def entry(fault: str, at: int = 12, **kw) -> str:
-    target = "" if FAULTS[fault].target == "job" else ("node = 1\n" if FAULTS[fault].target == "node" else "rank = 1\n")
+    target = (
+        ""
+        if FAULTS[fault].target == "job"
+        else ("node = 1\n" if FAULTS[fault].target == "node" else "rank = 1\n")
+    )
     extra = "".join(f"{k} = {v}\n" for k, v in kw.items())
     return f'\n[[chaos]]\nat_step = {at}\nfault = "{fault}"\n{target}{extra}'
 
 
 CASES = {
-    "kill": entry("kill"), "exit": entry("exit"), "hang": entry("hang"), "slow": entry("slow", 3, factor=3.0),
-    "nan": entry("nan"), "node_loss": entry("node_loss"),
-    "gpu_xid": entry("gpu_xid", xid=79), "gpu_lost": entry("gpu_lost"), "ecc": entry("ecc", count=2),
+    "kill": entry("kill"),
+    "exit": entry("exit"),
+    "hang": entry("hang"),
+    "slow": entry("slow", 3, factor=3.0),
+    "nan": entry("nan"),
+    "node_loss": entry("node_loss"),
+    "gpu_xid": entry("gpu_xid", xid=79),
+    "gpu_lost": entry("gpu_lost"),
+    "ecc": entry("ecc", count=2),
     "thermal": entry("thermal", temperature=97.0),
     "storage_outage": entry("storage_outage", 6, seconds=3.0),
-    # snapshots every 10 steps: the damaged step 10 is the newest copy everywhere when rank 1 dies at 17
+    # snapshots every 10 steps: the damaged step 10 is the newest copy everywhere when rank 1
+    # dies at 17
     "corrupt_checkpoint": entry("corrupt_checkpoint", 12) + entry("kill", 17),
     "supervisor_kill": entry("supervisor_kill", 10),
 }
@@ -46,10 +73,16 @@ def clean(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("fault", [pytest.param(f, marks=() if f in QUICK else pytest.mark.slow) for f in CASES])
+@pytest.mark.parametrize(
+    "fault", [pytest.param(f, marks=() if f in QUICK else pytest.mark.slow) for f in CASES]
+)
 def test_fault_is_survived(clean, fault):
     spec = write_job(clean, name=fault, steps=24, extra=SIM + CASES[fault])
-    every = ["--set", "checkpoint.every=10", "--set", "checkpoint.persist_every=1"] if fault == "corrupt_checkpoint" else []
+    every = (
+        ["--set", "checkpoint.every=10", "--set", "checkpoint.persist_every=1"]
+        if fault == "corrupt_checkpoint"
+        else []
+    )
     r = resilient_cli("launch", str(spec), "--run-id", "c", *NODES, *every)
     run = clean / "runs" / fault / "c"
     if fault == "supervisor_kill":
@@ -63,13 +96,20 @@ def test_fault_is_survived(clean, fault):
     kinds = [f["kind"] for f in report["faults"]]
     assert report["totals"]["faults"] == len(report["faults"]) >= 1
     assert all(f["recovered_at"] for f in report["faults"]), report["faults"]
-    assert 0 <= report["goodput"] <= 1 and set(report["lost_s"]) == {"detection", "teardown", "restart", "restore", "replay"}
+    assert 0 <= report["goodput"] <= 1 and set(report["lost_s"]) == {
+        "detection",
+        "teardown",
+        "restart",
+        "restore",
+        "replay",
+    }
     if fault == "nan":
         assert s["rollbacks"] and s["rollbacks"][0]["skipped_batches"]
         return
     assert_same_adapter(adapter(clean / "runs" / "t" / "clean"), adapter(run))
     if fault in ("kill", "exit", "hang", "node_loss", "gpu_xid", "gpu_lost", "ecc"):
-        assert s["restarts"] >= 1 and fault.split("_")[0] in " ".join(kinds) or "crash" in kinds or "hang" in kinds
+        assert s["restarts"] >= 1
+        assert fault.split("_")[0] in " ".join(kinds) or "crash" in kinds or "hang" in kinds
     if fault in ("gpu_xid", "gpu_lost", "ecc"):
         assert s["cordoned_nodes"]
     if fault in ("slow", "thermal"):
@@ -82,16 +122,48 @@ def test_fault_is_survived(clean, fault):
 
 def test_random_chaos_report(tmp_path):
     spec = write_job(tmp_path, name="mtbf", steps=300)
-    r = resilient_cli("launch", str(spec), "--run-id", "m", "--set", "cluster.local_nodes=2",
-                      "--chaos-mtbf", "3s", "--chaos-seed", "3", "--chaos-faults", "kill,exit")
+    r = resilient_cli(
+        "launch",
+        str(spec),
+        "--run-id",
+        "m",
+        "--set",
+        "cluster.local_nodes=2",
+        "--chaos-mtbf",
+        "3s",
+        "--chaos-seed",
+        "3",
+        "--chaos-faults",
+        "kill,exit",
+    )
     assert r.returncode == 0, r.stdout
     assert "chaos report" in r.stdout
     report = json.loads((tmp_path / "runs" / "mtbf" / "m" / "chaos_report.json").read_text())
-    assert report["faults"] and all(f["recovered_at"] and f["detected_by"] == "actor death" for f in report["faults"])
-    again = resilient_cli("launch", str(spec), "--run-id", "m2", "--set", "cluster.local_nodes=2", "--set", "train.steps=1",
-                          "--chaos-mtbf", "3s", "--chaos-seed", "3", "--chaos-faults", "kill,exit")
+    assert report["faults"] and all(
+        f["recovered_at"] and f["detected_by"] == "actor death" for f in report["faults"]
+    )
+    again = resilient_cli(
+        "launch",
+        str(spec),
+        "--run-id",
+        "m2",
+        "--set",
+        "cluster.local_nodes=2",
+        "--set",
+        "train.steps=1",
+        "--chaos-mtbf",
+        "3s",
+        "--chaos-seed",
+        "3",
+        "--chaos-faults",
+        "kill,exit",
+    )
     assert again.returncode == 0
-    chaos = lambda run: json.loads((tmp_path / "runs" / "mtbf" / run / "spec.json").read_text())["chaos"][:5]  # noqa: E731
+
+    def chaos(run):
+        spec_json = (tmp_path / "runs" / "mtbf" / run / "spec.json").read_text()
+        return json.loads(spec_json)["chaos"][:5]
+
     assert chaos("m") == chaos("m2")  # the same seed gives the same schedule
 
 

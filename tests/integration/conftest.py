@@ -14,8 +14,11 @@ def free_port() -> int:
 
 
 class TcpGate:
-    """A TCP forwarder on loopback in front of a server: `close()` drops every connection and refuses
-    new ones (a real outage from the client's side, kept-alive connections included); `open()` ends it."""
+    """A TCP forwarder on loopback in front of a server.
+
+    `close()` drops every connection and refuses new ones (a real outage from the client's side,
+    kept-alive connections included); `open()` ends it.
+    """
 
     def __init__(self, target_port: int):
         self.target, self.port = target_port, free_port()
@@ -109,7 +112,9 @@ class S3Server:
     def fs(self):
         import s3fs
 
-        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+        return s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True
+        )
 
 
 @pytest.fixture
@@ -121,7 +126,7 @@ def s3(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     server = S3Server()
     server.start()
-    monkeypatch.setenv("FSSPEC_S3", '{"client_kwargs": {"endpoint_url": "%s"}}' % server.endpoint)
+    monkeypatch.setenv("FSSPEC_S3", f'{{"client_kwargs": {{"endpoint_url": "{server.endpoint}"}}}}')
     boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="runs")
     yield server
     server.shutdown()

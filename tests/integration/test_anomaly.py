@@ -1,4 +1,6 @@
-"""The anomaly detector end to end: simulated XID cordons a node, straggler, NaN rollback, Parquet."""
+"""The anomaly detector end to end: simulated XID cordons a node, straggler, NaN rollback,
+Parquet."""
+
 import json
 
 import pandas as pd
@@ -22,7 +24,11 @@ def test_xid79_cordons_its_node_and_job_completes_on_the_others(tmp_path):
     assert [c["node"] for c in s["cordoned_nodes"]] == [nodes[1]["node_id"]]
     events = pd.read_parquet(str(run / "events"))
     row = events[events.kind == "gpu_xid"].iloc[0]
-    assert json.loads(row.evidence)["xid"] == 79 and row.action == "cordon" and row.node == nodes[1]["node_id"]
+    assert (
+        json.loads(row.evidence)["xid"] == 79
+        and row.action == "cordon"
+        and row.node == nodes[1]["node_id"]
+    )
     gpu = pd.read_parquet(str(run / "metrics" / "gpu"))
     assert (gpu.xid == 79).any() and len(gpu.node.unique()) == 3
     train = pd.read_parquet(str(run / "metrics" / "train"))
@@ -44,7 +50,9 @@ def test_slowed_rank_is_reported_as_straggler(tmp_path):
 
 
 def test_nan_rolls_back_and_skips_the_batch(tmp_path):
-    spec = write_job(tmp_path, steps=20, extra='\n[[chaos]]\nat_step = 12\nfault = "nan"\nrank = 0\n')
+    spec = write_job(
+        tmp_path, steps=20, extra='\n[[chaos]]\nat_step = 12\nfault = "nan"\nrank = 0\n'
+    )
     r = resilient_cli("launch", str(spec), "--run-id", "nan")
     assert r.returncode == 0, r.stdout
     s = status(tmp_path / "runs" / "t" / "nan")

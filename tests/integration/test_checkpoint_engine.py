@@ -1,4 +1,6 @@
-"""The checkpoint engine end to end: memory tier, peer replica, S3 persistence and outages, corruption."""
+"""The checkpoint engine end to end: memory tier, peer replica, S3 persistence and outages,
+corruption."""
+
 import json
 import os
 import subprocess
@@ -7,18 +9,31 @@ import time
 
 import pytest
 
+from tests.helpers import (
+    adapter,
+    assert_same_adapter,
+    await_journal,
+    background_launch,
+    load_adapter,
+    read_journal,
+    resilient_cli,
+    status,
+    write_job,
+)
 from tests.integration.conftest import TcpGate
-from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, load_adapter, read_journal,
-                           resilient_cli, status, write_job)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
 
 def chaos(fault: str, at_step: int, rank: int) -> str:
     return f'\n[[chaos]]\nat_step = {at_step}\nfault = "{fault}"\nrank = {rank}\n'
 
 
 def journal(fs, path) -> list[dict]:
-    """Journal records read straight from the S3 server (fsspec's in-process config predates FSSPEC_S3)."""
+    """Journal records read straight from the S3 server.
+
+    fsspec's in-process config predates FSSPEC_S3.
+    """
     return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
 
 
@@ -37,7 +52,9 @@ def test_s3_kill_restores_from_memory_and_matches_clean_run(tmp_path, s3):
     fs = s3.fs()
     for run in ("clean", "kill"):
         fs.get(f"runs/jobs/t/{run}/final", str(tmp_path / f"final-{run}"), recursive=True)
-    assert_same_adapter(load_adapter(tmp_path / "final-clean"), load_adapter(tmp_path / "final-kill"))
+    assert_same_adapter(
+        load_adapter(tmp_path / "final-clean"), load_adapter(tmp_path / "final-kill")
+    )
     r = resilient_cli("ckpt", "verify", "s3://runs/jobs/t/kill")
     assert r.returncode == 0 and "step 20: ok" in r.stdout, r.stdout
     r = resilient_cli("ckpt", "list", "s3://runs/jobs/t/kill")
@@ -50,12 +67,35 @@ def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
     spec = write_job(tmp_path, storage="s3://runs/jobs", steps=300)
     gate = TcpGate(s3.port)
     gate.open()
-    env = {**os.environ, "FSSPEC_S3": json.dumps({"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{gate.port}"}})}
-    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "launch", str(spec), "--run-id", "outage",
-                             "--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=3",
-                             "--set", "checkpoint.max_pending=1000",
-                             "--set", "checkpoint.keep=1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = {
+        **os.environ,
+        "FSSPEC_S3": json.dumps(
+            {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{gate.port}"}}
+        ),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "resilient.cli",
+            "launch",
+            str(spec),
+            "--run-id",
+            "outage",
+            "--set",
+            "checkpoint.every=1",
+            "--set",
+            "checkpoint.persist_every=3",
+            "--set",
+            "checkpoint.max_pending=1000",
+            "--set",
+            "checkpoint.keep=1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     fs = s3.fs()
     try:
         deadline = time.time() + 150
@@ -78,7 +118,10 @@ def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
     recs = journal(s3.fs(), "runs/jobs/t/outage/journal.jsonl")
     # The outage was felt (a commit failed and was retried, or rode it out in the client's own
     # retries), training went on through it, and every snapshot reached storage afterwards.
-    assert any(r["type"] == "persist_error" or (r["type"] == "persisted" and r["seconds"] >= 3) for r in recs)
+    assert any(
+        r["type"] == "persist_error" or (r["type"] == "persisted" and r["seconds"] >= 3)
+        for r in recs
+    )
     persisted = {r["step"] for r in recs if r["type"] == "persisted"}
     assert persisted == set(range(3, 301, 3))
     assert not any(r["type"] == "persist_dropped" for r in recs)
@@ -128,10 +171,15 @@ def test_node_loss_restores_from_peer_replica(tmp_path):
     assert s["state"] == "SUCCEEDED" and s["restarts"] == 1
     # The survivor (rank 1) hands its newest snapshot (step 10) to its own node before the restart;
     # the lost node's copy had been replicated to a peer node too. Either way: step 10, not storage.
-    assert s["restores"] in ([{"step": 10, "tier": "memory", "skipped": []}],
-                             [{"step": 10, "tier": "peer", "skipped": []}])
+    assert s["restores"] in (
+        [{"step": 10, "tier": "memory", "skipped": []}],
+        [{"step": 10, "tier": "peer", "skipped": []}],
+    )
     records = read_journal(tmp_path / "runs" / "t" / "peer")
     lost = next(r["nodes"] for r in records if r["type"] == "nodes_lost")
     assert next(r for r in records if r["type"] == "restore")["node"] not in lost
     r = resilient_cli("launch", str(write_job(tmp_path, steps=20)), "--run-id", "clean")
-    assert_same_adapter(adapter(tmp_path / "runs" / "t" / "clean"), adapter(tmp_path / "runs" / "t" / "peer"))
+    assert r.returncode == 0, r.stdout
+    assert_same_adapter(
+        adapter(tmp_path / "runs" / "t" / "clean"), adapter(tmp_path / "runs" / "t" / "peer")
+    )

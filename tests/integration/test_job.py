@@ -1,10 +1,18 @@
 """End-to-end jobs through the CLI on an embedded local Ray with the built-in tiny model."""
+
 import json
 
 import pytest
 
-from tests.helpers import (adapter, assert_same_adapter, await_journal, background_launch, resilient_cli, status,
-                           write_job)
+from tests.helpers import (
+    adapter,
+    assert_same_adapter,
+    await_journal,
+    background_launch,
+    resilient_cli,
+    status,
+    write_job,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,19 +35,29 @@ def chaos(fault: str, at_step: int, rank: int) -> str:
 
 def test_clean_job_completes_and_adapter_loads(clean_run):
     s = status(clean_run)
-    assert (s["state"], s["step"], s["total_steps"], s["restarts"], s["faults"]) == ("SUCCEEDED", 24, 24, 0, [])
+    assert (s["state"], s["step"], s["total_steps"], s["restarts"], s["faults"]) == (
+        "SUCCEEDED",
+        24,
+        24,
+        0,
+        [],
+    )
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     cfg = json.loads((clean_run / "final" / "adapter_config.json").read_text())
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
-                                      str(clean_run / "final"))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
+        str(clean_run / "final"),
+    )
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("fault,rank,at_step", [("kill", 1, 12), ("exit", 0, 7)])
 def test_dead_worker_is_survived_bit_for_bit(work, clean_run, fault, rank, at_step):
-    r = resilient_cli("launch", str(write_job(work, extra=chaos(fault, at_step, rank))), "--run-id", fault)
+    r = resilient_cli(
+        "launch", str(write_job(work, extra=chaos(fault, at_step, rank))), "--run-id", fault
+    )
     assert r.returncode == 0, r.stdout
     assert "recovery_s" in r.stdout  # the summary prints recovery time
     run = work / "runs" / "t" / fault
@@ -88,7 +106,9 @@ def test_bad_input_exits_2_without_traceback(work):
     bad.write_text('name = 3\n[cluster]\nnum_workers = "two"\nbogus_key = 1\n')
     r = resilient_cli("launch", str(bad), timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stdout and "num_workers" in r.stdout
-    r = resilient_cli("launch", str(write_job(work, name="big")), "--set", "cluster.num_workers=64", timeout=120)
+    r = resilient_cli(
+        "launch", str(write_job(work, name="big")), "--set", "cluster.num_workers=64", timeout=120
+    )
     assert r.returncode == 2 and "cluster.num_workers" in r.stdout and "Traceback" not in r.stdout
     assert not (work / "runs" / "big").exists() or not any((work / "runs" / "big").iterdir())
     r = resilient_cli("status", str(work / "nowhere"), timeout=60)

@@ -1,6 +1,7 @@
 """Object-store calls are bounded in time: a store that accepts connections but never answers (a
 half-open connection after a network fault) makes RunDir raise, instead of blocking its caller
 forever, and the same RunDir works again once the store answers."""
+
 import socket
 import threading
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 from fsspec.exceptions import FSTimeoutError
 
-import resilient.rundir as rundir_mod
+import resilient.rundir.fs as rundir_mod
 from resilient.rundir import RunDir
 
 
@@ -51,9 +52,15 @@ def test_calls_on_a_silent_store_raise_within_the_bound(s3, monkeypatch):
     monkeypatch.setattr(rundir_mod, "OP_TIMEOUT_S", 2.0)
     hole = Blackhole()
     try:
-        rd = RunDir("s3://runs/bounded", {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{hole.port}"}})
-        for call in (lambda: rd.write_bytes("journal.jsonl", b"x" * 1000), lambda: rd.exists("spec.json"),
-                     lambda: rd.listdir("checkpoints")):
+        rd = RunDir(
+            "s3://runs/bounded",
+            {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{hole.port}"}},
+        )
+        for call in (
+            lambda: rd.write_bytes("journal.jsonl", b"x" * 1000),
+            lambda: rd.exists("spec.json"),
+            lambda: rd.listdir("checkpoints"),
+        ):
             t0 = time.time()
             with pytest.raises((FSTimeoutError, TimeoutError)):
                 call()
@@ -67,7 +74,7 @@ def test_calls_on_a_silent_store_raise_within_the_bound(s3, monkeypatch):
 
 
 def test_s3_defaults_keep_the_users_choices(monkeypatch):
-    from resilient.rundir import S3_CLIENT_DEFAULTS, with_s3_defaults
+    from resilient.rundir.fs import S3_CLIENT_DEFAULTS, with_s3_defaults
 
     assert with_s3_defaults("file:///tmp/x", {}) == {}
     got = with_s3_defaults("s3://b/x", {"config_kwargs": {"read_timeout": 300}})

@@ -8,8 +8,15 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_good_spec_and_overrides(tmp_path):
-    spec = load_spec(write_job(tmp_path), ["train.steps=40", "train.lr=1e-3", 'name="other"',
-                                           "cluster.resources_per_worker={CPU=0.5}"])
+    spec = load_spec(
+        write_job(tmp_path),
+        [
+            "train.steps=40",
+            "train.lr=1e-3",
+            'name="other"',
+            "cluster.resources_per_worker={CPU=0.5}",
+        ],
+    )
     assert spec.train.steps == 40 and spec.train.lr == 1e-3 and spec.name == "other"
     assert spec.cluster.resources_per_worker == {"CPU": 0.5}
     assert spec.checkpoint.storage.startswith("file://")
@@ -22,18 +29,21 @@ def test_yaml_spec(tmp_path):
     assert load_spec(y).train.steps == 3
 
 
-@pytest.mark.parametrize("override,field", [
-    ("cluster.num_workers=\"two\"", "cluster.num_workers"),
-    ("cluster.bogus=1", "cluster.bogus"),
-    ("train.steps=0", "train.steps"),
-    ("data.path=\"/no/such/file\"", "data.path"),
-    ("supervisor.hang_timeout=0.5", "supervisor"),
-    ("peft.method=\"nonsense\"", "peft"),
-    ("peft.bogus_option=1", "peft"),
-    ("cluster.backend=\"mpi\"", "cluster.backend"),
-    ('chaos=[{at_step=3, fault="kill", rank=5}]', "chaos"),
-    ('chaos=[{at_step=3, fault="meteor", rank=0}]', "chaos.0.fault"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ('cluster.num_workers="two"', "cluster.num_workers"),
+        ("cluster.bogus=1", "cluster.bogus"),
+        ("train.steps=0", "train.steps"),
+        ('data.path="/no/such/file"', "data.path"),
+        ("supervisor.hang_timeout=0.5", "supervisor"),
+        ('peft.method="nonsense"', "peft"),
+        ("peft.bogus_option=1", "peft"),
+        ('cluster.backend="mpi"', "cluster.backend"),
+        ('chaos=[{at_step=3, fault="kill", rank=5}]', "chaos"),
+        ('chaos=[{at_step=3, fault="meteor", rank=0}]', "chaos.0.fault"),
+    ],
+)
 def test_bad_spec_names_the_field(tmp_path, override, field):
     with pytest.raises(SpecError) as e:
         load_spec(write_job(tmp_path), [override])
@@ -58,13 +68,18 @@ def test_override_syntax():
 
 def test_fingerprint_ignores_steps_and_chaos(tmp_path):
     a = load_spec(write_job(tmp_path))
-    b = load_spec(write_job(tmp_path), ["train.steps=99", 'chaos=[{at_step=3, fault="kill", rank=1}]'])
+    b = load_spec(
+        write_job(tmp_path), ["train.steps=99", 'chaos=[{at_step=3, fault="kill", rank=1}]']
+    )
     c = load_spec(write_job(tmp_path), ["train.seed=8"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
 def test_model_needs_exactly_one_source(tmp_path):
-    tree = {"name": "x", "data": {"path": str(write_job(tmp_path).parent / "corpus.txt")},
-            "model": {"builtin": "tiny-llama", "path": str(tmp_path)}}
+    tree = {
+        "name": "x",
+        "data": {"path": str(write_job(tmp_path).parent / "corpus.txt")},
+        "model": {"builtin": "tiny-llama", "path": str(tmp_path)},
+    }
     with pytest.raises(SpecError, match="exactly one"):
         validate_tree(tree)

@@ -1,12 +1,17 @@
 """Each detector on synthetic series: fires within its window, silent on long healthy noise."""
+
 import math
 import random
 
 import pytest
 
 from resilient.anomaly.collectors import GpuCollector
-from resilient.anomaly.detectors import (HangDetector, HardwareDetector, HostDetector, NumericsDetector,
-                                         StragglerDetector)
+from resilient.anomaly.detectors import (
+    HardwareDetector,
+    HostDetector,
+    NumericsDetector,
+    StragglerDetector,
+)
 from resilient.anomaly.simulated import SimulatedNvml
 from resilient.config import AnomalyConfig
 
@@ -24,7 +29,9 @@ def healthy_steps(n, world=2, seed=0, base=0.05, noise=0.08):
 
 def test_straggler_fires_within_window_and_not_on_noise():
     det = StragglerDetector(CFG, world=4)
-    assert [e for t, rk, s, x in healthy_steps(10_000, world=4) for e in det.observe(t, rk, s, x)] == []
+    assert [
+        e for t, rk, s, x in healthy_steps(10_000, world=4) for e in det.observe(t, rk, s, x)
+    ] == []
     det = StragglerDetector(CFG, world=2)
     events = []
     for t, rank, step, x in healthy_steps(200):
@@ -54,22 +61,19 @@ def test_nan_and_spikes():
     assert kinds == ["warn", "warn", "rollback"]  # spike_patience = 3
 
 
-def test_hang_detector():
-    det = HangDetector(hang_timeout=5.0)
-    assert det.observe(0.0, 0, 1) == [] and det.observe(4.0, 0, 1) == []
-    (e,) = det.observe(5.5, 0, 1)
-    assert e.kind == "hang" and e.step == 2
-    assert det.observe(6.0, 0, 1) == []  # once
-    assert det.observe(7.0, 0, 2) == []
-
-
 def test_rss_leak_and_no_false_alarm():
     det = HostDetector(CFG)
     r = random.Random(2)
-    quiet = [e for i in range(10_000) for e in det.observe(i * 1.0, "n", {0: int((2000 + r.gauss(0, 5)) * 2**20)})]
+    quiet = [
+        e
+        for i in range(10_000)
+        for e in det.observe(i * 1.0, "n", {0: int((2000 + r.gauss(0, 5)) * 2**20)})
+    ]
     assert quiet == []
     det = HostDetector(CFG)
-    leak = [e for i in range(200) for e in det.observe(i * 1.0, "n", {0: int((2000 + i * 10) * 2**20)})]
+    leak = [
+        e for i in range(200) for e in det.observe(i * 1.0, "n", {0: int((2000 + i * 10) * 2**20)})
+    ]
     assert len(leak) == 1 and leak[0].kind == "rss_leak" and leak[0].evidence["mb_per_min"] > 500
 
 
@@ -85,7 +89,9 @@ def test_simulated_gpu_through_the_real_collector():
     assert healthy == []
     sim.xid(1, 79)
     ev = [e for s in col.sample() for e in det.observe("n0", s)]
-    assert [(e.kind, e.action, e.evidence["xid"], e.evidence["gpu"]) for e in ev] == [("gpu_xid", "cordon", 79, 1)]
+    assert [(e.kind, e.action, e.evidence["xid"], e.evidence["gpu"]) for e in ev] == [
+        ("gpu_xid", "cordon", 79, 1)
+    ]
     sim.set(0, ecc_volatile=3, ecc_aggregate=3)
     assert [e.kind for s in col.sample() for e in det.observe("n0", s)] == ["gpu_ecc"]
     sim.set(0, remap_pending=True)
@@ -96,7 +102,9 @@ def test_simulated_gpu_through_the_real_collector():
     assert [e.kind for s in col.sample() for e in det.observe("n0", s)] == ["gpu_recovery"]
     sim.lose(1)
     samples = col.sample()
-    assert samples[1]["lost"] and [e.kind for s in samples for e in det.observe("n0", s)] == ["gpu_lost"]
+    assert samples[1]["lost"] and [e.kind for s in samples for e in det.observe("n0", s)] == [
+        "gpu_lost"
+    ]
 
 
 def test_xid_classes():

@@ -1,8 +1,13 @@
+import copy
+import itertools
+
 import pytest
 
+from resilient.anomaly.events import AnomalyEvent
 from resilient.config import SupervisorConfig
-from resilient.supervisor.faults import Action, Fault, FaultKind
-from resilient.supervisor.policy import backoff, decide
+from resilient.supervisor import policy
+from resilient.supervisor.faults import Action, Fault, FaultKind, History
+from resilient.supervisor.policy import backoff, decide, judge
 
 pytestmark = pytest.mark.timeout(10)
 FAULT = Fault(FaultKind.CRASH, 1, 14, 100.0, "actor died")
@@ -10,7 +15,7 @@ FAULT = Fault(FaultKind.CRASH, 1, 14, 100.0, "actor died")
 
 def test_restart_within_budget():
     cfg = SupervisorConfig(max_restarts=3)
-    d = decide(FAULT, 0, cfg)
+    d = decide(FAULT, History(0), cfg)
     assert d.action is Action.RESTART and d.delay_s == 0.0
     assert "rank 1" in d.reason
 
@@ -18,28 +23,112 @@ def test_restart_within_budget():
 def test_backoff_grows_and_is_capped():
     cfg = SupervisorConfig(max_restarts=10, backoff_base=1.0, backoff_max=5.0)
     assert [backoff(n, cfg) for n in range(6)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
-    assert decide(FAULT, 3, cfg).delay_s == 4.0
+    assert decide(FAULT, History(3), cfg).delay_s == 4.0
 
 
 def test_gives_up_with_a_reason_when_budget_spent():
     cfg = SupervisorConfig(max_restarts=2)
-    d = decide(FAULT, 2, cfg)
+    d = decide(FAULT, History(2), cfg)
     assert d.action is Action.GIVE_UP
     assert "max_restarts=2" in d.reason and "crash of rank 1 at step 14" in d.reason
 
 
-def test_policy_is_pure():
-    cfg = SupervisorConfig()
-    assert decide(FAULT, 1, cfg) == decide(FAULT, 1, cfg)
+def test_a_fault_while_stopping_gives_up_with_a_reason():
+    d = decide(FAULT, History(0, stopping=True), SupervisorConfig())
+    assert d.action is Action.GIVE_UP and "while stopping" in d.reason and "--resume" in d.reason
+
+
+EVENTS = [
+    AnomalyEvent(
+        5.0, "gpu_xid", "critical", "cordon", node="nA", evidence={"xid": 79, "reason": "x"}
+    ),
+    AnomalyEvent(5.0, "gpu_xid", "critical", "cordon", node="nC", evidence={"xid": 79}),
+    AnomalyEvent(5.0, "nan", "critical", "rollback", rank=0, step=12, evidence={"loss": "nan"}),
+    AnomalyEvent(
+        5.0, "loss_spike", "critical", "rollback", step=20, evidence={"spike_steps": [18, 19, 20]}
+    ),
+    AnomalyEvent(5.0, "straggler", "warning", "warn", rank=1, step=9),
+    AnomalyEvent(5.0, "gpu_xid", "critical", "restart", node="nB", evidence={"xid": 13}),
+]
+PLACEMENT = ["nA", "nB"]
+DATA = {12: {12}, 18: {19}, 19: {20}, 20: {21}}
+
+
+def test_policy_is_pure(monkeypatch):
+    """Same arguments, same answer; no clock, no I/O, no change to what it was given."""
+    import builtins
+    import time
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the policy must not read the clock or do I/O")
+
+    faults = [FAULT] + [judge(e, PLACEMENT, DATA, 11, 7.0).fault for e in EVENTS]
+    cases = [
+        (f, History(n, s)) for f in faults if f for n, s in itertools.product((0, 1, 5), (0, 1))
+    ]
+    before = copy.deepcopy((EVENTS, PLACEMENT, DATA))
+    answers = [
+        (decide(f, h, SupervisorConfig()), [judge(e, PLACEMENT, DATA, 11, 7.0) for e in EVENTS])
+        for f, h in cases
+    ]
+    for name in ("time", "monotonic", "perf_counter"):
+        monkeypatch.setattr(time, name, forbidden)
+    monkeypatch.setattr(builtins, "open", forbidden)
+    again = [
+        (decide(f, h, SupervisorConfig()), [judge(e, PLACEMENT, DATA, 11, 7.0) for e in EVENTS])
+        for f, h in cases
+    ]
+    assert again == answers and (EVENTS, PLACEMENT, DATA) == before
 
 
 def test_anomalies_map_to_cordon_and_rollback():
     cfg = SupervisorConfig()
-    xid = Fault(FaultKind.ANOMALY, 1, 12, 1.0, "gpu_xid", node="nodeA", anomaly="gpu_xid", suggested="cordon")
-    d = decide(xid, 0, cfg)
+    xid = Fault(
+        FaultKind.ANOMALY,
+        1,
+        12,
+        1.0,
+        "gpu_xid",
+        node="nodeA",
+        anomaly="gpu_xid",
+        suggested="cordon",
+    )
+    d = decide(xid, History(0), cfg)
     assert d.action is Action.CORDON and d.exclude_nodes == ("nodeA",)
-    nan = Fault(FaultKind.ANOMALY, 0, 12, 1.0, "nan", anomaly="nan", suggested="rollback", rollback_to=11,
-                skip_batches=(12,))
-    d = decide(nan, 0, cfg)
+    nan = Fault(
+        FaultKind.ANOMALY,
+        0,
+        12,
+        1.0,
+        "nan",
+        anomaly="nan",
+        suggested="rollback",
+        rollback_to=11,
+        skip_batches=(12,),
+    )
+    d = decide(nan, History(0), cfg)
     assert d.action is Action.ROLLBACK and d.rollback_to == 11 and d.skip_batches == (12,)
-    assert decide(nan, cfg.max_restarts, cfg).action is Action.GIVE_UP
+    assert decide(nan, History(cfg.max_restarts), cfg).action is Action.GIVE_UP
+
+
+def test_judge_each_kind_of_event():
+    xid_on_rank, xid_idle, nan, spike, straggler, restart = (
+        judge(e, PLACEMENT, DATA, 11, 7.0) for e in EVENTS
+    )
+    assert (
+        xid_on_rank.decision == "cordon"
+        and xid_on_rank.fault.rank == 0
+        and xid_on_rank.cordon is None
+    )
+    assert xid_on_rank.fault.node == "nA" and xid_on_rank.fault.detected_at == 7.0
+    assert (
+        xid_idle.decision == "cordon_only" and xid_idle.fault is None and xid_idle.cordon[0] == "nC"
+    )
+    assert (nan.fault.rollback_to, nan.fault.skip_batches, nan.fault.step) == (11, (12,), 12)
+    assert (spike.fault.rollback_to, spike.fault.skip_batches) == (17, (19, 20, 21))
+    assert straggler.decision == "warn" and straggler.fault is None and straggler.cordon is None
+    assert (
+        restart.fault.rank == 1 and restart.fault.step == 12
+    )  # no step in the event: the next one
+    assert decide(restart.fault, History(0), SupervisorConfig()).action is Action.RESTART
+    assert policy.describe(xid_on_rank.fault) == "gpu_xid of rank 0 at step 12"

@@ -1,6 +1,6 @@
 import pytest
 
-from resilient.supervisor.status import fold
+from resilient.runlog.status import fold
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -14,26 +14,54 @@ def test_fold_faults_restarts_and_recovery():
         {"t": 4, "type": "decision", "action": "restart"},
         {"t": 4, "type": "restart", "n": 1},
         {"t": 5, "type": "restore", "step": 10, "tier": "storage"},
-        {"t": 7, "type": "recovered", "fault_index": 0, "recovered_at": 7.5, "recovery_s": 3.5, "steps_replayed": 3},
+        {
+            "t": 7,
+            "type": "recovered",
+            "fault_index": 0,
+            "recovered_at": 7.5,
+            "recovery_s": 3.5,
+            "steps_replayed": 3,
+        },
         {"t": 9, "type": "transition", "from": "RUNNING", "to": "SUCCEEDED", "cause": "done"},
     ]
     s = fold(recs)
     assert s["state"] == "SUCCEEDED" and s["restarts"] == 1 and s["total_steps"] == 30
     f = s["faults"][0]
-    assert (f["kind"], f["rank"], f["step"], f["recovery_s"], f["recovered_at"]) == ("crash", 1, 14, 3.5, 7.5)
+    assert (f["kind"], f["rank"], f["step"], f["recovery_s"], f["recovered_at"]) == (
+        "crash",
+        1,
+        14,
+        3.5,
+        7.5,
+    )
     assert s["restores"] == [{"step": 10, "tier": "storage", "skipped": []}]
 
 
 def test_goodput_counts_a_fault_that_struck_before_the_first_running():
-    from resilient.supervisor.accounting import account
+    from resilient.runlog.accounting import account
 
     recs = [
         {"t": 1, "type": "job", "name": "n", "run_id": "r", "total_steps": 30},
         {"t": 2, "type": "transition", "from": "PENDING", "to": "STARTING"},
-        {"t": 3, "type": "fault", "kind": "crash", "rank": 1, "step": 14, "detected_at": 3.1, "injected_at": 3.0},
+        {
+            "t": 3,
+            "type": "fault",
+            "kind": "crash",
+            "rank": 1,
+            "step": 14,
+            "detected_at": 3.1,
+            "injected_at": 3.0,
+        },
         {"t": 3.1, "type": "decision", "action": "restart"},
         {"t": 5, "type": "transition", "from": "STARTING", "to": "RUNNING"},
-        {"t": 5, "type": "recovered", "fault_index": 0, "recovered_at": 5.0, "recovery_s": 2.0, "steps_replayed": 0},
+        {
+            "t": 5,
+            "type": "recovered",
+            "fault_index": 0,
+            "recovered_at": 5.0,
+            "recovery_s": 2.0,
+            "steps_replayed": 0,
+        },
         {"t": 7, "type": "transition", "from": "RUNNING", "to": "SUCCEEDED", "cause": "done"},
     ]
     r = account(recs)

@@ -1,11 +1,12 @@
 """The dashboard server: FastAPI, the page, Plotly's own bundled script, and the JSON API.
 
-Contract: `make_app(rundir, token)` serves `/` (the page), `/static/plotly.min.js` (from the installed
-plotly package: the page works offline), and `/api/state`, `/api/timeline`, `/api/metrics`,
-`/api/events`, `/api/checkpoints`. With a token every request must carry it (`?token=`,
-`Authorization: Bearer`, or the cookie the page sets). `serve()` binds 127.0.0.1 unless told
-otherwise, and refuses another address without a token.
+Contract: `make_app(rundir, token)` serves `/` (the page), `/static/plotly.min.js` (from the
+installed plotly package: the page works offline), and `/api/state`, `/api/timeline`,
+`/api/metrics`, `/api/events`, `/api/checkpoints`. With a token every request must carry it
+(`?token=`, `Authorization: Bearer`, or the cookie the page sets). `serve()` binds 127.0.0.1 unless
+told otherwise, and refuses another address without a token.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -18,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from resilient.anomaly.dashboard import data
+from resilient.dashboard import data
 from resilient.errors import UserError
 from resilient.rundir import RunDir
 
@@ -28,16 +29,21 @@ PLOTLY_JS = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plot
 
 def make_app(rd: RunDir, token: str | None = None) -> FastAPI:
     app = FastAPI(title="resilient dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    page = resources.files("resilient.anomaly.dashboard").joinpath("page.html").read_text()
+    page = resources.files("resilient.dashboard").joinpath("page.html").read_text()
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         if token:
-            given = (request.query_params.get("token") or request.cookies.get("resilient_token")
-                     or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+            given = (
+                request.query_params.get("token")
+                or request.cookies.get("resilient_token")
+                or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            )
             if not given or not hmac.compare_digest(given, token):
-                return JSONResponse({"error": "a token is required: open the URL printed with the dashboard"},
-                                    status_code=401)
+                return JSONResponse(
+                    {"error": "a token is required: open the URL printed with the dashboard"},
+                    status_code=401,
+                )
         response = await call_next(request)
         if token and request.query_params.get("token"):
             response.set_cookie("resilient_token", token, httponly=True, samesite="strict")
@@ -76,19 +82,28 @@ def make_app(rd: RunDir, token: str | None = None) -> FastAPI:
 
 def check_bind(host: str, token: str | None) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        raise UserError(f"--host {host} exposes the dashboard beyond this machine: pass --token (or set "
-                        f"{TOKEN_ENV}) so that every request must carry it")
+        raise UserError(
+            f"--host {host} exposes the dashboard beyond this machine: pass --token (or set "
+            f"{TOKEN_ENV}) so that every request must carry it"
+        )
 
 
 def url(host: str, port: int, token: str | None) -> str:
     return f"http://{host}:{port}/" + (f"?token={token}" if token else "")
 
 
-def serve(rd: RunDir, host: str = "127.0.0.1", port: int = 8265, token: str | None = None,
-          background: bool = False) -> uvicorn.Server:
+def serve(
+    rd: RunDir,
+    host: str = "127.0.0.1",
+    port: int = 8265,
+    token: str | None = None,
+    background: bool = False,
+) -> uvicorn.Server:
     """Run the server (in a daemon thread when `background`)."""
     check_bind(host, token)
-    server = uvicorn.Server(uvicorn.Config(make_app(rd, token), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(rd, token), host=host, port=port, log_level="warning")
+    )
     if background:
         threading.Thread(target=server.run, daemon=True, name="dashboard").start()
     else:

@@ -7,12 +7,13 @@ object stores: a single PUT is atomic by nature). Nothing read from here is ever
 
 Every call on an object store is bounded in time, so a caller's retry loop (journal writer,
 persister, control poller) always gets its turn: writes, listings, existence checks and deletes
-raise `fsspec.exceptions.FSTimeoutError` after OP_TIMEOUT_S (+1 s per 5 MB written), and s3
-clients get connect/read timeouts and few botocore retries (`S3_CLIENT_DEFAULTS`, the user's
-`config_kwargs` win). Why: botocore sends every PUT with `Expect: 100-continue` and aiohttp waits for
-the "100 Continue" without any timeout, so a PUT on a connection that went half-open during a
-network fault would otherwise block its thread forever.
+raise `fsspec.exceptions.FSTimeoutError` after OP_TIMEOUT_S (+1 s per 5 MB written), and s3 clients
+get connect/read timeouts and few botocore retries (`S3_CLIENT_DEFAULTS`, the user's `config_kwargs`
+win). Why: botocore sends every PUT with `Expect: 100-continue` and aiohttp waits for the "100
+Continue" without any timeout, so a PUT on a connection that went half-open during a network fault
+would otherwise block its thread forever.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,10 @@ def with_s3_defaults(uri: str, storage_options: dict[str, Any]) -> dict[str, Any
         return storage_options
     from fsspec.config import conf
 
-    user = {**conf.get("s3", {}).get("config_kwargs", {}), **storage_options.get("config_kwargs", {})}
+    user = {
+        **conf.get("s3", {}).get("config_kwargs", {}),
+        **storage_options.get("config_kwargs", {}),
+    }
     return {**storage_options, "config_kwargs": {**S3_CLIENT_DEFAULTS, **user}}
 
 
@@ -46,7 +50,9 @@ class RunDir:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = uri.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **with_s3_defaults(self.uri, self.storage_options))
+        self.fs, self.root = fsspec.core.url_to_fs(
+            self.uri, **with_s3_defaults(self.uri, self.storage_options)
+        )
         self.root = self.root.rstrip("/")
 
     def _bound(self, nbytes: int = 0) -> dict[str, float]:
@@ -57,7 +63,9 @@ class RunDir:
 
     @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     def local_path(self, rel: str = "") -> str:
         """The OS path of `rel`; only for a local run directory."""
@@ -130,6 +138,8 @@ class RunDir:
                 f.write(self.read_bytes(f"{rel}/{name}"))
 
 
-def run_dir_for(storage: str, name: str, run_id: str, storage_options: dict[str, Any] | None = None) -> RunDir:
+def run_dir_for(
+    storage: str, name: str, run_id: str, storage_options: dict[str, Any] | None = None
+) -> RunDir:
     """The run directory `<storage>/<name>/<run_id>`."""
     return RunDir(f"{storage.rstrip('/')}/{name}/{run_id}", storage_options)

@@ -2,8 +2,10 @@
 
 Contract: `export_step(rundir, step, out_dir)` rebuilds the run's model with its adapter from
 `spec.json`, loads the checkpoint's adapter tensors (checksums verified, safetensors only) and
-saves a directory `PeftModel.from_pretrained` loads, naming the run's base model.
+saves a directory `PeftModel.from_pretrained` loads, naming the run's base model. It raises
+`CheckpointInvalid` when the checkpoint is missing or damaged.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,26 +17,25 @@ from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
+from resilient.rundir.layout import BASE_MODEL, SPEC_FILE, base_ref
+from resilient.training.model import apply_adapter, load_base
+from resilient.training.trainer import write_adapter
 
 
 def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
-    from resilient.launcher.launch import SPEC_FILE, base_ref
-    from resilient.training.model import apply_adapter, load_base
-
     spec = validate_tree(rundir.read_json(SPEC_FILE))
     snap = Snapshot.from_files(CheckpointStore(rundir).load(step, spec.fingerprint()))
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = spec.model.path
-        if not base_dir:
-            base_dir = rundir.local_path("base_model") if rundir.is_local else os.path.join(tmp, "base")
-            if not rundir.is_local:
-                rundir.download_dir("base_model", base_dir)
+        if not base_dir and rundir.is_local:
+            base_dir = rundir.local_path(BASE_MODEL)
+        elif not base_dir:
+            base_dir = os.path.join(tmp, "base")
+            rundir.download_dir(BASE_MODEL, base_dir)
         model = apply_adapter(load_base(base_dir), spec.peft, spec.train.seed)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, t in snap.shared.items():
                 if key.startswith("model."):
                     params[key[6:]].copy_(t)
-        from resilient.training.trainer import write_adapter
-
-        write_adapter(model, out_dir, base_ref(spec, rundir))
+        write_adapter(model, out_dir, base_ref(rundir, spec.model.path))

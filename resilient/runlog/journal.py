@@ -1,12 +1,14 @@
-"""The run journal: an append-only record of every transition, fault, decision, restore and checkpoint.
+"""The run journal: an append-only record of every transition, fault, decision, restore and
+checkpoint.
 
-Contract: on a local run directory `Journal.append(type, **fields)` makes the record durable before it
-returns (append + fsync). Object stores cannot append: a writer thread rewrites the whole file in one
-atomic PUT whenever records are new, and keeps retrying while the store is down, so appending never
-blocks the supervisor; `flush(timeout)` waits until everything is out.
-`read_records(rundir)` returns the records in order; a torn last line (a crash mid-append) is ignored.
-The journal is the source of truth for `resilient status` and for resuming a run.
+Contract: on a local run directory `Journal.append(type, **fields)` makes the record durable before
+it returns (append + fsync). Object stores cannot append: a writer thread rewrites the whole file in
+one atomic PUT whenever records are new, and keeps retrying while the store is down, so appending
+never blocks the supervisor; `flush(timeout)` waits until everything is out. `read_records(rundir)`
+returns the records in order; a torn last line (a crash mid-append) is ignored. The journal is the
+source of truth for `resilient status` and for resuming a run.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +18,7 @@ import time
 from typing import Any
 
 from resilient.rundir import RunDir
-
-JOURNAL = "journal.jsonl"
+from resilient.rundir.layout import JOURNAL
 
 
 def read_records(rundir: RunDir) -> list[dict]:
@@ -44,11 +45,6 @@ class Journal:
             # Object stores cannot append and may be down for a while: a writer thread rewrites the
             # file whenever there is something new, so the supervisor never waits on storage.
             threading.Thread(target=self._writer, daemon=True, name="journal-writer").start()
-
-    @property
-    def unflushed(self) -> bool:
-        with self._cond:
-            return self._written < len(self._lines)
 
     def append(self, type: str, **fields: Any) -> dict:
         rec = {"t": time.time(), "type": type, **fields}

@@ -1,0 +1,39 @@
+"""Heartbeat: one rank's answer, the supervisor's only window into it.
+
+Contract: a TrainWorker answers every heartbeat (on a thread of its own, in every phase) with a
+`Heartbeat`: its phase and progress, and what it did since the previous answer (per-step metrics,
+snapshots handed over), each reported once. Phases: created -> rendezvous -> loading -> restoring ->
+training -> [rank 0: persisting -> exporting] -> done | stopped; or error (with `error`) or
+nonfinite (a NaN/Inf step that no rank applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAINING = frozenset({"training", "persisting", "exporting", "done", "stopped"})  # past the start
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    rank: int
+    pid: int
+    phase: str
+    now: float  # the rank's clock when it answered
+    step: int = 0  # the last step it finished
+    error: str | None = None  # phase "error": the exception and a short traceback
+    metrics: tuple[dict, ...] = ()  # one record per step finished since the previous answer
+    checkpoints: tuple[dict, ...] = ()  # snapshots handed to the node agent since then
+    snapshot_step: int | None = None  # the newest snapshot this rank holds in its own memory
+    chaos_request: int | None = None  # rank 0 holds at a job-wide fault's step until it is done
+    restore_s: float = 0.0  # seconds its restore took
+    training_at: float | None = None  # when it started training (restore done)
+    step_done_at: float | None = None  # when it finished its last step
+    first_step_done_at: float | None = None  # when it finished its first step of this attempt
+    mean_loss: float | None = None  # the job-wide mean loss of its last step
+    tokens_per_s: float | None = None
+
+    @property
+    def past_start(self) -> bool:
+        """Started and restored: training or past it."""
+        return self.phase in TRAINING

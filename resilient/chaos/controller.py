@@ -1,0 +1,164 @@
+"""The chaos controller: every fault a job is asked to suffer, carried out at the supervisor's
+named points (see `supervisor.hooks`).
+
+Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
+- `plan()`: the `[[chaos]]` entries with `at_step` that have not fired (by their markers): the
+  workers fire their own at the start of that step; a job-wide one (storage, checkpoints, the
+  supervisor) is carried out here while rank 0 holds the job at that step.
+- `tick(view)`: GPU faults on nodes where no rank runs (at their step); the job-wide fault rank 0
+  holds for; and, about once a second while every rank trains, `at_time` entries that are due
+  (training time: the clock stops while the job restarts, so random chaos models faults per hour of
+  training and one fault never lands in the previous one's recovery) and `resilient chaos inject`
+  requests. Each is recorded (marker, `chaos` journal record) before it strikes; one that cannot
+  hit its target is journalled as `chaos_refused` and training goes on.
+- `attribute(fault)`: the fault with the injection time (and step) of the chaos that caused it,
+  matched among the markers written since the attempt started (`attribute_to`, pure).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+
+from resilient.catalogue import GPU, PlannedFault
+from resilient.chaos import inject
+from resilient.config import ChaosEntry, JobSpec
+from resilient.rundir import RunDir, markers
+from resilient.rundir.markers import FiredFault, planned_key, request_key
+from resilient.runlog.journal import Journal
+from resilient.supervisor.faults import Fault, FaultKind
+from resilient.supervisor.hooks import JobView
+
+TICK_S = 1.0  # timed chaos and requests are looked at about this often
+
+
+def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
+    """`fault` with the injection time of what caused it among `fired` (this attempt's markers,
+    in key order): for a death, hang or error, the last one aimed at its rank (any, when the
+    fault names no rank; the fault's step becomes the step it fired at); for an anomaly of a rank
+    or a NaN, the first one (a NaN keeps the step it was seen at)."""
+    if fault.kind == FaultKind.ANOMALY:
+        if not fired or not (fault.anomaly == "nan" or fault.rank is not None):
+            return fault
+        f = fired[0]
+        step = fault.step if fault.anomaly in ("nan", "loss_spike") else (f.step or fault.step)
+        return replace(fault, injected_at=f.injected_at, step=step)
+    match = [f for f in fired if fault.rank is None or f.rank == fault.rank]
+    if not match:
+        return fault
+    return replace(fault, injected_at=match[-1].injected_at, step=match[-1].step or fault.step)
+
+
+class ChaosController:
+    def __init__(self, spec: JobSpec, rundir: RunDir, journal: Journal, control=None):
+        self.spec, self.rundir, self.journal, self.control = spec, rundir, journal, control
+        self.done: set[str] = set()  # keys fired (or refused) in this life of the run
+        self.mine: dict[str, FiredFault] = {}  # what this controller fired, should storage be down
+        self.before: set[str] = set()  # keys that had fired when the attempt started
+        self._last_tick = 0.0
+
+    def _fired(self) -> dict[str, FiredFault]:
+        try:
+            found = {f.key: f for f in markers.read_all(self.rundir)}
+        except Exception:  # storage outage: what this life fired itself still counts
+            found = {}
+        return {**self.mine, **found}
+
+    def plan(self) -> tuple[PlannedFault, ...]:
+        fired = self._fired()
+        self.before = set(fired)
+        self.done |= self.before
+        return tuple(
+            PlannedFault(
+                i,
+                c.at_step,
+                c.fault,
+                c.target_rank,
+                c.node,
+                c.params,
+                fatal=c.fault in GPU and inject.is_fatal(c.fault, c.params),
+            )
+            for i, c in enumerate(self.spec.chaos)
+            if c.at_step is not None and planned_key(i) not in self.done
+        )
+
+    def attribute(self, fault: Fault) -> Fault:
+        fired = self._fired()
+        return attribute_to(fault, [fired[k] for k in sorted(fired) if k not in self.before])
+
+    def tick(self, view: JobView) -> None:
+        self._gpu_on_idle_nodes(view)
+        self._held(view)
+        now = time.time()
+        if not view.running or now - self._last_tick < TICK_S:
+            return
+        self._last_tick = now
+        for i, c in enumerate(self.spec.chaos):
+            if c.at_time is not None and view.training_s >= c.at_time:
+                self._entry(view, i, c)
+        for req in self.control.take_injects() if self.control else ():
+            self._carry_out(
+                view, request_key(req.id), req.fault, req.rank, req.node, req.params, request=req.id
+            )
+
+    def _entry(self, view: JobView, i: int, c: ChaosEntry) -> None:
+        if planned_key(i) not in self.done:
+            self._carry_out(view, planned_key(i), c.fault, c.rank, c.node, c.params, index=i)
+
+    def _gpu_on_idle_nodes(self, view: JobView) -> None:
+        """A GPU fault aimed at a node where no rank runs (ranks fire their own) is set on that
+        node's simulated GPU when the job reaches its step."""
+        for i, c in enumerate(self.spec.chaos):
+            if (
+                c.fault not in GPU
+                or c.node is None
+                or c.at_step is None
+                or c.at_step > view.step + 1
+            ):
+                continue
+            if view.nodes.node_at(c.node) not in view.group.placement:
+                self._entry(view, i, c)
+
+    def _held(self, view: JobView) -> None:
+        """Rank 0 reached the step of a job-wide fault and waits: carry it out, then release it."""
+        h0 = view.heartbeats.get(0)
+        index = h0.chaos_request if h0 else None
+        if index is None or planned_key(index) in self.done:
+            return
+        self._entry(view, index, self.spec.chaos[index])
+        view.group.release_chaos()
+
+    def _carry_out(
+        self,
+        view: JobView,
+        key: str,
+        fault: str,
+        rank: int | None,
+        node: int | None,
+        params: dict,
+        index: int | None = None,
+        request: str | None = None,
+    ) -> None:
+        self.done.add(key)
+        try:
+            fired = inject.aim(view, key, fault, rank, node, params, index, request)
+            self._record(fired)
+        except Exception as e:  # a fault the job cannot suffer now: say so, keep training
+            self.journal.append(
+                "chaos_refused", key=key, index=index, fault=fault, request=request, error=str(e)
+            )
+            return
+        inject.strike(view, fired, params)
+
+    def _record(self, fired: FiredFault) -> None:
+        """Marker and journal first: a restarted group or resumed supervisor must not fire it
+        again (for `supervisor_kill` the marker is required, since the driver dies next)."""
+        self.mine[fired.key] = fired
+        try:
+            markers.write(self.rundir, fired)
+        except Exception:
+            if fired.fault == "supervisor_kill":
+                raise
+        self.journal.append("chaos", **asdict(fired))
+        if fired.fault == "supervisor_kill":
+            self.journal.flush(timeout=10.0)

@@ -1,0 +1,35 @@
+"""Where a worker group restores from, and the load of that snapshot.
+
+Contract: `RestoreSource` names the freshest verified copy the supervisor found (`step`, the `tier`
+holding it: memory, peer or storage, the node and the NodeAgent serving it, None for storage).
+`load(source, store, fingerprint)` fetches that snapshot, verified (checksums, step, fingerprint),
+from the agent's memory or from storage; it raises `CheckpointInvalid` when it does not verify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from resilient.checkpoint.snapshot import META, SHARED, Snapshot
+from resilient.checkpoint.storage import CheckpointStore
+
+TIER_ORDER = {"memory": 0, "peer": 1, "storage": 2}  # for equal steps, the first one wins
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    step: int
+    tier: str  # memory | peer | storage
+    node: str | None = None
+    agent: Any = None  # the NodeAgent handle holding it; None: storage
+
+
+def load(source: RestoreSource, store: CheckpointStore, fingerprint: str) -> Snapshot:
+    """The snapshot `source` names, verified."""
+    if source.agent is not None:
+        got = ray.get(source.agent.fetch.remote(source.step, [SHARED, META], fingerprint))
+        return Snapshot.from_files(got["files"])
+    return Snapshot.from_files(store.load(source.step, fingerprint))

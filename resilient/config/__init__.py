@@ -1,0 +1,40 @@
+"""The job spec: one validated tree (JobSpec) from TOML/YAML plus `--set` overrides.
+
+Contract: `load_spec(path, overrides)` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``), applies
+``--set dotted.key=value`` overrides and returns a frozen, fully validated `JobSpec`, or raises
+`SpecError` whose message names the offending field and what to do about it. Every key listed in
+the README's spec reference is part of the public contract; unknown keys are errors.
+"""
+
+from resilient.config.load import apply_overrides, load_spec, parse_value, read_tree, validate_tree
+from resilient.config.sections import (
+    CHAOS_FAULTS,
+    AnomalyConfig,
+    ChaosEntry,
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    SupervisorConfig,
+    TrainConfig,
+)
+from resilient.config.spec import JobSpec, peft_config
+
+__all__ = [
+    "CHAOS_FAULTS",
+    "AnomalyConfig",
+    "ChaosEntry",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "DataConfig",
+    "JobSpec",
+    "ModelConfig",
+    "SupervisorConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_spec",
+    "parse_value",
+    "peft_config",
+    "read_tree",
+    "validate_tree",
+]

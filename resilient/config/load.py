@@ -1,0 +1,94 @@
+"""Reading a spec: TOML or YAML, `--set` overrides, validation into one clear message.
+
+Contract: `load_spec(path, overrides)` reads TOML (`.toml`) or YAML (`.yaml`/`.yml`), applies
+`--set dotted.key=value` overrides and returns a frozen, fully validated `JobSpec`, or raises
+`SpecError` whose message names every offending field and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from resilient.config.spec import JobSpec
+from resilient.errors import SpecError
+
+
+def parse_value(raw: str) -> Any:
+    """A --set value: TOML literal if it parses (40, 1e-3, true, [1,2], "x"), else the raw
+    string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw spec tree (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.steps=40")
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {p!r} is not a table")
+        node[parts[-1]] = parse_value(raw.strip())
+    return tree
+
+
+def read_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a spec file into a raw tree; SpecError on a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(
+            f"spec file {str(p)!r} does not exist; pass the path of a .toml or .yaml job spec"
+        )
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            tree = yaml.safe_load(p.read_text()) or {}
+        else:
+            tree = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise SpecError(
+            f"spec file {str(p)!r} is not valid "
+            f"{'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {e}"
+        ) from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a table of keys at the top level")
+    return tree
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the README's spec reference"
+        elif e["type"] == "missing":
+            msg = "required; add it to the spec"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def validate_tree(tree: dict[str, Any]) -> JobSpec:
+    """Validate a raw tree into a JobSpec; SpecError lists every bad field with its fix."""
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as e:
+        raise SpecError(_describe(e)) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job spec file."""
+    return validate_tree(apply_overrides(read_tree(path), overrides or []))

@@ -1,0 +1,270 @@
+"""The spec's sections: one validated model per component, a description on every field.
+
+Contract: every model forbids unknown keys and is frozen; each field's description is the README's
+spec reference for that key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from resilient.catalogue import FAULTS, GPU, PARAMS
+
+CHAOS_FAULTS = tuple(FAULTS)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(_Section):
+    """Where the workers run."""
+
+    address: str = Field(
+        "", description='"" starts an embedded local Ray; "auto" or "ray://..." joins a cluster.'
+    )
+    num_workers: int = Field(2, ge=1, description="Number of DDP ranks, one Ray actor each.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description='torch.distributed backend; "auto" = nccl when the workers have GPUs, else '
+        "gloo.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources each rank reserves, e.g. {CPU = 1, GPU = 1}.",
+    )
+    local_nodes: int = Field(
+        1, ge=1, description="Embedded Ray only: simulate this many nodes (raylets) on one machine."
+    )
+
+
+class ModelConfig(_Section):
+    """The base model. Exactly one of `path` and `builtin`."""
+
+    path: str = Field("", description="A local Hugging Face model directory.")
+    builtin: Literal["", "tiny-llama"] = Field(
+        "",
+        description='"tiny-llama": a small Llama-architecture model built from a config (no '
+        "download).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if bool(self.path) == bool(self.builtin):
+            raise ValueError(
+                "set exactly one of model.path (a local HF model directory) or model.builtin = "
+                '"tiny-llama"'
+            )
+        if self.path and not Path(self.path).is_dir():
+            raise ValueError(
+                f"model.path {self.path!r} is not a directory; give a local Hugging Face model "
+                "directory"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """The training corpus."""
+
+    path: str = Field(
+        ..., description="A text file (one document per line) or JSONL with a `text` field."
+    )
+    seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sample.")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(
+                f"data file {v!r} does not exist; give the path of a text or JSONL file"
+            )
+        return str(Path(v).resolve())
+
+
+class TrainConfig(_Section):
+    """The optimisation."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps in total.")
+    batch_size: int = Field(4, ge=1, description="Samples per worker per step.")
+    lr: float = Field(
+        1e-3, gt=0, description="Peak learning rate (AdamW, linear warmup then constant)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    seed: int = Field(
+        0, description="Seeds adapter init, dropout and data order; same seed, same adapter."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+
+
+class CheckpointConfig(_Section):
+    """Where and how often state is saved."""
+
+    storage: str = Field(
+        "./runs", description="A local path or fsspec URI; the run directory lives below it."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to fsspec for `storage`."
+    )
+    every: int = Field(1, ge=1, description="Snapshot interval in steps (memory tier).")
+    persist_every: int = Field(
+        10, ge=1, description="Persist every Nth snapshot to storage (and always the last)."
+    )
+    handoff_s: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Between persisted snapshots, rank 0 gives its node agent (and the peer) the newest at "
+            "most this "
+            "often, in seconds (0 = every snapshot). Every rank keeps its newest itself, and on a "
+            "fault a "
+            "survivor hands that over first, so a restart loses no step; this bounds the loss only "
+            "when "
+            "every rank is lost at once."
+        ),
+    )
+    memory_keep: int = Field(
+        2, ge=1, description="Newest snapshots each node agent keeps in host memory."
+    )
+    max_pending: int = Field(
+        16, ge=1, description="Snapshots waiting for storage before the oldest is dropped."
+    )
+    persist_timeout: float = Field(
+        600.0, gt=0, description="Seconds the end of a job waits for its final persist."
+    )
+    keep: int = Field(3, ge=1, description="Newest persisted checkpoints kept in storage.")
+    keep_every: int = Field(
+        0,
+        ge=0,
+        description="Also keep every persisted checkpoint whose step is a multiple of this (0 = "
+        "off).",
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if "://" not in v:
+            return str(Path(v).expanduser().resolve())
+        return v
+
+
+class SupervisorConfig(_Section):
+    """Failure handling. Timeouts must be ordered: heartbeat_interval < hang_timeout <
+    collective_timeout."""
+
+    max_restarts: int = Field(5, ge=0, description="Restarts allowed before the job gives up.")
+    heartbeat_interval: float = Field(
+        1.0, gt=0, description="Seconds between heartbeats to every rank."
+    )
+    hang_timeout: float = Field(
+        10.0, gt=0, description="A rank silent or without progress this long is hung."
+    )
+    collective_timeout: float = Field(
+        120.0, gt=0, description="torch.distributed collective timeout in seconds."
+    )
+    start_timeout: float = Field(
+        300.0, gt=0, description="Seconds a worker group may take to start and restore."
+    )
+    backoff_base: float = Field(
+        0.0, ge=0, description="Delay before the 2nd restart; doubles after (first is immediate)."
+    )
+    backoff_max: float = Field(
+        30.0, ge=0, description="Upper bound of the restart delay in seconds."
+    )
+    warm_spares: bool = Field(
+        True, description="Keep started spare workers so a restart starts no process (CPU jobs)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SupervisorConfig:
+        if not self.heartbeat_interval < self.hang_timeout < self.collective_timeout:
+            raise ValueError(
+                "timeouts must be ordered heartbeat_interval < hang_timeout < collective_timeout "
+                f"(got {self.heartbeat_interval} < {self.hang_timeout} < {self.collective_timeout})"
+            )
+        return self
+
+
+class ChaosEntry(_Section):
+    """One planned fault: `fault` hits `rank` (or `node`) when the job reaches `at_step`, once."""
+
+    at_step: int | None = Field(None, ge=1, description="The step at whose start the fault fires.")
+    at_time: float | None = Field(
+        None, ge=0, description="Or: seconds after the job first started training."
+    )
+    fault: Literal[CHAOS_FAULTS] = Field(..., description="See the README's fault catalogue.")
+    rank: int | None = Field(
+        None, ge=0, description="The rank hit (default 0 unless `node` is given)."
+    )
+    node: int | None = Field(
+        None, ge=0, description="GPU faults: the node hit, by index in the journal's node list."
+    )
+    factor: float = Field(
+        2.0, gt=1.0, description="slow: the rank's compute takes this many times longer."
+    )
+    xid: int = Field(79, ge=1, description="gpu_xid: the XID the simulated GPU reports.")
+    count: int = Field(1, ge=1, description="ecc: uncorrectable ECC errors added.")
+    temperature: float = Field(95.0, description="thermal: the simulated GPU's temperature in C.")
+    seconds: float = Field(
+        5.0, gt=0, description="storage_outage: how long storage refuses writes."
+    )
+
+    @model_validator(mode="after")
+    def _target(self) -> ChaosEntry:
+        if (self.at_step is None) == (self.at_time is None):
+            raise ValueError("give exactly one trigger: at_step or at_time")
+        if self.node is not None and self.fault not in GPU:
+            raise ValueError(
+                f"fault {self.fault!r} is aimed at a rank; `node` only goes with {', '.join(GPU)}"
+            )
+        if self.node is not None and self.rank is not None:
+            raise ValueError("give `rank` or `node`, not both")
+        return self
+
+    @property
+    def target_rank(self) -> int | None:
+        return self.rank if self.rank is not None else (None if self.node is not None else 0)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The fault's parameters (factor, xid, count, temperature, seconds)."""
+        return {k: getattr(self, k) for k in PARAMS}
+
+
+class AnomalyConfig(_Section):
+    """The anomaly detector (TEE): collectors, detector thresholds and exports."""
+
+    interval: float = Field(1.0, gt=0, description="Seconds between GPU/host samples on each node.")
+    gpu: Literal["auto", "nvml", "simulated", "off"] = Field(
+        "auto",
+        description='"auto": NVML when a GPU answers, else off; "simulated": a settable fake GPU '
+        "per node.",
+    )
+    straggler_factor: float = Field(
+        1.3, gt=1.0, description="A rank this much slower than its peers' median..."
+    )
+    straggler_window: int = Field(
+        10, ge=3, description="...for this many consecutive steps is a straggler."
+    )
+    straggler_min_s: float = Field(
+        0.002, ge=0, description="Ignore ranks whose compute time is below this (noise)."
+    )
+    spike_z: float = Field(
+        8.0, gt=0, description="Robust z-score (median/MAD) of the loss that counts as a spike."
+    )
+    spike_window: int = Field(50, ge=10, description="Losses the spike detector looks back over.")
+    spike_patience: int = Field(3, ge=1, description="Consecutive spikes that trigger a rollback.")
+    leak_mb_per_min: float = Field(
+        200.0, gt=0, description="Steady RSS growth of a worker above this is a leak warning."
+    )
+    leak_window_s: float = Field(
+        120.0, gt=0, description="Seconds of RSS history the leak detector fits."
+    )
+    thermal_c: float = Field(
+        90.0, description="GPU temperature at or above which a thermal warning fires."
+    )
+    prometheus_port: int = Field(
+        0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = off)."
+    )

@@ -1,0 +1,32 @@
+"""The run directory's layout: every name below `<checkpoint.storage>/<name>/<run_id>/`.
+
+Contract: the only place that spells these names; everything else imports them from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from resilient.rundir.fs import RunDir
+
+SPEC_FILE = "spec.json"  # the validated spec the run was launched with (JSON)
+JOURNAL = "journal.jsonl"  # the run journal (runlog)
+CONTROL = "control"  # requests to the running job (resilient stop, resilient chaos inject)
+STOP_FILE = f"{CONTROL}/stop"
+CHAOS = "chaos"  # one marker per fault that fired (rundir.markers)
+CHAOS_REPORT = "chaos_report.json"
+FINAL = "final"  # the final adapter, in peft's format
+BASE_MODEL = "base_model"  # the built-in base model, written once per run
+
+
+def inject_request(req_id: str) -> str:
+    """Where `resilient chaos inject` leaves request `req_id`."""
+    return f"{CONTROL}/inject-{req_id}.json"
+
+
+def base_ref(rundir: RunDir, model_path: str) -> str:
+    """What an exported adapter's config names as its base model: the user's model directory, or
+    the run's own `base_model/` (relative to the adapter where the run directory is remote)."""
+    if model_path:
+        return os.path.abspath(model_path)
+    return rundir.local_path(BASE_MODEL) if rundir.is_local else f"../{BASE_MODEL}"

@@ -1,0 +1,124 @@
+"""A run's status, folded from its journal alone (running or finished, local or remote).
+
+Contract: `fold(records)` is pure. Its keys are a public format (README, "status --json"):
+`state`, `step`, `total_steps`, `restarts`, `faults` (each with `kind`, `rank`, `step`,
+`detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`),
+`cordoned_nodes` (each with `node`, `reason`), `rollbacks` (each with `from_step`, `to_step`,
+`skipped_batches`, `reason`) and `events` (anomaly events counted by kind), plus extras.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from resilient.runlog.states import TERMINAL
+
+FAULT_KEYS = ("kind", "rank", "step", "detected_at", "injected_at", "evidence", "node")
+ROLLBACK_KEYS = ("from_step", "to_step", "skipped_batches", "reason")
+
+
+def _empty() -> dict[str, Any]:
+    return {
+        "state": "PENDING",
+        "step": 0,
+        "total_steps": None,
+        "restarts": 0,
+        "faults": [],
+        "restores": [],
+        "checkpoints": 0,
+        "last_checkpoint": None,
+        "reason": None,
+        "name": None,
+        "run_id": None,
+        "started_at": None,
+        "ended_at": None,
+        "loss": None,
+        "tokens_per_s": None,
+        "run_dir": None,
+        "cordoned_nodes": [],
+        "rollbacks": [],
+        "events": {},
+    }
+
+
+def _job(s: dict, r: dict) -> None:
+    s.update(
+        name=r.get("name"),
+        run_id=r.get("run_id"),
+        total_steps=r.get("total_steps"),
+        started_at=s["started_at"] or r["t"],
+        run_dir=r.get("run_dir"),
+    )
+
+
+def _resume(s: dict, r: dict) -> None:
+    """A new life of the run: its supervisor starts over from PENDING."""
+    s.update(state="PENDING", ended_at=None, reason=None)
+    s["total_steps"] = r.get("total_steps", s["total_steps"])
+    s["resumes"] = s.get("resumes", 0) + 1
+
+
+def _transition(s: dict, r: dict) -> None:
+    s["state"] = r["to"]
+    ended = r["to"] in TERMINAL
+    s["ended_at"] = r["t"] if ended else None
+    if ended:
+        s["reason"] = r.get("cause")
+
+
+def _fault(s: dict, r: dict) -> None:
+    s["faults"].append(
+        {k: r.get(k) for k in FAULT_KEYS}
+        | {"recovered_at": None, "recovery_s": None, "steps_replayed": None}
+    )
+
+
+def _recovered(s: dict, r: dict) -> None:
+    if s["faults"]:
+        s["faults"][r.get("fault_index", len(s["faults"]) - 1)].update(
+            recovered_at=r["recovered_at"],
+            recovery_s=r["recovery_s"],
+            steps_replayed=r.get("steps_replayed"),
+        )
+
+
+def _restart(s: dict, r: dict) -> None:
+    s["restarts"] += 1
+
+
+def _checkpoint(s: dict, r: dict) -> None:
+    s["checkpoints"] += 1
+    s["last_checkpoint"] = r["step"]
+
+
+def _anomaly(s: dict, r: dict) -> None:
+    s["events"][r["kind"]] = s["events"].get(r["kind"], 0) + 1
+
+
+FOLDS = {
+    "job": _job,
+    "resume": _resume,
+    "transition": _transition,
+    "progress": lambda s, r: s.update(
+        step=r["step"], loss=r.get("loss"), tokens_per_s=r.get("tokens_per_s")
+    ),
+    "fault": _fault,
+    "restart": _restart,
+    "cordon": lambda s, r: s["cordoned_nodes"].append({"node": r["node"], "reason": r["reason"]}),
+    "rollback": lambda s, r: s["rollbacks"].append({k: r.get(k) for k in ROLLBACK_KEYS}),
+    "anomaly": _anomaly,
+    "recovered": _recovered,
+    "restore": lambda s, r: s["restores"].append(
+        {"step": r["step"], "tier": r["tier"], "skipped": r.get("skipped", [])}
+    ),
+    "checkpoint": _checkpoint,
+}
+
+
+def fold(records: list[dict]) -> dict[str, Any]:
+    s = _empty()
+    for r in records:
+        step = FOLDS.get(r["type"])
+        if step:
+            step(s, r)
+    return s

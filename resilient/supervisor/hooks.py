@@ -1,0 +1,54 @@
+"""The chaos port: the narrow interface through which the supervisor lets chaos into a job.
+
+Contract: the supervisor calls a `ChaosHooks` at three named points and nowhere else: `plan()` when
+an attempt starts (the planned faults its workers must still fire), `tick(view)` at every poll of
+the running group (timed and random chaos, `resilient chaos inject` requests, job-wide faults rank
+0 holds for, GPU faults on nodes without ranks), and `attribute(fault)` before it acts on a fault
+(chaos adds when and at which step it was injected). `JobView` is all chaos may see and touch.
+`NoChaos` does nothing; the chaos controller (`resilient.chaos.controller`) is the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from resilient.agents.heartbeat import Heartbeat
+from resilient.catalogue import PlannedFault
+from resilient.checkpoint.storage import CheckpointStore
+from resilient.supervisor.faults import Fault
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The running job, as chaos sees it at one poll."""
+
+    step: int  # the last step every rank finished
+    training_s: float  # seconds of training so far (the clock stops while the job restarts)
+    running: bool  # every rank is training
+    heartbeats: Mapping[int, Heartbeat]  # each rank's newest
+    group: Any  # the WorkerGroup: placement, size, inject(rank, ...), release_chaos()
+    nodes: Any  # the Nodes: node_at(index), agent_for(node), agents
+    store: CheckpointStore
+
+
+class ChaosHooks(Protocol):
+    def plan(self) -> tuple[PlannedFault, ...]: ...
+
+    def tick(self, view: JobView) -> None: ...
+
+    def attribute(self, fault: Fault) -> Fault: ...
+
+
+class NoChaos:
+    """A job without chaos."""
+
+    def plan(self) -> tuple[PlannedFault, ...]:
+        return ()
+
+    def tick(self, view: JobView) -> None:
+        pass
+
+    def attribute(self, fault: Fault) -> Fault:
+        return fault

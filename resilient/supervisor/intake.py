@@ -1,0 +1,70 @@
+"""Intake: what the ranks and node agents report, turned into journal records and anomaly events.
+
+Contract: `Intake(journal, monitor, nodes)` records, and decides nothing. `heartbeats(hbs)` journals
+the snapshots the ranks handed over and returns which data steps each step trained on;
+`events(metrics)` feeds the per-step metrics and the node agents' samples to the anomaly monitor
+(journalling the agents' checkpoint events) and returns the events raised; `anomaly(e, decision)`
+journals an event with what the policy made of it; `keep(metrics)` stores a torn-down group's
+last metrics; `close()` collects the agents' last events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from resilient.agents.heartbeat import Heartbeat
+from resilient.anomaly.events import AnomalyEvent
+from resilient.anomaly.monitor import AnomalyMonitor
+from resilient.runlog.journal import Journal
+
+
+class Intake:
+    def __init__(self, journal: Journal, monitor: AnomalyMonitor, nodes):
+        self.journal, self.monitor, self.nodes = journal, monitor, nodes
+
+    def heartbeats(self, hbs: Iterable[Heartbeat]) -> list[tuple[int, int]]:
+        """Journal the handed-over snapshots; (step, data step) of every step reported."""
+        trained = []
+        for hb in hbs:
+            for rec in hb.checkpoints:
+                self.journal.append("checkpoint", rank=hb.rank, tier="memory", **rec)
+            trained += [(m["step"], m["data_step"]) for m in hb.metrics]
+        return trained
+
+    def events(self, metrics: list[dict]) -> list[AnomalyEvent]:
+        out = self.monitor.training(metrics)
+        events, samples = self.nodes.poll_events()
+        self._journal_agent_events(events)
+        for node, sample in samples:
+            out += self.monitor.node(node, sample)
+        self.monitor.maybe_flush()
+        return out
+
+    def keep(self, metrics: list[dict]) -> None:
+        """Metrics of a group being torn down: stored, no longer acted on."""
+        self.monitor.training(metrics)
+
+    def anomaly(self, e: AnomalyEvent, decision: str) -> None:
+        self.journal.append(
+            "anomaly",
+            kind=e.kind,
+            severity=e.severity,
+            action=e.action,
+            node=e.node,
+            rank=e.rank,
+            step=e.step,
+            evidence=e.evidence,
+            decision=decision,
+            event_t=e.t,
+        )
+        self.monitor.record_event(e, decision)
+
+    def close(self) -> None:
+        self._journal_agent_events(self.nodes.flush_events())
+        self.monitor.close()
+
+    def _journal_agent_events(self, events: list[dict]) -> None:
+        for e in events:
+            kind = e.pop("event")
+            if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
+                self.journal.append(kind, **e)

@@ -1,0 +1,121 @@
+"""Fakes for driving the Supervisor without Ray: a node inventory and a control poller that serve
+a `Scenario` (resilient.agents.scripted), and a harness that runs a whole job on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resilient.agents.scripted import FakeClock, Scenario, ScriptedGroup
+from resilient.anomaly.monitor import AnomalyMonitor
+from resilient.checkpoint.source import RestoreSource
+from resilient.checkpoint.storage import CheckpointStore
+from resilient.config import validate_tree
+from resilient.rundir import RunDir
+from resilient.runlog.journal import Journal, read_records
+from resilient.supervisor.parts import Parts
+from resilient.supervisor.supervisor import Supervisor
+from resilient.training.corpus import write_corpus
+
+
+class FakeNodes:
+    """`n` nodes of one CPU each; memory snapshots and GPU samples come from the scenario."""
+
+    def __init__(self, scenario: Scenario, n: int = 3):
+        self.sc = scenario
+        self.order = [f"node{i}" for i in range(n)]
+        self.resources = {nid: {"CPU": 1.0} for nid in self.order}
+        self.agents: dict = {}
+
+    def start(self) -> list[dict]:
+        return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
+
+    def lost(self) -> set[str]:
+        return set()
+
+    def prune_dead(self) -> list[str]:
+        return []
+
+    def restore_source(self, store, fingerprint, at_most=None):
+        steps = [s for s in self.sc.snapshots if at_most is None or s <= at_most]
+        return (RestoreSource(max(steps), "memory", self.order[0]) if steps else None), []
+
+    def poll_events(self):
+        return [], self.sc.take_samples()
+
+    def flush_events(self) -> list[dict]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+    def node_at(self, index: int) -> str | None:
+        return self.order[index] if 0 <= index < len(self.order) else None
+
+
+@dataclass
+class FakeControl:
+    """A stop request that arrives when `stop_when()` first says so."""
+
+    stop_when: object = None
+    seen: bool = False
+
+    @property
+    def stop_requested(self) -> bool:
+        self.seen = self.seen or bool(self.stop_when and self.stop_when())
+        return self.seen
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Job:
+    """One supervised job over a scripted group: its status, journal and groups after `run()`."""
+
+    tmp: Path
+    scenario: Scenario = field(default_factory=Scenario)
+    steps: int = 30
+    spec: dict = field(default_factory=dict)
+    stop_when: object = None
+    groups: list[ScriptedGroup] = field(default_factory=list)
+
+    def run(self) -> dict:
+        corpus = self.tmp / "corpus.txt"
+        if not corpus.exists():
+            write_corpus(str(corpus), lines=50)
+        tree = {
+            "name": "unit",
+            "data": {"path": str(corpus)},
+            "train": {"steps": self.steps},
+            "cluster": {"num_workers": 2},
+            "checkpoint": {"storage": str(self.tmp / "runs")},
+            "supervisor": {"heartbeat_interval": 0.1, "hang_timeout": 2.0},
+        }
+        for section, values in self.spec.items():
+            tree.setdefault(section, {}).update(values)
+        spec = validate_tree(tree)
+        self.scenario.heartbeat_s = spec.supervisor.heartbeat_interval
+        rundir = RunDir(str(self.tmp / "runs" / "unit" / "r"))
+        journal = Journal(rundir)
+        journal.append("job", name="unit", run_id="r", total_steps=self.steps, run_dir=rundir.uri)
+        clock = FakeClock()
+
+        def new_group(placement: list[str], attempt: int) -> ScriptedGroup:
+            self.groups.append(ScriptedGroup(self.scenario, placement, self.steps, clock, attempt))
+            return self.groups[-1]
+
+        parts = Parts(
+            CheckpointStore(rundir),
+            FakeNodes(self.scenario),
+            new_group,
+            AnomalyMonitor(spec, rundir),
+            FakeControl(self.stop_when),
+            clock=clock,
+        )
+        self.status = Supervisor(spec, rundir, journal, parts).run()
+        self.records = read_records(rundir)
+        return self.status
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["type"] == kind]

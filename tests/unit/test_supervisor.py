@@ -1,0 +1,118 @@
+"""The Supervisor and its Watch driven through whole jobs on a scripted worker group: no Ray, no
+processes, a fake clock (an hour of hang timeouts passes in milliseconds)."""
+
+import pytest
+
+from resilient.agents.scripted import Scenario
+from tests.unit.fakes import Job
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def transitions(job: Job) -> list[str]:
+    return [r["to"] for r in job.of("transition")]
+
+
+def test_clean_job_succeeds(tmp_path):
+    job = Job(tmp_path)
+    s = job.run()
+    assert (s["state"], s["step"], s["restarts"], s["faults"]) == ("SUCCEEDED", 30, 0, [])
+    assert transitions(job) == ["PREFLIGHT", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert job.of("final") and job.of("progress")[-1]["step"] == 30
+
+
+def test_crash_restarts_from_the_survivors_snapshot(tmp_path):
+    job = Job(tmp_path, Scenario(crash={12: 1}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1 and s["step"] == 30
+    (f,) = s["faults"]
+    assert (f["kind"], f["rank"], f["step"]) == ("crash", 1, 12)
+    assert f["recovered_at"] and f["steps_replayed"] == 0
+    assert s["restores"][-1]["step"] == 11
+    assert transitions(job)[3:7] == ["DIAGNOSING", "RESTARTING", "STARTING", "RUNNING"]
+    assert [d["action"] for d in job.of("decision")] == ["restart"]
+
+
+def test_silent_rank_is_a_hang_after_hang_timeout(tmp_path):
+    job = Job(tmp_path, Scenario(hang={9: 1}))
+    s = job.run()
+    (f,) = s["faults"]
+    assert (f["kind"], f["rank"], s["state"]) == ("hang", 1, "SUCCEEDED")
+    hung_at = job.groups[0].last_answer[1]  # its last answer, on the fake clock
+    assert (
+        2.0 < f["detected_at"] - hung_at <= 2.0 + 0.1 + 0.1
+    )  # hang_timeout + a heartbeat + a tick
+    assert len(job.groups) == 2 and job.groups[1].step == 30
+
+
+def test_training_error_after_the_grace(tmp_path):
+    job = Job(tmp_path, Scenario(error={5: 0}))
+    s = job.run()
+    (f,) = s["faults"]
+    assert (f["kind"], f["rank"], s["state"], s["restarts"]) == ("error", 0, "SUCCEEDED", 1)
+
+
+def test_nan_rolls_back_before_it_and_skips_its_batch(tmp_path):
+    job = Job(tmp_path, Scenario(nan={12: 0}, every=5))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["step"] == 30
+    (rb,) = s["rollbacks"]
+    assert (rb["from_step"], rb["to_step"], rb["skipped_batches"]) == (12, 10, [12])
+    assert transitions(job)[3:5] == ["DIAGNOSING", "ROLLING_BACK"]
+    trained = dict(job.scenario.data)
+    assert trained[12] == 13 and 12 not in trained.values() and trained[30] == 31
+
+
+def test_fatal_xid_cordons_its_node_and_restarts_without_it(tmp_path):
+    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1 and s["events"] == {"gpu_xid": 1}
+    assert [c["node"] for c in s["cordoned_nodes"]] == ["node1"]
+    assert job.groups[0].placement == ["node0", "node1"] and job.groups[1].placement == [
+        "node0",
+        "node2",
+    ]
+    assert job.of("anomaly")[0]["decision"] == "cordon"
+
+
+def test_xid_on_a_node_without_ranks_cordons_without_a_restart(tmp_path):
+    job = Job(tmp_path, Scenario(xid={8: ("node2", 79)}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 0
+    assert [c["node"] for c in s["cordoned_nodes"]] == ["node2"]
+    assert job.of("anomaly")[0]["decision"] == "cordon_only"
+
+
+def test_stop_persists_its_step_and_ends_stopped(tmp_path):
+    job = Job(tmp_path, steps=1000)
+    job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
+    s = job.run()
+    assert s["state"] == "STOPPED" and 10 < s["step"] < 1000
+    assert s["last_checkpoint"] == s["step"]
+    assert transitions(job)[-2:] == ["STOPPING", "STOPPED"]
+
+
+def test_stop_during_the_final_persist_ends_stopped(tmp_path):
+    job = Job(tmp_path, Scenario(persist_s=2.0))
+    job.stop_when = lambda: job.groups and job.groups[-1].phase[0] == "persisting"
+    s = job.run()
+    assert s["state"] == "STOPPED" and s["step"] == 30
+    assert transitions(job)[-3:] == ["RUNNING", "STOPPING", "STOPPED"]
+    assert job.of("final")  # the adapter the last step exported is there too
+
+
+def test_a_fault_while_stopping_goes_through_the_policy(tmp_path):
+    job = Job(tmp_path, Scenario(crash={11: 1}), steps=1000)
+    job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
+    s = job.run()
+    assert s["state"] == "FAILED" and "while stopping" in s["reason"]
+    (d,) = job.of("decision")
+    assert d["action"] == "give_up" and job.of("fault")[0]["kind"] == "crash"
+    assert transitions(job)[-2:] == ["STOPPING", "FAILED"]
+
+
+def test_spent_budget_gives_up_with_a_reason(tmp_path):
+    job = Job(tmp_path, Scenario(crash={3: 0}), spec={"supervisor": {"max_restarts": 0}})
+    s = job.run()
+    assert s["state"] == "FAILED" and "max_restarts=0" in s["reason"]
+    assert "crash of rank 0 at step 3" in s["reason"]

@@ -1,0 +1,68 @@
+"""The Watch alone, over a scripted group on a fake clock: what it reports, and when."""
+
+import pytest
+
+from resilient.agents.scripted import FakeClock, Scenario, ScriptedGroup
+from resilient.config import SupervisorConfig
+from resilient.supervisor.faults import FaultKind
+from resilient.supervisor.watch import ERROR_GRACE, Watch
+
+pytestmark = pytest.mark.timeout(30)
+CFG = SupervisorConfig(heartbeat_interval=0.1, hang_timeout=5.0)
+
+
+def watch(scenario: Scenario, total: int = 1000):
+    clock = FakeClock()
+    scenario.heartbeat_s = CFG.heartbeat_interval
+    group = ScriptedGroup(scenario, ["n0", "n1"], total, clock)
+    group.start(None, (), [])
+    return Watch(group, 0, 2, CFG, clock), group, clock
+
+
+def until(w: Watch, pred, limit: int = 10_000):
+    for _ in range(limit):
+        seen = w.poll()
+        if pred(seen):
+            return seen
+    raise AssertionError("never seen")
+
+
+def test_ready_then_progress_then_done():
+    w, group, _ = watch(Scenario(), total=20)
+    ready = until(w, lambda s: s.ready)
+    assert ready.ready.ready_at >= group.training_at and ready.fault is None
+    steps = []
+    end = until(w, lambda s: steps.append(s.step) or s.ended)
+    assert end.ended == "done" and end.step == 20 and end.median_step_s == pytest.approx(0.2)
+    seen = [s for s in steps if s is not None]
+    assert seen == sorted(seen) and seen[-1] == 20
+
+
+def test_a_sigstopped_rank_is_a_hang_within_timeout_and_one_heartbeat():
+    w, group, clock = watch(Scenario(hang={30: 1}))
+    until(w, lambda s: s.step and s.step >= 29)
+    last = group.last_answer[1]
+    seen = until(w, lambda s: s.fault)
+    f = seen.fault
+    assert (f.kind, f.rank) == (FaultKind.HANG, 1) and "answered no heartbeat" in f.evidence
+    assert CFG.hang_timeout < clock() - last <= CFG.hang_timeout + CFG.heartbeat_interval + 0.1
+
+
+def test_no_step_for_hang_timeout_is_a_hang_of_the_group():
+    scenario = Scenario(stall={6: 0})  # every rank answers, none finishes a step (a deadlock)
+    w, _, clock = watch(scenario)
+    f = until(w, lambda s: s.fault).fault
+    assert (f.kind, f.rank) == (FaultKind.HANG, None) and "no rank finished a step" in f.evidence
+    stalled_at = scenario.struck[("stall", 6)]
+    assert CFG.hang_timeout - 0.2 < clock() - stalled_at <= CFG.hang_timeout + 0.3
+
+
+def test_a_death_is_seen_in_one_poll_and_an_error_after_the_grace():
+    w, _, _ = watch(Scenario(crash={4: 0}))
+    f = until(w, lambda s: s.fault).fault
+    assert (f.kind, f.rank, f.step) == (FaultKind.CRASH, 0, 4)
+    w, _, clock = watch(Scenario(error={4: 1}))
+    until(w, lambda s: any(h.phase == "error" for h in s.latest.values()))
+    t0 = clock()
+    f = until(w, lambda s: s.fault).fault
+    assert (f.kind, f.rank) == (FaultKind.ERROR, 1) and clock() - t0 > ERROR_GRACE - 0.2
