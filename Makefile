@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # override for a GPU box, e.g. `make TORCH=torch venv`.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv corpus quickstart test test-all clean
+.PHONY: venv corpus quickstart lint test test-all clean
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,13 @@ examples/corpus.txt:
 quickstart: venv corpus
 	$(VENV)/bin/resilient launch examples/quickstart.toml
 
-# The suite CI runs: unit + integration (+ the quick chaos subset); slow suites are left out.
-test: venv
+# Formatting and lint (ruff, 100 columns): `ruff format resilient tests bench` fixes the former.
+lint: venv
+	$(VENV)/bin/ruff format --check resilient tests bench
+	$(VENV)/bin/ruff check resilient tests bench
+
+# The suite CI runs: lint, unit + integration (+ the quick chaos subset); slow suites left out.
+test: venv lint
 	$(PY) -m pytest -m "not slow" -q
 
 # Everything, slow chaos suites included.

@@ -97,13 +97,15 @@ class ChaosController:
             if c.at_time is not None and view.training_s >= c.at_time:
                 self._entry(view, i, c)
         for req in self.control.take_injects() if self.control else ():
-            self._carry_out(
-                view, request_key(req.id), req.fault, req.rank, req.node, req.params, request=req.id
+            order = inject.Order(
+                request_key(req.id), req.fault, req.rank, req.node, req.params, request=req.id
             )
+            self._carry_out(view, order)
 
     def _entry(self, view: JobView, i: int, c: ChaosEntry) -> None:
         if planned_key(i) not in self.done:
-            self._carry_out(view, planned_key(i), c.fault, c.rank, c.node, c.params, index=i)
+            order = inject.Order(planned_key(i), c.fault, c.rank, c.node, c.params, index=i)
+            self._carry_out(view, order)
 
     def _gpu_on_idle_nodes(self, view: JobView) -> None:
         """A GPU fault aimed at a node where no rank runs (ranks fire their own) is set on that
@@ -128,27 +130,22 @@ class ChaosController:
         self._entry(view, index, self.spec.chaos[index])
         view.group.release_chaos()
 
-    def _carry_out(
-        self,
-        view: JobView,
-        key: str,
-        fault: str,
-        rank: int | None,
-        node: int | None,
-        params: dict,
-        index: int | None = None,
-        request: str | None = None,
-    ) -> None:
-        self.done.add(key)
+    def _carry_out(self, view: JobView, order: inject.Order) -> None:
+        self.done.add(order.key)
         try:
-            fired = inject.aim(view, key, fault, rank, node, params, index, request)
+            fired = inject.aim(view, order)
             self._record(fired)
         except Exception as e:  # a fault the job cannot suffer now: say so, keep training
             self.journal.append(
-                "chaos_refused", key=key, index=index, fault=fault, request=request, error=str(e)
+                "chaos_refused",
+                key=order.key,
+                index=order.index,
+                fault=order.fault,
+                request=order.request,
+                error=str(e),
             )
             return
-        inject.strike(view, fired, params)
+        inject.strike(view, fired, order.params)
 
     def _record(self, fired: FiredFault) -> None:
         """Marker and journal first: a restarted group or resumed supervisor must not fire it

@@ -1,6 +1,6 @@
 """Carrying out a fault on a running job from the driver's side, through what `JobView` exposes.
 
-Contract: `aim(view, key, fault, rank, node, params)` checks that the fault can hit its target and
+Contract: `aim(view, order)` checks that the fault can hit its target and
 returns the `FiredFault` to record (raising ValueError, with the reason, when it cannot: no such
 rank or node, no checkpoint to damage); it does no damage. `strike(view, fired, params)` does the
 damage for real: through the rank's own process (`WorkerGroup.inject`), a node agent's simulated
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
 import ray
 
@@ -29,16 +30,22 @@ def is_fatal(fault: str, params: dict) -> bool:
     return fault in ("gpu_lost", "ecc") or (fault == "gpu_xid" and params.get("xid") in XID_ACTIONS)
 
 
-def aim(
-    view: JobView,
-    key: str,
-    fault: str,
-    rank: int | None,
-    node: int | None,
-    params: dict,
-    index: int | None = None,
-    request: str | None = None,
-) -> FiredFault:
+@dataclass(frozen=True)
+class Order:
+    """One fault to carry out: what, at whom (a rank, or a node by index), with which parameters,
+    and where it came from (a `[[chaos]]` entry or a `resilient chaos inject` request)."""
+
+    key: str  # its marker key
+    fault: str
+    rank: int | None = None
+    node: int | None = None
+    params: dict = field(default_factory=dict)
+    index: int | None = None
+    request: str | None = None
+
+
+def aim(view: JobView, order: Order) -> FiredFault:
+    fault, rank, node = order.fault, order.rank, order.node
     if fault not in FAULTS:
         raise ValueError(f"{fault!r} is not in the fault catalogue")
     if FAULTS[fault].target == "rank" or (fault in GPU and node is None):
@@ -56,14 +63,14 @@ def aim(
         if damaged is None:
             raise ValueError("no checkpoint to damage yet")
     return FiredFault(
-        key,
+        order.key,
         fault,
         time.time(),
         step=view.step + 1,
         rank=rank,
         node=node_id,
-        index=index,
-        request=request,
+        index=order.index,
+        request=order.request,
         damaged_step=damaged,
     )
 
