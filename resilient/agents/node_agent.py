@@ -140,6 +140,10 @@ class NodeAgent:
         except CheckpointInvalid as e:
             return str(e)
 
+    def protect(self, steps: set[int]) -> None:
+        """Retention must not delete these steps (a group is restoring one of them)."""
+        self.persister.protect(steps)
+
     def wait_persisted(self, step: int, timeout: float) -> bool:
         return self.persister.wait_persisted(step, timeout)
 

@@ -95,6 +95,7 @@ class AnomalyMonitor:
             log.flush()
 
     def close(self) -> None:
-        self.flush()
+        for log in self.logs.values():
+            log.seal()
         if self.exporter:
             self.exporter.close()

@@ -1,8 +1,12 @@
-"""Metric samples and anomaly events as Parquet in the run directory (pyarrow).
+"""Metric samples and anomaly events as rolling Parquet in the run directory (pyarrow).
 
-Contract: `ParquetLog(rundir, name).append(rows)` buffers rows; `flush()` writes them as one new,
-complete file `<name>/part-<n>.parquet`, so the directory is a dataset pandas/pyarrow can read at
-any moment while the job runs (`pd.read_parquet(run_dir + "/metrics/train")`). Schemas (README,
+Contract: `ParquetLog(rundir, name, schema).append(rows)` buffers rows; `flush()` writes them as
+one new, complete Parquet object below `<name>/`, and older ones are merged in tiers as the job goes
+(`rundir.tiers`: a level-1 object per 12 flushes, a level-2 one per 60 of those, about an hour at
+the default 5 s), so the objects per dataset grow with hours, not with flushes; `seal()` at the end
+of a job merges what is below the top tier into one. The folder is a dataset pandas/pyarrow reads at
+any moment (`pd.read_parquet(run_dir + "/metrics/train")`; for an instant while a merge lands a
+reader that lists the folder itself may see rows twice: `read_table` never does). Schemas (README,
 "Metrics and events"): one column per key of the rows; the writer never drops a column.
 """
 
@@ -15,13 +19,43 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resilient.rundir import RunDir
+from resilient.rundir.tiers import Tiers, read_segments
+
+FANOUT = (12, 60)
+
+
+def _to_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(data), columns=columns)
+
+
+def concat(blobs: list[bytes]) -> bytes:
+    """Parquet objects of one schema, in order, as one."""
+    return _to_bytes(pa.concat_tables([_from_bytes(b) for b in blobs]))
+
+
+def decode_rows(segment, data: bytes) -> list[dict]:
+    """The rows of one stored segment (for `rundir.tiers.SegmentCache`)."""
+    return _from_bytes(data).to_pylist()
+
+
+def read_table(rundir: RunDir, name: str, columns: list[str] | None = None) -> list[dict]:
+    """Every row of the dataset `name`, once, in order."""
+    return [
+        r for _, data in read_segments(rundir, name) for r in _from_bytes(data, columns).to_pylist()
+    ]
 
 
 class ParquetLog:
     def __init__(self, rundir: RunDir, name: str, schema: pa.Schema):
         self.rundir, self.name, self.schema = rundir, name, schema
         self.rows: list[dict] = []
-        self.part = len([n for n in rundir.listdir(name) if n.endswith(".parquet")])
+        self.tiers = Tiers(rundir, name, ".parquet", concat, FANOUT)
         self.lock = threading.Lock()
 
     def append(self, rows: list[dict]) -> None:
@@ -36,16 +70,21 @@ class ParquetLog:
         table = pa.Table.from_pylist(
             [{f: r.get(f) for f in self.schema.names} for r in rows], schema=self.schema
         )
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
         try:
-            self.rundir.write_bytes(f"{self.name}/part-{self.part:06d}.parquet", buf.getvalue())
+            self.tiers.put(_to_bytes(table), 1)
         except Exception:  # storage outage: keep the rows for the next flush
             with self.lock:
                 self.rows = rows + self.rows
             return False
-        self.part += 1
         return True
+
+    def seal(self) -> None:
+        """The end of the job: flush, then one object for everything below the top tier."""
+        if self.flush():
+            try:
+                self.tiers.seal()
+            except Exception:  # storage outage: the unmerged objects stay, all readable
+                pass
 
 
 f64, i64, s = pa.float64(), pa.int64(), pa.string()

@@ -22,9 +22,10 @@ from dataclasses import asdict, replace
 
 from resilient.catalogue import GPU, PlannedFault
 from resilient.chaos import inject
+from resilient.chaos.schedule import draws
 from resilient.config import ChaosEntry, JobSpec
 from resilient.rundir import RunDir, markers
-from resilient.rundir.markers import FiredFault, planned_key, request_key
+from resilient.rundir.markers import FiredFault, planned_key, random_key, request_key
 from resilient.runlog.journal import Journal
 from resilient.supervisor.faults import Fault, FaultKind
 from resilient.supervisor.hooks import JobView
@@ -56,6 +57,15 @@ class ChaosController:
         self.mine: dict[str, FiredFault] = {}  # what this controller fired, should storage be down
         self.before: set[str] = set()  # keys that had fired when the attempt started
         self._last_tick = 0.0
+        rnd = spec.chaos.random
+        self._draws = (
+            draws(rnd.mtbf_s, tuple(rnd.faults), rnd.seed, spec.cluster.num_workers)
+            if rnd
+            else iter(())
+        )
+        self._drawn = 0  # how many random faults were drawn so far
+        self._next = next(self._draws, None)
+        self._life_start: float | None = None  # training seconds when this life first trained
 
     def _fired(self) -> dict[str, FiredFault]:
         try:
@@ -78,7 +88,7 @@ class ChaosController:
                 c.params,
                 fatal=c.fault in GPU and inject.is_fatal(c.fault, c.params),
             )
-            for i, c in enumerate(self.spec.chaos)
+            for i, c in enumerate(self.spec.chaos.plan)
             if c.at_step is not None and planned_key(i) not in self.done
         )
 
@@ -93,14 +103,44 @@ class ChaosController:
         if not view.running or now - self._last_tick < TICK_S:
             return
         self._last_tick = now
-        for i, c in enumerate(self.spec.chaos):
+        for i, c in enumerate(self.spec.chaos.plan):
             if c.at_time is not None and view.training_s >= c.at_time:
                 self._entry(view, i, c)
-        for req in self.control.take_injects() if self.control else ():
+        self._random(view)
+        for req in self._requests():
             order = inject.Order(
                 request_key(req.id), req.fault, req.rank, req.node, req.params, request=req.id
             )
             self._carry_out(view, order)
+
+    def _random(self, view: JobView) -> None:
+        """Random faults that are due. Those that fell due while the run was down (a resumed
+        life) are let go: random chaos models faults per hour of training, not a backlog."""
+        if self._life_start is None:
+            self._life_start = view.training_s
+        while self._next is not None and self._next[0] <= view.training_s:
+            at, fault, rank = self._next
+            key = random_key(self._drawn)
+            if key not in self.done and (at >= self._life_start or self._life_start == 0):
+                self._carry_out(view, inject.Order(key, fault, rank))
+            self._drawn += 1
+            self._next = next(self._draws, None)
+
+    def _requests(self) -> list:
+        """`resilient chaos inject` requests, unless the job was launched without them allowed
+        (then each is refused in the journal, so the CLI can say so)."""
+        taken = self.control.take_injects() if self.control else []
+        if self.spec.chaos.allow_inject:
+            return taken
+        for req in taken:
+            self.journal.append(
+                "chaos_refused",
+                key=request_key(req.id),
+                fault=req.fault,
+                request=req.id,
+                error="the job was launched without --allow-chaos (chaos.allow_inject = true)",
+            )
+        return []
 
     def _entry(self, view: JobView, i: int, c: ChaosEntry) -> None:
         if planned_key(i) not in self.done:
@@ -127,7 +167,7 @@ class ChaosController:
         index = h0.chaos_request if h0 else None
         if index is None or planned_key(index) in self.done:
             return
-        self._entry(view, index, self.spec.chaos[index])
+        self._entry(view, index, self.spec.chaos.plan[index])
         view.group.release_chaos()
 
     def _carry_out(self, view: JobView, order: inject.Order) -> None:

@@ -4,11 +4,15 @@ Contract: `Persister(tier, store, ...)` runs one daemon thread. Each pending sna
 with `CheckpointStore.commit` (files, then the manifest: atomic visibility); a storage error is
 retried with exponential backoff (0.5 s doubling to `max_backoff`) while training goes on. Every
 commit, failure and retention deletion becomes an event for the journal (`drain_events`).
-`wait_persisted(step, timeout)` blocks until that step is in storage.
+Retention costs no listing per commit: the committed steps are listed once and then kept here
+(again after `protect()`, which a restart calls: another node may have committed meanwhile), and a
+`protect`ed step (the one being restored) is never deleted. `wait_persisted(step, timeout)` blocks
+until that step is in storage.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 
@@ -33,6 +37,8 @@ class Persister:
             max_backoff,
         )
         self.persisted: set[int] = set()
+        self.committed: list[int] | None = None  # in storage; None: list it at the next retention
+        self.protected: frozenset[int] = frozenset()
         self.outage_until = 0.0
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
@@ -83,12 +89,26 @@ class Persister:
                 bytes=size,
                 persisted_at=m["persisted_at"],
             )
-            try:
-                deleted = self.store.retain(self.keep, self.keep_every)
-                if deleted:
-                    self.event(event="retention", deleted=deleted)
-            except Exception as e:
-                self.event(event="retention_error", error=str(e)[:300])
+            self._retain(entry.step)
+
+    def protect(self, steps: set[int]) -> None:
+        """Never delete `steps` (being restored); re-list the committed steps at the next
+        retention."""
+        self.protected, self.committed = frozenset(steps), None
+
+    def _retain(self, step: int) -> None:
+        try:
+            if self.committed is None:
+                self.committed = self.store.steps()
+            if step not in self.committed:
+                bisect.insort(self.committed, step)
+            deleted = self.store.retain(self.keep, self.keep_every, self.committed, self.protected)
+            self.committed = [s for s in self.committed if s not in deleted]
+            if deleted:
+                self.event(event="retention", deleted=deleted)
+        except Exception as e:  # tried again after the next commit
+            self.committed = None
+            self.event(event="retention_error", error=str(e)[:300])
 
     def wait_persisted(self, step: int, timeout: float) -> bool:
         deadline = time.time() + timeout

@@ -8,7 +8,7 @@ from the agent's memory or from storage; it raises `CheckpointInvalid` when it d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -25,6 +25,17 @@ class RestoreSource:
     tier: str  # memory | peer | storage
     node: str | None = None
     agent: Any = None  # the NodeAgent handle holding it; None: storage
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What a search for the freshest copy found: the `source` (None: no copy verifies), why each
+    newer copy was skipped, and `storage_error` when storage could not be listed or read (then
+    "no copy" means "unknown", never "start from scratch")."""
+
+    source: RestoreSource | None
+    skipped: list[str] = field(default_factory=list)
+    storage_error: str | None = None
 
 
 def load(source: RestoreSource, store: CheckpointStore, fingerprint: str) -> Snapshot:

@@ -85,11 +85,12 @@ class CheckpointStore:
         return manifest
 
     def steps(self) -> list[int]:
-        """Steps of committed checkpoints (manifest present), oldest first."""
+        """Steps of committed checkpoints (manifest present), oldest first: one listing."""
         out = []
-        for name in self.rundir.listdir(PREFIX):
-            if name.startswith("step_") and self.rundir.exists(f"{PREFIX}/{name}/{MANIFEST}"):
-                out.append(int(name[5:]))
+        for path in self.rundir.find(PREFIX):
+            parts = path.split("/")
+            if len(parts) == 3 and parts[2] == MANIFEST and parts[1].startswith("step_"):
+                out.append(int(parts[1][5:]))
         return sorted(out)
 
     def manifest(self, step: int) -> dict:
@@ -102,9 +103,9 @@ class CheckpointStore:
         """The verified files of checkpoint `step`."""
         m = self.manifest(step)
         files = {}
-        for name in m["files"]:
+        for name, info in m["files"].items():
             try:
-                files[name] = self.rundir.read_bytes(f"{ckpt_dir(step)}/{name}")
+                files[name] = self.rundir.read_bytes(f"{ckpt_dir(step)}/{name}", info["size"])
             except FileNotFoundError:
                 raise CheckpointInvalid(f"step {step}: {name} missing") from None
         verify_files(files, m, step, fingerprint)
@@ -113,9 +114,17 @@ class CheckpointStore:
     def verify(self, step: int, fingerprint: str | None = None) -> None:
         self.load(step, fingerprint)
 
-    def retain(self, keep: int, keep_every: int = 0) -> list[int]:
-        """Apply `retention.doomed` to the committed checkpoints. Returns the deleted steps."""
-        doomed = retention.doomed(self.steps(), keep, keep_every)
+    def retain(
+        self,
+        keep: int,
+        keep_every: int = 0,
+        steps: list[int] | None = None,
+        protected: set[int] | frozenset[int] = frozenset(),
+    ) -> list[int]:
+        """Delete what `retention.doomed` dooms among `steps` (default: a listing of the committed
+        ones), never a `protected` step. Returns the deleted steps."""
+        committed = self.steps() if steps is None else steps
+        doomed = [s for s in retention.doomed(committed, keep, keep_every) if s not in protected]
         for step in doomed:
             self.rundir.remove(ckpt_dir(step))
         return doomed

@@ -10,11 +10,13 @@ from resilient.config.load import apply_overrides, load_spec, parse_value, read_
 from resilient.config.sections import (
     CHAOS_FAULTS,
     AnomalyConfig,
+    ChaosConfig,
     ChaosEntry,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
     ModelConfig,
+    RandomChaos,
     SupervisorConfig,
     TrainConfig,
 )
@@ -23,12 +25,14 @@ from resilient.config.spec import JobSpec, peft_config
 __all__ = [
     "CHAOS_FAULTS",
     "AnomalyConfig",
+    "ChaosConfig",
     "ChaosEntry",
     "CheckpointConfig",
     "ClusterConfig",
     "DataConfig",
     "JobSpec",
     "ModelConfig",
+    "RandomChaos",
     "SupervisorConfig",
     "TrainConfig",
     "apply_overrides",

@@ -37,6 +37,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = tree
         parts = key.strip().split(".")
         for p in parts[:-1]:
+            if p == "chaos" and node is tree and isinstance(node.get(p), list):
+                node[p] = {"plan": node[p]}  # [[chaos]] entries, as the [chaos] table's plan
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise SpecError(f"--set {item!r}: {p!r} is not a table")
@@ -51,25 +53,30 @@ def read_tree(path: str | os.PathLike) -> dict[str, Any]:
         raise SpecError(
             f"spec file {str(p)!r} does not exist; pass the path of a .toml or .yaml job spec"
         )
+    kind = "YAML" if p.suffix in (".yaml", ".yml") else "TOML"
     try:
-        if p.suffix in (".yaml", ".yml"):
-            tree = yaml.safe_load(p.read_text()) or {}
-        else:
-            tree = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
         raise SpecError(
-            f"spec file {str(p)!r} is not valid "
-            f"{'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {e}"
+            f"spec file {str(p)!r} is not a readable text file ({e}); pass a "
+            ".toml or .yaml job spec"
         ) from None
+    try:
+        tree = (yaml.safe_load(text) or {}) if kind == "YAML" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as e:
+        raise SpecError(f"spec file {str(p)!r} is not valid {kind}: {e}") from None
     if not isinstance(tree, dict):
         raise SpecError(f"spec file {str(p)!r} must hold a table of keys at the top level")
     return tree
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, entries_as_list: bool = False) -> str:
+    """One line per bad field, named as the user wrote it (`chaos.0.fault` for a [[chaos]] list)."""
     lines = []
     for e in err.errors():
         field = ".".join(str(x) for x in e["loc"]) or "(spec)"
+        if entries_as_list and field.startswith("chaos.plan."):
+            field = "chaos." + field.removeprefix("chaos.plan.")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling against the README's spec reference"
@@ -86,7 +93,7 @@ def validate_tree(tree: dict[str, Any]) -> JobSpec:
     try:
         return JobSpec.model_validate(tree)
     except ValidationError as e:
-        raise SpecError(_describe(e)) from None
+        raise SpecError(_describe(e, isinstance(tree.get("chaos"), list))) from None
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:

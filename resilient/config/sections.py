@@ -1,23 +1,27 @@
 """The spec's sections: one validated model per component, a description on every field.
 
-Contract: every model forbids unknown keys and is frozen; each field's description is the README's
-spec reference for that key.
+Contract: every model forbids unknown keys, is frozen, takes only finite numbers and bounds each
+one to a sane range; each field's description is the README's spec reference for that key.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from resilient.catalogue import FAULTS, GPU, PARAMS
+from resilient.catalogue import FAULTS, GPU, PARAMS, RANDOM, RANDOM_DEFAULT
 
 CHAOS_FAULTS = tuple(FAULTS)
+DAY, WEEK = 86_400.0, 7 * 86_400.0
+MAX_LOCAL_NODES = max(8, os.cpu_count() or 1)  # each simulated node is a raylet on this machine
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterConfig(_Section):
@@ -26,19 +30,33 @@ class ClusterConfig(_Section):
     address: str = Field(
         "", description='"" starts an embedded local Ray; "auto" or "ray://..." joins a cluster.'
     )
-    num_workers: int = Field(2, ge=1, description="Number of DDP ranks, one Ray actor each.")
+    num_workers: int = Field(
+        2, ge=1, le=4096, description="Number of DDP ranks, one Ray actor each."
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto",
-        description='torch.distributed backend; "auto" = nccl when the workers have GPUs, else '
-        "gloo.",
+        "auto", description='"auto": nccl when the workers have GPUs, else gloo.'
     )
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources each rank reserves, e.g. {CPU = 1, GPU = 1}.",
     )
     local_nodes: int = Field(
-        1, ge=1, description="Embedded Ray only: simulate this many nodes (raylets) on one machine."
+        1,
+        ge=1,
+        le=MAX_LOCAL_NODES,
+        description="Embedded Ray only: simulate this many nodes (raylets) on this machine.",
     )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not (math.isfinite(x) and x >= 0)}
+        if bad or not any(x > 0 for x in v.values()):
+            raise ValueError(
+                f"every resource must be a finite amount >= 0 and one of them > 0 (got {v}), "
+                "e.g. {CPU = 1} or {CPU = 4, GPU = 1}"
+            )
+        return v
 
 
 class ModelConfig(_Section):
@@ -46,22 +64,20 @@ class ModelConfig(_Section):
 
     path: str = Field("", description="A local Hugging Face model directory.")
     builtin: Literal["", "tiny-llama"] = Field(
-        "",
-        description='"tiny-llama": a small Llama-architecture model built from a config (no '
-        "download).",
+        "", description='"tiny-llama": a small Llama model built from a config (no download).'
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if bool(self.path) == bool(self.builtin):
             raise ValueError(
-                "set exactly one of model.path (a local HF model directory) or model.builtin = "
-                '"tiny-llama"'
+                "set exactly one of model.path (a local HF model directory) or "
+                'model.builtin = "tiny-llama"'
             )
         if self.path and not Path(self.path).is_dir():
             raise ValueError(
-                f"model.path {self.path!r} is not a directory; give a local Hugging Face model "
-                "directory"
+                f"model.path {self.path!r} is not a directory; give a local Hugging Face "
+                "model directory"
             )
         return self
 
@@ -87,16 +103,19 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation."""
 
-    steps: int = Field(100, ge=1, description="Optimizer steps in total.")
-    batch_size: int = Field(4, ge=1, description="Samples per worker per step.")
+    steps: int = Field(100, ge=1, le=10**9, description="Optimizer steps in total.")
+    batch_size: int = Field(4, ge=1, le=65_536, description="Samples per worker per step.")
     lr: float = Field(
-        1e-3, gt=0, description="Peak learning rate (AdamW, linear warmup then constant)."
+        1e-3, gt=0, le=10, description="Peak learning rate (AdamW, linear warmup then constant)."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warmup steps.")
     seed: int = Field(
-        0, description="Seeds adapter init, dropout and data order; same seed, same adapter."
+        0,
+        ge=0,
+        lt=2**31,
+        description="Seeds adapter init, dropout and data order; same seed, same adapter.",
     )
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max gradient norm (0 = no clipping).")
 
 
 class CheckpointConfig(_Section):
@@ -108,38 +127,33 @@ class CheckpointConfig(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="Passed to fsspec for `storage`."
     )
-    every: int = Field(1, ge=1, description="Snapshot interval in steps (memory tier).")
+    every: int = Field(1, ge=1, le=10**9, description="Snapshot interval in steps (memory tier).")
     persist_every: int = Field(
-        10, ge=1, description="Persist every Nth snapshot to storage (and always the last)."
+        10, ge=1, le=10**9, description="Persist every Nth snapshot to storage (and the last)."
     )
     handoff_s: float = Field(
         1.0,
         ge=0,
+        le=DAY,
         description=(
-            "Between persisted snapshots, rank 0 gives its node agent (and the peer) the newest at "
-            "most this "
-            "often, in seconds (0 = every snapshot). Every rank keeps its newest itself, and on a "
-            "fault a "
-            "survivor hands that over first, so a restart loses no step; this bounds the loss only "
-            "when "
-            "every rank is lost at once."
+            "Between persisted snapshots, rank 0 gives its node agent (and the peer) the newest "
+            "at most this often, in seconds (0 = every snapshot). Every rank keeps its newest "
+            "itself, and on a fault a survivor hands that over first, so a restart loses no "
+            "step; this bounds the loss only when every rank is lost at once."
         ),
     )
     memory_keep: int = Field(
-        2, ge=1, description="Newest snapshots each node agent keeps in host memory."
+        2, ge=1, le=1000, description="Newest snapshots each node agent keeps in host memory."
     )
     max_pending: int = Field(
-        16, ge=1, description="Snapshots waiting for storage before the oldest is dropped."
+        16, ge=1, le=10_000, description="Snapshots waiting for storage before the oldest drops."
     )
     persist_timeout: float = Field(
-        600.0, gt=0, description="Seconds the end of a job waits for its final persist."
+        600.0, gt=0, le=WEEK, description="Seconds the end of a job waits for its final persist."
     )
     keep: int = Field(3, ge=1, description="Newest persisted checkpoints kept in storage.")
     keep_every: int = Field(
-        0,
-        ge=0,
-        description="Also keep every persisted checkpoint whose step is a multiple of this (0 = "
-        "off).",
+        0, ge=0, description="Also keep every persisted step that is a multiple of this (0 = off)."
     )
 
     @field_validator("storage")
@@ -154,24 +168,48 @@ class SupervisorConfig(_Section):
     """Failure handling. Timeouts must be ordered: heartbeat_interval < hang_timeout <
     collective_timeout."""
 
-    max_restarts: int = Field(5, ge=0, description="Restarts allowed before the job gives up.")
+    max_restarts: int = Field(
+        5,
+        ge=0,
+        description="Give up after this many faults in a row, each with fewer than "
+        "`progress_steps` steps trained since the previous one.",
+    )
+    progress_steps: int = Field(
+        10, ge=1, description="Steps trained between two faults that end a run of faults."
+    )
+    max_restarts_per_hour: int = Field(
+        0, ge=0, description="Also give up past this many restarts within an hour (0 = off)."
+    )
+    max_rollbacks: int = Field(
+        3,
+        ge=0,
+        description="NaN/spike rollbacks in a row (without `progress_steps` between) before "
+        "giving up; budgeted apart from restarts.",
+    )
     heartbeat_interval: float = Field(
-        1.0, gt=0, description="Seconds between heartbeats to every rank."
+        1.0, gt=0, le=3600, description="Seconds between heartbeats to every rank."
     )
     hang_timeout: float = Field(
-        10.0, gt=0, description="A rank silent or without progress this long is hung."
+        10.0, gt=0, le=DAY, description="A rank silent or without progress this long is hung."
     )
     collective_timeout: float = Field(
-        120.0, gt=0, description="torch.distributed collective timeout in seconds."
+        120.0, gt=0, le=DAY, description="torch.distributed collective timeout in seconds."
     )
     start_timeout: float = Field(
-        300.0, gt=0, description="Seconds a worker group may take to start and restore."
+        300.0, gt=0, le=DAY, description="Seconds a worker group may take to start and restore."
     )
     backoff_base: float = Field(
-        0.0, ge=0, description="Delay before the 2nd restart; doubles after (first is immediate)."
+        0.0, ge=0, le=DAY, description="Delay before the 2nd restart; doubles after (first: 0)."
     )
     backoff_max: float = Field(
-        30.0, ge=0, description="Upper bound of the restart delay in seconds."
+        30.0, ge=0, le=DAY, description="Upper bound of the restart delay in seconds."
+    )
+    grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=DAY,
+        description="SIGTERM/SIGINT: seconds the job has to stop after the same step and "
+        "persist it, before it ends at once.",
     )
     warm_spares: bool = Field(
         True, description="Keep started spare workers so a restart starts no process (CPU jobs)."
@@ -192,7 +230,7 @@ class ChaosEntry(_Section):
 
     at_step: int | None = Field(None, ge=1, description="The step at whose start the fault fires.")
     at_time: float | None = Field(
-        None, ge=0, description="Or: seconds after the job first started training."
+        None, ge=0, description="Or: seconds of training after which it fires."
     )
     fault: Literal[CHAOS_FAULTS] = Field(..., description="See the README's fault catalogue.")
     rank: int | None = Field(
@@ -202,13 +240,15 @@ class ChaosEntry(_Section):
         None, ge=0, description="GPU faults: the node hit, by index in the journal's node list."
     )
     factor: float = Field(
-        2.0, gt=1.0, description="slow: the rank's compute takes this many times longer."
+        2.0, gt=1.0, le=1000, description="slow: the rank's compute takes this many times longer."
     )
     xid: int = Field(79, ge=1, description="gpu_xid: the XID the simulated GPU reports.")
     count: int = Field(1, ge=1, description="ecc: uncorrectable ECC errors added.")
-    temperature: float = Field(95.0, description="thermal: the simulated GPU's temperature in C.")
+    temperature: float = Field(
+        95.0, ge=-50, le=200, description="thermal: the simulated GPU's temperature in C."
+    )
     seconds: float = Field(
-        5.0, gt=0, description="storage_outage: how long storage refuses writes."
+        5.0, gt=0, le=DAY, description="storage_outage: how long storage refuses writes."
     )
 
     @model_validator(mode="after")
@@ -233,37 +273,73 @@ class ChaosEntry(_Section):
         return {k: getattr(self, k) for k in PARAMS}
 
 
+class RandomChaos(_Section):
+    """Random chaos (`--chaos-mtbf`): faults drawn as the job trains, from a seed."""
+
+    mtbf_s: float = Field(
+        ..., gt=0, le=WEEK, description="Mean seconds of training between two faults."
+    )
+    faults: list[Literal[RANDOM]] = Field(
+        default_factory=lambda: list(RANDOM_DEFAULT), min_length=1, description="Drawn from."
+    )
+    seed: int = Field(0, ge=0, lt=2**31, description="The same seed, the same faults.")
+
+
+class ChaosConfig(_Section):
+    """Faults the job suffers on purpose. Written as a list of entries (`[[chaos]]`), or as a
+    table (`[chaos]` with `allow_inject`, `random`, and the entries as `[[chaos.plan]]`)."""
+
+    plan: list[ChaosEntry] = Field(default_factory=list, description="Planned faults.")
+    random: RandomChaos | None = Field(None, description="Random chaos (`--chaos-mtbf`).")
+    allow_inject: bool = Field(
+        False,
+        description="Carry out `resilient chaos inject` requests (`launch --allow-chaos`); "
+        "without it the job refuses them.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entries(cls, v: Any) -> Any:
+        return {"plan": v} if isinstance(v, list) else v
+
+
 class AnomalyConfig(_Section):
     """The anomaly detector (TEE): collectors, detector thresholds and exports."""
 
-    interval: float = Field(1.0, gt=0, description="Seconds between GPU/host samples on each node.")
+    interval: float = Field(
+        1.0, gt=0, le=3600, description="Seconds between GPU/host samples on each node."
+    )
     gpu: Literal["auto", "nvml", "simulated", "off"] = Field(
         "auto",
-        description='"auto": NVML when a GPU answers, else off; "simulated": a settable fake GPU '
-        "per node.",
+        description='"auto": NVML when a GPU answers, else off; "simulated": a settable fake '
+        "GPU per node.",
     )
     straggler_factor: float = Field(
-        1.3, gt=1.0, description="A rank this much slower than its peers' median..."
+        1.3, gt=1.0, le=100, description="A rank this much slower than its peers' median..."
     )
     straggler_window: int = Field(
-        10, ge=3, description="...for this many consecutive steps is a straggler."
+        10, ge=3, le=100_000, description="...for this many consecutive steps is a straggler."
     )
     straggler_min_s: float = Field(
-        0.002, ge=0, description="Ignore ranks whose compute time is below this (noise)."
+        0.002, ge=0, le=3600, description="Ignore ranks whose compute time is below this."
     )
     spike_z: float = Field(
-        8.0, gt=0, description="Robust z-score (median/MAD) of the loss that counts as a spike."
+        8.0, gt=0, le=1e6, description="Robust z-score (median/MAD) of a loss spike."
     )
-    spike_window: int = Field(50, ge=10, description="Losses the spike detector looks back over.")
-    spike_patience: int = Field(3, ge=1, description="Consecutive spikes that trigger a rollback.")
+    spike_window: int = Field(
+        50, ge=10, le=100_000, description="Losses the spike detector looks back over."
+    )
+    spike_patience: int = Field(
+        3, ge=1, le=1000, description="Consecutive spikes that trigger a rollback."
+    )
     leak_mb_per_min: float = Field(
-        200.0, gt=0, description="Steady RSS growth of a worker above this is a leak warning."
+        200.0, gt=0, le=1e6, description="Steady RSS growth of a worker above this: a warning."
     )
     leak_window_s: float = Field(
-        120.0, gt=0, description="Seconds of RSS history the leak detector fits."
+        120.0, gt=0, le=DAY, description="Seconds of RSS history the leak detector fits."
     )
     thermal_c: float = Field(
-        90.0, description="GPU temperature at or above which a thermal warning fires."
+        90.0, ge=0, le=200, description="GPU temperature at or above which a warning fires."
     )
     prometheus_port: int = Field(
         0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = off)."

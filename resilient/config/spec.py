@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from resilient.catalogue import GPU
 from resilient.config.sections import (
     AnomalyConfig,
-    ChaosEntry,
+    ChaosConfig,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
@@ -49,8 +49,9 @@ class JobSpec(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
-    chaos: list[ChaosEntry] = Field(
-        default_factory=list, description="Planned faults ([[chaos]] entries)."
+    chaos: ChaosConfig = Field(
+        default_factory=ChaosConfig,
+        description="Faults on purpose: [[chaos]] entries, or a [chaos] table.",
     )
 
     @field_validator("peft")
@@ -61,7 +62,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
-        for i, c in enumerate(self.chaos):
+        for i, c in enumerate(self.chaos.plan):
             if c.fault in GPU and self.anomaly.gpu != "simulated":
                 raise ValueError(f'chaos[{i}] {c.fault} needs anomaly.gpu = "simulated"')
             if (
@@ -117,6 +118,8 @@ def peft_config(table: dict[str, Any]):
             + ", ".join(sorted(k.lower() for k in known))
         )
     opts.setdefault("task_type", "CAUSAL_LM")
+    if "r" in opts and not (isinstance(opts["r"], int) and opts["r"] >= 1):
+        raise ValueError(f"peft.r must be a whole number >= 1 (got {opts['r']!r}), e.g. r = 8")
     try:
         return get_peft_config({"peft_type": method, **opts})
     except TypeError as e:

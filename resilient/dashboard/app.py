@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from resilient.dashboard import data
+from resilient.dashboard.reader import RunReader
 from resilient.errors import UserError
 from resilient.rundir import RunDir
 
@@ -27,7 +28,8 @@ TOKEN_ENV = "RESILIENT_DASHBOARD_TOKEN"
 PLOTLY_JS = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
 
 
-def make_app(rd: RunDir, token: str | None = None) -> FastAPI:
+def make_app(rundir: RunDir, token: str | None = None) -> FastAPI:
+    rd = RunReader(rundir)  # shared by every request: each byte of the run read once
     app = FastAPI(title="resilient dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("resilient.dashboard").joinpath("page.html").read_text()
 

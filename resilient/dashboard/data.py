@@ -1,26 +1,23 @@
 """What the dashboard shows, as JSON, read from a run directory's files (journal, Parquet,
 manifests).
 
-Contract: every function takes a RunDir and returns plain JSON-able dicts; they work on a running
-job (files still growing) and on a finished one, local or remote. These are the documented API
-endpoints (README, "Dashboard API").
+Contract: every function takes the dashboard's `RunReader` (each byte of the run directory read
+once) and returns plain JSON-able dicts; they work on a running job (files still growing) and on a
+finished one, local or remote. These are the documented API endpoints (README, "Dashboard API").
 """
 
 from __future__ import annotations
 
 import time
 
-import pyarrow.parquet as pq
-
-from resilient.rundir import RunDir
+from resilient.dashboard.reader import RunReader
 from resilient.runlog.accounting import account
-from resilient.runlog.journal import read_records
 from resilient.runlog.states import TERMINAL
 from resilient.runlog.status import fold
 
 
-def state(rd: RunDir) -> dict:
-    recs = read_records(rd)
+def state(rd: RunReader) -> dict:
+    recs = rd.records()
     s = fold(recs)
     acc = account(recs)
     now = s["ended_at"] or time.time()
@@ -68,9 +65,9 @@ LABELS = {  # how each kind of journal record is marked on the timeline
 }
 
 
-def timeline(rd: RunDir) -> dict:
+def timeline(rd: RunReader) -> dict:
     """Supervisor states as intervals, and the faults, decisions and restarts on them."""
-    recs = read_records(rd)
+    recs = rd.records()
     spans, marks = [], []
     for r in recs:
         if r["type"] == "transition":
@@ -85,25 +82,9 @@ def timeline(rd: RunDir) -> dict:
     return {"spans": spans, "marks": marks}
 
 
-def _read(rd: RunDir, name: str, columns: list[str]) -> list[dict]:
-    rows: list[dict] = []
-    for part in rd.listdir(name):
-        if part.endswith(".parquet"):
-            with rd.fs.open(rd.path(f"{name}/{part}"), "rb") as f:
-                rows += pq.read_table(f, columns=columns).to_pylist()
-    return rows
-
-
-def metrics(rd: RunDir, last: int = 2000) -> dict:
+def metrics(rd: RunReader, last: int = 2000) -> dict:
     """Per-rank training series and per-GPU series (the newest `last` points of each)."""
-    train = _read(
-        rd,
-        "metrics/train",
-        ["t", "rank", "step", "loss", "grad_norm", "step_time", "compute_s", "tokens_per_s"],
-    )
-    gpu = _read(
-        rd, "metrics/gpu", ["t", "node", "gpu", "util", "mem_used", "temp", "power_w", "lost"]
-    )
+    train, gpu = rd.rows("metrics/train"), rd.rows("metrics/gpu")
     ranks: dict[str, dict[str, list]] = {}
     for r in sorted(train, key=lambda r: r["t"]):
         d = ranks.setdefault(
@@ -126,10 +107,10 @@ def metrics(rd: RunDir, last: int = 2000) -> dict:
     return {"ranks": ranks, "gpus": gpus}
 
 
-def events(rd: RunDir, kind: str | None = None) -> list[dict]:
+def events(rd: RunReader, kind: str | None = None) -> list[dict]:
     """Anomaly events and faults with the action taken, newest first (optionally of one kind)."""
     out = []
-    for r in read_records(rd):
+    for r in rd.records():
         if r["type"] == "anomaly":
             out.append(
                 {
@@ -163,10 +144,10 @@ def events(rd: RunDir, kind: str | None = None) -> list[dict]:
     return sorted(out, key=lambda e: e["t"], reverse=True)
 
 
-def checkpoints(rd: RunDir) -> list[dict]:
+def checkpoints(rd: RunReader) -> list[dict]:
     """Snapshots (memory tier) with their blocking time, and when each reached storage."""
     out: dict[int, dict] = {}
-    for r in read_records(rd):
+    for r in rd.records():
         if r["type"] == "checkpoint":
             out[r["step"]] = {
                 "step": r["step"],

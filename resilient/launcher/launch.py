@@ -19,8 +19,8 @@ from resilient.errors import UserError
 from resilient.launcher.cluster import check_capacity, connect
 from resilient.launcher.progress import ProgressLine, print_summary
 from resilient.rundir import RunDir, control, markers, run_dir_for
-from resilient.rundir.layout import BASE_MODEL, CHAOS_REPORT, JOURNAL, SPEC_FILE, base_ref
-from resilient.runlog.journal import Journal, read_records
+from resilient.rundir.layout import BASE_MODEL, CHAOS_REPORT, SPEC_FILE, base_ref
+from resilient.runlog.journal import Journal, journal_exists, read_records
 from resilient.runlog.status import fold
 
 
@@ -61,7 +61,7 @@ def launch(
     rundir = run_dir_for(
         spec.checkpoint.storage, spec.name, run_id, spec.checkpoint.storage_options
     )
-    if rundir.exists(JOURNAL):
+    if journal_exists(rundir):
         raise UserError(
             f"run directory {rundir.uri} already exists; pass another --run-id, or continue it "
             "with "

@@ -98,9 +98,10 @@ class RunDir:
         else:
             self.fs.pipe_file(target, data, **self._bound(len(data)))
 
-    def read_bytes(self, rel: str) -> bytes:
-        # Unbounded here (a checkpoint may be large): s3 read timeouts end a stalled read.
-        return self.fs.cat_file(self.path(rel))
+    def read_bytes(self, rel: str, size_hint: int = 0) -> bytes:
+        """A whole file; on an object store bounded like a write of `size_hint` bytes (give the
+        size where it is known and large: a checkpoint's files)."""
+        return self.fs.cat_file(self.path(rel), **self._bound(size_hint))
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
@@ -115,6 +116,16 @@ class RunDir:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def find(self, rel: str = "") -> list[str]:
+        """Every file below `rel`, as paths relative to the run directory, in one listing (an
+        object store lists a prefix in pages of a thousand, not a folder at a time)."""
+        try:
+            found = self.fs.find(self.path(rel), **self._bound())
+        except FileNotFoundError:
+            return []
+        root = self.root + "/"
+        return sorted(p[len(root) :] for p in found if p.startswith(root))
 
     def remove(self, rel: str) -> None:
         try:

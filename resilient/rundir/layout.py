@@ -10,7 +10,8 @@ import os
 from resilient.rundir.fs import RunDir
 
 SPEC_FILE = "spec.json"  # the validated spec the run was launched with (JSON)
-JOURNAL = "journal.jsonl"  # the run journal (runlog)
+JOURNAL = "journal.jsonl"  # the run journal (runlog), on a local run directory
+JOURNAL_DIR = "journal"  # the run journal's segments, on an object store
 CONTROL = "control"  # requests to the running job (resilient stop, resilient chaos inject)
 STOP_FILE = f"{CONTROL}/stop"
 CHAOS = "chaos"  # one marker per fault that fired (rundir.markers)

@@ -1,8 +1,9 @@
 """Chaos markers: one record in `chaos/` per fault that fired, written before the damage is done.
 
 Contract: the only module that names, writes and reads markers. One name format,
-`chaos/fired-<key>.json`, where `key` is `planned_key(index)` for the `[[chaos]]` entry `index` or
-`request_key(id)` for a `resilient chaos inject` request. A restarted group or a resumed supervisor
+`chaos/fired-<key>.json`, where `key` is `planned_key(index)` for the `[[chaos]]` entry `index`,
+`random_key(n)` for the n-th fault of random chaos, or `request_key(id)` for a `resilient chaos
+inject` request. A restarted group or a resumed supervisor
 reads them (`read_all`) and never fires the same planned fault twice; the chaos report matches
 them with what the supervisor noticed.
 """
@@ -39,6 +40,11 @@ def planned_key(index: int) -> str:
 
 def request_key(req_id: str) -> str:
     return f"req-{req_id}"
+
+
+def random_key(n: int) -> str:
+    """The `n`-th fault drawn by random chaos."""
+    return f"rnd-{n:06d}"
 
 
 def path(key: str) -> str:

@@ -1,12 +1,19 @@
 """The run journal: an append-only record of every transition, fault, decision, restore and
-checkpoint.
+checkpoint; the source of truth for `resilient status` and for resuming a run.
 
-Contract: on a local run directory `Journal.append(type, **fields)` makes the record durable before
-it returns (append + fsync). Object stores cannot append: a writer thread rewrites the whole file in
-one atomic PUT whenever records are new, and keeps retrying while the store is down, so appending
-never blocks the supervisor; `flush(timeout)` waits until everything is out. `read_records(rundir)`
-returns the records in order; a torn last line (a crash mid-append) is ignored. The journal is the
-source of truth for `resilient status` and for resuming a run.
+Contract: `Journal(rundir).append(type, **fields)` never loses a record it returned from, and never
+waits on remote storage:
+- A local run directory keeps `journal.jsonl`: each append writes its line and fsyncs before it
+  returns. Opening repairs a torn last line (a crash mid-append: the file is cut back to its last
+  whole line, so the next append starts clean); a line in the middle that is not a record is an
+  error (`JournalCorrupt`, naming the line), never skipped.
+- An object store cannot append: records go to `journal/` as immutable segments (`rundir.tiers`:
+  a writer thread uploads what is new as one segment at most every `FLUSH_S` or at `flush()`,
+  and merges segments in tiers, so each byte is uploaded at most three times and the objects grow
+  with the journal's size, not with its appends). A storage error keeps the records in memory and
+  is retried; `error` says what failed, `durable` whether every record is stored.
+`flush(timeout)` waits until every record is stored and says whether it is. `read_records(rundir)`
+returns the records in order (a torn last line of a local journal is left out).
 """
 
 from __future__ import annotations
@@ -17,75 +24,175 @@ import threading
 import time
 from typing import Any
 
+from resilient.errors import UserError
 from resilient.rundir import RunDir
-from resilient.rundir.layout import JOURNAL
+from resilient.rundir.layout import JOURNAL, JOURNAL_DIR
+from resilient.rundir.tiers import Segment, SegmentCache, SegmentGap, Tiers
+
+FLUSH_S = 1.0  # at most one upload a second: appends in between share it
+FANOUT = (16, 64)  # 16 uploads make a level-1 segment, 64 of those a level-2 one (~17 min)
+
+
+class JournalCorrupt(UserError):
+    """The journal holds something that is not a record: says where, and what to do."""
+
+
+def _parse(lines: list[bytes], where: str, first_line: int = 1) -> list[dict]:
+    out = []
+    for n, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "type" not in rec:
+                raise ValueError("not a journal record")
+        except ValueError as e:
+            raise JournalCorrupt(
+                f"{where}: line {n} is not a journal record ({e}); the run's history is damaged "
+                "there: restore the file from a copy, or cut the line out to go on"
+            ) from None
+        out.append(rec)
+    return out
+
+
+def _local_lines(path: str) -> tuple[list[bytes], int]:
+    """The whole lines of a local journal and the length of a torn tail after them."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return [], 0
+    whole = raw.rfind(b"\n") + 1
+    return raw[:whole].split(b"\n")[:-1], len(raw) - whole
+
+
+class JournalReader:
+    """Reads a run's journal again and again (status, dashboard), each byte once: a local journal
+    from where the last read stopped (a torn last line waits until it is whole), an object store's
+    segments through a `SegmentCache`."""
+
+    def __init__(self, rundir: RunDir):
+        self.rundir = rundir
+        self._records: list[dict] = []
+        self._offset = self._lines = 0
+        self._segments = SegmentCache(rundir, JOURNAL_DIR, self._decode)
+
+    def _decode(self, seg: Segment, data: bytes) -> list[dict]:
+        return _parse(data.split(b"\n"), self.rundir.url(f"{JOURNAL_DIR}/{seg.name}"))
+
+    def read(self) -> list[dict]:
+        """Every record so far, in order; [] when there is no journal yet."""
+        if not self.rundir.is_local:
+            try:
+                return self._segments.entries()
+            except SegmentGap as e:
+                raise JournalCorrupt(f"{self.rundir.url(JOURNAL_DIR)}: {e}") from None
+        path = self.rundir.local_path(JOURNAL)
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._offset)
+                new = f.read()
+        except FileNotFoundError:
+            return []
+        whole = new.rfind(b"\n") + 1
+        lines = new[:whole].split(b"\n")[:-1]
+        self._records += _parse(lines, path, self._lines + 1)
+        self._offset, self._lines = self._offset + whole, self._lines + len(lines)
+        return list(self._records)
 
 
 def read_records(rundir: RunDir) -> list[dict]:
-    try:
-        raw = rundir.read_bytes(JOURNAL).decode()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in raw.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    """Every record of the run's journal, in order; [] when it has none."""
+    return JournalReader(rundir).read()
+
+
+def journal_exists(rundir: RunDir) -> bool:
+    if rundir.is_local:
+        return rundir.exists(JOURNAL)
+    return bool(rundir.listdir(JOURNAL_DIR))
 
 
 class Journal:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
-        self._lines: list[str] = [json.dumps(r, sort_keys=True) for r in read_records(rundir)]
-        self._written = len(self._lines)
+        self.error: str | None = None
         self._cond = threading.Condition()
-        if not rundir.is_local:
-            # Object stores cannot append and may be down for a while: a writer thread rewrites the
-            # file whenever there is something new, so the supervisor never waits on storage.
+        self._pending: list[str] = []  # appended, not yet stored (object stores)
+        self._flush = False
+        if rundir.is_local:
+            self._repair(rundir.local_path(JOURNAL))
+        else:
+            self._tiers = Tiers(rundir, JOURNAL_DIR, ".jsonl", b"".join, FANOUT)
             threading.Thread(target=self._writer, daemon=True, name="journal-writer").start()
+
+    @staticmethod
+    def _repair(path: str) -> None:
+        lines, torn = _local_lines(path)
+        _parse(lines, path)  # a damaged middle is an error, before anything is appended
+        if torn:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) - torn)
+                os.fsync(f.fileno())
 
     def append(self, type: str, **fields: Any) -> dict:
         rec = {"t": time.time(), "type": type, **fields}
         line = json.dumps(rec, sort_keys=True, default=str)
-        with self._cond:
-            self._lines.append(line)
-            if not self.rundir.is_local:
+        if not self.rundir.is_local:
+            with self._cond:
+                self._pending.append(line)
                 self._cond.notify_all()
-                return rec
+            return rec
         path = self.rundir.local_path(JOURNAL)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        with self._cond:
-            self._written = len(self._lines)
         return rec
 
+    @property
+    def durable(self) -> bool:
+        with self._cond:
+            return not self._pending
+
     def _writer(self) -> None:
+        delay = 1.0
         while True:
             with self._cond:
-                while self._written == len(self._lines):
+                while not self._pending:
                     self._cond.wait()
-                lines = list(self._lines)
+                if not self._flush:  # let appends that come soon share this upload
+                    self._cond.wait(FLUSH_S)
+                batch = list(self._pending)
             try:
-                self.rundir.write_bytes(JOURNAL, ("\n".join(lines) + "\n").encode())
-            except Exception:  # storage outage: the records wait in memory; try again shortly
-                time.sleep(1.0)
+                self._tiers.put(("\n".join(batch) + "\n").encode(), len(batch))
+            except Exception as e:  # storage outage: the records wait in memory
+                with self._cond:
+                    self.error = f"{type(e).__name__}: {e}"[:300]
+                    self._cond.notify_all()
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
                 continue
+            delay = 1.0
             with self._cond:
-                self._written = len(lines)
+                del self._pending[: len(batch)]
+                self.error = None
                 self._cond.notify_all()
 
     def flush(self, timeout: float = 0.0) -> bool:
         """Wait up to `timeout` until every record is in storage; True once it is."""
+        if self.rundir.is_local:
+            return True
         deadline = time.time() + timeout
         with self._cond:
-            while self._written < len(self._lines):
-                left = deadline - time.time()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 1.0))
+            self._flush = True
+            self._cond.notify_all()
+            try:
+                while self._pending:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 1.0))
+            finally:
+                self._flush = False
         return True

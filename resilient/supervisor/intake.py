@@ -21,6 +21,21 @@ from resilient.runlog.journal import Journal
 class Intake:
     def __init__(self, journal: Journal, monitor: AnomalyMonitor, nodes):
         self.journal, self.monitor, self.nodes = journal, monitor, nodes
+        self.persisted: set[int] = set()  # steps in storage, as the journal tells (retention too)
+
+    def learn(self, records: Iterable[dict]) -> None:
+        """What earlier lives of the run persisted (and retention deleted)."""
+        for r in records:
+            self._persistence(r["type"], r)
+
+    def newest_persisted(self, at_most: int | None = None) -> int | None:
+        return max((s for s in self.persisted if at_most is None or s <= at_most), default=None)
+
+    def _persistence(self, kind: str, e: dict) -> None:
+        if kind == "persisted":
+            self.persisted.add(e["step"])
+        elif kind == "retention":
+            self.persisted -= set(e.get("deleted", ()))
 
     def heartbeats(self, hbs: Iterable[Heartbeat]) -> list[tuple[int, int]]:
         """Journal the handed-over snapshots; (step, data step) of every step reported."""
@@ -66,5 +81,6 @@ class Intake:
     def _journal_agent_events(self, events: list[dict]) -> None:
         for e in events:
             kind = e.pop("event")
+            self._persistence(kind, e)
             if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
                 self.journal.append(kind, **e)

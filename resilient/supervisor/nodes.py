@@ -17,7 +17,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient.agents.node_agent import NodeAgent
-from resilient.checkpoint.source import TIER_ORDER, RestoreSource
+from resilient.checkpoint.source import TIER_ORDER, Lookup, RestoreSource
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
 
@@ -173,24 +173,29 @@ class Nodes:
     def node_at(self, index: int) -> str | None:
         return self.order[index] if 0 <= index < len(self.order) else None
 
-    def restore_source(
-        self, store: CheckpointStore, fingerprint: str, at_most: int | None = None
-    ) -> tuple[RestoreSource | None, list[str]]:
+    def _in_memory(self, fingerprint: str) -> list[tuple[int, str, str | None, object]]:
+        """(step, tier, node, agent) of every snapshot the agents hold for this spec."""
         cands = []
         for nid, agent in list(self.agents.items()):
             try:
                 inv = ray.get(agent.inventory.remote(), timeout=10)
-            except Exception:
+            except Exception:  # the node is gone
                 self.drop(nid)
                 continue
-            for e in inv:
-                if e["fingerprint"] == fingerprint:
-                    cands.append((e["step"], e["role"], nid, agent))
-        skipped = []
+            cands += [
+                (e["step"], e["role"], nid, agent) for e in inv if e["fingerprint"] == fingerprint
+            ]
+        return cands
+
+    def restore_source(
+        self, store: CheckpointStore, fingerprint: str, at_most: int | None = None
+    ) -> Lookup:
+        cands, skipped, storage_error = self._in_memory(fingerprint), [], None
         try:
             cands += [(s, "storage", None, None) for s in store.steps()]
-        except Exception as e:  # storage outage: memory copies still count
-            skipped.append(f"storage: cannot list ({type(e).__name__}: {e})"[:300])
+        except Exception as e:  # an outage, not "no checkpoint": memory copies still count
+            storage_error = f"cannot list ({type(e).__name__}: {e})"[:300]
+            skipped.append(f"storage: {storage_error}")
         if at_most is not None:  # a rollback: only states from before the anomaly
             cands = [c for c in cands if c[0] <= at_most]
         cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
@@ -207,9 +212,16 @@ class Nodes:
                 continue
             except Exception as e:  # the agent died under us, or storage is down
                 skipped.append(f"{tier} on {str(nid)[:8]}: {type(e).__name__}")
+                if agent is None:
+                    storage_error = f"cannot read step {step} ({type(e).__name__}: {e})"[:300]
                 continue
-            return RestoreSource(step, tier, nid, agent), skipped
-        return None, skipped
+            return Lookup(RestoreSource(step, tier, nid, agent), skipped, storage_error)
+        return Lookup(None, skipped, storage_error)
+
+    def protect(self, steps: set[int]) -> None:
+        """No agent's retention deletes these steps (the one a group is restoring)."""
+        for a in self.agents.values():
+            a.protect.remote(steps)
 
     def shutdown(self) -> None:
         for a in self.agents.values():

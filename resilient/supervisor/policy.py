@@ -86,6 +86,19 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     )
 
 
+def restore_plan(found: int | None, storage_error: str | None, persisted: int | None) -> str:
+    """What to do with the freshest copy found (its step, or None) when the journal says the
+    newest persisted checkpoint that may be restored is `persisted`: "restore" it (None: a true
+    fresh start), "wait" (storage could not be read and nothing found is as fresh: a storage error
+    is never "no checkpoint"), or "refuse" (storage answers, the journal records a persisted
+    checkpoint, none verifies: never start over silently)."""
+    if storage_error and persisted is not None and (found is None or found < persisted):
+        return "wait"
+    if found is None and persisted is not None:
+        return "refuse"
+    return "restore"
+
+
 def rollback_point(
     e: AnomalyEvent, at: int, data_steps: Mapping[int, Collection[int]]
 ) -> tuple[int | None, tuple[int, ...]]:

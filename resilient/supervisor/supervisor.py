@@ -37,6 +37,7 @@ from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.nodes import assign
 from resilient.supervisor.parts import Parts
+from resilient.supervisor.restore import RestoreImpossible, find_restore_point
 from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.watch import Ready, Seen, Watch
 
@@ -58,6 +59,7 @@ class Supervisor:
         self.intake = Intake(journal, parts.monitor, parts.nodes)
         self.on_progress = on_progress or (lambda s: None)
         records = read_records(rundir)
+        self.intake.learn(records)
         status = fold(records)
         self.state = JobState(status["state"])
         self.restarts = status["restarts"]
@@ -136,8 +138,13 @@ class Supervisor:
         self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
 
     def _attempt(self) -> None:
-        source = self._prepare_attempt()
+        try:
+            source = self._prepare_attempt()
+        except RestoreImpossible as e:
+            self._to(JobState.FAILED, str(e))
+            return
         restored = source.step if source else 0
+        self.nodes.protect({restored} if source else set())
         placement = self._placement()
         if placement is None:
             self._to(
@@ -175,25 +182,17 @@ class Supervisor:
         return source
 
     def _restore_point(self, at_most: int | None) -> RestoreSource | None:
-        """The freshest verified copy over memory, peer and storage; journalled with what was
-        skipped and why."""
-        gone = self.nodes.prune_dead()
-        if gone:
-            self.journal.append("nodes_lost", nodes=gone)
-        t0 = time.time()
-        source, skipped = self.nodes.restore_source(
-            self.parts.store, self.spec.fingerprint(), at_most
+        persisted = self.intake.newest_persisted(at_most)
+        return find_restore_point(
+            self.nodes,
+            self.parts.store,
+            self.spec.fingerprint(),
+            at_most,
+            persisted,
+            self.journal,
+            self.spec.supervisor.start_timeout,
+            on_wait=lambda note: self._emit(note=note),
         )
-        if source or skipped:
-            self.journal.append(
-                "restore",
-                step=source.step if source else 0,
-                tier=source.tier if source else "none",
-                node=source.node if source else None,
-                skipped=skipped,
-                lookup_s=round(time.time() - t0, 4),
-            )
-        return source
 
     def _start(self, group, source: RestoreSource | None, restored: int) -> Fault | None:
         try:

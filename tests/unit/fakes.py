@@ -8,7 +8,7 @@ from pathlib import Path
 
 from resilient.agents.scripted import FakeClock, Scenario, ScriptedGroup
 from resilient.anomaly.monitor import AnomalyMonitor
-from resilient.checkpoint.source import RestoreSource
+from resilient.checkpoint.source import Lookup, RestoreSource
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
@@ -26,6 +26,9 @@ class FakeNodes:
         self.order = [f"node{i}" for i in range(n)]
         self.resources = {nid: {"CPU": 1.0} for nid in self.order}
         self.agents: dict = {}
+        self.storage_down = 0  # this many lookups find storage unreadable
+        self.storage_lost = False  # storage answers but holds nothing
+        self.reported: set[int] = set()  # snapshots reported persisted
 
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
@@ -37,11 +40,22 @@ class FakeNodes:
         return []
 
     def restore_source(self, store, fingerprint, at_most=None):
+        if self.storage_down:
+            self.storage_down -= 1
+            return Lookup(None, ["storage: cannot list"], "ConnectionError: down")
         steps = [s for s in self.sc.snapshots if at_most is None or s <= at_most]
-        return (RestoreSource(max(steps), "memory", self.order[0]) if steps else None), []
+        if self.storage_lost or not steps:
+            return Lookup(None)
+        return Lookup(RestoreSource(max(steps), "memory", self.order[0]))
 
     def poll_events(self):
-        return [], self.sc.take_samples()
+        """Every snapshot is reported persisted (an agent's `persisted` event)."""
+        new = sorted(self.sc.snapshots - self.reported)
+        self.reported |= set(new)
+        return [{"event": "persisted", "step": s} for s in new], self.sc.take_samples()
+
+    def protect(self, steps: set[int]) -> None:
+        self.protected = set(steps)
 
     def flush_events(self) -> list[dict]:
         return []
@@ -79,6 +93,7 @@ class Job:
     spec: dict = field(default_factory=dict)
     stop_when: object = None
     groups: list[ScriptedGroup] = field(default_factory=list)
+    nodes: FakeNodes | None = None
 
     def run(self) -> dict:
         corpus = self.tmp / "corpus.txt"
@@ -105,9 +120,10 @@ class Job:
             self.groups.append(ScriptedGroup(self.scenario, placement, self.steps, clock, attempt))
             return self.groups[-1]
 
+        self.nodes = self.nodes or FakeNodes(self.scenario)
         parts = Parts(
             CheckpointStore(rundir),
-            FakeNodes(self.scenario),
+            self.nodes,
             new_group,
             AnomalyMonitor(spec, rundir),
             FakeControl(self.stop_when),

@@ -77,8 +77,9 @@ def test_checksum_mismatch_falls_back_to_older(store):
         store.verify(10)
     from resilient.supervisor.nodes import Nodes
 
-    source, skipped = Nodes(None, "").restore_source(store, "fp")  # no node agents: storage only
-    assert source.step == 5 and source.tier == "storage" and "checksum" in skipped[0]
+    found = Nodes(None, "").restore_source(store, "fp")  # no node agents: storage only
+    assert found.source.step == 5 and found.source.tier == "storage"
+    assert "checksum" in found.skipped[0] and found.storage_error is None
 
 
 def test_fingerprint_mismatch_is_refused(store):

@@ -132,3 +132,14 @@ def test_judge_each_kind_of_event():
     )  # no step in the event: the next one
     assert decide(restart.fault, History(0), SupervisorConfig()).action is Action.RESTART
     assert policy.describe(xid_on_rank.fault) == "gpu_xid of rank 0 at step 12"
+
+
+def test_restore_plan_never_takes_a_storage_error_for_no_checkpoint():
+    from resilient.supervisor.policy import restore_plan
+
+    assert restore_plan(None, None, None) == "restore"  # nothing persisted: a true fresh start
+    assert restore_plan(40, None, 30) == "restore"
+    assert restore_plan(None, "down", 30) == "wait"
+    assert restore_plan(20, "down", 30) == "wait"  # memory is older than what storage holds
+    assert restore_plan(35, "down", 30) == "restore"  # memory is fresher: storage not needed
+    assert restore_plan(None, None, 30) == "refuse"  # storage answers without it

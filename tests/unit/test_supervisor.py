@@ -4,7 +4,7 @@ processes, a fake clock (an hour of hang timeouts passes in milliseconds)."""
 import pytest
 
 from resilient.agents.scripted import Scenario
-from tests.unit.fakes import Job
+from tests.unit.fakes import FakeNodes, Job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,3 +116,25 @@ def test_spent_budget_gives_up_with_a_reason(tmp_path):
     s = job.run()
     assert s["state"] == "FAILED" and "max_restarts=0" in s["reason"]
     assert "crash of rank 0 at step 3" in s["reason"]
+
+
+def test_unreadable_storage_is_waited_for_never_taken_for_no_checkpoint(tmp_path, monkeypatch):
+    from resilient.supervisor import restore
+
+    monkeypatch.setattr(restore, "RETRY_S", 0.01)
+    job = Job(tmp_path, Scenario(crash={12: 1}))
+    job.nodes = FakeNodes(job.scenario)
+    job.stop_when = lambda: setattr(job.nodes, "storage_down", 3) if len(job.groups) == 1 else None
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restores"][-1]["step"] == 11
+    (wait,) = job.of("restore_wait")
+    assert "down" in wait["error"] and wait["persisted"] == 11
+
+
+def test_storage_without_the_persisted_checkpoints_is_refused(tmp_path):
+    job = Job(tmp_path, Scenario(crash={12: 1}))
+    job.nodes = FakeNodes(job.scenario)
+    job.stop_when = lambda: setattr(job.nodes, "storage_lost", len(job.groups) == 1)
+    s = job.run()
+    assert s["state"] == "FAILED" and "refusing to start over" in s["reason"]
+    assert len(job.groups) == 1

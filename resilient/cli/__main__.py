@@ -1,0 +1,5 @@
+"""`python -m resilient.cli`"""
+
+from resilient.cli import main
+
+main()

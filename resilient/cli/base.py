@@ -1,0 +1,50 @@
+"""The `resilient` command group and what every command shares: one message and exit code 2 for
+every user mistake (never a traceback), and opening a RUN_DIR."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from resilient.errors import UserError
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def open_rundir(uri: str):
+    from resilient.rundir import RunDir
+    from resilient.runlog.journal import journal_exists
+
+    try:
+        rd = RunDir(uri)
+        found = journal_exists(rd)
+    except Exception as e:
+        raise UserError(
+            f"RUN_DIR {uri!r} cannot be read ({type(e).__name__}: {e}); give a run directory path "
+            "or "
+            "fsspec URI (credentials through fsspec's config, e.g. FSSPEC_S3)"
+        ) from None
+    if not found:
+        raise UserError(
+            f"RUN_DIR {uri!r} holds no journal; give the run directory printed by `resilient "
+            "launch`"
+        )
+    return rd
+
+
+@click.group()
+@click.version_option(package_name="resilient")
+def cli() -> None:
+    """Fault-tolerant LoRA fine-tuning on Ray."""

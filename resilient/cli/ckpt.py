@@ -1,0 +1,91 @@
+"""`resilient ckpt list|verify|export`: a run's persisted checkpoints."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from resilient.cli.base import cli, open_rundir, user_errors
+from resilient.errors import UserError
+
+
+@cli.group()
+def ckpt() -> None:
+    """List, verify and export a run's checkpoints."""
+
+
+@ckpt.command("list")
+@click.argument("run_dir")
+@user_errors
+def ckpt_list(run_dir) -> None:
+    """Persisted checkpoints: step, tier, size, persisted at, verified."""
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+
+    store = CheckpointStore(open_rundir(run_dir))
+    console = Console()
+
+    t = Table("step", "tier", "size", "persisted at", "verified")
+    for step in store.steps():
+        try:
+            m = store.manifest(step)
+            store.verify(step)
+            ok = "yes"
+        except CheckpointInvalid as e:
+            m, ok = None, f"NO: {e}"
+        size = f"{sum(f['size'] for f in m['files'].values()) / 1024:.1f} KiB" if m else "-"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])) if m else "-"
+        t.add_row(str(step), "storage", size, when, ok)
+    console.print(t)
+
+
+@ckpt.command("verify")
+@click.argument("run_dir")
+@click.option("--step", type=int, help="Only this step (default: every persisted checkpoint).")
+@user_errors
+def ckpt_verify(run_dir, step) -> None:
+    """Check sizes and checksums of persisted checkpoints; exit 1 if any is damaged."""
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+
+    store = CheckpointStore(open_rundir(run_dir))
+    persisted = store.steps()
+    if step is not None and step not in persisted:
+        raise UserError(
+            f"--step {step}: {run_dir} has no persisted checkpoint of that step "
+            f"(it has {persisted[-5:] or 'none'}); `resilient ckpt list RUN_DIR` shows them"
+        )
+    steps = [step] if step is not None else persisted
+    if not steps:
+        raise UserError(f"{run_dir} has no persisted checkpoints")
+    bad = 0
+    for s in steps:
+        try:
+            store.verify(s)
+            click.echo(f"step {s}: ok")
+        except CheckpointInvalid as e:
+            bad += 1
+            click.echo(f"step {s}: BAD ({e})")
+    sys.exit(1 if bad else 0)
+
+
+@ckpt.command("export")
+@click.argument("run_dir")
+@click.option("--step", type=int, required=True, help="The persisted checkpoint to export.")
+@click.argument("out")
+@user_errors
+def ckpt_export(run_dir, step, out) -> None:
+    """Write checkpoint STEP as a peft adapter directory OUT."""
+    from resilient.checkpoint.storage import CheckpointInvalid
+    from resilient.training.export import export_step
+
+    rd = open_rundir(run_dir)
+    try:
+        export_step(rd, step, out)
+    except CheckpointInvalid as e:
+        raise UserError(
+            f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints"
+        ) from None
+    click.echo(f"adapter of step {step} written to {out}")

@@ -1,0 +1,182 @@
+"""A log kept as immutable segments in a run directory, merged in tiers: cost linear in the run.
+
+Contract: `Tiers(rundir, prefix, ext, merge, fanout)` holds a sequence of items (journal records,
+metric rows) as objects that are never rewritten: `put(data, count)` writes the next `count` items
+as a level-0 segment; once `fanout[i]` segments share level i they are merged (by `merge`, bytes of
+segments in order -> bytes) into one segment of level i+1, written before its sources are deleted.
+The top level (`len(fanout)`) is never merged, except by `seal()`, which merges every segment below
+it into one (the end of a job). So each item is uploaded at most `len(fanout) + 1` times (+1 with
+`seal`) and the objects grow with the log's size over the top level's span, not with its appends.
+Names carry the level and the first and last item number (`L1-000000000016-000000000031.jsonl`);
+`covering(names)` picks the segments that hold every item exactly once, so a reader is right while
+a merged segment and its sources coexist, and a gap (a lost segment) is an error, never a silence.
+Segments found at open (a resumed run) are read back only when a merge needs them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from resilient.rundir.fs import RunDir
+
+NAME = re.compile(r"^L(\d)-(\d{12})-(\d{12})(\.\w+)$")
+
+
+class SegmentGap(Exception):
+    """Items between two segments are missing: the log is damaged, not short."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    level: int
+    first: int
+    last: int
+    name: str
+
+
+def segment_name(level: int, first: int, last: int, ext: str) -> str:
+    return f"L{level}-{first:012d}-{last:012d}{ext}"
+
+
+def parse(name: str) -> Segment | None:
+    m = NAME.match(name)
+    return Segment(int(m[1]), int(m[2]), int(m[3]), name) if m else None
+
+
+def covering(names: list[str]) -> list[Segment]:
+    """The segments, in order, that hold every item once (a merged segment wins over the sources
+    it was made of); SegmentGap when an item is in none."""
+    segs = sorted((s for s in map(parse, names) if s), key=lambda s: (s.first, -s.last))
+    out: list[Segment] = []
+    for s in segs:
+        if out and s.last <= out[-1].last:
+            continue  # inside one already taken (a source of a merged segment)
+        if out and s.first != out[-1].last + 1:
+            raise SegmentGap(f"items {out[-1].last + 1}..{s.first - 1} are in no segment")
+        out.append(s)
+    if out and out[0].first != 0:
+        raise SegmentGap(f"items 0..{out[0].first - 1} are in no segment")
+    return out
+
+
+class Tiers:
+    def __init__(
+        self,
+        rundir: RunDir,
+        prefix: str,
+        ext: str,
+        merge: Callable[[list[bytes]], bytes],
+        fanout: tuple[int, ...],
+    ):
+        self.rundir, self.prefix, self.ext, self.merge, self.fanout = (
+            rundir,
+            prefix,
+            ext,
+            merge,
+            fanout,
+        )
+        self.top = len(fanout)
+        found = covering(rundir.listdir(prefix))
+        self.next = found[-1].last + 1 if found else 0
+        # per level below the top: [segment, its bytes or None (not read yet)]
+        self.levels: list[list[tuple[Segment, bytes | None]]] = [[] for _ in fanout]
+        for s in found:
+            if s.level < self.top:
+                self.levels[s.level].append((s, None))
+
+    def put(self, data: bytes, count: int) -> None:
+        """Write the next `count` items (raises on a storage error: nothing changed then)."""
+        seg = Segment(
+            0,
+            self.next,
+            self.next + count - 1,
+            segment_name(0, self.next, self.next + count - 1, self.ext),
+        )
+        self.rundir.write_bytes(f"{self.prefix}/{seg.name}", data)
+        self.next += count
+        self.levels[0].append((seg, data))
+        self.compact()
+
+    def compact(self) -> None:
+        """Merge every level that is full; a storage error leaves it for the next call (the
+        segments it would merge are stored already, so nothing is lost meanwhile)."""
+        for level, want in enumerate(self.fanout):
+            if len(self.levels[level]) >= want:
+                try:
+                    self._merge(level, level + 1)
+                except Exception:
+                    return
+
+    def seal(self) -> None:
+        """Merge every segment below the top level into one top-level segment."""
+        group = sorted((g for level in self.levels for g in level), key=lambda g: g[0].first)
+        if group:
+            self._write_merged(group, self.top)
+            self.levels = [[] for _ in self.fanout]
+
+    def _merge(self, level: int, into: int) -> None:
+        merged = self._write_merged(self.levels[level], into)
+        self.levels[level] = []
+        if into < self.top:
+            self.levels[into].append(merged)
+
+    def _write_merged(
+        self, group: list[tuple[Segment, bytes | None]], into: int
+    ) -> tuple[Segment, bytes]:
+        """One segment of level `into` holding `group` (contiguous, in order); the sources are
+        deleted once it is written."""
+        blobs = [data if data is not None else self._read(s) for s, data in group]
+        first, last = group[0][0].first, group[-1][0].last
+        merged = self.merge(blobs)
+        seg = Segment(into, first, last, segment_name(into, first, last, self.ext))
+        self.rundir.write_bytes(f"{self.prefix}/{seg.name}", merged)
+        for s, _ in group:  # the merged segment is in place: its sources may go
+            try:
+                self.rundir.remove(f"{self.prefix}/{s.name}")
+            except Exception:  # left behind: readers skip it (covering); it only costs a name
+                pass
+        return seg, merged
+
+    def _read(self, s: Segment) -> bytes:
+        return self.rundir.read_bytes(f"{self.prefix}/{s.name}")
+
+
+def read_segments(rundir: RunDir, prefix: str) -> list[tuple[Segment, bytes]]:
+    """Every item of the log once, as (segment, bytes), in order."""
+    return [(s, rundir.read_bytes(f"{prefix}/{s.name}")) for s in covering(rundir.listdir(prefix))]
+
+
+class SegmentCache:
+    """Reads a tiered log again and again (a live dashboard), downloading each segment once: a
+    merged segment whose items are all cached already is composed from them, not downloaded.
+    `decode(segment, bytes)` turns a segment into its list of entries."""
+
+    def __init__(self, rundir: RunDir, prefix: str, decode: Callable[[Segment, bytes], list]):
+        self.rundir, self.prefix, self.decode = rundir, prefix, decode
+        self.cache: dict[tuple[int, int], list] = {}
+
+    def entries(self) -> list:
+        out, keep = [], {}
+        for s in covering(self.rundir.listdir(self.prefix)):
+            got = self.cache.get((s.first, s.last))
+            if got is None:
+                got = self._compose(s)
+            if got is None:
+                got = self.decode(s, self.rundir.read_bytes(f"{self.prefix}/{s.name}"))
+            keep[(s.first, s.last)] = got
+            out += got
+        self.cache = keep
+        return out
+
+    def _compose(self, s: Segment) -> list | None:
+        parts, at = [], s.first
+        by_first = {first: (first, last) for first, last in self.cache}
+        while at <= s.last:
+            key = by_first.get(at)
+            if key is None or key[1] > s.last:
+                return None
+            parts += self.cache[key]
+            at = key[1] + 1
+        return parts

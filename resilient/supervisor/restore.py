@@ -1,0 +1,77 @@
+"""Finding the state a new worker group restores: the freshest verified copy, and never a silent
+start from scratch.
+
+Contract: `find_restore_point(...)` drops the agents of lost nodes, looks the freshest verified copy
+up over memory, peer and storage (`Nodes.restore_source`) and applies `policy.restore_plan` with the
+newest persisted step the journal knows: it returns the source to restore (None: a true fresh
+start), keeps looking every `RETRY_S` while storage cannot be read and nothing found is as fresh
+(journalled once as `restore_wait`, shown through `on_wait`), and raises `RestoreImpossible` with
+a reason a person can act on when the wait passes `timeout` or when storage answers without the
+checkpoints the journal says it holds. Every lookup that found or skipped something is journalled
+as `restore`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from resilient.checkpoint.source import RestoreSource
+from resilient.supervisor import policy
+
+RETRY_S = 2.0
+
+
+class RestoreImpossible(Exception):
+    """No state can be restored and starting over would lose persisted work: the reason."""
+
+
+def find_restore_point(
+    nodes,
+    store,
+    fingerprint: str,
+    at_most: int | None,
+    persisted: int | None,
+    journal,
+    timeout: float,
+    on_wait: Callable[[str], None] = lambda note: None,
+) -> RestoreSource | None:
+    deadline, waiting = time.time() + timeout, False
+    while True:
+        gone = nodes.prune_dead()
+        if gone:
+            journal.append("nodes_lost", nodes=gone)
+        t0 = time.time()
+        found = nodes.restore_source(store, fingerprint, at_most)
+        source = found.source
+        plan = policy.restore_plan(source.step if source else None, found.storage_error, persisted)
+        if plan == "restore":
+            if source or found.skipped:
+                journal.append(
+                    "restore",
+                    step=source.step if source else 0,
+                    tier=source.tier if source else "none",
+                    node=source.node if source else None,
+                    skipped=found.skipped,
+                    lookup_s=round(time.time() - t0, 4),
+                )
+            return source
+        if plan == "refuse":
+            raise RestoreImpossible(
+                f"the journal records a persisted checkpoint of step {persisted} but none "
+                f"verifies ({'; '.join(found.skipped) or 'storage holds none'}): refusing to "
+                "start over; restore the checkpoints into the run directory, then "
+                "`resilient launch --resume RUN_DIR`"
+            )
+        note = f"storage unreachable ({found.storage_error}); waiting to restore step {persisted}"
+        if not waiting:
+            waiting = True
+            journal.append("restore_wait", error=found.storage_error, persisted=persisted)
+        on_wait(note)
+        if time.time() > deadline:
+            raise RestoreImpossible(
+                f"storage could not be read for supervisor.start_timeout={timeout:g}s "
+                f"({found.storage_error}); its checkpoints are kept: `resilient launch --resume "
+                "RUN_DIR` once it answers"
+            )
+        time.sleep(RETRY_S)

@@ -1,0 +1,103 @@
+"""The journal: repaired torn tails, loud corruption, and on object stores immutable segments in
+tiers whose upload cost is linear in the journal (fsspec's memory:// filesystem stands in)."""
+
+import json
+import uuid
+
+import pytest
+
+from resilient.rundir import RunDir
+from resilient.rundir.tiers import SegmentGap, Tiers, covering, read_segments, segment_name
+from resilient.runlog.journal import Journal, JournalCorrupt, journal_exists, read_records
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_a_torn_last_line_is_cut_back_and_the_next_append_is_whole(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    j = Journal(rd)
+    j.append("job", name="n")
+    j.append("progress", step=1)
+    path = tmp_path / "run" / "journal.jsonl"
+    with open(path, "ab") as f:
+        f.write(b'{"t": 3, "type": "progr')  # the driver died mid-append
+    assert [r["type"] for r in read_records(rd)] == ["job", "progress"]  # readers skip the tail
+    j = Journal(rd)  # a resumed run repairs it
+    j.append("resume")
+    assert [r["type"] for r in read_records(rd)] == ["job", "progress", "resume"]
+    assert path.read_bytes().endswith(b'"type": "resume"}\n')
+
+
+def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path):
+    rd = RunDir(str(tmp_path / "run"))
+    j = Journal(rd)
+    for i in range(3):
+        j.append("progress", step=i)
+    path = tmp_path / "run" / "journal.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = "garbage{"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JournalCorrupt, match="line 2"):
+        read_records(rd)
+    with pytest.raises(JournalCorrupt, match="line 2"):
+        Journal(rd)
+
+
+def test_covering_takes_each_item_once_and_reports_gaps():
+    names = [segment_name(1, 0, 15, ".x")] + [segment_name(0, i, i, ".x") for i in range(20)]
+    got = [(s.level, s.first, s.last) for s in covering(names)]
+    assert got == [(1, 0, 15)] + [(0, i, i) for i in range(16, 20)]
+    with pytest.raises(SegmentGap, match="17..18"):
+        covering([segment_name(0, 0, 16, ".x"), segment_name(0, 19, 20, ".x")])
+
+
+def test_tiers_merge_and_each_item_is_uploaded_a_bounded_number_of_times():
+    rd = RunDir(f"memory://tiers-{uuid.uuid4().hex}")
+    uploaded = []
+    real = rd.write_bytes
+    rd.write_bytes = lambda rel, data: (uploaded.append(len(data)), real(rel, data))
+    t = Tiers(rd, "log", ".txt", b"".join, (4, 4))
+    items = []
+    for i in range(100):
+        t.put(f"{i}\n".encode(), 1)
+        items.append(f"{i}\n")
+    stored = b"".join(d for _, d in read_segments(rd, "log"))
+    assert stored.decode() == "".join(items)
+    assert sum(uploaded) <= 3 * len(stored)
+    assert len(rd.listdir("log")) <= 100 // 16 + 4 + 4  # top-level objects + a few below
+    t.seal()
+    assert len(rd.listdir("log")) <= 100 // 16 + 1
+
+
+def test_remote_journal_is_segments_flushed_in_the_background():
+    rd = RunDir(f"memory://journal-{uuid.uuid4().hex}")
+    j = Journal(rd)
+    for i in range(50):
+        j.append("progress", step=i)
+    assert j.flush(timeout=10) and j.durable
+    assert journal_exists(rd) and not rd.exists("journal.jsonl")
+    assert [r["step"] for r in read_records(rd)] == list(range(50))
+    j2 = Journal(rd)  # a resumed supervisor appends after what is stored
+    j2.append("resume")
+    assert j2.flush(timeout=10)
+    assert [r["type"] for r in read_records(rd)][-2:] == ["progress", "resume"]
+    assert all(
+        json.loads(line)
+        for line in rd.read_bytes(f"journal/{rd.listdir('journal')[0]}").decode().splitlines()
+    )
+
+
+def test_a_failing_store_keeps_records_and_says_so():
+    rd = RunDir(f"memory://down-{uuid.uuid4().hex}")
+    j = Journal(rd)
+    real = rd.write_bytes
+
+    def down(rel, data):
+        raise ConnectionError("storage is down")
+
+    rd.write_bytes = down
+    j.append("progress", step=1)
+    assert not j.flush(timeout=2.5) and not j.durable and "storage is down" in j.error
+    rd.write_bytes = real
+    assert j.flush(timeout=10) and j.error is None
+    assert [r["step"] for r in read_records(rd)] == [1]
