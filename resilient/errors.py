@@ -10,3 +10,13 @@ class UserError(Exception):
 
 class SpecError(UserError):
     """The job spec is missing, malformed or invalid."""
+
+
+class Abort(BaseException):
+    """End the job at once (a second SIGTERM/SIGINT, or a stop's grace ran out). A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` on the way swallows it; the supervisor
+    turns it into a terminal state before it goes on up."""
+
+    def __init__(self, reason: str, signum: int | None = None):
+        super().__init__(reason)
+        self.reason, self.signum = reason, signum

@@ -11,7 +11,6 @@ the damage (`sabotage`, the node's simulated GPU, a NaN loss, a slower step).
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 import traceback
@@ -25,7 +24,7 @@ from resilient.catalogue import GPU, PlannedFault
 from resilient.checkpoint.source import RestoreSource
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
-from resilient.rundir import RunDir, markers
+from resilient.rundir import RunDir, base_model, markers
 from resilient.rundir.layout import BASE_MODEL
 
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
@@ -213,12 +212,7 @@ class TrainWorker:
             return self.spec.model.path
         if self.rundir.is_local:
             return self.rundir.local_path(BASE_MODEL)
-        local = os.path.join(
-            tempfile.gettempdir(), "resilient-base", self.rundir.root.replace("/", "_")
-        )
-        if not os.path.exists(os.path.join(local, "config.json")):
-            self.rundir.download_dir(BASE_MODEL, local)
-        return local
+        return base_model.fetch(self.rundir)  # workers never read the driver's disk
 
     def _setup(self, master_ip, master_port, restore: RestoreSource | None):
         """Join the process group, build (or take the prepared) trainer, restore; (trainer, step,

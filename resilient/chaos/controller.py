@@ -43,11 +43,12 @@ def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
             return fault
         f = fired[0]
         step = fault.step if fault.anomaly in ("nan", "loss_spike") else (f.step or fault.step)
-        return replace(fault, injected_at=f.injected_at, step=step)
+        return replace(fault, injected_at=f.injected_at, step=step, chaos_key=f.key)
     match = [f for f in fired if fault.rank is None or f.rank == fault.rank]
     if not match:
         return fault
-    return replace(fault, injected_at=match[-1].injected_at, step=match[-1].step or fault.step)
+    f = match[-1]
+    return replace(fault, injected_at=f.injected_at, step=f.step or fault.step, chaos_key=f.key)
 
 
 class ChaosController:

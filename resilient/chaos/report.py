@@ -2,9 +2,10 @@
 training again and what it cost, written to `<run dir>/chaos_report.json` and printed as a table.
 
 Contract: `build(records, markers)` is pure over the journal records and the fired-fault markers.
-Every injected fault appears once: matched to the fault the supervisor acted on (same injection
-time), or, for faults that need no restart (slow, thermal, a storage outage), to the first event
-that noticed it; such a fault counts as recovered once the job finished a step after it.
+Every injected fault appears once: matched to the fault the supervisor acted on (by its marker's
+key, which the chaos controller attributed to that fault), or, for faults that need no restart
+(slow, thermal, a storage outage), to the first event that noticed it; such a fault counts as
+recovered once the job finished a step after it.
 Totals: `faults`, `recovered`, `goodput` and its lost-time breakdown (see accounting.py).
 """
 
@@ -64,10 +65,11 @@ def _unacted(records: list[dict], progress: list[tuple], m: FiredFault) -> dict:
 def build(records: list[dict], markers: list[FiredFault]) -> dict:
     acc = account(records)
     faults = list(acc["faults"])
-    matched = {round(f["injected_at"], 3) for f in faults if f.get("injected_at")}
+    keys = {f["chaos_key"] for f in faults if f.get("chaos_key")}
+    times = {round(f["injected_at"], 3) for f in faults if f.get("injected_at")}
     progress = [(r["t"], r["step"]) for r in records if r["type"] == "progress"]
     for m in sorted(markers, key=lambda m: m.injected_at):
-        if round(m.injected_at, 3) not in matched:
+        if m.key not in keys and round(m.injected_at, 3) not in times:
             faults.append(_unacted(records, progress, m))
     faults.sort(key=lambda f: f.get("injected_at") or f["detected_at"] or 0)
     recovered = sum(1 for f in faults if f["recovered_at"])

@@ -10,7 +10,8 @@ import click
 
 from resilient.catalogue import RANDOM, RANDOM_DEFAULT
 from resilient.cli.base import cli, open_rundir, user_errors
-from resilient.errors import UserError
+from resilient.errors import Abort, UserError
+from resilient.launcher.patience import StorageUnavailable
 from resilient.runlog.states import TERMINAL
 
 
@@ -87,12 +88,19 @@ def launch(
         extra.append(random_chaos(chaos_mtbf, chaos_faults, chaos_seed))
     if allow_chaos:
         extra.append("chaos.allow_inject=true")
-    if resume_dir:
-        status = do_resume(resume_dir, overrides=extra, dashboard_port=dash)
-    else:
-        if not spec:
-            raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
-        status = do_launch(load_spec(spec, extra), run_id, dashboard_port=dash)
+    if not resume_dir and not spec:
+        raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
+    try:
+        if resume_dir:
+            status = do_resume(resume_dir, overrides=extra, dashboard_port=dash)
+        else:
+            status = do_launch(load_spec(spec, extra), run_id, dashboard_port=dash)
+    except Abort as e:  # a second signal outside the supervisor: the journal is consistent
+        click.echo(f"stopped: {e.reason}", err=True)
+        sys.exit(128 + (e.signum or 15))
+    except StorageUnavailable as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     sys.exit(exit_code(status))
 
 

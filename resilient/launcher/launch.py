@@ -1,14 +1,19 @@
 """`resilient launch`: from a validated spec to a finished run.
 
 Contract: `launch(spec, run_id)` checks everything a user can get wrong before it starts anything
-(storage writable, run directory new, cluster big enough), raising UserError otherwise; then creates
-`<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and (for a built-in model) the
-base model, runs the supervisor with a live progress line, prints the summary and returns the final
-status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint.
+(`inputs`: run id, storage URI and credentials, storage writable, run directory new, data file,
+cluster big enough), raising UserError otherwise and leaving nothing behind; then creates
+`<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and (for a built-in model)
+the base model, runs the supervisor with a live progress line, prints the summary and returns the
+final status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint,
+waiting out a storage outage (`patience`). SIGTERM and SIGINT stop the job after the same step on
+every rank, persisted (`signals`): the status then says which signal (`signal`: its number).
+`journal_durable` is False when storage does not hold the journal's end yet.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -16,10 +21,13 @@ from rich.console import Console
 
 from resilient.config import JobSpec, apply_overrides, validate_tree
 from resilient.errors import UserError
+from resilient.launcher import inputs
 from resilient.launcher.cluster import check_capacity, connect
+from resilient.launcher.patience import patiently
 from resilient.launcher.progress import ProgressLine, print_summary
-from resilient.rundir import RunDir, control, markers, run_dir_for
-from resilient.rundir.layout import BASE_MODEL, CHAOS_REPORT, SPEC_FILE, base_ref
+from resilient.launcher.signals import Preemption, StopRequests
+from resilient.rundir import RunDir, base_model, control, markers
+from resilient.rundir.layout import CHAOS_REPORT, SPEC_FILE, base_ref
 from resilient.runlog.journal import Journal, journal_exists, read_records
 from resilient.runlog.status import fold
 
@@ -28,27 +36,15 @@ def default_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def _check_writable(rundir: RunDir, field: str) -> None:
-    try:
-        rundir.makedirs()
-        rundir.write_bytes(".probe", b"ok")
-        rundir.remove(".probe")
-    except Exception as e:  # any filesystem's refusal, spelled its own way
-        raise UserError(
-            f"{field} {rundir.uri!r} is not writable ({type(e).__name__}: {e}); give a path or URI "
-            "you can write to, with credentials in checkpoint.storage_options if it needs them"
-        ) from None
-
-
 def _prepare_base(spec: JobSpec, rundir: RunDir) -> None:
-    if not spec.model.builtin or rundir.exists(f"{BASE_MODEL}/config.json"):
+    if not spec.model.builtin or base_model.published(rundir):
         return
     from resilient.training.data import BYTE_VOCAB
     from resilient.training.model import build_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_llama(tmp, BYTE_VOCAB)
-        rundir.upload_dir(tmp, BASE_MODEL)
+        base_model.publish(rundir, tmp)
 
 
 def launch(
@@ -58,19 +54,43 @@ def launch(
     dashboard_port: int | None = None,
 ) -> dict:
     run_id = run_id or default_run_id()
-    rundir = run_dir_for(
-        spec.checkpoint.storage, spec.name, run_id, spec.checkpoint.storage_options
+    c = spec.checkpoint
+    rundir = inputs.open_run_dir(
+        c.storage, spec.name, run_id, c.storage_options, "checkpoint.storage"
     )
-    if journal_exists(rundir):
+    try:
+        exists = journal_exists(rundir)
+    except Exception as e:
+        raise inputs.storage_error("checkpoint.storage", rundir.uri, e) from None
+    if exists:
         raise UserError(
-            f"run directory {rundir.uri} already exists; pass another --run-id, or continue it "
-            "with "
-            f"`resilient launch --resume {rundir.uri}`"
+            f"run directory {rundir.uri} already exists; pass another --run-id, or "
+            f"continue it with `resilient launch --resume {rundir.uri}`"
         )
-    _check_writable(rundir, "checkpoint.storage")
+    inputs.check_data(spec)
+    existed = rundir.is_local and os.path.isdir(rundir.local_path())
+    inputs.check_writable(rundir, "checkpoint.storage")
     return _run(
-        spec, rundir, run_id, console or Console(), fresh=True, dashboard_port=dashboard_port
+        spec,
+        rundir,
+        run_id,
+        console or Console(),
+        fresh=True,
+        dashboard_port=dashboard_port,
+        made_dir=rundir.is_local and not existed,
     )
+
+
+def _read_spec(rundir: RunDir, console: Console) -> dict:
+    try:
+        return patiently(f"read {SPEC_FILE}", lambda: rundir.read_json(SPEC_FILE), console)
+    except FileNotFoundError:
+        raise UserError(
+            f"RUN_DIR {rundir.uri!r} holds no {SPEC_FILE}; give the run directory "
+            "printed by `resilient launch`"
+        ) from None
+    except ValueError as e:
+        raise UserError(f"RUN_DIR {rundir.uri!r}: {SPEC_FILE} is damaged ({e})") from None
 
 
 def resume(
@@ -81,33 +101,36 @@ def resume(
 ) -> dict:
     """Continue a run whose launcher died or which was stopped (overrides may extend
     train.steps)."""
-    rundir = RunDir(run_uri)
-    if not rundir.exists(SPEC_FILE):
-        raise UserError(
-            f"RUN_DIR {run_uri!r} holds no {SPEC_FILE}; give the run directory printed by "
-            "`resilient launch`"
-        )
-    old = validate_tree(rundir.read_json(SPEC_FILE))
-    spec = validate_tree(apply_overrides(rundir.read_json(SPEC_FILE), overrides or []))
+    console = console or Console()
+    try:
+        rundir = RunDir(run_uri)
+    except Exception as e:
+        raise inputs.storage_error("RUN_DIR", run_uri, e) from None
+    old = validate_tree(_read_spec(rundir, console))
+    spec = validate_tree(apply_overrides(_read_spec(rundir, console), overrides or []))
     if spec.fingerprint() != old.fingerprint() or spec.name != old.name:
         raise UserError(
             "--set with --resume may change train.steps, supervisor.*, chaos and checkpoint "
-            "intervals, "
-            "not what the checkpoints depend on (model, peft, data, train.* but steps, num_workers)"
+            "intervals, not what the checkpoints depend on (model, peft, data, train.* but "
+            "steps, num_workers)"
         )
     rundir = RunDir(run_uri, spec.checkpoint.storage_options)
-    state = fold(read_records(rundir))["state"]
-    if state == "SUCCEEDED" and spec.train.steps <= old.train.steps:
+    records = patiently("read the journal", lambda: read_records(rundir), console)
+    if fold(records)["state"] == "SUCCEEDED" and spec.train.steps <= old.train.steps:
         raise UserError(
             f"run {run_uri} already SUCCEEDED; raise train.steps with --set to train further"
         )
     if overrides:
-        rundir.write_json(SPEC_FILE, spec.model_dump(mode="json"))
+        patiently(
+            f"write {SPEC_FILE}",
+            lambda: rundir.write_json(SPEC_FILE, spec.model_dump(mode="json")),
+            console,
+        )
     return _run(
         spec,
         rundir,
         rundir.uri.rsplit("/", 1)[-1],
-        console or Console(),
+        console,
         fresh=False,
         dashboard_port=dashboard_port,
     )
@@ -127,12 +150,15 @@ def write_chaos_report(rundir: RunDir, console: Console) -> dict | None:
     return report
 
 
-def _open_journal(spec: JobSpec, rundir: RunDir, run_id: str, fresh: bool) -> Journal:
-    """The run's journal, with its `job` record (a new run) or a `resume` record."""
-    journal = Journal(rundir)
+def _open_journal(
+    spec: JobSpec, rundir: RunDir, run_id: str, fresh: bool, console: Console
+) -> tuple[Journal, list[dict]]:
+    """The run's journal, with its `job` record (a new run) or a `resume` record; and every
+    record so far."""
     if fresh:
         rundir.write_json(SPEC_FILE, spec.model_dump(mode="json"))
-        journal.append(
+        journal = Journal(rundir)
+        rec = journal.append(
             "job",
             name=spec.name,
             run_id=run_id,
@@ -141,23 +167,58 @@ def _open_journal(spec: JobSpec, rundir: RunDir, run_id: str, fresh: bool) -> Jo
             fingerprint=spec.fingerprint(),
             spec=spec.model_dump(mode="json"),
         )
-    else:
-        control.clear_stop(rundir)  # the stop that ended the last life does not end this one
-        journal.append("resume", run_dir=rundir.uri, total_steps=spec.train.steps)
-    return journal
+        return journal, [rec]
+    # the stop that ended the last life does not end this one
+    patiently("clear the last stop request", lambda: control.clear_stop(rundir), console)
+    journal = patiently("open the journal", lambda: Journal(rundir), console)
+    records = patiently("read the journal", lambda: read_records(rundir), console)
+    rec = journal.append("resume", run_dir=rundir.uri, total_steps=spec.train.steps)
+    return journal, records + [rec]
 
 
-def _supervise(spec: JobSpec, rundir: RunDir, journal: Journal, console: Console) -> dict:
+def _supervise(
+    spec: JobSpec,
+    rundir: RunDir,
+    journal: Journal,
+    records: list[dict],
+    console: Console,
+    preemption: Preemption,
+) -> dict:
     """Run the supervisor with its real collaborators and a live progress line."""
     from resilient.chaos.controller import ChaosController
     from resilient.supervisor.parts import ray_parts
     from resilient.supervisor.supervisor import Supervisor
 
-    poller = control.ControlPoller(rundir).start()
-    chaos = ChaosController(spec, rundir, journal, poller)
-    parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), poller, chaos)
+    requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
+    chaos = ChaosController(spec, rundir, journal, requests)
+    parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos)
     with ProgressLine(console) as progress:
-        return Supervisor(spec, rundir, journal, parts, on_progress=progress.update).run()
+        sup = Supervisor(spec, rundir, journal, parts, records, on_progress=progress.update)
+        status = sup.run()
+    status["journal_durable"] = journal.durable
+    if not journal.durable:
+        console.print(
+            f"[red]the journal's end is not in storage yet ({journal.error}): the run "
+            "directory does not show how this life ended[/]"
+        )
+    return status
+
+
+def _start(spec: JobSpec, rundir: RunDir, fresh: bool, made_dir: bool):
+    """Ray, connected and big enough for the job (a fresh run directory that this launch made is
+    removed again, and nothing else, when it is not)."""
+    conn = connect(spec.cluster)
+    try:
+        check_capacity(spec)
+    except UserError:
+        conn.close()
+        if fresh and made_dir:
+            try:
+                os.rmdir(rundir.local_path())  # empty: the probe is gone; never recursive
+            except OSError:
+                pass
+        raise
+    return conn
 
 
 def _run(
@@ -167,23 +228,19 @@ def _run(
     console: Console,
     fresh: bool,
     dashboard_port: int | None = None,
+    made_dir: bool = False,
 ) -> dict:
-    conn = connect(spec.cluster)
+    conn = _start(spec, rundir, fresh, made_dir)
+    preemption = Preemption(spec.supervisor.grace_s).install()  # after Ray: it has its own
     try:
-        try:
-            check_capacity(spec)
-        except UserError:
-            if fresh:
-                rundir.remove("")
-            raise
-        journal = _open_journal(spec, rundir, run_id, fresh)
+        journal, records = _open_journal(spec, rundir, run_id, fresh, console)
         console.print(
             f"run {spec.name}/{run_id}: {spec.cluster.num_workers} workers, "
             f"{spec.train.steps} steps -> {rundir.uri}",
             highlight=False,
             soft_wrap=True,
         )
-        _prepare_base(spec, rundir)
+        patiently("publish the base model", lambda: _prepare_base(spec, rundir), console)
         dash = None
         if dashboard_port:
             from resilient.dashboard.app import serve, url
@@ -191,11 +248,16 @@ def _run(
             dash = serve(rundir, port=dashboard_port, background=True)
             console.print(f"dashboard: {url('127.0.0.1', dashboard_port, None)}", highlight=False)
         t0 = time.time()
-        status = _supervise(spec, rundir, journal, console)
+        status = _supervise(spec, rundir, journal, records, console, preemption)
+        status["signal"] = preemption.signum
         print_summary(status, console, time.time() - t0)
-        write_chaos_report(rundir, console)
+        try:
+            write_chaos_report(rundir, console)
+        except Exception as e:  # storage went away at the very end: the journal has it all
+            console.print(f"chaos report not written ({type(e).__name__}: {e})", highlight=False)
         if dash is not None:
             dash.should_exit = True
         return status
     finally:
         conn.close()
+        preemption.uninstall()

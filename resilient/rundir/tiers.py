@@ -70,30 +70,28 @@ class Tiers:
         merge: Callable[[list[bytes]], bytes],
         fanout: tuple[int, ...],
     ):
-        self.rundir, self.prefix, self.ext, self.merge, self.fanout = (
-            rundir,
-            prefix,
-            ext,
-            merge,
-            fanout,
-        )
-        self.top = len(fanout)
-        found = covering(rundir.listdir(prefix))
-        self.next = found[-1].last + 1 if found else 0
+        self.rundir, self.prefix, self.ext = rundir, prefix, ext
+        self.merge, self.fanout, self.top = merge, fanout, len(fanout)
+        self.next: int | None = None  # the next item's number; None until the log is listed
         # per level below the top: [segment, its bytes or None (not read yet)]
         self.levels: list[list[tuple[Segment, bytes | None]]] = [[] for _ in fanout]
+
+    def open(self) -> None:
+        """List what is stored already (a resumed run). Done by the first write, so building a
+        writer costs no storage call (storage may be down then)."""
+        found = covering(self.rundir.listdir(self.prefix))
+        self.next = found[-1].last + 1 if found else 0
+        self.levels = [[] for _ in self.fanout]
         for s in found:
             if s.level < self.top:
                 self.levels[s.level].append((s, None))
 
     def put(self, data: bytes, count: int) -> None:
         """Write the next `count` items (raises on a storage error: nothing changed then)."""
-        seg = Segment(
-            0,
-            self.next,
-            self.next + count - 1,
-            segment_name(0, self.next, self.next + count - 1, self.ext),
-        )
+        if self.next is None:
+            self.open()
+        first, last = self.next, self.next + count - 1
+        seg = Segment(0, first, last, segment_name(0, first, last, self.ext))
         self.rundir.write_bytes(f"{self.prefix}/{seg.name}", data)
         self.next += count
         self.levels[0].append((seg, data))
@@ -111,6 +109,8 @@ class Tiers:
 
     def seal(self) -> None:
         """Merge every segment below the top level into one top-level segment."""
+        if self.next is None:
+            self.open()
         group = sorted((g for level in self.levels for g in level), key=lambda g: g[0].first)
         if group:
             self._write_merged(group, self.top)

@@ -71,6 +71,7 @@ def _fault_cost(f: dict, a: dict, step_s: float) -> tuple[dict, dict]:
         "node": f.get("node"),
         "step": f["step"],
         "injected_at": injected,
+        "chaos_key": f.get("chaos_key"),
         "detected_at": f["detected_at"],
         "detected_by": DETECTED_BY.get(a.get("fault_class", f["kind"]), "anomaly detector"),
         "decision": a.get("decision"),

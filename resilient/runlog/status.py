@@ -13,7 +13,7 @@ from typing import Any
 
 from resilient.runlog.states import TERMINAL
 
-FAULT_KEYS = ("kind", "rank", "step", "detected_at", "injected_at", "evidence", "node")
+FAULT_KEYS = ("kind", "rank", "step", "detected_at", "injected_at", "evidence", "node", "chaos_key")
 ROLLBACK_KEYS = ("from_step", "to_step", "skipped_batches", "reason")
 
 

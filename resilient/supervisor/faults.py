@@ -40,6 +40,7 @@ class Fault:
     suggested: str | None = None  # ANOMALY: the detector's suggested action
     rollback_to: int | None = None  # ANOMALY: newest step known to be good
     skip_batches: tuple[int, ...] = ()  # ANOMALY: data steps to take out of the order
+    chaos_key: str | None = None  # the chaos marker of the fault that caused it, if one did
 
     def to_record(self) -> dict:
         d = asdict(self)
@@ -51,10 +52,13 @@ class Fault:
 
 @dataclass(frozen=True)
 class History:
-    """What the policy may know of the job besides the fault."""
+    """What the policy may know of the job besides the fault. A fault that comes after at least
+    `supervisor.progress_steps` steps of training ends a run of faults (`streak` back to 0)."""
 
-    restarts: int = 0  # restarts so far (over every life of the run)
+    streak: int = 0  # faults in a row (NaN/spike rollbacks aside), too close to recover from
     stopping: bool = False  # a stop was requested and is under way
+    rollback_streak: int = 0  # NaN/spike rollbacks in a row, the same way
+    last_hour: int = 0  # restarts within the last hour (supervisor.max_restarts_per_hour)
 
 
 @dataclass(frozen=True)

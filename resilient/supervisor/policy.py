@@ -8,9 +8,12 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   skips every spiked batch, hardware faults cordon their node, the rest restart.
 - `decide(fault, history, cfg)`: crashes, hangs and errors restart the group; an anomaly restarts
   it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
-  restart is immediate (a lost step costs more than a lost second); later ones back off
-  exponentially from `backoff_base` up to `backoff_max`. The job gives up, with a reason a person
-  can act on, once `max_restarts` restarts are spent or when a fault strikes while it stops.
+  restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
+  back off exponentially from `backoff_base` up to `backoff_max`. The job gives up, naming the rule
+  that fired, when faults recur without progress (`max_restarts` in a row, each within
+  `progress_steps` steps of the last; NaN/spike rollbacks budgeted apart by `max_rollbacks`), past
+  `max_restarts_per_hour`, or when a fault strikes while it stops. Faults far apart never add up:
+  a two-week job meets far more than `max_restarts` of them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ RESUME_HINT = "`resilient launch --resume RUN_DIR`"
 
 
 def backoff(restarts_so_far: int, cfg: SupervisorConfig) -> float:
-    """Delay before restart number `restarts_so_far + 1`."""
+    """Delay before restart number `restarts_so_far + 1` of a run of faults."""
     if restarts_so_far == 0:
         return 0.0
     return min(cfg.backoff_max, cfg.backoff_base * 2 ** (restarts_so_far - 1))
@@ -43,6 +46,38 @@ def _first_line(fault: Fault) -> str:
     return fault.evidence.splitlines()[0] if fault.evidence else "no evidence"
 
 
+def _budget_spent(fault: Fault, h: History, cfg: SupervisorConfig) -> str | None:
+    """Which give-up rule fires, in words a person can act on (None: none does)."""
+    last = f"last fault: {describe(fault)} ({_first_line(fault)})"
+    if is_rollback(fault) and h.rollback_streak >= cfg.max_rollbacks:
+        return (
+            f"rollback budget spent: {h.rollback_streak} rollbacks in a row, each within "
+            f"supervisor.progress_steps={cfg.progress_steps} steps of the last "
+            f"(supervisor.max_rollbacks={cfg.max_rollbacks}); {last}. The data or the "
+            f"learning rate keeps producing NaN/spikes: fix it, or raise "
+            f"supervisor.max_rollbacks, then {RESUME_HINT}"
+        )
+    if not is_rollback(fault) and h.streak >= cfg.max_restarts:
+        return (
+            f"restart budget spent: {h.streak} faults in a row, each within "
+            f"supervisor.progress_steps={cfg.progress_steps} steps of the last "
+            f"(supervisor.max_restarts={cfg.max_restarts}); {last}. Fix the cause shown in "
+            f"the journal, or raise supervisor.max_restarts, then {RESUME_HINT}"
+        )
+    if cfg.max_restarts_per_hour and h.last_hour >= cfg.max_restarts_per_hour:
+        return (
+            f"restart rate exceeded: {h.last_hour} restarts within the last hour "
+            f"(supervisor.max_restarts_per_hour={cfg.max_restarts_per_hour}); {last}. Fix "
+            f"the cause, or raise the limit, then {RESUME_HINT}"
+        )
+    return None
+
+
+def is_rollback(fault: Fault) -> bool:
+    """NaN/spike faults: budgeted apart from the other restarts."""
+    return fault.kind == FaultKind.ANOMALY and fault.suggested == ROLLBACK
+
+
 def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     if history.stopping:
         return Decision(
@@ -52,17 +87,10 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
                 f"complete; the newest persisted checkpoint is kept, {RESUME_HINT} goes on from it"
             ),
         )
-    if history.restarts >= cfg.max_restarts:
-        return Decision(
-            Action.GIVE_UP,
-            (
-                f"restart budget spent: {history.restarts} of supervisor.max_restarts="
-                f"{cfg.max_restarts} used; last fault: {describe(fault)} ({_first_line(fault)}). "
-                f"Fix the cause shown in the journal, or raise supervisor.max_restarts, then "
-                f"{RESUME_HINT}"
-            ),
-        )
-    delay = backoff(history.restarts, cfg)
+    spent = _budget_spent(fault, history, cfg)
+    if spent:
+        return Decision(Action.GIVE_UP, spent)
+    delay = backoff(history.rollback_streak if is_rollback(fault) else history.streak, cfg)
     if fault.kind == FaultKind.ANOMALY and fault.suggested == CORDON and fault.node:
         return Decision(
             Action.CORDON,
@@ -70,7 +98,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             delay_s=delay,
             exclude_nodes=(fault.node,),
         )
-    if fault.kind == FaultKind.ANOMALY and fault.suggested == ROLLBACK:
+    if is_rollback(fault):
         return Decision(
             Action.ROLLBACK,
             f"{describe(fault)}: roll back to step <= "

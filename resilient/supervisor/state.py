@@ -3,6 +3,7 @@
 Contract: `transition(current, new)` returns `new` if the table allows it and raises
 `IllegalTransition` otherwise. The supervisor changes state only through it (and journals each).
 The states themselves (`JobState`, `TERMINAL`) are the run log's: status readers need them too.
+A stop (`resilient stop`, SIGTERM, SIGINT) may come in any state that has not ended.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ __all__ = ["ALLOWED", "TERMINAL", "IllegalTransition", "JobState", "transition"]
 
 S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {
-    S.PENDING: frozenset({S.PREFLIGHT, S.FAILED}),
-    S.PREFLIGHT: frozenset({S.STARTING, S.FAILED}),
+    S.PENDING: frozenset({S.PREFLIGHT, S.STOPPING, S.FAILED}),
+    S.PREFLIGHT: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
     S.STARTING: frozenset({S.RUNNING, S.DIAGNOSING, S.STOPPING, S.FAILED}),
     S.RUNNING: frozenset({S.DIAGNOSING, S.STOPPING, S.SUCCEEDED, S.FAILED}),
-    S.DIAGNOSING: frozenset({S.RESTARTING, S.ROLLING_BACK, S.FAILED}),
-    S.RESTARTING: frozenset({S.STARTING, S.FAILED}),
-    S.ROLLING_BACK: frozenset({S.STARTING, S.FAILED}),
+    S.DIAGNOSING: frozenset({S.RESTARTING, S.ROLLING_BACK, S.STOPPING, S.FAILED}),
+    S.RESTARTING: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
+    S.ROLLING_BACK: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),

@@ -1,7 +1,8 @@
 """The supervisor: start the worker group, follow what the Watch sees, act on the policy's
 decisions, and journal all of it.
 
-Contract: `Supervisor(spec, rundir, journal, parts).run()` drives a new (or resumed) run from
+Contract: `Supervisor(spec, rundir, journal, parts, records).run()` (`records`: the journal so far,
+as the launcher read it) drives a new (or resumed) run from
 PENDING to SUCCEEDED, FAILED or STOPPED and returns the folded status. It is the only one that
 changes the job's state: every change goes through `state.transition()` and is journalled with
 its cause; every fault, anomaly, decision, restore, rollback, cordon and checkpoint is journalled
@@ -20,19 +21,14 @@ from dataclasses import replace
 from resilient.agents.group import GroupStartError
 from resilient.checkpoint.source import RestoreSource
 from resilient.config import JobSpec
+from resilient.errors import Abort
 from resilient.rundir import RunDir
 from resilient.rundir.layout import FINAL
 from resilient.runlog.journal import Journal, read_records
 from resilient.runlog.status import fold
 from resilient.supervisor import policy
-from resilient.supervisor.faults import (
-    Action,
-    Fault,
-    FaultKind,
-    History,
-    PendingRecovery,
-    PendingRollback,
-)
+from resilient.supervisor.budget import Budget
+from resilient.supervisor.faults import Action, Fault, FaultKind, PendingRecovery, PendingRollback
 from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.nodes import assign
@@ -51,6 +47,7 @@ class Supervisor:
         rundir: RunDir,
         journal: Journal,
         parts: Parts,
+        records: list[dict],
         on_progress: Callable[[dict], None] | None = None,
     ):
         self.spec, self.rundir, self.journal, self.parts = spec, rundir, journal, parts
@@ -58,11 +55,13 @@ class Supervisor:
         self.clock = parts.clock
         self.intake = Intake(journal, parts.monitor, parts.nodes)
         self.on_progress = on_progress or (lambda s: None)
-        records = read_records(rundir)
+        self.records_at_start = records
         self.intake.learn(records)
         status = fold(records)
         self.state = JobState(status["state"])
         self.restarts = status["restarts"]
+        self.budget = Budget(spec.supervisor, records)
+        self.restored = status["step"]  # the step the current attempt restored
         self.fault_index = len(status["faults"])
         self.cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
         self.skip = sorted({b for r in status["rollbacks"] for b in r["skipped_batches"]})
@@ -74,6 +73,7 @@ class Supervisor:
             (r.get("training_s", 0.0) for r in records if r["type"] == "progress"), default=0.0
         )
         self.data_steps: dict[int, set[int]] = {}  # step -> data steps trained (rollback skips)
+        self.stop_reason: str | None = None
         self._last_progress_journal = 0.0
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -83,14 +83,9 @@ class Supervisor:
         self._emit()
 
     def _emit(self, **extra) -> None:
+        total, restarts = self.spec.train.steps, self.restarts
         self.on_progress(
-            {
-                "state": self.state.value,
-                "step": self.step,
-                "total": self.spec.train.steps,
-                "restarts": self.restarts,
-                **extra,
-            }
+            dict(state=self.state.value, step=self.step, total=total, restarts=restarts, **extra)
         )
 
     def cordon(self, node: str, reason: str) -> None:
@@ -99,14 +94,8 @@ class Supervisor:
             self.journal.append("cordon", node=node, reason=reason)
 
     def _placement(self) -> list[str] | None:
-        c = self.spec.cluster
-        return assign(
-            c.num_workers,
-            c.resources_per_worker,
-            self.nodes.order,
-            self.nodes.resources,
-            set(self.cordoned) | self.nodes.lost(),
-        )
+        c, nodes, out = self.spec.cluster, self.nodes, set(self.cordoned) | self.nodes.lost()
+        return assign(c.num_workers, c.resources_per_worker, nodes.order, nodes.resources, out)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -125,9 +114,18 @@ class Supervisor:
             self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
                 self._attempt()
+        except Abort as e:  # a second signal, or the stop's grace ran out: end now, consistently
+            self._abort(e.reason)
         finally:
             self._close()
-        return fold(read_records(self.rundir))
+        try:
+            return fold(read_records(self.rundir))
+        except Exception:  # storage went away at the very end: what this supervisor knows
+            return fold(self.records_at_start) | {
+                "state": self.state.value,
+                "step": self.step,
+                "restarts": self.restarts,
+            }
 
     def _close(self) -> None:
         self.intake.close()
@@ -143,7 +141,7 @@ class Supervisor:
         except RestoreImpossible as e:
             self._to(JobState.FAILED, str(e))
             return
-        restored = source.step if source else 0
+        self.restored = restored = source.step if source else 0
         self.nodes.protect({restored} if source else set())
         placement = self._placement()
         if placement is None:
@@ -191,8 +189,12 @@ class Supervisor:
             persisted,
             self.journal,
             self.spec.supervisor.start_timeout,
-            on_wait=lambda note: self._emit(note=note),
+            on_wait=self._waiting,
         )
+
+    def _waiting(self, note: str) -> None:
+        self._check_grace()  # a preempted job does not wait on storage past its grace
+        self._emit(note=note)
 
     def _start(self, group, source: RestoreSource | None, restored: int) -> Fault | None:
         try:
@@ -219,17 +221,8 @@ class Supervisor:
             events = self.intake.events(list(seen.metrics))
             if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
                 return self.chaos.attribute(seen.fault)
-            self.chaos.tick(
-                JobView(
-                    self.step,
-                    self.training_s,
-                    watch.running,
-                    seen.latest,
-                    group,
-                    self.nodes,
-                    self.parts.store,
-                )
-            )
+            at = (self.step, self.training_s, watch.running, seen.latest)
+            self.chaos.tick(JobView(*at, group, self.nodes, self.parts.store))
             anomaly = self._anomalies(events, group)
             if anomaly:
                 return anomaly
@@ -243,9 +236,32 @@ class Supervisor:
                 return seen.ended
 
     def _check_stop(self, group) -> None:
-        if self.state != JobState.STOPPING and self.parts.control.stop_requested:
+        reason = self.parts.control.stop_reason
+        if reason and self.state != JobState.STOPPING:
+            self.stop_reason = reason
             group.request_stop()
-            self._to(JobState.STOPPING, "stop requested (resilient stop)")
+            self._to(JobState.STOPPING, f"stop requested: {reason}")
+        self._check_grace()
+
+    def _check_grace(self) -> None:
+        deadline = self.parts.control.stop_deadline
+        if deadline is not None and time.time() > deadline:
+            raise Abort(
+                f"{self.stop_reason or 'stop'}: the grace of supervisor.grace_s="
+                f"{self.spec.supervisor.grace_s:g}s ran out"
+            )
+
+    def _abort(self, reason: str) -> None:
+        """End the run now: STOPPED, saying that the step it stopped at may not be persisted."""
+        if self.state in TERMINAL:
+            return
+        if self.state != JobState.STOPPING:
+            self._to(JobState.STOPPING, f"stop requested: {reason}")
+        self._to(
+            JobState.STOPPED,
+            f"{reason}; the newest persisted checkpoint is kept: "
+            "`resilient launch --resume RUN_DIR` goes on from it",
+        )
 
     def _conclude(self, outcome: Fault | str, group) -> None:
         if isinstance(outcome, Fault):
@@ -256,7 +272,10 @@ class Supervisor:
         if self.state == JobState.STOPPING or outcome == "stopped":
             if self.state != JobState.STOPPING:  # ranks that stopped on their own: say so first
                 self._to(JobState.STOPPING, "every rank stopped")
-            self._to(JobState.STOPPED, f"stopped on request at step {self.step}; state persisted")
+            self._to(
+                JobState.STOPPED,
+                f"stopped at step {self.step} on {self.stop_reason}; its state is persisted",
+            )
             return
         self._to(
             JobState.SUCCEEDED, f"all {self.spec.train.steps} steps done; final adapter written"
@@ -269,7 +288,8 @@ class Supervisor:
             self._to(JobState.DIAGNOSING, policy.describe(fault))
         self.journal.append("fault", **fault.to_record())
         idx, self.fault_index = self.fault_index, self.fault_index + 1
-        decision = policy.decide(fault, History(self.restarts, stopping), self.spec.supervisor)
+        history = self.budget.history(self.step - self.restored, stopping, time.time())
+        decision = policy.decide(fault, history, self.spec.supervisor)
         self.journal.append("decision", fault_index=idx, **decision.to_record())
         if decision.action == Action.GIVE_UP:
             self._to(JobState.FAILED, decision.reason)
@@ -282,11 +302,11 @@ class Supervisor:
                 fault.step, decision.rollback_to, decision.skip_batches, decision.reason
             )
         self._to(JobState.ROLLING_BACK if rollback else JobState.RESTARTING, decision.reason)
-        self._teardown(group, idx, decision.delay_s)
+        self._teardown(group, idx, decision.delay_s, self.budget.restarted(fault, time.time()))
         self.pending_recovery = PendingRecovery(idx, fault)
         self._to(JobState.STARTING, f"restart {self.restarts}")
 
-    def _teardown(self, group, idx: int, delay_s: float) -> None:
+    def _teardown(self, group, idx: int, delay_s: float, counts: dict) -> None:
         """Save what the survivors did and hold (their newest snapshot goes to memory first), then
         end the group."""
         t0 = time.time()
@@ -306,7 +326,7 @@ class Supervisor:
         self.intake.keep([m for h in last.values() for m in h.metrics])
         group.shutdown()
         self.restarts += 1
-        self.journal.append("restart", n=self.restarts, fault_index=idx)
+        self.journal.append("restart", n=self.restarts, fault_index=idx, **counts)
         if delay_s:
             time.sleep(delay_s)
         self.journal.append("teardown", fault_index=idx, seconds=time.time() - t0)

@@ -73,11 +73,12 @@ class FakeControl:
 
     stop_when: object = None
     seen: bool = False
+    stop_deadline: float | None = None
 
     @property
-    def stop_requested(self) -> bool:
+    def stop_reason(self) -> str | None:
         self.seen = self.seen or bool(self.stop_when and self.stop_when())
-        return self.seen
+        return "resilient stop" if self.seen else None
 
     def close(self) -> None:
         pass
@@ -113,7 +114,9 @@ class Job:
         self.scenario.heartbeat_s = spec.supervisor.heartbeat_interval
         rundir = RunDir(str(self.tmp / "runs" / "unit" / "r"))
         journal = Journal(rundir)
-        journal.append("job", name="unit", run_id="r", total_steps=self.steps, run_dir=rundir.uri)
+        rec = journal.append(
+            "job", name="unit", run_id="r", total_steps=self.steps, run_dir=rundir.uri
+        )
         clock = FakeClock()
 
         def new_group(placement: list[str], attempt: int) -> ScriptedGroup:
@@ -129,7 +132,7 @@ class Job:
             FakeControl(self.stop_when),
             clock=clock,
         )
-        self.status = Supervisor(spec, rundir, journal, parts).run()
+        self.status = Supervisor(spec, rundir, journal, parts, [rec]).run()
         self.records = read_records(rundir)
         return self.status
 

@@ -17,6 +17,7 @@ def test_parquet_log_is_a_dataset_readable_while_written(tmp_path):
     df = pd.read_parquet(str(tmp_path / "run" / "metrics" / "train"))
     assert list(df["rank"]) == [0, 1] and set(store.TRAIN.names) == set(df.columns)
     again = store.ParquetLog(rd, "metrics/train", store.TRAIN)  # a resumed run appends new parts
+    again.tiers.open()
     assert again.tiers.next == 2
 
 

@@ -1,0 +1,96 @@
+"""What a user can get wrong, checked before anything starts: each mistake is one `UserError`
+naming the field or argument and the fix (exit code 2), never a traceback or a half-made run.
+
+Contract:
+- `check_run_id(run_id)`: a folder name (letters, digits, `._-`, not `.` or `..`).
+- `open_run_dir(storage, name, run_id, options, field)`: the run directory, verified to lie strictly
+  inside `<storage>/<name>/`; an unknown protocol or a filesystem that cannot be set up is the
+  storage field's mistake.
+- `check_writable(rundir, field)`: storage takes a write (credentials, endpoint, bucket); it leaves
+  nothing behind but the run directory itself.
+- `check_data(spec)`: the data file is text (or JSONL with a `text` field) and holds at least one
+  sample of `data.seq_len` tokens of the job's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+
+from resilient.config import JobSpec
+from resilient.errors import SpecError, UserError
+from resilient.rundir import RunDir
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_run_id(run_id: str) -> None:
+    if not RUN_ID.match(run_id) or run_id in (".", ".."):
+        raise UserError(
+            f"--run-id {run_id!r}: give a folder name of letters, digits and . _ - (no / and not "
+            "starting with a dot), e.g. --run-id try-3"
+        )
+
+
+def storage_error(field: str, uri: str, e: BaseException) -> UserError:
+    return UserError(
+        f"{field} {uri!r} cannot be used ({type(e).__name__}: {str(e)[:300]}); give a local path "
+        "or a URI fsspec knows (file://, s3://, gs://, ...) with its credentials (fsspec config, "
+        "e.g. FSSPEC_S3, or checkpoint.storage_options)"
+    )
+
+
+def open_run_dir(storage: str, name: str, run_id: str, options: dict, field: str) -> RunDir:
+    """`<storage>/<name>/<run_id>`, which must lie strictly inside `<storage>/<name>`."""
+    check_run_id(run_id)
+    try:
+        parent = RunDir(f"{storage.rstrip('/')}/{name}", options)
+        rundir = RunDir(f"{parent.uri}/{run_id}", options)
+    except Exception as e:  # unknown protocol, missing driver, a malformed URI
+        raise storage_error(field, storage, e) from None
+    inside = posixpath.dirname(posixpath.normpath(rundir.root)) == posixpath.normpath(parent.root)
+    if not inside:
+        raise UserError(f"--run-id {run_id!r} would put the run outside {parent.uri}")
+    return rundir
+
+
+def check_writable(rundir: RunDir, field: str) -> None:
+    try:
+        rundir.makedirs()
+        rundir.write_bytes(".probe", b"ok")
+        rundir.remove(".probe")
+    except Exception as e:  # any filesystem's refusal, spelled its own way
+        raise storage_error(field, rundir.uri, e) from None
+
+
+def _tokenizer(spec: JobSpec):
+    from resilient.training.data import ByteTokenizer
+
+    if spec.model.builtin:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.model.path)
+
+
+def check_data(spec: JobSpec) -> None:
+    from resilient.training.data import tokenize_corpus
+
+    path = spec.data.path
+    try:
+        samples = tokenize_corpus(path, _tokenizer(spec), spec.data.seq_len)
+    except UnicodeDecodeError:
+        raise SpecError(
+            f"data.path {path!r} is not UTF-8 text; give a text file (one document per line) or "
+            "JSONL with a `text` field"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SpecError(
+            f"data.path {path!r}: a .jsonl/.json corpus needs one JSON object with a `text` field "
+            "per line"
+        ) from None
+    except ValueError as e:  # fewer tokens than one sample
+        raise SpecError(f"{e}; give more text or lower data.seq_len") from None
+    if len(samples) == 0:
+        raise SpecError(f"data.path {path!r} holds no sample; give more text")
