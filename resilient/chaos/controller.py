@@ -31,13 +31,19 @@ from resilient.supervisor.faults import Fault, FaultKind
 from resilient.supervisor.hooks import JobView
 
 TICK_S = 1.0  # timed chaos and requests are looked at about this often
+EXPLAINS = {  # which injected faults show up as which kind of fault
+    FaultKind.CRASH: ("kill", "exit", "node_loss"),
+    FaultKind.HANG: ("hang",),
+    FaultKind.ERROR: ("gpu_xid", "gpu_lost", "ecc", "node_loss", "kill", "exit"),
+}
 
 
 def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
-    """`fault` with the injection time of what caused it among `fired` (this attempt's markers,
-    in key order): for a death, hang or error, the last one aimed at its rank (any, when the
-    fault names no rank; the fault's step becomes the step it fired at); for an anomaly of a rank
-    or a NaN, the first one (a NaN keeps the step it was seen at)."""
+    """`fault` with the injection time, step and marker key of what caused it among `fired` (this
+    attempt's markers, in key order): for a death, hang or error, the last one aimed at its rank
+    (any, when the fault names no rank), a fault of a kind that explains it first (a SIGSTOP
+    explains a hang, not a death); for an anomaly of a rank or a NaN, the first one (a NaN keeps
+    the step it was seen at)."""
     if fault.kind == FaultKind.ANOMALY:
         if not fired or not (fault.anomaly == "nan" or fault.rank is not None):
             return fault
@@ -45,9 +51,10 @@ def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
         step = fault.step if fault.anomaly in ("nan", "loss_spike") else (f.step or fault.step)
         return replace(fault, injected_at=f.injected_at, step=step, chaos_key=f.key)
     match = [f for f in fired if fault.rank is None or f.rank == fault.rank]
-    if not match:
+    explaining = [f for f in match if f.fault in EXPLAINS.get(fault.kind, ())]
+    if not (explaining or match):
         return fault
-    f = match[-1]
+    f = (explaining or match)[-1]
     return replace(fault, injected_at=f.injected_at, step=f.step or fault.step, chaos_key=f.key)
 
 
@@ -151,7 +158,7 @@ class ChaosController:
     def _gpu_on_idle_nodes(self, view: JobView) -> None:
         """A GPU fault aimed at a node where no rank runs (ranks fire their own) is set on that
         node's simulated GPU when the job reaches its step."""
-        for i, c in enumerate(self.spec.chaos):
+        for i, c in enumerate(self.spec.chaos.plan):
             if (
                 c.fault not in GPU
                 or c.node is None

@@ -116,6 +116,10 @@ class Supervisor:
                 self._attempt()
         except Abort as e:  # a second signal, or the stop's grace ran out: end now, consistently
             self._abort(e.reason)
+        except Exception as e:  # a bug here: the journal still says how the run ended
+            if self.state not in TERMINAL:
+                self._to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
+            raise
         finally:
             self._close()
         try:
