@@ -14,16 +14,14 @@ from typing import TypeVar
 
 from rich.console import Console
 
+from resilient.rundir.fs import is_outage
+
 T = TypeVar("T")
 RETRY_S, SAY_EVERY_S = 2.0, 30.0
 
 
 class StorageUnavailable(Exception):
     """Storage did not answer within the time the launcher waits for it."""
-
-
-def is_outage(e: BaseException) -> bool:
-    return isinstance(e, OSError) and not isinstance(e, FileNotFoundError | PermissionError)
 
 
 def patiently(what: str, fn: Callable[[], T], console: Console, timeout: float = 300.0) -> T:

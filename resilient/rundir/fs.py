@@ -149,6 +149,27 @@ class RunDir:
                 f.write(self.read_bytes(f"{rel}/{name}"))
 
 
+OUTAGE_NAMES = frozenset(
+    {  # what clients (botocore, aiohttp) call a storage that does not answer
+        "ConnectionError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        "HTTPClientError",
+    }
+)
+
+
+def is_outage(e: BaseException) -> bool:
+    """Whether `e` says storage did not answer (refused, reset, timed out, 5xx), as opposed to a
+    missing file or a refused permission, which waiting does not mend."""
+    if isinstance(e, FileNotFoundError | PermissionError):
+        return False
+    return isinstance(e, OSError) or bool(OUTAGE_NAMES & {c.__name__ for c in type(e).__mro__})
+
+
 def run_dir_for(
     storage: str, name: str, run_id: str, storage_options: dict[str, Any] | None = None
 ) -> RunDir:

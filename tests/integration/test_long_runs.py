@@ -1,0 +1,132 @@
+"""Long runs: preemption by signal, chaos that must be allowed, and on S3 a journal and metrics
+whose objects grow with the run's size, plus a resume that waits out a storage outage instead of
+starting over."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import (
+    adapter,
+    assert_same_adapter,
+    await_journal,
+    background_launch,
+    resilient_cli,
+    status,
+    write_job,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def await_step(run: str, step: int, timeout: float = 180, env: dict | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = resilient_cli("status", str(run), "--json", timeout=60, env=env)
+        if r.returncode == 0 and json.loads(r.stdout)["step"] >= step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run} did not reach step {step}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig, code):
+    spec = write_job(tmp_path, steps=120, extra="")
+    sets = ["--set", "checkpoint.every=1"]
+    run = tmp_path / "runs" / "t" / "sig"
+    with background_launch(str(spec), "--run-id", "sig", *sets) as proc:
+        await_step(run, 20)
+        t0 = time.time()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
+        assert time.time() - t0 < 30
+    s = status(run)
+    name = signal.Signals(sig).name
+    assert s["state"] == "STOPPED" and name in s["reason"]
+    assert s["last_checkpoint"] == s["step"] and 20 <= s["step"] < 120
+    r = resilient_cli("launch", "--resume", str(run))
+    assert r.returncode == 0, r.stdout
+    r = resilient_cli("launch", str(spec), "--run-id", "clean", *sets)
+    assert r.returncode == 0, r.stdout
+    assert_same_adapter(adapter(tmp_path / "runs" / "t" / "clean"), adapter(run))
+
+
+def test_chaos_inject_is_refused_unless_allowed(tmp_path):
+    spec = write_job(tmp_path, name="noinj", steps=100000)
+    run = tmp_path / "runs" / "noinj" / "n"
+    with background_launch(str(spec), "--run-id", "n") as proc:
+        await_journal(run, lambda text: '"to": "RUNNING"' in text)
+        r = resilient_cli("chaos", "inject", str(run), "--fault", "kill", "--rank", "1")
+        assert r.returncode == 2 and "--allow-chaos" in r.stdout and "Traceback" not in r.stdout
+        assert resilient_cli("stop", str(run)).returncode == 0
+        assert proc.wait(timeout=60) == 0
+    assert status(run)["restarts"] == 0
+
+
+def s3_objects(s3, prefix: str) -> list[tuple[str, int]]:
+    import boto3
+
+    out = []
+    pages = boto3.client("s3", endpoint_url=s3.endpoint).get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket="runs", Prefix=prefix):
+        out += [(o["Key"][len(prefix) :], o["Size"]) for o in page.get("Contents", [])]
+    return out
+
+
+def test_s3_resume_waits_out_an_outage_and_objects_stay_few(tmp_path, s3):
+    spec = write_job(tmp_path, name="s3l", steps=60, storage="s3://runs/long")
+    sets = ["--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=2"]
+    run = "s3://runs/long/s3l/d"
+    cmd = [sys.executable, "-m", "resilient.cli", "launch", str(spec), "--run-id", "d", *sets]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        await_step(run, 30)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with its Ray, mid-run
+        proc.wait()
+    s3.stop()  # storage is down when the resume starts
+    resume = subprocess.Popen(
+        [sys.executable, "-m", "resilient.cli", "launch", "--resume", run],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(8)  # an outage of a fixed length: nothing to await but time
+        assert resume.poll() is None, "the resume gave up while storage was down"
+        s3.start()
+        out, _ = resume.communicate(timeout=300)
+    finally:
+        if resume.poll() is None:
+            os.killpg(resume.pid, signal.SIGKILL)
+    assert resume.returncode == 0, out[-3000:]
+    assert "storage unreachable" in out
+    s = status(run)
+    assert s["state"] == "SUCCEEDED" and s["restores"][-1]["step"] >= 20
+    objs = s3_objects(s3, "long/s3l/d/")
+    journal = [k for k, _ in objs if k.startswith("journal/")]
+    assert journal and not any(k == "journal.jsonl" for k, _ in objs)
+    for ds in ("train", "gpu", "host"):
+        assert len([k for k, _ in objs if k.startswith(f"metrics/{ds}/")]) <= 2
+    r = resilient_cli(
+        "launch", str(write_job(tmp_path, name="s3l", steps=60)), "--run-id", "c", *sets
+    )
+    assert r.returncode == 0, r.stdout
+    local = tmp_path / "exported"
+    r = resilient_cli("ckpt", "export", run, "--step", "60", str(local))
+    assert r.returncode == 0, r.stdout
+    assert_same_adapter(adapter(tmp_path / "runs" / "s3l" / "c"), adapter_dir(local))
+
+
+def adapter_dir(path):
+    from tests.helpers import load_adapter
+
+    return load_adapter(path)
