@@ -62,7 +62,7 @@ class ChaosController:
     def __init__(self, spec: JobSpec, rundir: RunDir, journal: Journal, control=None):
         self.spec, self.rundir, self.journal, self.control = spec, rundir, journal, control
         self.done: set[str] = set()  # keys fired (or refused) in this life of the run
-        self.mine: dict[str, FiredFault] = {}  # what this controller fired, should storage be down
+        self.mine: dict[str, FiredFault] = {}  # what is known to have fired, by marker key
         self.before: set[str] = set()  # keys that had fired when the attempt started
         self._last_tick = 0.0
         rnd = spec.chaos.random
@@ -76,11 +76,20 @@ class ChaosController:
         self._life_start: float | None = None  # training seconds when this life first trained
 
     def _fired(self) -> dict[str, FiredFault]:
-        try:
-            found = {f.key: f for f in markers.read_all(self.rundir)}
-        except Exception:  # storage outage: what this life fired itself still counts
-            found = {}
-        return {**self.mine, **found}
+        """What fired: this controller's own, and the planned faults the workers fired (their
+        markers, read for the entries of the spec not known to have fired yet: a cost bounded by
+        the spec, never by the run's length)."""
+        for i in range(len(self.spec.chaos.plan)):
+            key = planned_key(i)
+            if key in self.mine:
+                continue
+            try:
+                found = markers.read(self.rundir, key)
+            except Exception:  # storage outage: what is known still counts
+                continue
+            if found:
+                self.mine[key] = found
+        return dict(self.mine)
 
     def plan(self) -> tuple[PlannedFault, ...]:
         fired = self._fired()

@@ -56,16 +56,28 @@ def write(rundir: RunDir, fired: FiredFault) -> None:
     rundir.write_json(path(fired.key), asdict(fired))
 
 
+def _load(rec: dict) -> FiredFault:
+    known = {f.name for f in fields(FiredFault)}
+    return FiredFault(**{k: v for k, v in rec.items() if k in known})
+
+
+def read(rundir: RunDir, key: str) -> FiredFault | None:
+    """The marker of `key`, or None when it has not fired (a storage error is raised)."""
+    try:
+        return _load(rundir.read_json(path(key)))
+    except FileNotFoundError:
+        return None
+
+
 def read_all(rundir: RunDir) -> list[FiredFault]:
     """Every marker of the run, by key; unreadable ones (half-written, foreign) are left out."""
-    known = {f.name for f in fields(FiredFault)}
     out = []
     for name in rundir.listdir(CHAOS):
         if not (name.startswith(PREFIX) and name.endswith(".json")):
             continue
         try:
             rec = rundir.read_json(f"{CHAOS}/{name}")
-            out.append(FiredFault(**{k: v for k, v in rec.items() if k in known}))
+            out.append(_load(rec))
         except (OSError, ValueError, TypeError, json.JSONDecodeError):
             continue
     return out

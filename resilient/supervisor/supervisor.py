@@ -38,6 +38,7 @@ from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.watch import Ready, Seen, Watch
 
 PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
+DATA_STEPS_KEPT = 10_000  # steps whose data steps are remembered (rollbacks look back a few)
 
 
 class Supervisor:
@@ -339,6 +340,7 @@ class Supervisor:
     def _record(self, heartbeats) -> None:
         for step, data_step in self.intake.heartbeats(heartbeats):
             self.data_steps.setdefault(step, set()).add(data_step)
+            self.data_steps.pop(step - DATA_STEPS_KEPT, None)  # a rollback looks back a few steps
 
     def _anomalies(self, events: list, group) -> Fault | None:
         """Journal every anomaly event with what the policy made of it; the first fault to act on

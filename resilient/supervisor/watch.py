@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from resilient.supervisor.faults import Fault, FaultKind
 
 TICK = 0.1  # seconds between polls: bounds crash-detection latency, costs ~nothing
 ERROR_GRACE = 2.0  # seconds an error waits for a peer's death to explain it
+STEP_TIMES = 10_000  # the newest per-rank step times the attempt's median is taken over
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Watch:
         self.last_poll = self.last_progress = clock()
         self.running = False
         self.error_since: float | None = None
-        self.step_times: list[float] = []
+        self.step_times: deque[float] = deque(maxlen=STEP_TIMES)
 
     def poll(self) -> Seen:
         fresh = tuple(self.group.poll(TICK))
@@ -76,7 +78,7 @@ class Watch:
         trained = now - self.last_poll if self.running else 0.0
         self.last_poll = now
         metrics = tuple(m for hb in fresh for m in hb.metrics)
-        self.step_times += [m["step_time"] + m["data_wait"] for m in metrics]
+        self.step_times.extend(m["step_time"] + m["data_wait"] for m in metrics)
         latest = dict(self.group.latest)
         fault = self._dead(now) or self._erred(now, latest) or self._silent(now, latest)
         ready = self._ready(now, latest)

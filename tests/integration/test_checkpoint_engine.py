@@ -29,12 +29,13 @@ def chaos(fault: str, at_step: int, rank: int) -> str:
     return f'\n[[chaos]]\nat_step = {at_step}\nfault = "{fault}"\nrank = {rank}\n'
 
 
-def journal(fs, path) -> list[dict]:
-    """Journal records read straight from the S3 server.
+def journal(s3, run: str) -> list[dict]:
+    """The journal records of `run` (bucket/prefix) on the S3 server, through the project's reader
+    (fsspec's in-process config predates FSSPEC_S3, so the endpoint is given here)."""
+    from resilient.rundir import RunDir
+    from resilient.runlog.journal import read_records
 
-    fsspec's in-process config predates FSSPEC_S3.
-    """
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+    return read_records(RunDir(f"s3://{run}", {"client_kwargs": {"endpoint_url": s3.endpoint}}))
 
 
 def test_s3_kill_restores_from_memory_and_matches_clean_run(tmp_path, s3):
@@ -115,7 +116,7 @@ def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
         proc.kill()
         gate.close()
     assert proc.returncode == 0, out
-    recs = journal(s3.fs(), "runs/jobs/t/outage/journal.jsonl")
+    recs = journal(s3, "runs/jobs/t/outage")
     # The outage was felt (a commit failed and was retried, or rode it out in the client's own
     # retries), training went on through it, and every snapshot reached storage afterwards.
     assert any(
