@@ -11,7 +11,6 @@ import click
 from resilient.catalogue import RANDOM, RANDOM_DEFAULT
 from resilient.cli.base import cli, open_rundir, user_errors
 from resilient.errors import Abort, UserError
-from resilient.launcher.patience import StorageUnavailable
 from resilient.runlog.states import TERMINAL
 
 
@@ -81,6 +80,7 @@ def launch(
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
     from resilient.launcher import resume as do_resume
+    from resilient.launcher.patience import StorageUnavailable
 
     dash = dashboard_port if with_dashboard else None
     extra = list(overrides)
