@@ -203,16 +203,23 @@ def main() -> None:
         "AWS_DEFAULT_REGION": "us-east-1",
         "FSSPEC_S3": json.dumps({"client_kwargs": {"endpoint_url": endpoint}}),
     }
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), log], env=env)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), log],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import boto3
 
-        for _ in range(100):
+        for _ in range(300):  # moto's server takes a while to import
             try:
                 boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="soak")
                 break
             except Exception:
                 time.sleep(0.2)
+        else:
+            raise SystemExit("the S3 server did not start")
         write_job(work, port)
         rc, rss, wall = run(args, work, env)
         os.environ.update(env)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-import torch
-
 from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
 from resilient.rundir.layout import BASE_MODEL, SPEC_FILE, base_ref
-from resilient.training.model import apply_adapter, load_base
+from resilient.training.model import apply_adapter, load_base, load_trainable
 from resilient.training.trainer import write_adapter
 
 
@@ -33,9 +31,5 @@ def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
             base_dir = os.path.join(tmp, "base")
             rundir.download_dir(BASE_MODEL, base_dir)
         model = apply_adapter(load_base(base_dir), spec.peft, spec.train.seed)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for key, t in snap.shared.items():
-                if key.startswith("model."):
-                    params[key[6:]].copy_(t)
+        load_trainable(model, snap.shared)
         write_adapter(model, out_dir, base_ref(rundir, spec.model.path))

@@ -61,6 +61,16 @@ def apply_adapter(model: torch.nn.Module, table: dict[str, Any], seed: int) -> t
     return get_peft_model(model, peft_config(table))
 
 
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a snapshot's adapter tensors (`model.<name>`) into the model's parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key.startswith("model."):
+                p = params[key[6:]]
+                p.copy_(t.to(p.device))
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by name (the adapter): what a checkpoint must save of the model."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

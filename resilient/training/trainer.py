@@ -23,7 +23,7 @@ import torch.distributed as dist
 from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
 from resilient.config import JobSpec
 from resilient.training.data import ByteTokenizer, DataOrder, tokenize_corpus
-from resilient.training.model import apply_adapter, load_base, trainable_state
+from resilient.training.model import apply_adapter, load_base, load_trainable, trainable_state
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,7 @@ class Trainer:
 
     def restore(self, snap: Snapshot) -> None:
         """Reinstate the state captured by `snapshot` (every rank, from the same snapshot)."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, t in snap.shared.items():
-                if key.startswith("model."):
-                    params[key[6:]].copy_(t.to(self.device))
+        load_trainable(self.model, snap.shared)
         self.optimizer.load_state_dict(optimizer_state(snap.shared, snap.meta["optimizer"]))
         self.scheduler.load_state_dict(snap.meta["scheduler"])
 
