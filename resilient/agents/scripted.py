@@ -251,5 +251,5 @@ class ScriptedGroup:
     def release_chaos(self) -> None:
         pass
 
-    def shutdown(self) -> None:
+    def shutdown(self, force: bool = True) -> None:
         self.halted = True

@@ -4,13 +4,16 @@ Contract: `training(rows)` takes the per-step records the ranks report (through 
 `node(node_id, sample)` the GPU/host samples of a NodeAgent; both return the AnomalyEvents their
 detectors raise. Every row goes to Parquet (`metrics/train`, `metrics/gpu`, `metrics/host`), every
 event to `events/` with the decision taken (`record_event`), and to Prometheus when enabled.
+Rows are written by a thread of the monitor's own every FLUSH_S, never by the caller: the
+supervisor's loop must see faults while storage is slow (a write may take OP_TIMEOUT_S). `close()`
+ends that thread and seals every log.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
+import threading
 
 from resilient.anomaly import store
 from resilient.anomaly.detectors import (
@@ -22,6 +25,8 @@ from resilient.anomaly.detectors import (
 from resilient.anomaly.events import AnomalyEvent
 from resilient.config import JobSpec
 from resilient.rundir import RunDir
+
+FLUSH_S = 5.0  # seconds between writes of the buffered rows
 
 
 class AnomalyMonitor:
@@ -42,8 +47,11 @@ class AnomalyMonitor:
             from resilient.anomaly.exporter import Exporter
 
             self.exporter = Exporter(cfg.prometheus_port)
-        self._last_flush = time.time()
         self.counts: dict[str, int] = {}
+        self._closed = threading.Event()
+        self._io = threading.Lock()  # one writer at a time: the flush thread or close()
+        self._writer = threading.Thread(target=self._flush_loop, daemon=True, name="metrics-writer")
+        self._writer.start()
 
     def training(self, rows: list[dict]) -> list[AnomalyEvent]:
         ev: list[AnomalyEvent] = []
@@ -85,17 +93,20 @@ class AnomalyMonitor:
         if self.exporter:
             self.exporter.event(e.kind, e.severity)
 
-    def maybe_flush(self, every_s: float = 5.0) -> None:
-        if time.time() - self._last_flush >= every_s:
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(FLUSH_S):
             self.flush()
 
     def flush(self) -> None:
-        self._last_flush = time.time()
-        for log in self.logs.values():
-            log.flush()
+        """Write the buffered rows now (rows a failed write kept are retried the next time)."""
+        with self._io:
+            for log in self.logs.values():
+                log.flush()
 
     def close(self) -> None:
-        for log in self.logs.values():
-            log.seal()
+        self._closed.set()
+        with self._io:
+            for log in self.logs.values():
+                log.seal()
         if self.exporter:
             self.exporter.close()

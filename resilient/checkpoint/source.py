@@ -30,12 +30,14 @@ class RestoreSource:
 @dataclass(frozen=True)
 class Lookup:
     """What a search for the freshest copy found: the `source` (None: no copy verifies), why each
-    newer copy was skipped, and `storage_error` when storage could not be listed or read (then
-    "no copy" means "unknown", never "start from scratch")."""
+    newer copy was skipped, `storage_error` when storage could not be listed or read (then
+    "no copy" means "unknown", never "start from scratch"), and the `damaged` steps: stored
+    copies that were read whole and failed verification (known bad, not merely unreadable)."""
 
     source: RestoreSource | None
     skipped: list[str] = field(default_factory=list)
     storage_error: str | None = None
+    damaged: frozenset[int] = frozenset()
 
 
 def load(source: RestoreSource, store: CheckpointStore, fingerprint: str) -> Snapshot:

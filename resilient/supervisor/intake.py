@@ -52,7 +52,6 @@ class Intake:
         self._journal_agent_events(events)
         for node, sample in samples:
             out += self.monitor.node(node, sample)
-        self.monitor.maybe_flush()
         return out
 
     def keep(self, metrics: list[dict]) -> None:

@@ -191,6 +191,7 @@ class Nodes:
         self, store: CheckpointStore, fingerprint: str, at_most: int | None = None
     ) -> Lookup:
         cands, skipped, storage_error = self._in_memory(fingerprint), [], None
+        damaged: set[int] = set()
         try:
             cands += [(s, "storage", None, None) for s in store.steps()]
         except Exception as e:  # an outage, not "no checkpoint": memory copies still count
@@ -209,14 +210,17 @@ class Nodes:
                     store.verify(step, fingerprint)
             except CheckpointInvalid as e:
                 skipped.append(f"{tier}: {e}")
+                if agent is None:
+                    damaged.add(step)
                 continue
             except Exception as e:  # the agent died under us, or storage is down
                 skipped.append(f"{tier} on {str(nid)[:8]}: {type(e).__name__}")
                 if agent is None:
                     storage_error = f"cannot read step {step} ({type(e).__name__}: {e})"[:300]
                 continue
-            return Lookup(RestoreSource(step, tier, nid, agent), skipped, storage_error)
-        return Lookup(None, skipped, storage_error)
+            source = RestoreSource(step, tier, nid, agent)
+            return Lookup(source, skipped, storage_error, frozenset(damaged))
+        return Lookup(None, skipped, storage_error, frozenset(damaged))
 
     def protect(self, steps: set[int]) -> None:
         """No agent's retention deletes these steps (the one a group is restoring)."""

@@ -114,15 +114,28 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     )
 
 
-def restore_plan(found: int | None, storage_error: str | None, persisted: int | None) -> str:
+def restore_plan(
+    found: int | None,
+    storage_error: str | None,
+    persisted: int | None,
+    damaged: Collection[int] = (),
+) -> str:
     """What to do with the freshest copy found (its step, or None) when the journal says the
-    newest persisted checkpoint that may be restored is `persisted`: "restore" it (None: a true
-    fresh start), "wait" (storage could not be read and nothing found is as fresh: a storage error
-    is never "no checkpoint"), or "refuse" (storage answers, the journal records a persisted
-    checkpoint, none verifies: never start over silently)."""
-    if storage_error and persisted is not None and (found is None or found < persisted):
+    newest persisted checkpoint that may be restored is `persisted`: "restore" it (None: a fresh
+    start), "wait" (storage could not be read and nothing found is as fresh: a storage error is
+    never "no checkpoint"), or "refuse" (storage answers without the persisted checkpoint: it may
+    sit in another place, so never start over). A persisted checkpoint in `damaged` was read and
+    is known bad in every copy: nothing can bring it back, so the job goes on from the newest older
+    copy, or over from step 0, and says so."""
+    lost = persisted is not None and persisted in damaged
+    if (
+        storage_error
+        and persisted is not None
+        and not lost
+        and (found is None or found < persisted)
+    ):
         return "wait"
-    if found is None and persisted is not None:
+    if found is None and persisted is not None and not lost:
         return "refuse"
     return "restore"
 

@@ -7,12 +7,15 @@ newest persisted step the journal knows: it returns the source to restore (None:
 start), keeps looking every `RETRY_S` while storage cannot be read and nothing found is as fresh
 (journalled once as `restore_wait`, shown through `on_wait`), and raises `RestoreImpossible` with
 a reason a person can act on when the wait passes `timeout` or when storage answers without the
-checkpoints the journal says it holds. Every lookup that found or skipped something is journalled
-as `restore`.
+checkpoints the journal says it holds. A persisted checkpoint whose every copy was read and failed
+verification is known lost: the group goes on from the newest older copy (or from step 0), logged
+as a warning and journalled with `lost_steps`. Every lookup that found or skipped something is
+journalled as `restore`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,6 +23,7 @@ from resilient.checkpoint.source import RestoreSource
 from resilient.supervisor import policy
 
 RETRY_S = 2.0
+log = logging.getLogger(__name__)
 
 
 class RestoreImpossible(Exception):
@@ -44,16 +48,28 @@ def find_restore_point(
         t0 = time.time()
         found = nodes.restore_source(store, fingerprint, at_most)
         source = found.source
-        plan = policy.restore_plan(source.step if source else None, found.storage_error, persisted)
+        plan = policy.restore_plan(
+            source.step if source else None, found.storage_error, persisted, found.damaged
+        )
         if plan == "restore":
+            step = source.step if source else 0
+            if persisted is not None and step < persisted:
+                # every copy of the newest persisted checkpoint is known bad: said loudly
+                log.warning(
+                    "every copy of step %d fails verification (%s): going on from step %d",
+                    persisted,
+                    "; ".join(found.skipped),
+                    step,
+                )
             if source or found.skipped:
                 journal.append(
                     "restore",
-                    step=source.step if source else 0,
+                    step=step,
                     tier=source.tier if source else "none",
                     node=source.node if source else None,
                     skipped=found.skipped,
                     lookup_s=round(time.time() - t0, 4),
+                    **({"lost_steps": persisted - step} if persisted and step < persisted else {}),
                 )
             return source
         if plan == "refuse":

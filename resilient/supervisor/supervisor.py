@@ -160,11 +160,12 @@ class Supervisor:
             return
         group = self.parts.new_group(placement, self.restarts)
         self.data_steps = {}
+        outcome: Fault | str | None = None
         try:
             outcome = self._start(group, source, restored) or self._follow(group, restored)
             self._conclude(outcome, group)
         finally:
-            group.shutdown()
+            group.shutdown(force=not isinstance(outcome, str))  # "done"/"stopped": ranks finished
 
     def _prepare_attempt(self) -> RestoreSource | None:
         """Find the state to restore (before the anomaly, for a rollback) and journal it."""

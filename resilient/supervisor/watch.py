@@ -7,8 +7,10 @@ what they add up to: the group became ready (every rank training), the job-wide 
 group ended ("done" or "stopped"), or a fault. Faults, in order of precedence: a rank's death
 (CRASH, within one tick), a rank's training error (ERROR, after a short grace, since a dead peer
 shows up in survivors as collective errors first), a rank silent for `hang_timeout` (HANG; before
-its first answer, `start_timeout`), no step finished for `hang_timeout` while every rank trains
-(HANG). Only the supervisor changes state.
+its first answer, `start_timeout`), a group not training `start_timeout` after it was started
+although its ranks answer (START_TIMEOUT: stuck in rendezvous, loading or restoring), no step
+finished for `hang_timeout` while any rank trains and none has failed (HANG). Only the supervisor
+changes state.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Watch:
             clock,
         )
         self.last_step = restored
-        self.last_poll = self.last_progress = clock()
+        self.started = self.last_poll = self.last_progress = clock()
         self.running = False
         self.error_since: float | None = None
         self.step_times: deque[float] = deque(maxlen=STEP_TIMES)
@@ -80,7 +82,12 @@ class Watch:
         metrics = tuple(m for hb in fresh for m in hb.metrics)
         self.step_times.extend(m["step_time"] + m["data_wait"] for m in metrics)
         latest = dict(self.group.latest)
-        fault = self._dead(now) or self._erred(now, latest) or self._silent(now, latest)
+        fault = (
+            self._dead(now)
+            or self._erred(now, latest)
+            or self._silent(now, latest)
+            or self._slow_start(now, latest)
+        )
         ready = self._ready(now, latest)
         step, ended = self._advance(now, latest)
         if fault is None and ended is None:
@@ -134,6 +141,24 @@ class Watch:
                 )
         return None
 
+    def _slow_start(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
+        # Ranks that answer in "rendezvous", "loading" or "restoring" are not silent, yet a step
+        # that blocks there (a peer that never joins, a read that never ends) must end somewhere.
+        if self.running or now - self.started <= self.cfg.start_timeout:
+            return None
+        behind = sorted(r for r in range(self.world) if r not in latest or not latest[r].past_start)
+        if not behind:
+            return None
+        rank = behind[0]
+        phase = latest[rank].phase if rank in latest else "created"
+        return self._fault(
+            FaultKind.START_TIMEOUT,
+            rank,
+            f"rank {rank} still in phase {phase} {now - self.started:.1f}s after the start "
+            f"(supervisor.start_timeout={self.cfg.start_timeout:g}s)",
+            now,
+        )
+
     def _ready(self, now: float, latest: Mapping[int, Heartbeat]) -> Ready | None:
         if self.running or len(latest) < self.world:
             return None
@@ -163,7 +188,10 @@ class Watch:
         return self.last_step, ended
 
     def _stalled(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
-        training = len(latest) == self.world and all(h.phase == "training" for h in latest.values())
+        # any rank, not every: a rank left training while its peers finished is stuck all the same;
+        # a rank's error is the error path's (its peers wait in a collective meanwhile)
+        phases = [h.phase for h in latest.values()]
+        training = len(latest) == self.world and "training" in phases and "error" not in phases
         if self.running and training and now - self.last_progress > self.cfg.hang_timeout:
             return self._fault(
                 FaultKind.HANG,

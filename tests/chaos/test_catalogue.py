@@ -58,7 +58,7 @@ CASES = {
     "thermal": entry("thermal", temperature=97.0),
     "storage_outage": entry("storage_outage", 6, seconds=3.0),
     # snapshots every 10 steps: the damaged step 10 is the newest copy everywhere when rank 1
-    # dies at 17
+    # dies at 17, known bad in every copy: the job goes on from step 0 (and says so)
     "corrupt_checkpoint": entry("corrupt_checkpoint", 12) + entry("kill", 17),
     "supervisor_kill": entry("supervisor_kill", 10),
 }

@@ -82,8 +82,11 @@ def s3_objects(s3, prefix: str) -> list[tuple[str, int]]:
     return out
 
 
+STEPS = 150  # enough that the first driver is killed long before its end
+
+
 def test_s3_resume_waits_out_an_outage_and_objects_stay_few(tmp_path, s3):
-    spec = write_job(tmp_path, name="s3l", steps=60, storage="s3://runs/long")
+    spec = write_job(tmp_path, name="s3l", steps=STEPS, storage="s3://runs/long")
     sets = ["--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=2"]
     run = "s3://runs/long/s3l/d"
     cmd = [sys.executable, "-m", "resilient.cli", "launch", str(spec), "--run-id", "d", *sets]
@@ -121,11 +124,11 @@ def test_s3_resume_waits_out_an_outage_and_objects_stay_few(tmp_path, s3):
     for ds in ("train", "gpu", "host"):
         assert len([k for k, _ in objs if k.startswith(f"metrics/{ds}/")]) <= 2
     r = resilient_cli(
-        "launch", str(write_job(tmp_path, name="s3l", steps=60)), "--run-id", "c", *sets
+        "launch", str(write_job(tmp_path, name="s3l", steps=STEPS)), "--run-id", "c", *sets
     )
     assert r.returncode == 0, r.stdout
     local = tmp_path / "exported"
-    r = resilient_cli("ckpt", "export", run, "--step", "60", str(local))
+    r = resilient_cli("ckpt", "export", run, "--step", str(STEPS), str(local))
     assert r.returncode == 0, r.stdout
     assert_same_adapter(adapter(tmp_path / "runs" / "s3l" / "c"), adapter_dir(local))
 

@@ -28,6 +28,7 @@ class FakeNodes:
         self.agents: dict = {}
         self.storage_down = 0  # this many lookups find storage unreadable
         self.storage_lost = False  # storage answers but holds nothing
+        self.damaged = False  # every copy was read and fails verification
         self.reported: set[int] = set()  # snapshots reported persisted
 
     def start(self) -> list[dict]:
@@ -44,6 +45,13 @@ class FakeNodes:
             self.storage_down -= 1
             return Lookup(None, ["storage: cannot list"], "ConnectionError: down")
         steps = [s for s in self.sc.snapshots if at_most is None or s <= at_most]
+        if self.damaged:
+            return Lookup(
+                None,
+                [f"storage: step {s}: checksum mismatch" for s in steps],
+                None,
+                frozenset(steps),
+            )
         if self.storage_lost or not steps:
             return Lookup(None)
         return Lookup(RestoreSource(max(steps), "memory", self.order[0]))

@@ -138,3 +138,15 @@ def test_storage_without_the_persisted_checkpoints_is_refused(tmp_path):
     s = job.run()
     assert s["state"] == "FAILED" and "refusing to start over" in s["reason"]
     assert len(job.groups) == 1
+
+
+def test_checkpoints_known_bad_everywhere_start_over_and_say_so(tmp_path, caplog):
+    job = Job(tmp_path, Scenario(crash={12: 1}))
+    job.nodes = FakeNodes(job.scenario)
+    job.stop_when = lambda: setattr(job.nodes, "damaged", len(job.groups) == 1)
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and len(job.groups) == 2
+    (restore,) = job.of("restore")
+    assert restore["step"] == 0 and restore["tier"] == "none" and restore["lost_steps"] == 11
+    assert "checksum" in " ".join(restore["skipped"])
+    assert "fails verification" in caplog.text

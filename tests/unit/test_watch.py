@@ -66,3 +66,15 @@ def test_a_death_is_seen_in_one_poll_and_an_error_after_the_grace():
     t0 = clock()
     f = until(w, lambda s: s.fault).fault
     assert (f.kind, f.rank) == (FaultKind.ERROR, 1) and clock() - t0 > ERROR_GRACE - 0.2
+
+
+def test_a_group_stuck_before_training_ends_at_start_timeout():
+    cfg = SupervisorConfig(heartbeat_interval=0.1, hang_timeout=5.0, start_timeout=20.0)
+    clock = FakeClock()
+    scenario = Scenario(start_s=1e9, heartbeat_s=0.1)  # answers, never gets to training
+    group = ScriptedGroup(scenario, ["n0", "n1"], 100, clock)
+    group.start(None, (), [])
+    w = Watch(group, 0, 2, cfg, clock)
+    f = until(w, lambda s: s.fault).fault
+    assert f.kind == FaultKind.START_TIMEOUT and "start_timeout=20s" in f.evidence
+    assert cfg.start_timeout < clock() - w.started <= cfg.start_timeout + 0.3
