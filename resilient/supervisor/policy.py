@@ -124,9 +124,9 @@ def restore_plan(
     newest persisted checkpoint that may be restored is `persisted`: "restore" it (None: a fresh
     start), "wait" (storage could not be read and nothing found is as fresh: a storage error is
     never "no checkpoint"), or "refuse" (storage answers without the persisted checkpoint: it may
-    sit in another place, so never start over). A persisted checkpoint in `damaged` was read and
-    is known bad in every copy: nothing can bring it back, so the job goes on from the newest older
-    copy, or over from step 0, and says so."""
+    sit in another place, so never go back further). A persisted checkpoint in `damaged` was read
+    and is known bad in every copy: nothing can bring it back, so the job goes on from the newest
+    older copy, or over from step 0, and says so."""
     lost = persisted is not None and persisted in damaged
     if (
         storage_error
@@ -135,7 +135,7 @@ def restore_plan(
         and (found is None or found < persisted)
     ):
         return "wait"
-    if found is None and persisted is not None and not lost:
+    if persisted is not None and not lost and (found is None or found < persisted):
         return "refuse"
     return "restore"
 

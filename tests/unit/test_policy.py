@@ -145,6 +145,7 @@ def test_restore_plan_never_takes_a_storage_error_for_no_checkpoint():
     assert restore_plan(20, "down", 30) == "wait"  # memory is older than what storage holds
     assert restore_plan(35, "down", 30) == "restore"  # memory is fresher: storage not needed
     assert restore_plan(None, None, 30) == "refuse"  # storage answers without it
+    assert restore_plan(20, None, 30) == "refuse"  # nor an older copy in its place
     # read whole and known bad everywhere: nothing can bring it back, so the job goes on
     assert restore_plan(None, None, 30, damaged={30}) == "restore"
     assert restore_plan(20, None, 30, damaged={30}) == "restore"
