@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from resilient.checkpoint.source import RestoreSource
+from resilient.checkpoint.source import Lookup, RestoreSource
 from resilient.supervisor import policy
 
 RETRY_S = 2.0
@@ -52,25 +52,7 @@ def find_restore_point(
             source.step if source else None, found.storage_error, persisted, found.damaged
         )
         if plan == "restore":
-            step = source.step if source else 0
-            if persisted is not None and step < persisted:
-                # every copy of the newest persisted checkpoint is known bad: said loudly
-                log.warning(
-                    "every copy of step %d fails verification (%s): going on from step %d",
-                    persisted,
-                    "; ".join(found.skipped),
-                    step,
-                )
-            if source or found.skipped:
-                journal.append(
-                    "restore",
-                    step=step,
-                    tier=source.tier if source else "none",
-                    node=source.node if source else None,
-                    skipped=found.skipped,
-                    lookup_s=round(time.time() - t0, 4),
-                    **({"lost_steps": persisted - step} if persisted and step < persisted else {}),
-                )
+            _journal_restore(journal, found, persisted, time.time() - t0)
             return source
         if plan == "refuse":
             raise RestoreImpossible(
@@ -91,3 +73,27 @@ def find_restore_point(
                 "RUN_DIR` once it answers"
             )
         time.sleep(RETRY_S)
+
+
+def _journal_restore(journal, found: Lookup, persisted: int | None, lookup_s: float) -> None:
+    """Journal what a lookup found and skipped; a persisted checkpoint given up is said loudly."""
+    source = found.source
+    step = source.step if source else 0
+    lost = persisted - step if persisted is not None and step < persisted else 0
+    if lost:  # every copy of the newest persisted checkpoint is known bad
+        log.warning(
+            "every copy of step %d fails verification (%s): going on from step %d",
+            persisted,
+            "; ".join(found.skipped),
+            step,
+        )
+    if source or found.skipped:
+        journal.append(
+            "restore",
+            step=step,
+            tier=source.tier if source else "none",
+            node=source.node if source else None,
+            skipped=found.skipped,
+            lookup_s=round(lookup_s, 4),
+            **({"lost_steps": lost} if lost else {}),
+        )
