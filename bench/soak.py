@@ -209,6 +209,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    os.environ.update(env)  # this process's own S3 calls (bucket, listing) use the same endpoint
     try:
         import boto3
 
@@ -222,7 +223,6 @@ def main() -> None:
             raise SystemExit("the S3 server did not start")
         write_job(work, port)
         rc, rss, wall = run(args, work, env)
-        os.environ.update(env)
         result = report(rc, rss, wall, log, endpoint, work, env)
     finally:
         server.terminate()
