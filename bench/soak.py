@@ -237,7 +237,7 @@ def report(rc, rss, wall, log, endpoint, work, env) -> dict:
     st = storage(log, hours)
     objs = objects(endpoint)
     journal_stored = objs.get("journal", {}).get("bytes", 0)
-    mem = [m for _, m in rss]
+    settled = [(t, m) for t, m in rss if t >= 60]  # after the start-up imports
     return {
         "wall_s": round(wall),
         "exit_code": rc,
@@ -248,12 +248,28 @@ def report(rc, rss, wall, log, endpoint, work, env) -> dict:
         "journal_upload_ratio": round(st["journal_bytes_uploaded"] / journal_stored, 2)
         if journal_stored
         else None,
-        "driver_rss_mb": {
-            "first": round(mem[0]) if mem else None,
-            "last": round(mem[-1]) if mem else None,
-            "max": round(max(mem)) if mem else None,
-            "median": round(statistics.median(mem)) if mem else None,
-        },
+        "driver_rss_mb": rss_summary(settled),
+    }
+
+
+def rss_summary(settled: list[tuple[float, float]]) -> dict:
+    """The driver's RSS after its first minute, and its growth: MiB per hour between the second
+    quarter of the run and the last (a leak shows as a steady positive slope)."""
+    if not settled:
+        return {}
+    mem = [m for _, m in settled]
+    q = max(1, len(settled) // 4)
+    (t1, m1), (t2, m2) = (
+        (statistics.mean(x) for x in zip(*part, strict=True))
+        for part in (settled[q : 2 * q], settled[-q:])
+    )
+    return {
+        "at_1min": round(mem[0]),
+        "last": round(mem[-1]),
+        "max": round(max(mem)),
+        "median": round(statistics.median(mem)),
+        "growth_mib_per_hour": round((m2 - m1) / max(t2 - t1, 1.0) * HOUR, 1),
+        "samples": [(round(t), round(m)) for t, m in settled[::6]],  # one a minute
     }
 
 
@@ -285,7 +301,10 @@ def print_result(r: dict) -> None:
         )
     )
     m = r["driver_rss_mb"]
-    print(f"driver RSS: {m['first']} MiB at the start, {m['last']} at the end, max {m['max']}")
+    print(
+        f"driver RSS: {m.get('at_1min')} MiB after a minute, {m.get('last')} at the end, max "
+        f"{m.get('max')}; growth {m.get('growth_mib_per_hour')} MiB/h (2nd quarter -> last)"
+    )
 
 
 if __name__ == "__main__":
