@@ -4,7 +4,10 @@ Contract: `GpuCollector(nvml)` reads every GPU through the pynvml API; `nvml` is
 module or a `SimulatedNvml`, which implements the same functions and raises the same errors, so the
 same code path runs with and without a GPU. `sample()` returns one dict per GPU; a GPU that stops
 answering yields `lost=True` (a fault, not missing data); XID critical errors come from an NVML
-event set. Without NVML or a GPU, `open_gpu_collector()` says why once and returns None.
+event set, attributed to a GPU by `nvmlDeviceGetIndex` (pynvml handles are ctypes pointers: a
+handle an event carries is never the same object as the one the collector holds). Fields that only
+newer drivers or nvidia-ml-py have are read only where they exist. Without NVML or a GPU,
+`open_gpu_collector()` says why once and returns None.
 `HostCollector.sample(pids)` returns CPU, memory, disk and network counters and each worker's RSS.
 """
 
@@ -62,8 +65,11 @@ class GpuCollector:
         mem = self._read(h, "mem", n.nvmlDeviceGetMemoryInfo)
         power = self._read(h, "power", n.nvmlDeviceGetPowerUsage)
         remap = self._read(h, "remap", n.nvmlDeviceGetRemappedRows)
-        rec = self._read(
-            h, "recovery", n.nvmlDeviceGetFieldValues, [n.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION]
+        recovery = getattr(n, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None)  # nvidia-ml-py >= 12.570
+        rec = (
+            self._read(h, "recovery", n.nvmlDeviceGetFieldValues, [recovery])
+            if recovery is not None
+            else None
         )
         return {
             "gpu": i,
@@ -106,7 +112,10 @@ class GpuCollector:
                 return out
             except pynvml.NVMLError:
                 return out
-            idx = self.handles.index(ev.device) if ev.device in self.handles else -1
+            try:
+                idx = self.nvml.nvmlDeviceGetIndex(ev.device)
+            except pynvml.NVMLError:  # the GPU went away: the XID still counts, on no GPU
+                idx = -1
             out.append((idx, int(ev.eventData)))
 
     def sample(self) -> list[dict]:

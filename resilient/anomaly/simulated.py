@@ -3,7 +3,9 @@
 Contract: same function names, constants, return shapes and errors as pynvml (errors are pynvml's
 own NVMLError subclasses), so `GpuCollector(SimulatedNvml(n))` exercises the real collector code.
 Tests and chaos faults change readings with `set()`, queue XIDs with `xid()`, and lose a GPU with
-`lose()` (every call on it then raises NVMLError_GpuIsLost).
+`lose()` (every call on it then raises NVMLError_GpuIsLost). Handles are opaque objects, and an
+event carries a new one for its device, as pynvml's ctypes pointers do: code that compares handles
+instead of asking `nvmlDeviceGetIndex` fails here as it would on a real GPU.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ from types import SimpleNamespace
 import pynvml
 
 
+class _Handle:
+    """An opaque device handle: equal only to itself, like a fresh ctypes pointer."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
 class SimulatedNvml:
     NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
     NVML_CLOCK_SM = pynvml.NVML_CLOCK_SM
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
     NVML_VOLATILE_ECC = pynvml.NVML_VOLATILE_ECC
     NVML_AGGREGATE_ECC = pynvml.NVML_AGGREGATE_ECC
-    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+    # newer nvidia-ml-py only; the real value, so both sides agree when it exists
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = getattr(
+        pynvml, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", 230
+    )
     nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
 
     def __init__(self, count: int = 1):
@@ -57,7 +71,9 @@ class SimulatedNvml:
         with self._lock:
             self._events.append(
                 SimpleNamespace(
-                    device=index, eventType=self.nvmlEventTypeXidCriticalError, eventData=xid
+                    device=_Handle(index),
+                    eventType=self.nvmlEventTypeXidCriticalError,
+                    eventData=xid,
                 )
             )
 
@@ -74,11 +90,16 @@ class SimulatedNvml:
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> _Handle:
+        if not 0 <= i < len(self.gpus):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return _Handle(i)
 
-    def _g(self, h: int) -> dict:
-        g = self.gpus[h]
+    def nvmlDeviceGetIndex(self, h: _Handle) -> int:
+        return h.index
+
+    def _g(self, h: _Handle) -> dict:
+        g = self.gpus[h.index]
         if g["lost"]:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return g

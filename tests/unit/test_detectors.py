@@ -81,6 +81,20 @@ def collect(sim):
     return GpuCollector(sim)
 
 
+def test_an_xid_is_attributed_by_index_not_by_handle_identity():
+    sim = SimulatedNvml(3)
+    col = collect(sim)
+    assert col.handles[2] is not sim.nvmlDeviceGetHandleByIndex(2)  # opaque, like ctypes pointers
+    sim.xid(2, 48)
+    assert [(s["gpu"], s["xid"]) for s in col.sample()] == [(0, 0), (1, 0), (2, 48)]
+
+
+def test_an_older_nvidia_ml_py_without_the_recovery_field_still_samples(monkeypatch):
+    monkeypatch.delattr(SimulatedNvml, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION")
+    (s,) = collect(SimulatedNvml(1)).sample()
+    assert s["recovery_action"] is None and s["temp"] == 55.0 and not s["lost"]
+
+
 def test_simulated_gpu_through_the_real_collector():
     sim = SimulatedNvml(2)
     col = collect(sim)
