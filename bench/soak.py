@@ -258,17 +258,20 @@ def rss_summary(settled: list[tuple[float, float]]) -> dict:
     if not settled:
         return {}
     mem = [m for _, m in settled]
-    q = max(1, len(settled) // 4)
-    (t1, m1), (t2, m2) = (
-        (statistics.mean(x) for x in zip(*part, strict=True))
-        for part in (settled[q : 2 * q], settled[-q:])
-    )
+    growth = None
+    if len(settled) >= 4:  # a quarter needs a sample at least
+        q = len(settled) // 4
+        (t1, m1), (t2, m2) = (
+            (statistics.mean(x) for x in zip(*part, strict=True))
+            for part in (settled[q : 2 * q], settled[-q:])
+        )
+        growth = round((m2 - m1) / max(t2 - t1, 1.0) * HOUR, 1)
     return {
         "at_1min": round(mem[0]),
         "last": round(mem[-1]),
         "max": round(max(mem)),
         "median": round(statistics.median(mem)),
-        "growth_mib_per_hour": round((m2 - m1) / max(t2 - t1, 1.0) * HOUR, 1),
+        "growth_mib_per_hour": growth,
         "samples": [(round(t), round(m)) for t, m in settled[::6]],  # one a minute
     }
 

@@ -127,16 +127,11 @@ def restore_plan(
     sit in another place, so never go back further). A persisted checkpoint in `damaged` was read
     and is known bad in every copy: nothing can bring it back, so the job goes on from the newest
     older copy, or over from step 0, and says so."""
-    lost = persisted is not None and persisted in damaged
-    if (
-        storage_error
-        and persisted is not None
-        and not lost
-        and (found is None or found < persisted)
-    ):
-        return "wait"
-    if persisted is not None and not lost and (found is None or found < persisted):
-        return "refuse"
+    short = (
+        persisted is not None and persisted not in damaged and (found is None or found < persisted)
+    )
+    if short:
+        return "wait" if storage_error else "refuse"
     return "restore"
 
 
