@@ -1,7 +1,8 @@
 """Process-group rendezvous that works where the hostname resolves to an unreachable address.
 
-Contract: every address used is the IP Ray reports for the node, never the hostname; gloo is pinned
-to the network interface that carries that IP (GLOO_SOCKET_IFNAME), unless the user set one.
+Contract: every address used is the IP Ray reports for the node, never the hostname; gloo and nccl
+are pinned to the network interface that carries that IP (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+for nccl's bootstrap and socket transport), unless the user set one.
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ def init_process_group(
 ) -> None:
     import torch.distributed as dist
 
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+    var = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)
+    if var and var not in os.environ:
         iface = iface_for(my_ip) or ("lo" if my_ip.startswith("127.") else None)
         if iface:
-            os.environ["GLOO_SOCKET_IFNAME"] = iface
+            os.environ[var] = iface
+    if backend == "nccl":
+        # A collective blocked on a dead peer must raise (so the rank reports and the supervisor
+        # acts), not hang the CUDA stream forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(
         backend,
         init_method=f"tcp://{master_ip}:{master_port}",

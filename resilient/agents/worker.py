@@ -24,8 +24,8 @@ from resilient.catalogue import GPU, PlannedFault
 from resilient.checkpoint.source import RestoreSource
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
-from resilient.rundir import RunDir, base_model, markers
-from resilient.rundir.layout import BASE_MODEL
+from resilient.rundir import RunDir, markers, staged
+from resilient.rundir.layout import BASE_MODEL, DATA
 
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
 
@@ -95,9 +95,7 @@ class TrainWorker:
         """A spare builds its model and data now (on the CPU), so a promotion only connects them."""
         import torch
 
-        from resilient.training.trainer import Trainer
-
-        trainer = Trainer(self.spec, -1, self.world, self._base_dir(), torch.device("cpu"))
+        trainer = self._trainer(-1, torch.device("cpu"))
         trainer.prepare()
         return trainer
 
@@ -207,12 +205,13 @@ class TrainWorker:
             return "nccl" if self.spec.cluster.resources_per_worker.get("GPU", 0) > 0 else "gloo"
         return b
 
-    def _base_dir(self) -> str:
-        if self.spec.model.path:
-            return self.spec.model.path
-        if self.rundir.is_local:
-            return self.rundir.local_path(BASE_MODEL)
-        return base_model.fetch(self.rundir)  # workers never read the driver's disk
+    def _trainer(self, rank: int, device):
+        """A rank's trainer over the inputs staged in the run directory: workers never read the
+        driver's disk (nor the user's input files, which may be gone by now)."""
+        from resilient.training.trainer import Trainer
+
+        base, data = staged.local_dir(self.rundir, BASE_MODEL), staged.local_dir(self.rundir, DATA)
+        return Trainer(self.spec, rank, self.world, base, device, data_dir=data)
 
     def _setup(self, master_ip, master_port, restore: RestoreSource | None):
         """Join the process group, build (or take the prepared) trainer, restore; (trainer, step,
@@ -222,7 +221,6 @@ class TrainWorker:
         from resilient.agents.rendezvous import init_process_group, node_ip
         from resilient.checkpoint.engine import CheckpointEngine
         from resilient.checkpoint.source import load
-        from resilient.training.trainer import Trainer
 
         spec, cc = self.spec, self.spec.checkpoint
         torch.set_num_threads(max(1, int(spec.cluster.resources_per_worker.get("CPU", 1))))
@@ -239,7 +237,7 @@ class TrainWorker:
         self._set(phase="loading")
         trainer, self._prepared = self._prepared, None
         if trainer is None:
-            trainer = Trainer(spec, self.rank, self.world, self._base_dir(), self._device())
+            trainer = self._trainer(self.rank, self._device())
             trainer.prepare()
         trainer.rank, trainer.device = self.rank, self._device()
         trainer.connect()

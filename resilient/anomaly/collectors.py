@@ -8,6 +8,8 @@ event set, attributed to a GPU by `nvmlDeviceGetIndex` (pynvml handles are ctype
 handle an event carries is never the same object as the one the collector holds). Fields that only
 newer drivers or nvidia-ml-py have are read only where they exist. Without NVML or a GPU,
 `open_gpu_collector()` says why once and returns None.
+Counters (ECC, retired pages by cause, PCIe replays) are read as NVML gives them, totals since
+the driver loaded; the detectors compare them between samples.
 `HostCollector.sample(pids)` returns CPU, memory, disk and network counters and each worker's RSS.
 """
 
@@ -29,6 +31,8 @@ FIELDS = (
     "ecc_volatile_uncorrected",
     "ecc_aggregate_uncorrected",
     "retired_pending",
+    "retired_pages_sbe",
+    "retired_pages_dbe",
     "remap_pending",
     "remap_failed",
     "pcie_replay",
@@ -96,11 +100,23 @@ class GpuCollector:
                 n.NVML_AGGREGATE_ECC,
             ),
             "retired_pending": self._read(h, "retired", n.nvmlDeviceGetRetiredPagesPendingStatus),
+            "retired_pages_sbe": self._retired(
+                h, n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+            ),
+            "retired_pages_dbe": self._retired(
+                h, n.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+            ),
             "remap_pending": bool(remap[2]) if remap else None,
             "remap_failed": bool(remap[3]) if remap else None,
             "pcie_replay": self._read(h, "pcie", n.nvmlDeviceGetPcieReplayCounter),
             "recovery_action": (rec[0].value.uiVal if rec and rec[0].nvmlReturn == 0 else None),
         }
+
+    def _retired(self, h, cause: int) -> int | None:
+        """How many pages are retired (or pending retirement) for `cause`; None where the GPU has
+        no page retirement (Ampere and later remap rows instead)."""
+        pages = self._read(h, "retired", self.nvml.nvmlDeviceGetRetiredPages, cause)
+        return len(pages) if pages is not None else None
 
     def xids(self) -> list[tuple[int, int]]:
         """(gpu index, xid) of every XID critical-error event since the last call."""

@@ -28,13 +28,21 @@ POWER_THROTTLE = 0x04 | 0x80  # SW power cap, HW power brake
 
 
 class HardwareDetector:
-    """XIDs, uncorrectable ECC increases, row-remap failure/pending, recovery action, lost GPU,
-    thermal."""
+    """XIDs, uncorrectable ECC increases, row-remap failure/pending, retired pages, recovery
+    action, lost GPU, thermal, PCIe replays.
+
+    Retired pages: a page retirement pending (the GPU needs a reset to retire it) cordons, as a
+    pending row remap does; retired-page counts that rise without a new pending retirement warn.
+    PCIe replays: a counter that grows faster than `pcie_replay_per_min`, over the last
+    `pcie_replay_window_s` seconds (or by more than a whole window's budget in less), warns once,
+    and again only after the rate fell back under the limit."""
 
     def __init__(self, cfg: AnomalyConfig):
         self.cfg = cfg
         self.last: dict[tuple[str, int], dict] = {}
         self.warned: set[tuple[str, int, str]] = set()
+        # (t, counter) per GPU: the newest sample at or before the window's start, then the rest
+        self.replays: dict[tuple[str, int], deque] = defaultdict(deque)
 
     def observe(self, node: str, s: dict) -> list[AnomalyEvent]:
         key = (node, s["gpu"])
@@ -49,7 +57,7 @@ class HardwareDetector:
             )
             found = [] if prev.get("lost") else [lost]
         else:
-            found = self._failures(s, prev) + self._warnings(node, s)
+            found = self._failures(s, prev) + self._warnings(node, s) + self._pcie(node, s)
         return [
             AnomalyEvent(
                 s["t"], kind, severity, action, node=node, evidence={"gpu": s["gpu"], **evidence}
@@ -92,6 +100,7 @@ class HardwareDetector:
                     {"pending": True, "reason": "row remap pending: the GPU needs a reset"},
                 )
             )
+        out += _retired_pages(s, prev)
         if s.get("recovery_action") and not prev.get("recovery_action"):
             out.append(
                 (
@@ -129,6 +138,70 @@ class HardwareDetector:
                 ("power_throttle", WARN, "warning", {"throttle_reasons": s.get("throttle_reasons")})
             )
         return out
+
+    def _pcie(self, node: str, s: dict) -> list[tuple[str, str, str, dict]]:
+        """PCIe replays faster than the limit: warned once until the rate falls back under it."""
+        count = s.get("pcie_replay")
+        if count is None:  # not supported here, or not read this time: nothing to compare
+            return []
+        key, t = (node, s["gpu"]), s["t"]
+        window = self.cfg.pcie_replay_window_s
+        series = self.replays[key]
+        if series and count < series[-1][1]:  # the counter restarted (driver reload, GPU reset)
+            series.clear()
+        series.append((t, count))
+        while len(series) >= 2 and series[1][0] <= t - window:
+            series.popleft()
+        t0, c0 = series[0]
+        # A span shorter than the window is held to the whole window's budget, so a short burst
+        # at the start is judged as if the window were full rather than extrapolated to a rate.
+        budget = self.cfg.pcie_replay_per_min * max(t - t0, window) / 60
+        over = count - c0 > budget
+        flag = (node, s["gpu"], "pcie_replay")
+        if over and flag not in self.warned:
+            self.warned.add(flag)
+            evidence = {
+                "replays": count - c0,
+                "seconds": round(t - t0, 3),
+                "per_min_limit": self.cfg.pcie_replay_per_min,
+                "counter": count,
+                "reason": "PCIe replays above the limit: a degraded link slows every collective",
+            }
+            return [("pcie_replay", WARN, "warning", evidence)]
+        if not over:
+            self.warned.discard(flag)
+        return []
+
+
+RETIRED = ("retired_pages_sbe", "retired_pages_dbe")  # retired-page counts, by cause
+
+
+def _retired_pages(s: dict, prev: dict) -> list[tuple[str, str, str, dict]]:
+    """A page retirement newly pending: the GPU needs a reset before the page is retired, so it
+    is treated like a pending row remap (cordon). Retired-page counts that rose otherwise (the
+    first sample is the baseline, as for ECC) are a warning: the memory is protected, but wearing.
+    """
+    rose = [
+        f for f in RETIRED if s.get(f) is not None and prev.get(f) is not None and s[f] > prev[f]
+    ]
+    counts = {f: s.get(f) for f in RETIRED}
+    if s.get("retired_pending") and not prev.get("retired_pending"):
+        reason = "page retirement pending: the GPU needs a reset"
+        return [
+            ("gpu_retired_pages", CORDON, "critical", {"pending": True, **counts, "reason": reason})
+        ]
+    if rose:
+        before = {f"{f}_before": prev[f] for f in rose}
+        reason = "GPU memory pages retired (ECC errors)"
+        return [
+            (
+                "gpu_retired_pages",
+                WARN,
+                "warning",
+                {"pending": False, "rose": rose, **counts, **before, "reason": reason},
+            )
+        ]
+    return []
 
 
 class StragglerDetector:

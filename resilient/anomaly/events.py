@@ -12,8 +12,8 @@ WARN, RESTART, ROLLBACK, CORDON = "warn", "restart", "rollback", "cordon"
 @dataclass(frozen=True)
 class AnomalyEvent:
     t: float
-    # gpu_xid, gpu_ecc, gpu_remap, gpu_recovery, gpu_lost, hang, straggler, nan, loss_spike,
-    # rss_leak, thermal
+    # gpu_xid, gpu_ecc, gpu_remap, gpu_retired_pages, gpu_recovery, gpu_lost, hang, straggler,
+    # nan, loss_spike, rss_leak, thermal, power_throttle, pcie_replay
     kind: str
     severity: str  # "warning" or "critical"
     action: str  # warn, restart, rollback, cordon

@@ -2,7 +2,8 @@
 
 Contract: same function names, constants, return shapes and errors as pynvml (errors are pynvml's
 own NVMLError subclasses), so `GpuCollector(SimulatedNvml(n))` exercises the real collector code.
-Tests and chaos faults change readings with `set()`, queue XIDs with `xid()`, and lose a GPU with
+Tests and chaos faults change readings with `set()` (counters too: `pcie_replay`, `retired_sbe`
+and `retired_dbe` pages, `retired_pending`), queue XIDs with `xid()`, and lose a GPU with
 `lose()` (every call on it then raises NVMLError_GpuIsLost). Handles are opaque objects, and an
 event carries a new one for its device, as pynvml's ctypes pointers do: code that compares handles
 instead of asking `nvmlDeviceGetIndex` fails here as it would on a real GPU.
@@ -32,6 +33,12 @@ class SimulatedNvml:
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
     NVML_VOLATILE_ECC = pynvml.NVML_VOLATILE_ECC
     NVML_AGGREGATE_ECC = pynvml.NVML_AGGREGATE_ECC
+    NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = (
+        pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+    )
+    NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR = (
+        pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+    )
     # newer nvidia-ml-py only; the real value, so both sides agree when it exists
     NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = getattr(
         pynvml, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", 230
@@ -51,6 +58,8 @@ class SimulatedNvml:
                 ecc_volatile=0,
                 ecc_aggregate=0,
                 retired_pending=0,
+                retired_sbe=0,  # pages retired for multiple single-bit errors; None: unsupported
+                retired_dbe=0,  # pages retired for a double-bit error; None: unsupported
                 remap_pending=False,
                 remap_failed=False,
                 pcie_replay=0,
@@ -131,6 +140,15 @@ class SimulatedNvml:
 
     def nvmlDeviceGetRetiredPagesPendingStatus(self, h):
         return self._g(h)["retired_pending"]
+
+    def nvmlDeviceGetRetiredPages(self, h, cause):
+        g = self._g(h)
+        dbe = cause == self.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+        n = g["retired_dbe"] if dbe else g["retired_sbe"]
+        if n is None:  # as on GPUs that remap rows instead of retiring pages
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        base = 0x2_0000_0000 if dbe else 0x1_0000_0000
+        return [base + i * 0x1000 for i in range(n)]  # page addresses, as pynvml returns them
 
     def nvmlDeviceGetRemappedRows(self, h):
         g = self._g(h)

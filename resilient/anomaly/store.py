@@ -35,8 +35,10 @@ def _from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
 
 
 def concat(blobs: list[bytes]) -> bytes:
-    """Parquet objects of one schema, in order, as one."""
-    return _to_bytes(pa.concat_tables([_from_bytes(b) for b in blobs]))
+    """Parquet objects of one schema, in order, as one. A column an older object lacks (a run
+    resumed by a newer `resilient` that samples more) is null there rather than a failed merge."""
+    tables = [_from_bytes(b) for b in blobs]
+    return _to_bytes(pa.concat_tables(tables, promote_options="default"))
 
 
 def decode_rows(segment, data: bytes) -> list[dict]:
@@ -120,6 +122,8 @@ GPU = pa.schema(
         ("ecc_volatile_uncorrected", i64),
         ("ecc_aggregate_uncorrected", i64),
         ("retired_pending", i64),
+        ("retired_pages_sbe", i64),
+        ("retired_pages_dbe", i64),
         ("remap_pending", pa.bool_()),
         ("remap_failed", pa.bool_()),
         ("pcie_replay", i64),

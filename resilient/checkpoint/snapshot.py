@@ -47,8 +47,37 @@ class Snapshot:
 
 
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies (the only part of a checkpoint that blocks training)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    """Detached, contiguous CPU copies (the only part of a checkpoint that blocks training).
+
+    CUDA tensors are copied into pinned host buffers on a side stream that first waits for the
+    training stream (so it copies the finished step), and the call blocks only until those copies
+    are done. Pinned buffers come from torch's caching host allocator, so after the first
+    snapshot no page is pinned anew."""
+    cuda = [v for v in tensors.values() if v.is_cuda]
+    if not cuda:
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    device = cuda[0].device
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    out = {}
+    with torch.cuda.stream(stream):
+        for k, v in tensors.items():
+            if v.is_cuda:
+                out[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                out[k].copy_(v.detach(), non_blocking=True)
+            else:
+                out[k] = v.detach().to("cpu", copy=True).contiguous()
+    stream.synchronize()
+    return out
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 def optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

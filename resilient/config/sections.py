@@ -20,6 +20,17 @@ DAY, WEEK = 86_400.0, 7 * 86_400.0
 MAX_LOCAL_NODES = max(8, os.cpu_count() or 1)  # each simulated node is a raylet on this machine
 
 
+# Schedulers that `transformers.get_scheduler` builds from (optimizer, warmup, total steps) alone:
+# reduce_lr_on_plateau needs a metric, warmup_stable_decay needs its phase lengths.
+NEEDS_MORE = ("reduce_lr_on_plateau", "warmup_stable_decay")
+
+
+def scheduler_names() -> list[str]:
+    from transformers import SchedulerType
+
+    return [t.value for t in SchedulerType if t.value not in NEEDS_MORE]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -62,24 +73,35 @@ class ClusterConfig(_Section):
 class ModelConfig(_Section):
     """The base model. Exactly one of `path` and `builtin`."""
 
-    path: str = Field("", description="A local Hugging Face model directory.")
+    path: str = Field(
+        "",
+        description="A Hugging Face model directory: a local path or an fsspec URI "
+        "(s3://bucket/llama); staged into the run directory at launch.",
+    )
     builtin: Literal["", "tiny-llama"] = Field(
         "", description='"tiny-llama": a small Llama model built from a config (no download).'
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The frozen base weights' dtype; bfloat16/float16 also run the forward "
+        "pass under autocast (the adapter and optimizer stay float32).",
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
+        # Only the shape of the spec here: whether the directory exists is the launcher's check
+        # (`launcher.inputs`), since workers on other nodes validate this spec too.
         if bool(self.path) == bool(self.builtin):
             raise ValueError(
-                "set exactly one of model.path (a local HF model directory) or "
+                "set exactly one of model.path (a HF model directory or URI) or "
                 'model.builtin = "tiny-llama"'
             )
-        if self.path and not Path(self.path).is_dir():
-            raise ValueError(
-                f"model.path {self.path!r} is not a directory; give a local Hugging Face "
-                "model directory"
-            )
         return self
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        return str(Path(v).expanduser().absolute()) if v and "://" not in v else v
 
 
 class DataConfig(_Section):
@@ -92,12 +114,10 @@ class DataConfig(_Section):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        if not Path(v).is_file():
-            raise ValueError(
-                f"data file {v!r} does not exist; give the path of a text or JSONL file"
-            )
-        return str(Path(v).resolve())
+    def _absolute(cls, v: str) -> str:
+        # Existence is the launcher's check (`launcher.inputs`): the data is staged into the run
+        # directory at launch, and workers, which validate this spec too, never read this path.
+        return str(Path(v).expanduser().absolute())
 
 
 class TrainConfig(_Section):
@@ -106,9 +126,25 @@ class TrainConfig(_Section):
     steps: int = Field(100, ge=1, le=10**9, description="Optimizer steps in total.")
     batch_size: int = Field(4, ge=1, le=65_536, description="Samples per worker per step.")
     lr: float = Field(
-        1e-3, gt=0, le=10, description="Peak learning rate (AdamW, linear warmup then constant)."
+        1e-3, gt=0, le=10, description="Peak learning rate (AdamW, shaped by `lr_scheduler`)."
     )
-    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warmup steps.")
+    lr_scheduler: str = Field(
+        "constant_with_warmup",
+        description="Any name `transformers.get_scheduler` takes that needs no metric: linear, "
+        "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+        "inverse_sqrt, cosine_with_min_lr, ...",
+    )
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Warmup steps of the scheduler.")
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        le=65_536,
+        description="Microbatches per step on each rank: the global batch is num_workers x "
+        "batch_size x grad_accum_steps.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30% slower)."
+    )
     seed: int = Field(
         0,
         ge=0,
@@ -116,6 +152,14 @@ class TrainConfig(_Section):
         description="Seeds adapter init, dropout and data order; same seed, same adapter.",
     )
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max gradient norm (0 = no clipping).")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        names = scheduler_names()
+        if v not in names:
+            raise ValueError(f"unknown scheduler {v!r}; give one of {', '.join(names)}")
+        return v
 
 
 class CheckpointConfig(_Section):
@@ -341,6 +385,21 @@ class AnomalyConfig(_Section):
     thermal_c: float = Field(
         90.0, ge=0, le=200, description="GPU temperature at or above which a warning fires."
     )
+    prometheus_host: str = Field(
+        "127.0.0.1",
+        description="Where the driver serves Prometheus metrics; another address than loopback "
+        "exposes them to the network (they hold no secrets).",
+    )
     prometheus_port: int = Field(
-        0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = off)."
+        0, ge=0, le=65535, description="Serve Prometheus metrics on prometheus_host:PORT (0 = off)."
+    )
+    pcie_replay_per_min: float = Field(
+        8.0,
+        gt=0,
+        le=1e9,
+        description="PCIe replays per minute above which a GPU's link is degraded (a warning, "
+        "once per episode); 8 is NVIDIA's recommended maximum (DCGM).",
+    )
+    pcie_replay_window_s: float = Field(
+        300.0, gt=0, le=DAY, description="Seconds over which the PCIe replay rate is measured."
     )

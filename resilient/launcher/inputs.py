@@ -8,13 +8,15 @@ Contract:
   storage field's mistake.
 - `check_writable(rundir, field)`: storage takes a write (credentials, endpoint, bucket); it leaves
   nothing behind but the run directory itself.
-- `check_data(spec)`: the data file is text (or JSONL with a `text` field) and holds at least one
-  sample of `data.seq_len` tokens of the job's own tokenizer.
+- `check_data(spec, model_dir)`: the data file exists, is text (or JSONL with a `text` field) and
+  holds at least one sample of `data.seq_len` tokens of the job's own tokenizer (the one in
+  `model_dir`); returns the tokenised samples, which launch stages for the workers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 
@@ -64,22 +66,30 @@ def check_writable(rundir: RunDir, field: str) -> None:
         raise storage_error(field, rundir.uri, e) from None
 
 
-def _tokenizer(spec: JobSpec):
+def _tokenizer(spec: JobSpec, model_dir: str):
     from resilient.training.data import ByteTokenizer
 
     if spec.model.builtin:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.model.path)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # a model directory without a tokenizer, or a damaged one
+        raise SpecError(
+            f"model.path {spec.model.path!r} holds no tokenizer transformers can load "
+            f"({type(e).__name__}); give a model directory with its tokenizer files"
+        ) from None
 
 
-def check_data(spec: JobSpec) -> None:
+def check_data(spec: JobSpec, model_dir: str):
     from resilient.training.data import tokenize_corpus
 
     path = spec.data.path
+    if not os.path.isfile(path):
+        raise SpecError(f"data.path {path!r} does not exist; give the path of a text or JSONL file")
     try:
-        samples = tokenize_corpus(path, _tokenizer(spec), spec.data.seq_len)
+        samples = tokenize_corpus(path, _tokenizer(spec, model_dir), spec.data.seq_len)
     except UnicodeDecodeError:
         raise SpecError(
             f"data.path {path!r} is not UTF-8 text; give a text file (one document per line) or "
@@ -94,3 +104,4 @@ def check_data(spec: JobSpec) -> None:
         raise SpecError(f"{e}; give more text or lower data.seq_len") from None
     if len(samples) == 0:
         raise SpecError(f"data.path {path!r} holds no sample; give more text")
+    return samples

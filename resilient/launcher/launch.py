@@ -3,9 +3,9 @@
 Contract: `launch(spec, run_id)` checks everything a user can get wrong before it starts anything
 (`inputs`: run id, storage URI and credentials, storage writable, run directory new, data file,
 cluster big enough), raising UserError otherwise and leaving nothing behind; then creates
-`<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and (for a built-in model)
-the base model, runs the supervisor with a live progress line, prints the summary and returns the
-final status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint,
+`<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and the staged inputs (base
+model, tokenised data: `staging`), runs the supervisor with a live progress line, prints the
+summary and returns the final status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint,
 waiting out a storage outage (`patience`). SIGTERM and SIGINT stop the job after the same step on
 every rank, persisted (`signals`): the status then says which signal (`signal`: its number).
 `journal_durable` is False when storage does not hold the journal's end yet.
@@ -21,12 +21,12 @@ from rich.console import Console
 
 from resilient.config import JobSpec, apply_overrides, validate_tree
 from resilient.errors import UserError
-from resilient.launcher import inputs
+from resilient.launcher import inputs, staging
 from resilient.launcher.cluster import check_capacity, connect
 from resilient.launcher.patience import patiently
 from resilient.launcher.progress import ProgressLine, print_summary
 from resilient.launcher.signals import Preemption, StopRequests
-from resilient.rundir import RunDir, base_model, control, markers
+from resilient.rundir import RunDir, control, markers
 from resilient.rundir.layout import CHAOS_REPORT, SPEC_FILE, base_ref
 from resilient.runlog.journal import Journal, journal_exists, read_records
 from resilient.runlog.status import fold
@@ -34,17 +34,6 @@ from resilient.runlog.status import fold
 
 def default_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
-
-
-def _prepare_base(spec: JobSpec, rundir: RunDir) -> None:
-    if not spec.model.builtin or base_model.published(rundir):
-        return
-    from resilient.training.data import BYTE_VOCAB
-    from resilient.training.model import build_tiny_llama
-
-    with tempfile.TemporaryDirectory() as tmp:
-        build_tiny_llama(tmp, BYTE_VOCAB)
-        base_model.publish(rundir, tmp)
 
 
 def launch(
@@ -67,18 +56,21 @@ def launch(
             f"run directory {rundir.uri} already exists; pass another --run-id, or "
             f"continue it with `resilient launch --resume {rundir.uri}`"
         )
-    inputs.check_data(spec)
-    existed = rundir.is_local and os.path.isdir(rundir.local_path())
-    inputs.check_writable(rundir, "checkpoint.storage")
-    return _run(
-        spec,
-        rundir,
-        run_id,
-        console or Console(),
-        fresh=True,
-        dashboard_port=dashboard_port,
-        made_dir=rundir.is_local and not existed,
-    )
+    with tempfile.TemporaryDirectory(prefix="resilient-inputs-") as tmp:
+        model = staging.model_dir(spec, tmp)
+        samples = inputs.check_data(spec, model)
+        existed = rundir.is_local and os.path.isdir(rundir.local_path())
+        inputs.check_writable(rundir, "checkpoint.storage")
+        return _run(
+            spec,
+            rundir,
+            run_id,
+            console or Console(),
+            fresh=True,
+            dashboard_port=dashboard_port,
+            made_dir=rundir.is_local and not existed,
+            stage=lambda: staging.stage(rundir, spec, tmp, model, samples),
+        )
 
 
 def _read_spec(rundir: RunDir, console: Console) -> dict:
@@ -126,14 +118,16 @@ def resume(
             lambda: rundir.write_json(SPEC_FILE, spec.model_dump(mode="json")),
             console,
         )
-    return _run(
-        spec,
-        rundir,
-        rundir.uri.rsplit("/", 1)[-1],
-        console,
-        fresh=False,
-        dashboard_port=dashboard_port,
-    )
+    with tempfile.TemporaryDirectory(prefix="resilient-inputs-") as tmp:
+        return _run(
+            spec,
+            rundir,
+            rundir.uri.rsplit("/", 1)[-1],
+            console,
+            fresh=False,
+            dashboard_port=dashboard_port,
+            stage=lambda: staging.stage(rundir, spec, tmp),  # reads inputs only if not staged
+        )
 
 
 def write_chaos_report(rundir: RunDir, console: Console) -> dict | None:
@@ -229,6 +223,7 @@ def _run(
     fresh: bool,
     dashboard_port: int | None = None,
     made_dir: bool = False,
+    stage=None,
 ) -> dict:
     conn = _start(spec, rundir, fresh, made_dir)
     preemption = Preemption(spec.supervisor.grace_s).install()  # after Ray: it has its own
@@ -240,7 +235,7 @@ def _run(
             highlight=False,
             soft_wrap=True,
         )
-        patiently("publish the base model", lambda: _prepare_base(spec, rundir), console)
+        patiently("stage the inputs", stage, console)
         dash = None
         if dashboard_port:
             from resilient.dashboard.app import serve, url

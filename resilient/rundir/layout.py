@@ -17,7 +17,8 @@ STOP_FILE = f"{CONTROL}/stop"
 CHAOS = "chaos"  # one marker per fault that fired (rundir.markers)
 CHAOS_REPORT = "chaos_report.json"
 FINAL = "final"  # the final adapter, in peft's format
-BASE_MODEL = "base_model"  # the built-in base model, written once per run
+BASE_MODEL = "base_model"  # the base model, staged at launch (rundir.staged)
+DATA = "data"  # the tokenised corpus, staged at launch (rundir.staged)
 
 
 def inject_request(req_id: str) -> str:
@@ -26,8 +27,9 @@ def inject_request(req_id: str) -> str:
 
 
 def base_ref(rundir: RunDir, model_path: str) -> str:
-    """What an exported adapter's config names as its base model: the user's model directory, or
-    the run's own `base_model/` (relative to the adapter where the run directory is remote)."""
+    """What an exported adapter's config names as its base model: the user's model directory (or
+    URI), or the run's own `base_model/` (relative to the adapter where the run directory is
+    remote)."""
     if model_path:
-        return os.path.abspath(model_path)
+        return model_path if "://" in model_path else os.path.abspath(model_path)
     return rundir.local_path(BASE_MODEL) if rundir.is_local else f"../{BASE_MODEL}"

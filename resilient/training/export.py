@@ -8,13 +8,10 @@ saves a directory `PeftModel.from_pretrained` loads, naming the run's base model
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
-from resilient.rundir import RunDir
+from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, SPEC_FILE, base_ref
 from resilient.training.model import apply_adapter, load_base, load_trainable
 from resilient.training.trainer import write_adapter
@@ -23,13 +20,10 @@ from resilient.training.trainer import write_adapter
 def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
     spec = validate_tree(rundir.read_json(SPEC_FILE))
     snap = Snapshot.from_files(CheckpointStore(rundir).load(step, spec.fingerprint()))
-    with tempfile.TemporaryDirectory() as tmp:
-        base_dir = spec.model.path
-        if not base_dir and rundir.is_local:
-            base_dir = rundir.local_path(BASE_MODEL)
-        elif not base_dir:
-            base_dir = os.path.join(tmp, "base")
-            rundir.download_dir(BASE_MODEL, base_dir)
-        model = apply_adapter(load_base(base_dir), spec.peft, spec.train.seed)
-        load_trainable(model, snap.shared)
-        write_adapter(model, out_dir, base_ref(rundir, spec.model.path))
+    model = apply_adapter(
+        load_base(staged.local_dir(rundir, BASE_MODEL), spec.model.dtype),
+        spec.peft,
+        spec.train.seed,
+    )
+    load_trainable(model, snap.shared)
+    write_adapter(model, out_dir, base_ref(rundir, spec.model.path))

@@ -1,8 +1,9 @@
 """Base models and adapters.
 
 Contract: `build_tiny_llama(dir)` writes the same small Llama-architecture model (weights fixed by a
-constant seed, safetensors) every time it is called; `load_base(dir)` loads any local HF causal LM;
-`apply_adapter(model, table, seed)` gives the same initial adapter for the same seed.
+constant seed, safetensors) every time it is called; `load_base(dir, dtype, gradient_checkpointing)`
+loads any local HF causal LM; `apply_adapter(model, table, seed)` gives the same initial adapter for
+the same seed.
 """
 
 from __future__ import annotations
@@ -45,12 +46,18 @@ def build_tiny_llama(out_dir: str, vocab_size: int) -> None:
     model.save_pretrained(out_dir)
 
 
-def load_base(model_dir: str) -> torch.nn.Module:
+def load_base(
+    model_dir: str, dtype: str = "float32", gradient_checkpointing: bool = False
+) -> torch.nn.Module:
+    """The base model in `dtype` (model.dtype), in training mode (dropout, checkpointing on)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.config.use_cache = False
-    return model
+    if gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and under DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # from_pretrained leaves it in eval mode, where HF skips checkpointing
 
 
 def apply_adapter(model: torch.nn.Module, table: dict[str, Any], seed: int) -> torch.nn.Module:

@@ -1,15 +1,18 @@
 """One DDP rank of LoRA fine-tuning, driven step by step.
 
-Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update on this rank's batch of
-`data_step` and returns `StepResult` with job-wide agreement on `stop` (any rank asked) and on
-`nonfinite` (any rank saw a NaN/Inf loss or grad norm), so every rank takes the same branch after
-every step. `snapshot()`/`restore()` capture and reinstate the whole state bit for bit; both are
-local (no collective): the state is the same on every rank and random draws are seeded per
-(seed, rank, data step).
+Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update over this rank's
+`train.grad_accum_steps` microbatches of `data_step` (the forward pass under autocast when
+`model.dtype` is bfloat16/float16, with a gradient scaler for float16) and returns `StepResult` with
+job-wide agreement on `stop` (any rank asked) and on `nonfinite` (any rank saw a NaN/Inf loss or
+grad norm), so every rank takes the same branch after every step. `snapshot()`/`restore()` capture
+and reinstate the whole state bit for bit; both are local (no collective): the state is the same on
+every rank and random draws are seeded per (seed, rank, data step). The learning rate follows
+`transformers.get_scheduler(train.lr_scheduler)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +25,7 @@ import torch.distributed as dist
 
 from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
 from resilient.config import JobSpec
-from resilient.training.data import ByteTokenizer, DataOrder, tokenize_corpus
+from resilient.training.data import ByteTokenizer, DataOrder, load_samples, tokenize_corpus
 from resilient.training.model import apply_adapter, load_base, load_trainable, trainable_state
 
 
@@ -44,7 +47,17 @@ class StepResult:
 class Trainer:
     """Model, adapter, optimizer, scheduler and data of one rank."""
 
-    def __init__(self, spec: JobSpec, rank: int, world: int, base_dir: str, device: torch.device):
+    def __init__(
+        self,
+        spec: JobSpec,
+        rank: int,
+        world: int,
+        base_dir: str,
+        device: torch.device,
+        data_dir: str | None = None,
+    ):
+        """`data_dir`: the staged, tokenised corpus (workers); None tokenises `data.path` here
+        (benchmarks and tools on the driver's machine)."""
         self.spec, self.rank, self.world, self.base_dir, self.device = (
             spec,
             rank,
@@ -52,6 +65,7 @@ class Trainer:
             base_dir,
             device,
         )
+        self.data_dir = data_dir
 
     def setup(self) -> None:
         self.prepare()
@@ -61,23 +75,30 @@ class Trainer:
         """The rank-independent part (tokenizer, data, base model with the adapter): a warm spare
         does it before it has a rank, so none of it sits on the recovery path."""
         spec = self.spec
-        if spec.model.builtin:
-            self.tokenizer = ByteTokenizer()
+        if self.data_dir:
+            self.samples = load_samples(self.data_dir)
         else:
-            from transformers import AutoTokenizer
+            self.samples = tokenize_corpus(spec.data.path, self._tokenizer(), spec.data.seq_len)
+        base = load_base(self.base_dir, spec.model.dtype, spec.train.gradient_checkpointing)
+        self.model = apply_adapter(base.to(self.device), spec.peft, spec.train.seed)
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        self.samples = tokenize_corpus(spec.data.path, self.tokenizer, spec.data.seq_len)
-        self.model = apply_adapter(
-            load_base(self.base_dir).to(self.device), spec.peft, spec.train.seed
-        )
+    def _tokenizer(self):
+        if self.spec.model.builtin:
+            return ByteTokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.base_dir)
 
     def connect(self) -> None:
         """The rank's part: data order, DDP over the initialised process group, optimizer,
         scheduler."""
-        spec = self.spec
+        from transformers import get_scheduler
+
+        spec, t = self.spec, self.spec.train
+        deterministic(self.device)
+        # A rank's share of a step is batch_size x grad_accum_steps samples, cut into microbatches.
         self.order = DataOrder(
-            len(self.samples), self.world, spec.train.batch_size, spec.train.seed
+            len(self.samples), self.world, t.batch_size * t.grad_accum_steps, t.seed
         )
         self.model.to(self.device)  # a spare prepares on the CPU (it holds no GPU)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -88,11 +109,17 @@ class Trainer:
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False,
         )
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.train.lr)
-        warm = spec.train.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr)
+        self.scheduler = get_scheduler(
+            t.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=t.warmup_steps,
+            num_training_steps=t.steps,
         )
+        amp = spec.model.dtype
+        self.amp_dtype = None if amp == "float32" else getattr(torch, amp)
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "float16")
 
     def step(
         self, data_step: int, stop: bool = False, poison: bool = False, slow: float = 1.0
@@ -104,20 +131,35 @@ class Trainer:
         # checkpoint, so a snapshot needs no collective and a resumed step draws what it drew
         # before.
         torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + self.rank)
+        accum, bs = self.spec.train.grad_accum_steps, self.spec.train.batch_size
         batch = self.samples[self.order.batch_indices(data_step, self.rank)].to(self.device)
         t1 = time.perf_counter()
-        loss = self.ddp(input_ids=batch, labels=batch).loss
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if slow > 1.0:
-            time.sleep((slow - 1.0) * (time.perf_counter() - t1))
-        compute = time.perf_counter() - t1
-        if poison:
-            loss = loss * float("nan")
-        loss.backward()
+        loss, compute = torch.zeros((), device=self.device), 0.0
+        for i in range(accum):
+            micro = batch[i * bs : (i + 1) * bs]
+            last = i == accum - 1
+            # Gradients are all-reduced once, in the last microbatch's backward pass.
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                tf = time.perf_counter()
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    part = self.ddp(input_ids=micro, labels=micro).loss.float() / accum
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if slow > 1.0:
+                    time.sleep((slow - 1.0) * (time.perf_counter() - tf))
+                compute += time.perf_counter() - tf
+                if poison and i == 0:
+                    part = part * float("nan")
+                self.scaler.scale(part).backward()
+            loss = loss + part.detach()
+        self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        local_bad = not (math.isfinite(float(loss)) and math.isfinite(grad_norm))
+        # With a gradient scaler an infinite gradient is an overflow the scaler skips, not a fault.
+        bad_grad = not math.isfinite(grad_norm) and not self.scaler.is_enabled()
+        local_bad = not math.isfinite(float(loss)) or bad_grad
         stats = torch.tensor(
             [float(loss) if not local_bad else 0.0, float(stop), float(local_bad)],
             dtype=torch.float64,
@@ -125,12 +167,11 @@ class Trainer:
         )
         dist.all_reduce(stats)
         nonfinite = bool(stats[2] > 0)
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)  # never apply a poisoned update
-        else:
-            self.optimizer.step()
+        if not nonfinite:
+            self.scaler.step(self.optimizer)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # (a no-op without scaling) ends this step's unscale_
+        self.optimizer.zero_grad(set_to_none=True)  # a poisoned update is never applied
         t2 = time.perf_counter()
         return StepResult(
             loss=float(loss),
@@ -139,7 +180,7 @@ class Trainer:
             step_time=t2 - t1,
             compute_s=compute,
             data_wait=t1 - t0,
-            tokens=batch.numel() * self.world,
+            tokens=batch.numel() * self.world,  # every microbatch of every rank
             stop=bool(stats[1] > 0),
             nonfinite=nonfinite,
         )
@@ -152,6 +193,7 @@ class Trainer:
         meta = {
             "optimizer": optim_meta,
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "fingerprint": fingerprint,
             "world_size": self.world,
         }
@@ -162,6 +204,18 @@ class Trainer:
         load_trainable(self.model, snap.shared)
         self.optimizer.load_state_dict(optimizer_state(snap.shared, snap.meta["optimizer"]))
         self.scheduler.load_state_dict(snap.meta["scheduler"])
+        if snap.meta.get("scaler"):
+            self.scaler.load_state_dict(snap.meta["scaler"])
+
+
+def deterministic(device: torch.device) -> None:
+    """What bit-exact resume needs of CUDA (CPU kernels are deterministic already): deterministic
+    kernels, no cuDNN autotuning, and a fixed cuBLAS workspace (read when cuBLAS first starts)."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def write_adapter(peft_model, out_dir: str, base_ref: str) -> None:

@@ -1,7 +1,7 @@
 import pytest
 
 from resilient.config import apply_overrides, load_spec, validate_tree
-from resilient.errors import SpecError
+from resilient.errors import SpecError, UserError
 from tests.helpers import write_job
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +35,9 @@ def test_yaml_spec(tmp_path):
         ('cluster.num_workers="two"', "cluster.num_workers"),
         ("cluster.bogus=1", "cluster.bogus"),
         ("train.steps=0", "train.steps"),
-        ('data.path="/no/such/file"', "data.path"),
+        ('train.lr_scheduler="cosine_wobble"', "train.lr_scheduler"),
+        ('model.dtype="float8"', "model.dtype"),
+        ("train.grad_accum_steps=0", "train.grad_accum_steps"),
         ("supervisor.hang_timeout=0.5", "supervisor"),
         ('peft.method="nonsense"', "peft"),
         ("peft.bogus_option=1", "peft"),
@@ -83,3 +85,21 @@ def test_model_needs_exactly_one_source(tmp_path):
     }
     with pytest.raises(SpecError, match="exactly one"):
         validate_tree(tree)
+
+
+def test_spec_checks_no_file_but_the_launcher_does(tmp_path):
+    """Workers validate the spec on nodes that do not see the driver's disk: only the launcher
+    checks the data file and the model directory (exit 2, naming the field)."""
+    from resilient.launcher import inputs, staging
+
+    spec = load_spec(write_job(tmp_path), ['data.path="/no/such/file"'])
+    with pytest.raises(SpecError, match="data.path"):
+        inputs.check_data(spec, str(tmp_path))
+    spec = load_spec(write_job(tmp_path), ['model.path="/no/such/model"', 'model.builtin=""'])
+    with pytest.raises(UserError, match="model.path"):
+        staging.model_dir(spec, str(tmp_path))
+    spec = load_spec(
+        write_job(tmp_path), ['model.path="memory://nothing/here"', 'model.builtin=""']
+    )
+    with pytest.raises(UserError, match="model.path"):
+        staging.model_dir(spec, str(tmp_path))
