@@ -120,6 +120,7 @@ class TrainWorker:
             "ip": ip,
             "port": free_port(ip),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "gpus": [int(g) if str(g).isdigit() else g for g in ray.get_gpu_ids()],
         }
 
     def start(

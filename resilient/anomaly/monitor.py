@@ -30,7 +30,8 @@ FLUSH_S = 5.0  # seconds between writes of the buffered rows
 
 
 class AnomalyMonitor:
-    def __init__(self, spec: JobSpec, rundir: RunDir):
+    def __init__(self, spec: JobSpec, rundir: RunDir, exporter=None):
+        """`exporter`: the driver's Prometheus exporter (its owner closes it), or None."""
         cfg = spec.anomaly
         self.hardware = HardwareDetector(cfg)
         self.straggler = StragglerDetector(cfg, spec.cluster.num_workers)
@@ -42,11 +43,7 @@ class AnomalyMonitor:
             "host": store.ParquetLog(rundir, "metrics/host", store.HOST),
             "events": store.ParquetLog(rundir, "events", store.EVENTS),
         }
-        self.exporter = None
-        if cfg.prometheus_port:
-            from resilient.anomaly.exporter import Exporter
-
-            self.exporter = Exporter(cfg.prometheus_port)
+        self.exporter = exporter
         self.counts: dict[str, int] = {}
         self._closed = threading.Event()
         self._io = threading.Lock()  # one writer at a time: the flush thread or close()
@@ -108,5 +105,3 @@ class AnomalyMonitor:
         with self._io:
             for log in self.logs.values():
                 log.seal()
-        if self.exporter:
-            self.exporter.close()

@@ -55,7 +55,11 @@ from resilient.runlog.states import TERMINAL
     is_flag=True,
     help="Serve the dashboard beside the job (127.0.0.1).",
 )
-@click.option("--dashboard-port", default=8265, show_default=True, type=int)
+@click.option(
+    "--dashboard-port",
+    type=int,
+    help="Default: 8266 or the next free port (Ray's dashboard has 8265).",
+)
 @click.option(
     "--resume",
     "resume_dir",
@@ -82,7 +86,11 @@ def launch(
     from resilient.launcher import resume as do_resume
     from resilient.launcher.patience import StorageUnavailable
 
-    dash = dashboard_port if with_dashboard else None
+    dash = None
+    if with_dashboard or dashboard_port:
+        from resilient.dashboard.app import pick_port
+
+        dash = pick_port("127.0.0.1", dashboard_port)
     extra = list(overrides)
     if chaos_mtbf:
         extra.append(random_chaos(chaos_mtbf, chaos_faults, chaos_seed))
@@ -195,7 +203,9 @@ def stop(run_dir, wait, timeout) -> None:
     show_default=True,
     help="Address to bind; another than loopback needs --token.",
 )
-@click.option("--port", default=8265, show_default=True, type=int)
+@click.option(
+    "--port", type=int, help="Default: 8266 or the next free port (Ray's dashboard has 8265)."
+)
 @click.option(
     "--token",
     envvar="RESILIENT_DASHBOARD_TOKEN",
@@ -204,9 +214,10 @@ def stop(run_dir, wait, timeout) -> None:
 @user_errors
 def dashboard(run_dir, host, port, token) -> None:
     """Serve the live anomaly dashboard of a run (running or finished)."""
-    from resilient.dashboard.app import check_bind, serve, url
+    from resilient.dashboard.app import check_bind, pick_port, serve, url
 
     check_bind(host, token)
     rd = open_rundir(run_dir)
+    port = pick_port(host, port)
     click.echo(f"dashboard of {rd.uri}: {url(host, port, token)}  (Ctrl-C to stop)")
     serve(rd, host, port, token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import threading
 from importlib import resources
 
@@ -90,6 +91,25 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+DEFAULT_PORT = 8266  # not Ray's dashboard's 8265: both serve on a head node
+
+
+def pick_port(host: str, port: int | None) -> int:
+    """`port` when given (UserError when it is taken); otherwise DEFAULT_PORT or the next free
+    port after it, so a second dashboard (or Ray's) never makes this one fail."""
+    candidates = [port] if port else range(DEFAULT_PORT, DEFAULT_PORT + 50)
+    for p in candidates:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, p))
+                return p
+            except OSError as e:
+                why = e.strerror or str(e)
+    raise UserError(
+        f"--port {port or DEFAULT_PORT}: cannot serve on {host} ({why}); give a free port"
+    )
+
+
 def url(host: str, port: int, token: str | None) -> str:
     return f"http://{host}:{port}/" + (f"?token={token}" if token else "")
 
@@ -97,7 +117,7 @@ def url(host: str, port: int, token: str | None) -> str:
 def serve(
     rd: RunDir,
     host: str = "127.0.0.1",
-    port: int = 8265,
+    port: int = DEFAULT_PORT,
     token: str | None = None,
     background: bool = False,
 ) -> uvicorn.Server:

@@ -5,9 +5,10 @@ Contract: `launch(spec, run_id)` checks everything a user can get wrong before i
 cluster big enough), raising UserError otherwise and leaving nothing behind; then creates
 `<checkpoint.storage>/<name>/<run_id>/` with `spec.json`, the journal and the staged inputs (base
 model, tokenised data: `staging`), runs the supervisor with a live progress line, prints the
-summary and returns the final status. `resume(run_dir)` continues a run from its journal and newest persisted checkpoint,
-waiting out a storage outage (`patience`). SIGTERM and SIGINT stop the job after the same step on
-every rank, persisted (`signals`): the status then says which signal (`signal`: its number).
+summary and returns the final status. `resume(run_dir)` continues a run from its journal and newest
+persisted checkpoint, waiting out a storage outage (`patience`). SIGTERM and SIGINT stop the job
+after the same step on every rank, persisted (`signals`): the status then says which signal
+(`signal`: its number). With `anomaly.prometheus_port` the driver serves the job's metrics there.
 `journal_durable` is False when storage does not hold the journal's end yet.
 """
 
@@ -170,6 +171,30 @@ def _open_journal(
     return journal, records + [rec]
 
 
+def _exporter(spec: JobSpec, journal: Journal, records: list[dict], console: Console):
+    """The Prometheus exporter (anomaly.prometheus_port), fed the run's records so far and then
+    every record appended; None when off."""
+    a = spec.anomaly
+    if not a.prometheus_port:
+        return None
+    from resilient.anomaly.exporter import Exporter
+
+    try:
+        exporter = Exporter(a.prometheus_port, a.prometheus_host)
+    except OSError as e:
+        raise UserError(
+            f"anomaly.prometheus_port {a.prometheus_port} on {a.prometheus_host}: cannot serve "
+            f"({e.strerror or e}); give a free port, or 0 to turn metrics off"
+        ) from None
+    for rec in records:
+        exporter.record(rec)
+    journal.listeners.append(exporter.record)
+    console.print(
+        f"metrics: http://{a.prometheus_host}:{a.prometheus_port}/metrics", highlight=False
+    )
+    return exporter
+
+
 def _supervise(
     spec: JobSpec,
     rundir: RunDir,
@@ -185,10 +210,15 @@ def _supervise(
 
     requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
     chaos = ChaosController(spec, rundir, journal, requests)
-    parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos)
-    with ProgressLine(console) as progress:
-        sup = Supervisor(spec, rundir, journal, parts, records, on_progress=progress.update)
-        status = sup.run()
+    exporter = _exporter(spec, journal, records, console)
+    parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos, exporter)
+    try:
+        with ProgressLine(console) as progress:
+            sup = Supervisor(spec, rundir, journal, parts, records, on_progress=progress.update)
+            status = sup.run()
+    finally:
+        if exporter:
+            exporter.close()
     status["journal_durable"] = journal.durable
     if not journal.durable:
         console.print(

@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from resilient.errors import UserError
@@ -116,6 +117,9 @@ class Journal:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
         self.error: str | None = None
+        # Called with every record appended, in the appending thread (the Prometheus exporter):
+        # each must be cheap and must not raise.
+        self.listeners: list[Callable[[dict], None]] = []
         self._cond = threading.Condition()
         self._pending: list[str] = []  # appended, not yet stored (object stores)
         self._flush = False
@@ -136,6 +140,8 @@ class Journal:
 
     def append(self, type: str, **fields: Any) -> dict:
         rec = {"t": time.time(), "type": type, **fields}
+        for listen in self.listeners:
+            listen(rec)
         line = json.dumps(rec, sort_keys=True, default=str)
         if not self.rundir.is_local:
             with self._cond:

@@ -36,10 +36,15 @@ class Parts:
 
 
 def ray_parts(
-    spec: JobSpec, rundir: RunDir, base_ref: str, control: Any, chaos: ChaosHooks | None = None
+    spec: JobSpec,
+    rundir: RunDir,
+    base_ref: str,
+    control: Any,
+    chaos: ChaosHooks | None = None,
+    exporter: Any = None,
 ) -> Parts:
     """The real collaborators (Ray must be connected); `base_ref` is what the final adapter names
-    as its base model."""
+    as its base model; `exporter` the Prometheus exporter the monitor feeds, if any."""
     nodes = Nodes(spec, rundir.uri)
     spares = SparePool(spec, rundir.uri) if uses_spares(spec) else None
 
@@ -52,7 +57,7 @@ def ray_parts(
         CheckpointStore(rundir),
         nodes,
         new_group,
-        AnomalyMonitor(spec, rundir),
+        AnomalyMonitor(spec, rundir, exporter),
         control,
         chaos or NoChaos(),
         spares,

@@ -41,6 +41,14 @@ PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end
 DATA_STEPS_KEPT = 10_000  # steps whose data steps are remembered (rollbacks look back a few)
 
 
+def ranks_of(group) -> list[dict]:
+    """Where each rank of a started group runs: pid, node and the GPUs Ray gave it."""
+    return [
+        {"rank": i, "pid": x.get("pid"), "node": x.get("node_id"), "gpus": x.get("gpus", [])}
+        for i, x in enumerate(getattr(group, "infos", None) or [])
+    ]
+
+
 class Supervisor:
     def __init__(
         self,
@@ -208,6 +216,7 @@ class Supervisor:
         except GroupStartError as e:
             kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
             return Fault(kind, e.rank, restored + 1, self.clock(), str(e))
+        self.journal.append("ranks", ranks=ranks_of(group))
         if self.parts.spares:
             self.parts.spares.fill(group.placement)  # replacements for the next restart
         return None
