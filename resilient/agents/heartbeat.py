@@ -32,6 +32,7 @@ class Heartbeat:
     first_step_done_at: float | None = None  # when it finished its first step of this attempt
     mean_loss: float | None = None  # the job-wide mean loss of its last step
     tokens_per_s: float | None = None
+    logs: tuple[str, ...] = ()  # lines the process wrote since the previous answer (agents.output)
 
     @property
     def past_start(self) -> bool:

@@ -10,6 +10,7 @@ the damage (`sabotage`, the node's simulated GPU, a NaN loss, a slower step).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 
 from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.output import capture
 from resilient.agents.sabotage import PROCESS_DAMAGE, damage
 from resilient.catalogue import GPU, PlannedFault
 from resilient.checkpoint.source import RestoreSource
@@ -27,6 +29,7 @@ from resilient.config import JobSpec
 from resilient.rundir import RunDir, markers, staged
 from resilient.rundir.layout import BASE_MODEL, DATA
 
+log = logging.getLogger(__name__)
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
 
 
@@ -57,6 +60,7 @@ def _lower_this_thread() -> None:
 class TrainWorker:
     def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`."""
+        self.output = capture()  # before anything prints: every line reaches logs/rank-N.log
         self.spec = JobSpec.model_validate(spec)
         if rank >= 0:
             _warm_imports()
@@ -156,6 +160,7 @@ class TrainWorker:
             metrics=tuple(metrics),
             checkpoints=tuple(engine.drain_records()) if engine else (),
             snapshot_step=engine.latest.step if engine and engine.latest else None,
+            logs=self.output.drain(),
         )
 
     def flush(self) -> int | None:
@@ -191,6 +196,7 @@ class TrainWorker:
             if step is not None:
                 self._finish(trainer, step, base_ref)
         except BaseException as e:  # reported, never raised: the supervisor decides
+            log.exception("rank %s failed", self.rank)  # the whole traceback, in its log
             self._set(
                 phase="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
             )

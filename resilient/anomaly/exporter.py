@@ -6,8 +6,8 @@ unless a person says so). What it serves:
 - the job, from every journal record (`record`, fed by the journal's listeners, O(1) each):
   `resilient_job_state{state}` (1 for the current state, 0 for the others), `resilient_step`,
   `resilient_restarts_total`, `resilient_faults_total{kind}`, `resilient_checkpoint_last_step`,
-  `resilient_checkpoint_age_seconds` (computed at scrape), `resilient_lost_seconds_total{cause}`
-  (fault to training again, by the fault's kind);
+  `resilient_checkpoint_age_seconds` (computed at scrape), `resilient_checkpoint_persisted_step`,
+  `resilient_lost_seconds_total{cause}` (fault to training again, by the fault's kind);
 - each rank, from its step records (`training`): loss, grad norm, compute and step seconds,
   tokens/s;
 - each GPU, from the node agents' samples (`gpu`), under the DCGM exporter's names and labels
@@ -108,12 +108,19 @@ class Exporter:
             registry=r,
         )
         self.ckpt_step = Gauge(
-            "resilient_checkpoint_last_step", "Step of the newest persisted checkpoint", registry=r
+            "resilient_checkpoint_last_step",
+            "Step of the newest checkpoint (host memory or storage)",
+            registry=r,
+        )
+        self.persisted_step = Gauge(
+            "resilient_checkpoint_persisted_step",
+            "Step of the newest checkpoint committed to storage",
+            registry=r,
         )
         self._ckpt_at: float | None = None
         self.ckpt_age = Gauge(
             "resilient_checkpoint_age_seconds",
-            "Seconds since the newest persisted checkpoint (since the start: none yet)",
+            "Seconds since the newest checkpoint (since the start: none yet)",
             registry=r,
         )
         started = time.time()
@@ -141,6 +148,8 @@ class Exporter:
         elif t == "checkpoint":
             self.ckpt_step.set(rec["step"])
             self._ckpt_at = rec["t"]
+        elif t == "persisted":
+            self.persisted_step.set(rec["step"])
         elif t == "ranks":  # which rank uses which GPU (each worker group, once started)
             for m in rec.get("ranks", []):
                 for g in m.get("gpus") or ():

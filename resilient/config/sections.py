@@ -39,7 +39,10 @@ class ClusterConfig(_Section):
     """Where the workers run."""
 
     address: str = Field(
-        "", description='"" starts an embedded local Ray; "auto" or "ray://..." joins a cluster.'
+        "",
+        description='"" starts an embedded local Ray; "auto" (the cluster this machine is part '
+        'of, e.g. after `ray start --head`) or "HOST:PORT" (its GCS) joins a cluster. For a remote '
+        "cluster run the launcher on its head node: `ray job submit -- resilient launch job.toml`.",
     )
     num_workers: int = Field(
         2, ge=1, le=4096, description="Number of DDP ranks, one Ray actor each."
@@ -57,6 +60,19 @@ class ClusterConfig(_Section):
         le=MAX_LOCAL_NODES,
         description="Embedded Ray only: simulate this many nodes (raylets) on this machine.",
     )
+
+    @field_validator("address")
+    @classmethod
+    def _joinable(cls, v: str) -> str:
+        if v.startswith("ray://"):
+            # Ray Client drivers cannot reach the run directory's local files nor the workers'
+            # addresses; the launcher must run on the cluster.
+            raise ValueError(
+                f"{v!r}: Ray Client addresses are not supported; run the launcher on the head "
+                "node instead: `ray job submit --address http://HEAD:8265 --working-dir . -- "
+                'resilient launch job.toml` with cluster.address = "auto"'
+            )
+        return v
 
     @field_validator("resources_per_worker")
     @classmethod

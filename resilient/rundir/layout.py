@@ -19,11 +19,18 @@ CHAOS_REPORT = "chaos_report.json"
 FINAL = "final"  # the final adapter, in peft's format
 BASE_MODEL = "base_model"  # the base model, staged at launch (rundir.staged)
 DATA = "data"  # the tokenised corpus, staged at launch (rundir.staged)
+LOGS = "logs"  # each rank's output (runlog.ranklogs)
 
 
 def inject_request(req_id: str) -> str:
     """Where `resilient chaos inject` leaves request `req_id`."""
     return f"{CONTROL}/inject-{req_id}.json"
+
+
+def rank_log(rank: int) -> str:
+    """A rank's log on a local run directory (an object store holds segments under
+    `logs/rank-N/`)."""
+    return f"{LOGS}/rank-{rank}.log"
 
 
 def base_ref(rundir: RunDir, model_path: str) -> str:

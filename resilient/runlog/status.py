@@ -13,7 +13,17 @@ from typing import Any
 
 from resilient.runlog.states import TERMINAL
 
-FAULT_KEYS = ("kind", "rank", "step", "detected_at", "injected_at", "evidence", "node", "chaos_key")
+FAULT_KEYS = (
+    "kind",
+    "rank",
+    "step",
+    "detected_at",
+    "injected_at",
+    "evidence",
+    "node",
+    "chaos_key",
+    "log",
+)
 ROLLBACK_KEYS = ("from_step", "to_step", "skipped_batches", "reason")
 
 

@@ -1,7 +1,8 @@
 """Intake: what the ranks and node agents report, turned into journal records and anomaly events.
 
-Contract: `Intake(journal, monitor, nodes)` records, and decides nothing. `heartbeats(hbs)` journals
-the snapshots the ranks handed over and returns which data steps each step trained on;
+Contract: `Intake(journal, monitor, nodes, logs)` records, and decides nothing. `heartbeats(hbs)`
+journals the snapshots the ranks handed over (and gives their output lines to `logs`) and returns
+which data steps each step trained on;
 `events(metrics)` feeds the per-step metrics and the node agents' samples to the anomaly monitor
 (journalling the agents' checkpoint events) and returns the events raised; `anomaly(e, decision)`
 journals an event with what the policy made of it; `keep(metrics)` stores a torn-down group's
@@ -19,8 +20,9 @@ from resilient.runlog.journal import Journal
 
 
 class Intake:
-    def __init__(self, journal: Journal, monitor: AnomalyMonitor, nodes):
-        self.journal, self.monitor, self.nodes = journal, monitor, nodes
+    def __init__(self, journal: Journal, monitor: AnomalyMonitor, nodes, logs=None):
+        """`logs`: where the ranks' output goes (a `RankLogs`), or None."""
+        self.journal, self.monitor, self.nodes, self.logs = journal, monitor, nodes, logs
         self.persisted: set[int] = set()  # steps in storage, as the journal tells (retention too)
 
     def learn(self, records: Iterable[dict]) -> None:
@@ -41,6 +43,8 @@ class Intake:
         """Journal the handed-over snapshots; (step, data step) of every step reported."""
         trained = []
         for hb in hbs:
+            if self.logs is not None:
+                self.logs.append(hb.rank, hb.logs)
             for rec in hb.checkpoints:
                 self.journal.append("checkpoint", rank=hb.rank, tier="memory", **rec)
             trained += [(m["step"], m["data_step"]) for m in hb.metrics]
@@ -76,6 +80,8 @@ class Intake:
     def close(self) -> None:
         self._journal_agent_events(self.nodes.flush_events())
         self.monitor.close()
+        if self.logs is not None:
+            self.logs.close()
 
     def _journal_agent_events(self, events: list[dict]) -> None:
         for e in events:

@@ -23,7 +23,9 @@ from resilient.config import JobSpec
 
 
 def raylet_reachable(node: dict, timeout: float = 0.5) -> bool:
-    """Whether the node's raylet accepts a TCP connection (a killed raylet refuses at once)."""
+    """Whether the node's raylet accepts a TCP connection (a killed raylet refuses at once). Only a
+    hint to wait for Ray's own verdict sooner: a driver that cannot reach raylets directly must
+    not take that for their death."""
     try:
         with socket.create_connection(
             (node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout
@@ -115,20 +117,23 @@ class Nodes:
         return self.agents.get(node_id)
 
     def prune_dead(self, settle_s: float = 20.0) -> list[str]:
-        """Drop the agents of nodes that are gone. A node whose raylet refuses connections is
-        gone even before Ray's health check says so; wait (up to `settle_s`) for Ray to agree, so
-        that the placement group is rescheduled off it before the next worker group is placed."""
+        """Drop the agents of nodes that Ray's GCS (its node table, whose health checks decide)
+        says are dead. A node whose raylet refuses connections is likely dying before the health
+        check says so: wait (up to `settle_s`) for Ray's verdict on it, so the next worker group
+        is not placed there; if Ray still says alive, it stays (the driver may simply not reach
+        raylets directly)."""
         by_id = {n["NodeID"]: n for n in ray.nodes()}
-        gone = [
+        suspect = [
             nid
             for nid in self.agents
             if not by_id.get(nid, {}).get("Alive") or not raylet_reachable(by_id[nid])
         ]
-        deadline = time.time() + settle_s
-        while gone and time.time() < deadline:
-            if not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in gone):
-                break
-            time.sleep(0.2)
+        deadline, alive = time.time() + settle_s, set(suspect)
+        while alive and time.time() < deadline:
+            alive = {n["NodeID"] for n in ray.nodes() if n["NodeID"] in suspect and n["Alive"]}
+            if alive:
+                time.sleep(0.2)
+        gone = [nid for nid in suspect if nid not in alive]
         for nid in gone:
             self.drop(nid)
         return gone

@@ -25,6 +25,7 @@ from resilient.errors import Abort
 from resilient.rundir import RunDir
 from resilient.rundir.layout import FINAL
 from resilient.runlog.journal import Journal, read_records
+from resilient.runlog.ranklogs import RankLogs, log_url
 from resilient.runlog.status import fold
 from resilient.supervisor import policy
 from resilient.supervisor.budget import Budget
@@ -62,7 +63,7 @@ class Supervisor:
         self.spec, self.rundir, self.journal, self.parts = spec, rundir, journal, parts
         self.nodes, self.chaos = parts.nodes, parts.chaos
         self.clock = parts.clock
-        self.intake = Intake(journal, parts.monitor, parts.nodes)
+        self.intake = Intake(journal, parts.monitor, parts.nodes, RankLogs(rundir))
         self.on_progress = on_progress or (lambda s: None)
         self.records_at_start = records
         self.intake.learn(records)
@@ -301,7 +302,8 @@ class Supervisor:
         stopping = self.state == JobState.STOPPING
         if not stopping:
             self._to(JobState.DIAGNOSING, policy.describe(fault))
-        self.journal.append("fault", **fault.to_record())
+        log = {} if fault.rank is None else {"log": log_url(self.rundir, fault.rank)}
+        self.journal.append("fault", **fault.to_record(), **log)
         idx, self.fault_index = self.fault_index, self.fault_index + 1
         history = self.budget.history(self.step - self.restored, stopping, time.time())
         decision = policy.decide(fault, history, self.spec.supervisor)

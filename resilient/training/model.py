@@ -51,12 +51,19 @@ def load_base(
 ) -> torch.nn.Module:
     """The base model in `dtype` (model.dtype), in training mode (dropout, checkpointing on)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load would fill every rank's log
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and under DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (Newer transformers call it activation checkpointing.)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model.train()  # from_pretrained leaves it in eval mode, where HF skips checkpointing
 
 

@@ -13,6 +13,7 @@ every rank and random draws are seeded per (seed, rank, data step). The learning
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -102,12 +103,18 @@ class Trainer:
         )
         self.model.to(self.device)  # a spare prepares on the CPU (it holds no GPU)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # broadcast_buffers=False: buffers (rotary tables) are identical on every rank, and without
-        # the broadcast the forward pass has no collective, so its time is this rank's own speed.
-        self.ddp = torch.nn.parallel.DistributedDataParallel(
+        # No buffer sync in the forward pass: buffers (rotary tables) are identical on every rank,
+        # and without it the forward pass has no collective, so its time is this rank's own speed.
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False}
+        )
+        self.ddp = ddp(
             self.model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,
+            **no_sync,
         )
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr)
         self.scheduler = get_scheduler(

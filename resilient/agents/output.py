@@ -1,0 +1,86 @@
+"""A worker process's output, kept for the supervisor: every line the process writes to its stdout
+and stderr (Python `logging`, warnings, tracebacks, and C++/NCCL output alike, since it is caught at
+the file descriptor) goes on to where it went before (Ray's log file on the node) and into a
+bounded buffer that the heartbeat drains, so the driver can write it to `logs/rank-N.log`.
+
+Contract: `capture()` installs the capture once per process and returns the process's `LineBuffer`;
+it also sends the `resilient` loggers to stderr at INFO. `LineBuffer.drain()` returns the lines
+since the last drain (the newest `CAP` when nobody drained for long).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+
+CAP = 5000  # lines kept while nobody drains (the newest win)
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LineBuffer:
+    def __init__(self) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=CAP)
+        self._lock = threading.Lock()
+
+    def add(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+
+    def drain(self) -> tuple[str, ...]:
+        with self._lock:
+            out = tuple(self._lines)
+            self._lines.clear()
+        return out
+
+
+_BUFFER: LineBuffer | None = None
+_LOCK = threading.Lock()
+
+
+def capture() -> LineBuffer:
+    global _BUFFER
+    with _LOCK:
+        if _BUFFER is None:
+            _BUFFER = LineBuffer()
+            for fd in (1, 2):
+                _tee(fd, _BUFFER)
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(FORMAT))
+            log = logging.getLogger("resilient")
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+    return _BUFFER
+
+
+def _tee(fd: int, buf: LineBuffer) -> None:
+    """Point `fd` at a pipe whose reader copies every byte to where `fd` pointed before and every
+    line into `buf`."""
+    original = os.dup(fd)
+    r, w = os.pipe()
+    os.dup2(w, fd)
+    os.close(w)
+    threading.Thread(target=_pump, args=(r, original, buf), daemon=True, name=f"tee-{fd}").start()
+
+
+def _pump(r: int, original: int, buf: LineBuffer) -> None:
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(r, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        try:
+            os.write(original, chunk)
+        except OSError:  # the node's log file went away: the buffer still gets the lines
+            pass
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            buf.add(line.decode("utf-8", "replace"))
+        if len(pending) > 65536:  # a line without an end: cut it
+            buf.add(pending.decode("utf-8", "replace"))
+            pending = b""
