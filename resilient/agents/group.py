@@ -1,12 +1,14 @@
 """WorkerGroup: the ranks of one attempt, placed, rendezvoused, started, polled and torn down.
 
-Contract: `start()` creates one TrainWorker per rank on its assigned node (a warm spare where the
-pool has one) and starts training, raising `GroupStartError` with the cause if that fails.
+Contract: `start()` puts one TrainWorker per rank in a slot of the job's reservation (a warm spare,
+in its own slot, where the pool has one; else a new worker, in the rank's own slot if it is free)
+and starts training, raising `GroupStartError` with the cause if that fails; `placement[rank]` is
+then the node each rank runs on.
 `poll(wait_s)` keeps one heartbeat in flight per rank, waits up to `wait_s` and returns the
 heartbeats that arrived; `latest[rank]` is each rank's newest, `dead[rank]` the death of each rank
 whose actor died (a rank on this machine whose process is gone is dead at the next poll), and
 `last_answer[rank]` when a rank last answered. `shutdown()` kills every rank (SIGKILL also ends a
-SIGSTOPped process).
+SIGSTOPped process) and frees their slots.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.reservation import Reservation
 from resilient.agents.spares import SparePool, new_worker
 from resilient.catalogue import PlannedFault
 from resilient.checkpoint.source import RestoreSource
@@ -54,13 +57,15 @@ class WorkerGroup:
         attempt: int,
         base_ref: str,
         agent_for: Callable[[str], object],
+        reservation: Reservation,
         node_index: Callable[[str], int] = lambda node_id: -1,
         spares: SparePool | None = None,
     ):
-        """`placement[rank]` is the node the rank must run on (hard affinity: cordoned nodes stay
-        out); `agent_for(node_id)` gives a node's NodeAgent, `node_index` its place in the job's
-        node list (chaos `node = i`)."""
+        """`placement[rank]`: the node of the rank's own slot (where it runs, unless a spare
+        elsewhere stands in: `start` says); `agent_for(node_id)` gives a node's NodeAgent,
+        `node_index` its place in the job's node list (chaos `node = i`)."""
         self.spec, self.rundir, self.placement, self.attempt = spec, rundir, placement, attempt
+        self.reservation, self.slots = reservation, []
         self.base_ref, self.agent_for, self.node_index, self.spares = (
             base_ref,
             agent_for,
@@ -82,11 +87,17 @@ class WorkerGroup:
     ) -> None:
         """Create, rendezvous and start the ranks, restoring from `restore`."""
         for rank in range(self.spec.cluster.num_workers):
-            node = self.placement[rank]
-            w = self.spares.take(node) if self.spares else None
-            self.workers.append(
-                w or new_worker(self.spec, self.rundir.uri, node, rank, self.attempt)
-            )
+            taken = self.spares.take() if self.spares else None
+            if taken is None:
+                slot = self.reservation.acquire(prefer=self.reservation.rank_slot(rank))
+                if slot is None:
+                    raise GroupStartError(f"no reserved slot is free for rank {rank}")
+                w = new_worker(
+                    self.spec, self.rundir.uri, self.reservation, slot, rank, self.attempt
+                )
+                taken = (w, slot)
+            self.workers.append(taken[0])
+            self.slots.append(taken[1])
         refs = [w.info.remote(rank, self.attempt) for rank, w in enumerate(self.workers)]
         try:
             self.infos = ray.get(refs, timeout=self.spec.supervisor.start_timeout)
@@ -100,6 +111,7 @@ class WorkerGroup:
             raise GroupStartError(
                 f"a worker died while starting: {e}", rank=rank, dead=True
             ) from None
+        self.placement = [info["node_id"] for info in self.infos]
         master = self.infos[0]
         ray.get(
             [
@@ -238,6 +250,9 @@ class WorkerGroup:
             except Exception:  # already gone
                 pass
         self.workers = []
+        for slot in self.slots:
+            self.reservation.release_slot(slot)
+        self.slots = []
 
 
 def _failed(ref) -> bool:

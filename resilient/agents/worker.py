@@ -96,10 +96,9 @@ class TrainWorker:
             self._warm.set()
 
     def _prepare(self):
-        """A spare builds its model and data now (on the CPU), so a promotion only connects them."""
-        import torch
-
-        trainer = self._trainer(-1, torch.device("cpu"))
+        """A spare builds its model and data now, on the device its slot holds (a GPU spare loads
+        onto its GPU), so a promotion only connects them."""
+        trainer = self._trainer(-1, self._device())
         trainer.prepare()
         return trainer
 

@@ -54,6 +54,18 @@ class ClusterConfig(_Section):
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources each rank reserves, e.g. {CPU = 1, GPU = 1}.",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the ranks' placement group (one bundle per rank): PACK fills "
+        "few nodes, SPREAD uses many; STRICT_* insist.",
+    )
+    spares: int | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="Warm spare workers, each reserving what a rank does (a GPU spare holds its "
+        "GPU and a loaded model). Default: num_workers on an embedded cluster, 0 on a joined one.",
+    )
     local_nodes: int = Field(
         1,
         ge=1,

@@ -1,8 +1,8 @@
 """Connecting to Ray: an embedded local cluster (one or several simulated nodes) or an existing one.
 
-Contract: `connect(cluster)` returns a `Connection` whose `close()` undoes exactly what it started;
-`check_capacity(spec)` raises UserError naming `cluster.num_workers` when the worker bundles cannot
-all be placed on the cluster's nodes.
+Contract: `connect(cluster, workers)` returns a `Connection` whose `close()` undoes exactly what it
+started; `check_capacity(spec)` raises UserError naming `cluster.num_workers` when the worker
+bundles cannot all be placed on the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class Connection:
             self.cluster.shutdown()
 
 
-def connect(cfg: ClusterConfig) -> Connection:
+def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
+    """`spares`: warm spares the job reserves slots for; an embedded cluster gets logical CPUs for
+    them on top of this machine's (an idle spare costs nothing, so it may oversubscribe it)."""
     common = dict(
         include_dashboard=False,
         log_to_driver=False,
@@ -45,7 +47,7 @@ def connect(cfg: ClusterConfig) -> Connection:
                 '`ray start --head` or set cluster.address = "" for an embedded local cluster'
             ) from None
         return Connection(embedded=False)
-    cpus = os.cpu_count() or 1
+    cpus = (os.cpu_count() or 1) + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
     if cfg.local_nodes == 1:
         ray.init(address="local", num_cpus=cpus, **common)
         return Connection(embedded=True)
@@ -80,10 +82,11 @@ def placeable(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
     return total
 
 
-def check_capacity(spec: JobSpec) -> None:
+def check_capacity(spec: JobSpec, spares: int = 0) -> None:
+    """The ranks' bundles, and `spares` more (an embedded cluster, sized for them), fit."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     bundle = spec.cluster.resources_per_worker
-    fit = placeable(bundle, nodes)
+    fit = placeable(bundle, nodes) - spares
     if fit < spec.cluster.num_workers:
         raise UserError(
             f"cluster.num_workers = {spec.cluster.num_workers} cannot be placed: the cluster's "

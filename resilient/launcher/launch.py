@@ -231,9 +231,12 @@ def _supervise(
 def _start(spec: JobSpec, rundir: RunDir, fresh: bool, made_dir: bool):
     """Ray, connected and big enough for the job (a fresh run directory that this launch made is
     removed again, and nothing else, when it is not)."""
-    conn = connect(spec.cluster)
+    from resilient.agents.reservation import spares_wanted
+
+    spares = spares_wanted(spec)
+    conn = connect(spec.cluster, spares)
     try:
-        check_capacity(spec)
+        check_capacity(spec, spares if conn.embedded else 0)
     except UserError:
         conn.close()
         if fresh and made_dir:

@@ -1,11 +1,16 @@
-"""The node inventory: one NodeAgent per schedulable node, their peers, their events, and where the
-freshest checkpoint copy lives.
+"""The node inventory: the job's reservation, one NodeAgent per node the job uses, their peers,
+their events, and where the freshest checkpoint copy lives.
 
-Contract: `Nodes(spec, run_uri).start()` places a NodeAgent on every alive node that has CPUs
-(pinned with a hard node-affinity), peers them in a ring (each replicates to the next), and drops
-agents whose node died. `restore_source()` returns the freshest verified copy over every tier,
-preferring, for the same step, this node's memory, then a peer's replica, then storage, with the
-reason each newer copy was skipped. `poll_events()` collects the agents' events without blocking.
+Contract: `Nodes(spec, run_uri).start()` reserves the job's slots (`agents.reservation`: Ray
+placement groups) and places a NodeAgent on every node a slot is on, and only there (pinned with a
+hard node-affinity); `placement(excluded)` reserves again without the excluded (cordoned, lost)
+nodes when they changed, adds agents on nodes the job newly uses, and returns the node of each
+rank's slot, or None at once when the healthy nodes cannot hold `num_workers` bundles (`assign`,
+pure) or when Ray does not place them within `supervisor.start_timeout`. Agents are peered in a ring
+(each replicates to the next); agents whose node died are dropped. `restore_source()` returns the
+freshest verified copy over every tier, preferring, for the same step, this node's memory, then a
+peer's replica, then storage, with the reason each newer copy was skipped. `poll_events()` collects
+the agents' events without blocking.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient.agents.node_agent import NodeAgent
+from resilient.agents.reservation import Reservation
 from resilient.checkpoint.source import TIER_ORDER, Lookup, RestoreSource
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
@@ -71,31 +77,50 @@ class Nodes:
         self.resources: dict[str, dict] = {}
         self._event_refs: dict[str, ray.ObjectRef] = {}
         self._last_events = 0.0
+        self.reservation = Reservation(spec) if spec is not None else None
 
     def start(self) -> list[dict]:
-        """Start the agents; the job's node list (index, node id, ip, resources) for the journal."""
-        ckpt, anomaly = self.spec.checkpoint.model_dump(), self.spec.anomaly.model_dump()
+        """Reserve and start the agents; the job's node list (index, node id, ip, resources) for
+        the journal."""
+        self.placement(set())
+        by_id = {n["NodeID"]: n for n in ray.nodes()}
+        return [
+            {
+                "index": i,
+                "node_id": nid,
+                "ip": by_id.get(nid, {}).get("NodeManagerAddress"),
+                "resources": by_id.get(nid, {}).get("Resources"),
+            }
+            for i, nid in enumerate(self.order)
+        ]
+
+    def placement(self, excluded: set[str]) -> list[str] | None:
+        c = self.spec.cluster
         nodes = schedulable_nodes()
-        # a node's index (chaos `node = i`) is its place here
-        self.order = [n["NodeID"] for n in nodes]
         self.resources = {n["NodeID"]: n["Resources"] for n in nodes}
-        for n in nodes:
-            nid = n["NodeID"]
+        order = [n["NodeID"] for n in nodes]
+        if assign(c.num_workers, c.resources_per_worker, order, self.resources, excluded) is None:
+            return None  # cannot fit whatever Ray does: say so now, not after a timeout
+        if not self.reservation.reserve(excluded, self.spec.supervisor.start_timeout):
+            return None
+        self._ensure_agents(self.reservation.nodes())
+        return self.reservation.placement()
+
+    def _ensure_agents(self, node_ids: list[str]) -> None:
+        """An agent on each of these nodes; a node's index (chaos `node = i`) is its place in
+        `order`, which only grows."""
+        ckpt, anomaly = self.spec.checkpoint.model_dump(), self.spec.anomaly.model_dump()
+        new = [nid for nid in node_ids if nid not in self.agents and nid not in self._lost]
+        for nid in new:
             strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
             self.agents[nid] = NodeAgent.options(
                 scheduling_strategy=strategy, max_restarts=0
             ).remote(nid, self.run_uri, ckpt, anomaly)
-        ray.get([a.info.remote() for a in self.agents.values()], timeout=120)
-        self._ring()
-        return [
-            {
-                "index": i,
-                "node_id": n["NodeID"],
-                "ip": n["NodeManagerAddress"],
-                "resources": n["Resources"],
-            }
-            for i, n in enumerate(nodes)
-        ]
+            if nid not in self.order:
+                self.order.append(nid)
+        if new:
+            ray.get([self.agents[nid].info.remote() for nid in new], timeout=120)
+            self._ring()
 
     def _ring(self) -> None:
         ids = sorted(self.agents)
@@ -109,6 +134,8 @@ class Nodes:
 
     def drop(self, node_id: str) -> None:
         self._lost.add(node_id)
+        if self.reservation is not None:
+            self.reservation.forget_nodes()
         if self.agents.pop(node_id, None) is not None:
             self._event_refs.pop(node_id, None)
             self._ring()
@@ -239,3 +266,5 @@ class Nodes:
             except Exception:
                 pass
         self.agents.clear()
+        if self.reservation is not None:
+            self.reservation.release()

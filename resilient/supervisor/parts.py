@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient.agents.group import WorkerGroup
-from resilient.agents.spares import SparePool, uses_spares
+from resilient.agents.reservation import spares_wanted
+from resilient.agents.spares import SparePool
 from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
@@ -46,11 +47,19 @@ def ray_parts(
     """The real collaborators (Ray must be connected); `base_ref` is what the final adapter names
     as its base model; `exporter` the Prometheus exporter the monitor feeds, if any."""
     nodes = Nodes(spec, rundir.uri)
-    spares = SparePool(spec, rundir.uri) if uses_spares(spec) else None
+    spares = SparePool(spec, rundir.uri, nodes.reservation) if spares_wanted(spec) else None
 
     def new_group(placement: list[str], attempt: int) -> WorkerGroup:
         return WorkerGroup(
-            spec, rundir, placement, attempt, base_ref, nodes.agent_for, nodes.index_of, spares
+            spec,
+            rundir,
+            placement,
+            attempt,
+            base_ref,
+            nodes.agent_for,
+            nodes.reservation,
+            nodes.index_of,
+            spares,
         )
 
     return Parts(

@@ -32,7 +32,6 @@ from resilient.supervisor.budget import Budget
 from resilient.supervisor.faults import Action, Fault, FaultKind, PendingRecovery, PendingRollback
 from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
-from resilient.supervisor.nodes import assign
 from resilient.supervisor.parts import Parts
 from resilient.supervisor.restore import RestoreImpossible, find_restore_point
 from resilient.supervisor.state import TERMINAL, JobState, transition
@@ -104,8 +103,7 @@ class Supervisor:
             self.journal.append("cordon", node=node, reason=reason)
 
     def _placement(self) -> list[str] | None:
-        c, nodes, out = self.spec.cluster, self.nodes, set(self.cordoned) | self.nodes.lost()
-        return assign(c.num_workers, c.resources_per_worker, nodes.order, nodes.resources, out)
+        return self.nodes.placement(set(self.cordoned) | self.nodes.lost())
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -118,9 +116,8 @@ class Supervisor:
         self._to(JobState.PREFLIGHT, "job accepted")
         try:
             self.journal.append("nodes", nodes=self.nodes.start())
-            first = self._placement()
-            if self.parts.spares and first:
-                self.parts.spares.fill(first)  # warming up beside the first group
+            if self.parts.spares and self._placement():
+                self.parts.spares.fill()  # warming up beside the first group
             self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
                 self._attempt()
@@ -219,7 +216,7 @@ class Supervisor:
             return Fault(kind, e.rank, restored + 1, self.clock(), str(e))
         self.journal.append("ranks", ranks=ranks_of(group))
         if self.parts.spares:
-            self.parts.spares.fill(group.placement)  # replacements for the next restart
+            self.parts.spares.fill()  # replacements for the next restart, in the slots left free
         return None
 
     def _follow(self, group, restored: int) -> Fault | str:

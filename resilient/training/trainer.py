@@ -101,7 +101,7 @@ class Trainer:
         self.order = DataOrder(
             len(self.samples), self.world, t.batch_size * t.grad_accum_steps, t.seed
         )
-        self.model.to(self.device)  # a spare prepares on the CPU (it holds no GPU)
+        self.model.to(self.device)  # a no-op where a spare prepared on this device already
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # No buffer sync in the forward pass: buffers (rotary tables) are identical on every rank,
         # and without it the forward pass has no collective, so its time is this rank's own speed.

@@ -13,6 +13,7 @@ from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
 from resilient.runlog.journal import Journal, read_records
+from resilient.supervisor.nodes import assign
 from resilient.supervisor.parts import Parts
 from resilient.supervisor.supervisor import Supervisor
 from resilient.training.corpus import write_corpus
@@ -30,9 +31,13 @@ class FakeNodes:
         self.storage_lost = False  # storage answers but holds nothing
         self.damaged = False  # every copy was read and fails verification
         self.reported: set[int] = set()  # snapshots reported persisted
+        self.num_workers = 2  # the job's (set by Job.run)
 
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
+
+    def placement(self, excluded: set[str]) -> list[str] | None:
+        return assign(self.num_workers, {"CPU": 1.0}, self.order, self.resources, excluded)
 
     def lost(self) -> set[str]:
         return set()
@@ -132,6 +137,7 @@ class Job:
             return self.groups[-1]
 
         self.nodes = self.nodes or FakeNodes(self.scenario)
+        self.nodes.num_workers = spec.cluster.num_workers
         parts = Parts(
             CheckpointStore(rundir),
             self.nodes,
