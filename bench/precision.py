@@ -43,6 +43,7 @@ CONFIGS = [
 def run(work: str, device: torch.device, over: dict, steps: int, seq_len: int, batch: int):
     tree = {
         "name": "bench",
+        "model": {"builtin": "tiny-llama"},
         "data": {"path": f"{work}/c.txt", "seq_len": seq_len},
         "train": {"batch_size": batch, "steps": steps, "seed": 7, "lr_scheduler": "cosine"},
         "checkpoint": {"storage": f"{work}/runs"},
