@@ -255,6 +255,15 @@ class WorkerGroup:
         self.slots = []
 
 
+def ranks_of(group) -> list[dict]:
+    """Where each rank of a started group runs: pid, node and the GPUs Ray gave it ([] for a
+    group without workers' infos, such as a scripted one)."""
+    return [
+        {"rank": i, "pid": x.get("pid"), "node": x.get("node_id"), "gpus": x.get("gpus", [])}
+        for i, x in enumerate(getattr(group, "infos", None) or [])
+    ]
+
+
 def _failed(ref) -> bool:
     try:
         ray.get(ref, timeout=0)

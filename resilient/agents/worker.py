@@ -87,10 +87,13 @@ class TrainWorker:
         CPU time the ranks leave unused (and at full speed in a restart, when the ranks are
         gone)."""
         _lower_this_thread()
+        t0 = time.perf_counter()
         try:
             _warm_imports()
             self._prepared = self._prepare()
+            log.info("spare warm in %.1fs (imports, data, model)", time.perf_counter() - t0)
         except Exception:  # the rank builds its own when promoted; nothing is lost
+            log.exception("spare warm-up failed; a promotion builds the model then")
             self._prepared = None
         finally:
             self._warm.set()
@@ -241,7 +244,9 @@ class TrainWorker:
             node_ip(),
         )
         self._set(phase="loading")
+        t_load = time.perf_counter()
         trainer, self._prepared = self._prepared, None
+        warm = trainer is not None
         if trainer is None:
             trainer = self._trainer(self.rank, self._device())
             trainer.prepare()
@@ -258,6 +263,14 @@ class TrainWorker:
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
+        log.info(
+            "rank %d (attempt %d) training from step %d: %s, ready in %.2fs after the rendezvous",
+            self.rank,
+            self.attempt,
+            step,
+            "warm spare" if warm else "model built now",
+            time.perf_counter() - t_load,
+        )
         self._set(phase="training", step=step, training_at=time.time())
         return trainer, step, data_step
 

@@ -6,17 +6,14 @@ Contract: `load_spec(path, overrides)` reads TOML (``.toml``) or YAML (``.yaml``
 the README's spec reference is part of the public contract; unknown keys are errors.
 """
 
+from resilient.config.chaos import CHAOS_FAULTS, ChaosConfig, ChaosEntry, RandomChaos
 from resilient.config.load import apply_overrides, load_spec, parse_value, read_tree, validate_tree
 from resilient.config.sections import (
-    CHAOS_FAULTS,
     AnomalyConfig,
-    ChaosConfig,
-    ChaosEntry,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
     ModelConfig,
-    RandomChaos,
     SupervisorConfig,
     TrainConfig,
 )

@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from resilient.catalogue import GPU
+from resilient.config.chaos import ChaosConfig
 from resilient.config.sections import (
     AnomalyConfig,
-    ChaosConfig,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from resilient.agents.group import GroupStartError
+from resilient.agents.group import GroupStartError, ranks_of
 from resilient.checkpoint.source import RestoreSource
 from resilient.config import JobSpec
 from resilient.errors import Abort
@@ -39,14 +39,6 @@ from resilient.supervisor.watch import Ready, Seen, Watch
 
 PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
 DATA_STEPS_KEPT = 10_000  # steps whose data steps are remembered (rollbacks look back a few)
-
-
-def ranks_of(group) -> list[dict]:
-    """Where each rank of a started group runs: pid, node and the GPUs Ray gave it."""
-    return [
-        {"rank": i, "pid": x.get("pid"), "node": x.get("node_id"), "gpus": x.get("gpus", [])}
-        for i, x in enumerate(getattr(group, "infos", None) or [])
-    ]
 
 
 class Supervisor:

@@ -138,29 +138,9 @@ class Trainer:
         # checkpoint, so a snapshot needs no collective and a resumed step draws what it drew
         # before.
         torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + self.rank)
-        accum, bs = self.spec.train.grad_accum_steps, self.spec.train.batch_size
         batch = self.samples[self.order.batch_indices(data_step, self.rank)].to(self.device)
         t1 = time.perf_counter()
-        loss, compute = torch.zeros((), device=self.device), 0.0
-        for i in range(accum):
-            micro = batch[i * bs : (i + 1) * bs]
-            last = i == accum - 1
-            # Gradients are all-reduced once, in the last microbatch's backward pass.
-            with contextlib.nullcontext() if last else self.ddp.no_sync():
-                tf = time.perf_counter()
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-                ):
-                    part = self.ddp(input_ids=micro, labels=micro).loss.float() / accum
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                if slow > 1.0:
-                    time.sleep((slow - 1.0) * (time.perf_counter() - tf))
-                compute += time.perf_counter() - tf
-                if poison and i == 0:
-                    part = part * float("nan")
-                self.scaler.scale(part).backward()
-            loss = loss + part.detach()
+        loss, compute = self._backward(batch, poison, slow)
         self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -191,6 +171,33 @@ class Trainer:
             stop=bool(stats[1] > 0),
             nonfinite=nonfinite,
         )
+
+    def _backward(
+        self, batch: torch.Tensor, poison: bool, slow: float
+    ) -> tuple[torch.Tensor, float]:
+        """Forward and backward over the step's microbatches; (the mean loss, seconds of this
+        rank's own forward passes)."""
+        accum, bs = self.spec.train.grad_accum_steps, self.spec.train.batch_size
+        loss, compute = torch.zeros((), device=self.device), 0.0
+        for i in range(accum):
+            micro = batch[i * bs : (i + 1) * bs]
+            # Gradients are all-reduced once, in the last microbatch's backward pass.
+            with contextlib.nullcontext() if i == accum - 1 else self.ddp.no_sync():
+                tf = time.perf_counter()
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    part = self.ddp(input_ids=micro, labels=micro).loss.float() / accum
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if slow > 1.0:
+                    time.sleep((slow - 1.0) * (time.perf_counter() - tf))
+                compute += time.perf_counter() - tf
+                if poison and i == 0:
+                    part = part * float("nan")
+                self.scaler.scale(part).backward()
+            loss = loss + part.detach()
+        return loss, compute
 
     def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot:
         """The full state after `step` in host memory. Local: DDP keeps it equal on every rank."""
