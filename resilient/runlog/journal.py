@@ -19,6 +19,7 @@ returns the records in order (a torn last line of a local journal is left out).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -118,7 +119,7 @@ class Journal:
         self.rundir = rundir
         self.error: str | None = None
         # Called with every record appended, in the appending thread (the Prometheus exporter):
-        # each must be cheap and must not raise.
+        # each must be cheap; one that raises is logged, never allowed to lose the record.
         self.listeners: list[Callable[[dict], None]] = []
         self._cond = threading.Condition()
         self._pending: list[str] = []  # appended, not yet stored (object stores)
@@ -141,7 +142,10 @@ class Journal:
     def append(self, type: str, **fields: Any) -> dict:
         rec = {"t": time.time(), "type": type, **fields}
         for listen in self.listeners:
-            listen(rec)
+            try:
+                listen(rec)
+            except Exception:  # a metric is not worth a record: the journal goes on
+                logging.getLogger(__name__).exception("journal listener failed on %s", type)
         line = json.dumps(rec, sort_keys=True, default=str)
         if not self.rundir.is_local:
             with self._cond:
