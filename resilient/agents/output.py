@@ -1,7 +1,11 @@
 """A worker process's output, kept for the supervisor: every line the process writes to its stdout
 and stderr (Python `logging`, warnings, tracebacks, and C++/NCCL output alike, since it is caught at
-the file descriptor) goes on to where it went before (Ray's log file on the node) and into a
-bounded buffer that the heartbeat drains, so the driver can write it to `logs/rank-N.log`.
+the file descriptor) goes where it went before (Ray's log file on the node) and into a bounded
+buffer that the heartbeat drains, so the driver can write it to `logs/rank-N.log`.
+
+Where fd 1/2 are files (Ray's worker logs), a thread tails them: the process writes straight to
+the file, so the last lines of a crash (a segfault's traceback, an NCCL abort) are never held in a
+pipe that dies with the process. Otherwise (a terminal, a pipe) the fd is teed through a pipe.
 
 Contract: `capture()` installs the capture once per process and returns the process's `LineBuffer`;
 it also sends the `resilient` loggers to stderr at INFO. `LineBuffer.drain()` returns the lines
@@ -15,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 CAP = 5000  # lines kept while nobody drains (the newest win)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,14 +50,58 @@ def capture() -> LineBuffer:
     with _LOCK:
         if _BUFFER is None:
             _BUFFER = LineBuffer()
+            tailed: set[str] = set()
             for fd in (1, 2):
-                _tee(fd, _BUFFER)
+                path = _file_of(fd)
+                if path is None:
+                    _tee(fd, _BUFFER)
+                elif path not in tailed:  # stdout and stderr often share one file
+                    tailed.add(path)
+                    threading.Thread(
+                        target=_tail, args=(path, _BUFFER), daemon=True, name=f"tail-{fd}"
+                    ).start()
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter(FORMAT))
             log = logging.getLogger("resilient")
             log.addHandler(handler)
             log.setLevel(logging.INFO)
     return _BUFFER
+
+
+def _file_of(fd: int) -> str | None:
+    """The regular file `fd` writes to, or None (Linux /proc; elsewhere always None)."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def _tail(path: str, buf: LineBuffer, every_s: float = 0.2) -> None:
+    """Every line appended to `path` from now on, into `buf` (a truncated file starts over)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        f.seek(0, os.SEEK_END)
+        pending = b""
+        while True:
+            chunk = f.read(65536)
+            if not chunk:
+                try:
+                    if os.path.getsize(path) < f.tell():
+                        f.seek(0)
+                except OSError:  # the file is gone: nothing more will come
+                    return
+                time.sleep(every_s)
+                continue
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                buf.add(line.decode("utf-8", "replace"))
+            if len(pending) > 65536:  # a line without an end: cut it
+                buf.add(pending.decode("utf-8", "replace"))
+                pending = b""
 
 
 def _tee(fd: int, buf: LineBuffer) -> None:

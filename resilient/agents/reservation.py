@@ -36,13 +36,23 @@ LOOSE = {"STRICT_PACK": "PACK", "STRICT_SPREAD": "SPREAD"}
 
 
 def spares_wanted(spec: JobSpec) -> int:
-    """`cluster.spares`, or by default one per rank on an embedded cluster (they cost this machine
-    nothing while idle) and none on a joined one (each would reserve a rank's resources)."""
+    """`cluster.spares`, or by default one per rank on an embedded cluster of CPU workers (they
+    cost this machine nothing while idle) and none otherwise (each would reserve a rank's
+    resources: a GPU, on a joined cluster a share of other people's capacity)."""
+    c = spec.cluster
     if not spec.supervisor.warm_spares:
         return 0
-    if spec.cluster.spares is not None:
-        return spec.cluster.spares
-    return spec.cluster.num_workers if not spec.cluster.address else 0
+    if c.spares is not None:
+        return c.spares
+    return c.num_workers if not c.address and not c.resources_per_worker.get("GPU") else 0
+
+
+def strategy_of(spec: JobSpec) -> str:
+    """`cluster.placement_strategy`, or SPREAD over an embedded cluster's simulated nodes."""
+    c = spec.cluster
+    if c.placement_strategy:
+        return c.placement_strategy
+    return "SPREAD" if not c.address and c.local_nodes > 1 else "PACK"
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class Reservation:
             self.release()
             self.excluded, self.generation = excluded, self.generation + 1
             n, spares = self.spec.cluster.num_workers, spares_wanted(self.spec)
-            strategy = self.spec.cluster.placement_strategy
+            strategy = strategy_of(self.spec)
             self.groups[False] = self._group(n, strategy)
             if spares:
                 self.groups[True] = self._group(spares, LOOSE.get(strategy, strategy))

@@ -319,6 +319,7 @@ class TrainWorker:
             "data_wait": r.data_wait,
             "attempt": self.attempt,
             "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9),
+            "overflow": r.overflow,
         }
         with self._lock:
             self.metrics.append(rec)

@@ -151,6 +151,7 @@ class Exporter:
         elif t == "persisted":
             self.persisted_step.set(rec["step"])
         elif t == "ranks":  # which rank uses which GPU (each worker group, once started)
+            self.gpu_ranks = {}
             for m in rec.get("ranks", []):
                 for g in m.get("gpus") or ():
                     self.gpu_ranks[(m["node"], int(g))] = str(m["rank"])

@@ -56,6 +56,8 @@ class AnomalyMonitor:
         for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
             if self.exporter:
                 self.exporter.training(r)
+            if r.get("overflow"):  # float16's scaler skipped it: expected, lowers the scale
+                continue
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
                 ev += self.numerics.observe(
                     r["t"], r["step"], r["loss"], r["grad_norm"], rank=r["rank"]

@@ -22,7 +22,7 @@ POLL_S = 1.0
 def logs(run_dir, rank, follow) -> None:
     """Print the ranks' logs of a run (running or finished)."""
     from resilient.runlog import fold, read_records
-    from resilient.runlog.ranklogs import LogReader, ranks
+    from resilient.runlog.ranklogs import FLUSH_S, LogReader, ranks
 
     rd = open_rundir(run_dir)
     found = ranks(rd)
@@ -30,13 +30,16 @@ def logs(run_dir, rank, follow) -> None:
         have = ", ".join(map(str, found)) or "none yet"
         raise UserError(f"--rank {rank}: run {rd.uri} has no log of that rank (ranks: {have})")
     readers = {r: LogReader(rd, r) for r in ([rank] if rank is not None else found)}
+    ended = not follow
     while True:
         for r, reader in sorted(readers.items()):
             for line in reader.new_lines():
                 click.echo(line if rank is not None else f"[rank {r}] {line}")
-        if not follow or fold(read_records(rd))["state"] in TERMINAL:
+        if ended:
             return
-        time.sleep(POLL_S)
+        # The driver writes the last lines after the final state: one more read once it is there.
+        ended = fold(read_records(rd))["state"] in TERMINAL
+        time.sleep(POLL_S if not ended else FLUSH_S + POLL_S)
         if rank is None:
             for r in ranks(rd):
                 readers.setdefault(r, LogReader(rd, r))

@@ -17,9 +17,15 @@ DAY, WEEK = 86_400.0, 7 * 86_400.0
 MAX_LOCAL_NODES = max(8, os.cpu_count() or 1)  # each simulated node is a raylet on this machine
 
 
-# Schedulers that `transformers.get_scheduler` builds from (optimizer, warmup, total steps) alone:
-# reduce_lr_on_plateau needs a metric, warmup_stable_decay needs its phase lengths.
-NEEDS_MORE = ("reduce_lr_on_plateau", "warmup_stable_decay")
+# Schedulers that `transformers.get_scheduler` cannot build from (optimizer, warmup, total steps)
+# alone, or whose step() needs a metric: refused at validation, not in a restart loop.
+NEEDS_MORE = (
+    "reduce_lr_on_plateau",
+    "warmup_stable_decay",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "greedy",
+)
 
 
 def scheduler_names() -> list[str]:
@@ -51,10 +57,11 @@ class ClusterConfig(_Section):
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources each rank reserves, e.g. {CPU = 1, GPU = 1}.",
     )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK",
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None,
         description="How Ray places the ranks' placement group (one bundle per rank): PACK fills "
-        "few nodes, SPREAD uses many; STRICT_* insist.",
+        "few nodes, SPREAD uses many; STRICT_* insist. Default: SPREAD over an embedded "
+        "cluster's simulated nodes (they exist to be spread over), PACK otherwise.",
     )
     spares: int | None = Field(
         None,
@@ -155,9 +162,9 @@ class TrainConfig(_Section):
     )
     lr_scheduler: str = Field(
         "constant_with_warmup",
-        description="Any name `transformers.get_scheduler` takes that needs no metric: linear, "
-        "cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
-        "inverse_sqrt, cosine_with_min_lr, ...",
+        description="Any name `transformers.get_scheduler` builds from the warmup and total "
+        "steps alone: linear, cosine, cosine_with_restarts, polynomial, constant, "
+        "constant_with_warmup, inverse_sqrt.",
     )
     warmup_steps: int = Field(0, ge=0, le=10**9, description="Warmup steps of the scheduler.")
     grad_accum_steps: int = Field(
@@ -281,7 +288,8 @@ class SupervisorConfig(_Section):
         "persist it, before it ends at once.",
     )
     warm_spares: bool = Field(
-        True, description="Keep started spare workers so a restart starts no process (CPU jobs)."
+        True,
+        description="Keep started spare workers (`cluster.spares`) so a restart starts no process.",
     )
 
     @model_validator(mode="after")

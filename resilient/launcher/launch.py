@@ -208,9 +208,9 @@ def _supervise(
     from resilient.supervisor.parts import ray_parts
     from resilient.supervisor.supervisor import Supervisor
 
+    exporter = _exporter(spec, journal, records, console)  # first: a taken port starts nothing
     requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
     chaos = ChaosController(spec, rundir, journal, requests)
-    exporter = _exporter(spec, journal, records, console)
     parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos, exporter)
     try:
         with ProgressLine(console) as progress:
@@ -235,8 +235,10 @@ def _start(spec: JobSpec, rundir: RunDir, fresh: bool, made_dir: bool):
 
     spares = spares_wanted(spec)
     conn = connect(spec.cluster, spares)
+    # An embedded cluster gets logical CPUs for its spares (not GPUs): only those must fit too.
+    cpu_only = not spec.cluster.resources_per_worker.get("GPU")
     try:
-        check_capacity(spec, spares if conn.embedded else 0)
+        check_capacity(spec, spares if conn.embedded and cpu_only else 0)
     except UserError:
         conn.close()
         if fresh and made_dir:

@@ -21,12 +21,14 @@ from resilient.rundir.tiers import SegmentCache, Tiers
 
 FLUSH_S = 2.0
 FANOUT = (16, 64)
+BACKLOG = 20_000  # lines per rank kept while storage is down (the newest win; drops are counted)
 
 
 class RankLogs:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
         self._pending: dict[int, list[str]] = {}
+        self.dropped = 0  # lines dropped while storage was down
         self._tiers: dict[int, Tiers] = {}
         self._lock = threading.Lock()
         self._io = threading.Lock()
@@ -50,9 +52,11 @@ class RankLogs:
             for rank, lines in batch.items():
                 try:
                     self._write(rank, lines)
-                except Exception:  # storage is down: keep them for the next flush
+                except Exception:  # storage is down: keep the newest for the next flush
                     with self._lock:
-                        self._pending[rank] = lines + self._pending.get(rank, [])
+                        kept = lines + self._pending.get(rank, [])
+                        self.dropped += max(0, len(kept) - BACKLOG)
+                        self._pending[rank] = kept[-BACKLOG:]
 
     def _write(self, rank: int, lines: list[str]) -> None:
         data = "".join(line + "\n" for line in lines).encode()

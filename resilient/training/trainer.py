@@ -43,6 +43,7 @@ class StepResult:
     tokens: int  # tokens processed job-wide in this step
     stop: bool  # some rank asked to stop after this step
     nonfinite: bool  # some rank's loss or grad norm was NaN/Inf
+    overflow: bool = False  # float16: the gradient scaler skipped this update (not a fault)
 
 
 class Trainer:
@@ -144,8 +145,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        # With a gradient scaler an infinite gradient is an overflow the scaler skips, not a fault.
-        bad_grad = not math.isfinite(grad_norm) and not self.scaler.is_enabled()
+        # With a gradient scaler an infinite gradient is an overflow the scaler skips (and lowers
+        # its scale for), not a fault; the same on every rank, since gradients are all-reduced.
+        overflow = not math.isfinite(grad_norm) and self.scaler.is_enabled()
+        bad_grad = not math.isfinite(grad_norm) and not overflow
         local_bad = not math.isfinite(float(loss)) or bad_grad
         stats = torch.tensor(
             [float(loss) if not local_bad else 0.0, float(stop), float(local_bad)],
@@ -170,6 +173,7 @@ class Trainer:
             tokens=batch.numel() * self.world,  # every microbatch of every rank
             stop=bool(stats[1] > 0),
             nonfinite=nonfinite,
+            overflow=overflow,
         )
 
     def _backward(

@@ -75,3 +75,18 @@ def test_rank_logs_come_back_once_in_order(tmp_path, where):
     assert reader.new_lines() == ["line 3"]
     assert ranks(rd) == [0, 1]
     assert "rank-1" in log_url(rd, 1)
+
+
+def test_a_float16_overflow_step_is_no_fault(tmp_path):
+    """The gradient scaler skips an overflowing update and lowers its scale: no NaN event (a
+    rollback would restore the scale that overflowed, again and again)."""
+    from resilient.anomaly.monitor import AnomalyMonitor
+
+    mon = AnomalyMonitor(_spec(tmp_path), RunDir(str(tmp_path / "run")))
+    try:
+        row = {"t": 1.0, "rank": 0, "step": 1, "loss": 2.0, "mean_loss": 2.0, "compute_s": 0.01}
+        assert mon.training([{**row, "grad_norm": float("inf"), "overflow": True}]) == []
+        (e,) = mon.training([{**row, "step": 2, "grad_norm": float("inf"), "overflow": False}])
+        assert e.kind == "nan"
+    finally:
+        mon.close()
