@@ -87,7 +87,10 @@ class WorkerGroup:
     ) -> None:
         """Create, rendezvous and start the ranks, restoring from `restore`."""
         for rank in range(self.spec.cluster.num_workers):
-            taken = self.spares.take() if self.spares else None
+            # The first group keeps to the placement (a spare only where it shares the rank's
+            # node); a restart takes the fastest way back: any spare.
+            node = self.reservation.node_of(self.reservation.rank_slot(rank))
+            taken = self.spares.take(node if self.attempt == 0 else None) if self.spares else None
             if taken is None:
                 slot = self.reservation.acquire(prefer=self.reservation.rank_slot(rank))
                 if slot is None:

@@ -40,6 +40,8 @@ class NodeAgent:
             keep_every=cfg.keep_every,
         )
         self.peer = None
+        self._gpu_faults_done: set = set()  # keys of the GPU faults carried out (each once)
+        self._gpu_lock = threading.Lock()
         self.pids: dict[int, int] = {}
         self.samples: deque = deque(maxlen=10_000)
         self.anomaly = AnomalyConfig.model_validate(anomaly or {})
@@ -75,9 +77,15 @@ class NodeAgent:
 
     def gpu_fault(self, fault: str, params: dict, gpu: int = 0) -> str:
         """Chaos on the simulated GPU of this node: gpu_xid (`xid`), gpu_lost, ecc (`count`),
-        thermal (`temperature`); other parameters are ignored."""
+        thermal (`temperature`); other parameters are ignored. A fault with a `key` happens
+        once, however many ranks on this node carry it out."""
         if self.sim is None:
             raise RuntimeError('GPU faults need anomaly.gpu = "simulated"')
+        key = params.get("key")
+        with self._gpu_lock:  # ranks call concurrently (a threaded actor)
+            if key is not None and key in self._gpu_faults_done:
+                return self.gpu_status
+            self._gpu_faults_done.add(key)
         if fault == "gpu_xid":
             self.sim.xid(gpu, params.get("xid", 79))
         elif fault == "gpu_lost":

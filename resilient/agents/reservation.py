@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from resilient.config import JobSpec
 
 NODE_LABEL = "ray.io/node-id"
+SPARES_WAIT_S = 10.0  # how long a reservation waits for the spares' group before going on
 # Spares spread or pack like the ranks, but never strictly: a spare that does not fit is no error.
 LOOSE = {"STRICT_PACK": "PACK", "STRICT_SPREAD": "SPREAD"}
 
@@ -88,6 +89,8 @@ class Reservation:
         if not self._placed(False, timeout):
             self.release()  # hold nothing while the job cannot run
             return False
+        if True in self.groups:  # spares are best effort: a short wait, so agents start with them
+            self._placed(True, min(timeout, SPARES_WAIT_S))
         self._nodes.clear()
         return True
 

@@ -59,13 +59,16 @@ class SparePool:
             w = new_worker(self.spec, self.run_uri, self.reservation, slot, -1, -1)
             self.spares.append((w, w.ping.remote(), slot))
 
-    def take(self) -> tuple[object, Slot] | None:
-        """A spare and its slot: a warm one if any; else one still warming up, which has a head
-        start over a process started now (its model is half built); None if there is none."""
+    def take(self, node: str | None = None) -> tuple[object, Slot] | None:
+        """A spare and its slot (on `node` only, when given): a warm one if any; else one still
+        warming up, which has a head start over a process started now (its model is half built);
+        None if there is none."""
         self._current()
         warming = None
         for entry in list(self.spares):
             w, ready, slot = entry
+            if node is not None and self.reservation.node_of(slot) != node:
+                continue
             done, _ = ray.wait([ready], timeout=0)
             if not done:
                 warming = warming or entry

@@ -367,7 +367,8 @@ class TrainWorker:
                 markers.write(self.rundir, fired)
             except Exception:  # storage is down: the fault still fires
                 pass
-            poison |= self._apply(f.fault, f.params, f.fatal)
+            # the key: every rank on the node fires a node's GPU fault; the GPU takes it once
+            poison |= self._apply(f.fault, {**f.params, "key": fired.key}, f.fatal)
         injected, self._injected = self._injected, []
         for fault, params, fatal in injected:
             poison |= self._apply(fault, params, fatal)

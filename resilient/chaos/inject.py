@@ -79,6 +79,7 @@ def strike(view: JobView, fired: FiredFault, params: dict) -> None:
     fault = fired.fault
     if fault in GPU:
         on_node = [r for r, n in enumerate(view.group.placement) if n == fired.node]
+        params = {**params, "key": fired.key}  # the GPU takes it once, however many ranks share it
         for r in on_node:  # the ranks on that GPU see the failure in their next step
             view.group.inject(r, fault, params, is_fatal(fault, params))
         if not on_node:

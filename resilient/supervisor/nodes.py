@@ -141,6 +141,9 @@ class Nodes:
             self._ring()
 
     def agent_for(self, node_id: str):
+        """The node's agent; started now where a worker landed on a node without one."""
+        if node_id not in self.agents and node_id not in self._lost and self.spec is not None:
+            self._ensure_agents([node_id])
         return self.agents.get(node_id)
 
     def prune_dead(self, settle_s: float = 20.0) -> list[str]:
