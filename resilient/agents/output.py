@@ -34,6 +34,16 @@ class LineBuffer:
         with self._lock:
             self._lines.append(line)
 
+    def feed(self, data: bytes) -> bytes:
+        """Add every whole line of `data`; the unfinished rest, to prepend to the next bytes."""
+        *lines, rest = data.split(b"\n")
+        if len(rest) > 65536:  # a line without an end: cut it
+            lines.append(rest)
+            rest = b""
+        for line in lines:
+            self.add(line.decode("utf-8", "replace"))
+        return rest
+
     def drain(self) -> tuple[str, ...]:
         with self._lock:
             out = tuple(self._lines)
@@ -96,12 +106,7 @@ def _tail(path: str, buf: LineBuffer, every_s: float = 0.2) -> None:
                     return
                 time.sleep(every_s)
                 continue
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                buf.add(line.decode("utf-8", "replace"))
-            if len(pending) > 65536:  # a line without an end: cut it
-                buf.add(pending.decode("utf-8", "replace"))
-                pending = b""
+            pending = buf.feed(pending + chunk)
 
 
 def _tee(fd: int, buf: LineBuffer) -> None:
@@ -127,9 +132,4 @@ def _pump(r: int, original: int, buf: LineBuffer) -> None:
             os.write(original, chunk)
         except OSError:  # the node's log file went away: the buffer still gets the lines
             pass
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            buf.add(line.decode("utf-8", "replace"))
-        if len(pending) > 65536:  # a line without an end: cut it
-            buf.add(pending.decode("utf-8", "replace"))
-            pending = b""
+        pending = buf.feed(pending + chunk)
