@@ -9,6 +9,10 @@ heartbeats that arrived; `latest[rank]` is each rank's newest, `dead[rank]` the 
 whose actor died (a rank on this machine whose process is gone is dead at the next poll), and
 `last_answer[rank]` when a rank last answered. `shutdown()` kills every rank (SIGKILL also ends a
 SIGSTOPped process) and frees their slots.
+Survivors: `replace(ranks)` kills those ranks and frees their slots; `leave(timeout)` has the
+others leave the broken process group and returns the ranks that could not (blocked past
+`timeout`); a later `start()` fills the empty ranks (spares or new workers) and starts everyone on a
+new rendezvous, the survivors with the models they kept. The world size is `len(placement)`.
 """
 
 from __future__ import annotations
@@ -85,22 +89,14 @@ class WorkerGroup:
     def start(
         self, restore: RestoreSource | None, plan: tuple[PlannedFault, ...], skip: list[int]
     ) -> None:
-        """Create, rendezvous and start the ranks, restoring from `restore`."""
-        for rank in range(self.spec.cluster.num_workers):
-            # The first group keeps to the placement (a spare only where it shares the rank's
-            # node); a restart takes the fastest way back: any spare.
-            node = self.reservation.node_of(self.reservation.rank_slot(rank))
-            taken = self.spares.take(node if self.attempt == 0 else None) if self.spares else None
-            if taken is None:
-                slot = self.reservation.acquire(prefer=self.reservation.rank_slot(rank))
-                if slot is None:
-                    raise GroupStartError(f"no reserved slot is free for rank {rank}")
-                w = new_worker(
-                    self.spec, self.rundir.uri, self.reservation, slot, rank, self.attempt
-                )
-                taken = (w, slot)
-            self.workers.append(taken[0])
-            self.slots.append(taken[1])
+        """Fill the empty ranks, rendezvous and start every rank, restoring from `restore`."""
+        world = len(self.placement)
+        if not self.workers:
+            self.workers, self.slots = [None] * world, [None] * world
+        for rank in range(world):
+            if self.workers[rank] is None:
+                self.workers[rank], self.slots[rank] = self._fill(rank)
+        self._reset()
         refs = [w.info.remote(rank, self.attempt) for rank, w in enumerate(self.workers)]
         try:
             self.infos = ray.get(refs, timeout=self.spec.supervisor.start_timeout)
@@ -115,7 +111,7 @@ class WorkerGroup:
                 f"a worker died while starting: {e}", rank=rank, dead=True
             ) from None
         self.placement = [info["node_id"] for info in self.infos]
-        master = self.infos[0]
+        master = self.infos[0]  # a fresh port each time: a new rendezvous generation
         ray.get(
             [
                 w.start.remote(
@@ -127,6 +123,7 @@ class WorkerGroup:
                     self.agent_for(info["node_id"]),
                     skip,
                     self.node_index(info["node_id"]),
+                    world,
                 )
                 for w, info in zip(self.workers, self.infos, strict=True)
             ]
@@ -134,6 +131,62 @@ class WorkerGroup:
         now = time.time()
         for rank in range(len(self.workers)):
             self.last_answer[rank] = now
+
+    def _fill(self, rank: int) -> tuple[object, object]:
+        """A worker for an empty rank, and its slot: a spare (the first group keeps to the
+        placement, using a spare only where it shares the rank's node; a restart takes the fastest
+        way back: any spare), else a new worker, in the rank's own slot if it is free."""
+        node = self.reservation.node_of(self.reservation.rank_slot(rank))
+        taken = self.spares.take(node if self.attempt == 0 else None) if self.spares else None
+        if taken is not None:
+            return taken
+        slot = self.reservation.acquire(prefer=self.reservation.rank_slot(rank))
+        if slot is None:
+            raise GroupStartError(f"no reserved slot is free for rank {rank}")
+        w = new_worker(self.spec, self.rundir.uri, self.reservation, slot, rank, self.attempt)
+        return w, slot
+
+    def _reset(self) -> None:
+        """Forget what was seen of the previous life (a heartbeat still in flight is dropped)."""
+        self.pending, self.issued_at, self.last_answer = {}, {}, {}
+        self.latest, self.dead = {}, {}
+
+    def replace(self, ranks) -> None:
+        """End these ranks' processes and free their slots; `start()` fills them again."""
+        for rank in ranks:
+            w, slot = self.workers[rank], self.slots[rank]
+            if w is None:
+                continue
+            self._kill(rank, w)
+            self.reservation.release_slot(slot)
+            self.workers[rank] = self.slots[rank] = None
+
+    def leave(self, timeout: float) -> dict[int, str]:
+        """Have every remaining rank leave the broken process group; {rank: why} of those that
+        could not within `timeout` (still blocked in a collective, or gone)."""
+        refs = {r: w.leave.remote(timeout) for r, w in enumerate(self.workers) if w is not None}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout + 5)
+        stuck = {}
+        for rank, ref in refs.items():
+            try:
+                ok = ref in ready and ray.get(ref)
+            except RayActorError:
+                ok = False
+            if not ok:
+                stuck[rank] = f"rank {rank} could not leave its collective within {timeout:g}s"
+        return stuck
+
+    def _kill(self, rank: int, w) -> None:
+        info = self.infos[rank] if rank < len(self.infos) else None
+        if info and info["ip"] in self._here:  # see shutdown(): SIGKILL ends a stopped process
+            try:
+                os.kill(info["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            ray.kill(w, no_restart=True)
+        except Exception:  # already gone
+            pass
 
     @property
     def size(self) -> int:
@@ -225,7 +278,14 @@ class WorkerGroup:
 
     def request_stop(self) -> None:
         for w in self.workers:
-            w.request_stop.remote()
+            if w is not None:
+                w.request_stop.remote()
+
+    def request_pause(self) -> None:
+        """End training at the next step every rank agrees on (a resize)."""
+        for w in self.workers:
+            if w is not None:
+                w.request_pause.remote()
 
     def inject(self, rank: int, fault: str, params: dict, fatal: bool = False) -> None:
         """Chaos: have rank `rank` do `fault` to itself (see TrainWorker.inject)."""
@@ -241,20 +301,20 @@ class WorkerGroup:
         # ray.kill asks the worker to exit first, which a SIGSTOPped process never does; where the
         # rank runs on this machine, SIGKILL it directly so teardown does not wait for Ray's
         # fallback.
-        for info in self.infos if force else ():
-            if info["ip"] in self._here:
+        for rank, w in enumerate(self.workers):
+            if w is None:
+                continue
+            if force:
+                self._kill(rank, w)
+            else:
                 try:
-                    os.kill(info["pid"], signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
+                    ray.kill(w, no_restart=True)
+                except Exception:  # already gone
                     pass
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:  # already gone
-                pass
         self.workers = []
         for slot in self.slots:
-            self.reservation.release_slot(slot)
+            if slot is not None:
+                self.reservation.release_slot(slot)
         self.slots = []
 
 

@@ -3,15 +3,19 @@
 Contract: a TrainWorker answers every heartbeat (on a thread of its own, in every phase) with a
 `Heartbeat`: its phase and progress, and what it did since the previous answer (per-step metrics,
 snapshots handed over), each reported once. Phases: created -> rendezvous -> loading -> restoring ->
-training -> [rank 0: persisting -> exporting] -> done | stopped; or error (with `error`) or
-nonfinite (a NaN/Inf step that no rank applied).
+training -> [rank 0: persisting -> exporting] -> done | stopped; or pausing -> paused (a resize at
+an agreed step); or error (with `error` and `error_at`) or nonfinite (a NaN/Inf step that no rank
+applied). A survivor that starts again goes through the same phases from created.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TRAINING = frozenset({"training", "persisting", "exporting", "done", "stopped"})  # past the start
+# past the start
+TRAINING = frozenset(
+    {"training", "persisting", "exporting", "done", "stopped", "pausing", "paused"}
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Heartbeat:
     now: float  # the rank's clock when it answered
     step: int = 0  # the last step it finished
     error: str | None = None  # phase "error": the exception and a short traceback
+    error_at: float | None = None  # when it failed: the first rank to fail is the cause
     metrics: tuple[dict, ...] = ()  # one record per step finished since the previous answer
     checkpoints: tuple[dict, ...] = ()  # snapshots handed to the node agent since then
     snapshot_step: int | None = None  # the newest snapshot this rank holds in its own memory

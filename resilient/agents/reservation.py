@@ -1,11 +1,13 @@
 """The job's reservation on the cluster: Ray placement groups holding a slot for every worker.
 
-Contract: `Reservation(spec).reserve(excluded, timeout)` holds two placement groups, each bundle
-`cluster.resources_per_worker`: one bundle per rank (`cluster.placement_strategy`), which must be
+Contract: `Reservation(spec).reserve(excluded, timeout, world)` holds two placement groups, each
+bundle `cluster.resources_per_worker`: one bundle per rank (`world` of them, default
+`cluster.num_workers`; `cluster.placement_strategy`), which must be
 placed within `timeout` or `reserve` returns False; and one per spare (`spares_wanted(spec)`),
 placed when the cluster has room (best effort: a spare never keeps a rank from its slot). No bundle
 lands on a node in `excluded` (cordoned or lost nodes; a label selector on Ray's `ray.io/node-id`
-node label). A new `excluded` set makes new groups: Ray ends every worker left in the old ones.
+node label). A new `excluded` set or world size makes new groups (and a new `generation`): Ray
+ends every worker left in the old ones.
 
 A slot is one bundle; a worker runs in one slot and reserves exactly a rank's resources there, a
 spare too (so spares never oversubscribe a shared cluster, and a GPU spare holds its GPU).
@@ -67,19 +69,20 @@ class Reservation:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.excluded: frozenset[str] | None = None
+        self.world = spec.cluster.num_workers
         self.generation = 0
         self.groups: dict[bool, PlacementGroup] = {}
         self._ready: dict[bool, ray.ObjectRef | bool] = {}  # each group's ready() (True once)
         self.held: set[Slot] = set()
         self._nodes: dict[Slot, str] = {}
 
-    def reserve(self, excluded: set[str], timeout: float) -> bool:
+    def reserve(self, excluded: set[str], timeout: float, world: int | None = None) -> bool:
         """Rank slots placed, on no excluded node; False when the cluster cannot hold them."""
-        excluded = frozenset(excluded)
-        if excluded != self.excluded or not self.groups:
+        excluded, world = frozenset(excluded), world or self.spec.cluster.num_workers
+        if excluded != self.excluded or world != self.world or not self.groups:
             self.release()
-            self.excluded, self.generation = excluded, self.generation + 1
-            n, spares = self.spec.cluster.num_workers, spares_wanted(self.spec)
+            self.excluded, self.world, self.generation = excluded, world, self.generation + 1
+            n, spares = world, spares_wanted(self.spec)
             strategy = strategy_of(self.spec)
             self.groups[False] = self._group(n, strategy)
             if spares:
@@ -148,7 +151,7 @@ class Reservation:
         return self._nodes.get(slot)
 
     def placement(self) -> list[str]:
-        return [self.node_of(self.rank_slot(r)) for r in range(self.spec.cluster.num_workers)]
+        return [self.node_of(self.rank_slot(r)) for r in range(self.world)]
 
     def nodes(self) -> list[str]:
         """Every node a slot of the job is on (rank slots' nodes first)."""

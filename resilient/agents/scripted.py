@@ -2,7 +2,8 @@
 
 Contract: `ScriptedGroup` has the interface of `WorkerGroup` that the supervisor and the Watch use
 (start, poll, latest, dead, pending, last_answer, final_heartbeats, flush_newest, request_stop,
-inject, release_chaos, shutdown, placement, size, node_of). Its ranks take one step every
+request_pause, replace, leave, inject, release_chaos, shutdown, placement, size, node_of); a group
+whose ranks were replaced starts again (survivors keep their pids). Its ranks take one step every
 `Scenario.step_s` seconds of a `FakeClock`, which only `poll(wait_s)` moves, so a test runs an hour
 of a job in milliseconds and gets the same answer every time. A `Scenario` (shared by the groups
 of one job, like the real run directory) says which fault strikes at which step, once: `crash`
@@ -52,6 +53,7 @@ class Scenario:
     snapshots: set[int] = field(default_factory=set)
     samples: list[tuple[str, dict]] = field(default_factory=list)  # (node, sample) for the nodes
     data: list[tuple[int, int]] = field(default_factory=list)  # (step, data step) trained, in order
+    starts: list[tuple[int, int]] = field(default_factory=list)  # (attempt, world) of each start
 
     def strikes(self, kind: str, step: int, t: float) -> int | None:
         """The rank `kind` strikes at `step` (once, at time `t`), or None."""
@@ -77,6 +79,11 @@ class ScriptedGroup:
     ):
         self.sc, self.placement, self.total, self.clock = scenario, placement, total, clock
         self.attempt = attempt
+        self.pids = {r: 1000 + r for r in range(self.size)}  # a replaced rank gets a new one
+        self._new_life()
+
+    def _new_life(self) -> None:
+        """What a (re)start begins afresh; survivors keep only their pids."""
         self.pending: dict[int, bool] = {}
         self.issued_at: dict[int, float] = {}
         self.last_answer: dict[int, float] = {}
@@ -85,7 +92,7 @@ class ScriptedGroup:
         self.phase = {r: "created" for r in range(self.size)}
         self.hung: set[int] = set()
         self.step = self.data_step = 0
-        self.halted = self.stop = False
+        self.halted = self.stop = self.pause = False
         self.skip: set[int] = set()
         self._metrics: dict[int, list[dict]] = {r: [] for r in range(self.size)}
         self._checkpoints: list[dict] = []
@@ -101,6 +108,10 @@ class ScriptedGroup:
         return self.placement[rank]
 
     def start(self, restore, plan, skip: list[int]) -> None:
+        self._new_life()
+        self.sc.starts.append((self.attempt, self.size))
+        for r in range(self.size):
+            self.pids.setdefault(r, 1000 + r + 100 * len(self.sc.starts))
         self.step = restore.step if restore else 0
         self.data_step = self._data_step_of(self.step)
         self.restored, self.skip = self.step, set(skip)
@@ -158,6 +169,10 @@ class ScriptedGroup:
         self.step, self.data_step, self.step_done_at = s, data, t
         self.first_done_at = self.first_done_at or t
         final = s == self.total or self.stop
+        if self.pause and not final:  # a resize: this step's snapshot, then every rank waits
+            self.sc.snapshots.add(s)
+            self.phase = {r: "paused" for r in range(self.size)}
+            return
         if s % self.sc.every == 0 or final:
             self.sc.snapshots.add(s)
             self._checkpoints.append({"step": s, "blocking_s": 0.0, "persist": final})
@@ -193,7 +208,7 @@ class ScriptedGroup:
         training = self.phase[r] != "created"
         return Heartbeat(
             rank=r,
-            pid=1000 + r,
+            pid=self.pids[r],
             phase=self.phase[r],
             now=now,
             step=self.step,
@@ -244,6 +259,16 @@ class ScriptedGroup:
 
     def request_stop(self) -> None:
         self.stop = True
+
+    def request_pause(self) -> None:
+        self.pause = True
+
+    def replace(self, ranks) -> None:
+        for r in ranks:
+            self.pids.pop(r, None)
+
+    def leave(self, timeout: float) -> dict[int, str]:
+        return {}
 
     def inject(self, rank: int, fault: str, params: dict, fatal: bool = False) -> None:
         raise NotImplementedError("a scripted group takes its faults from its Scenario")

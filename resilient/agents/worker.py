@@ -2,14 +2,20 @@
 
 Contract: `start()` returns at once and trains in a background thread, so `heartbeat()` is answered
 while a step runs (the actor is threaded); the `Heartbeat` is the supervisor's only window into the
-rank. The planned faults it is given (`PlannedFault`, computed by the chaos controller) fire at the
-start of their step, once: the marker goes to the run directory before the damage, so a restarted
-group does not fire it again. `inject()` is chaos from outside. Either way the worker only does
-the damage (`sabotage`, the node's simulated GPU, a NaN loss, a slower step).
+rank. Chaos (planned faults at their step, `inject()` from outside) is `chaos_damage.ChaosDamage`.
+
+Survivors: when its training thread ends on an error (a dead peer breaks every collective), the
+worker leaves the process group (destroying it, which frees peers blocked on this rank) and keeps
+its trainer: `leave(timeout)` says whether the thread ended, and a later `start()` on a new
+rendezvous (new master port, possibly another world size) reuses the model, restoring the agreed
+snapshot from its own memory when it holds that step. `request_pause()` ends training at the next
+step every rank agrees on, with that step's snapshot handed to the node agent (phase "paused": the
+supervisor resizes the job there).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -19,56 +25,39 @@ from typing import Any
 
 import ray
 
+from resilient.agents.chaos_damage import ChaosDamage
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.output import capture
-from resilient.agents.sabotage import PROCESS_DAMAGE, damage
-from resilient.catalogue import GPU, PlannedFault
+from resilient.agents.warmup import lower_this_thread, warm_imports
+from resilient.catalogue import PlannedFault
 from resilient.checkpoint.source import RestoreSource
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
-from resilient.rundir import RunDir, markers, staged
+from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, DATA
 
 log = logging.getLogger(__name__)
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
 
 
-def _warm_imports() -> None:
-    """What a rank needs before its first step, imported while nothing waits for it (warm
-    spares)."""
-    import peft  # noqa: F401
-    import torch.distributed  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    import resilient.checkpoint.engine  # noqa: F401
-    import resilient.training.trainer  # noqa: F401
-
-
-def _lower_this_thread() -> None:
-    """SCHED_IDLE for the calling thread only (Linux: policy and niceness are per thread), so the
-    thread that will train is never lowered (an unprivileged process could not raise it back)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux: a plain nice
-        try:
-            os.nice(10)
-        except OSError:
-            pass
-
-
 @ray.remote(max_concurrency=4)
-class TrainWorker:
+class TrainWorker(ChaosDamage):
     def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`."""
         self.output = capture()  # before anything prints: every line reaches logs/rank-N.log
         self.spec = JobSpec.model_validate(spec)
         if rank >= 0:
-            _warm_imports()
+            warm_imports()
         self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
         self.rundir = RunDir(run_uri, self.spec.checkpoint.storage_options)
         self.store = CheckpointStore(self.rundir)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._pause = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._kept = None  # a survivor's trainer, reused by the next start()
+        self._trainer_now = None  # the trainer of the running life, once connected
+        self._data_step = 0  # the data step of the last step trained
         self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
         self.engine = None
         self.slow = 1.0
@@ -86,10 +75,10 @@ class TrainWorker:
         """Imports, data and model of a spare, on this thread only, at idle priority: it runs on
         CPU time the ranks leave unused (and at full speed in a restart, when the ranks are
         gone)."""
-        _lower_this_thread()
+        lower_this_thread()
         t0 = time.perf_counter()
         try:
-            _warm_imports()
+            warm_imports()
             self._prepared = self._prepare()
             log.info("spare warm in %.1fs (imports, data, model)", time.perf_counter() - t0)
         except Exception:  # the rank builds its own when promoted; nothing is lost
@@ -139,17 +128,40 @@ class TrainWorker:
         agent,
         skip: list[int],
         node_index: int = -1,
+        world: int | None = None,
     ) -> None:
         """Train in the background from `restore` (None: from scratch). `plan`: the planned faults
-        still to fire; `agent`: this node's NodeAgent; `skip`: data steps rollbacks took out."""
+        still to fire; `agent`: this node's NodeAgent; `skip`: data steps rollbacks took out;
+        `world`: the number of ranks (default `cluster.num_workers`). A survivor (its previous
+        training thread ended) starts again the same way."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(f"rank {self.rank} still trains; leave() first")
         self.agent, self.skip, self.node_index = agent, set(skip), node_index
+        self.world = world or self.spec.cluster.num_workers
         self.plan, self._fired = plan, set()
+        self._stop.clear()
+        self._pause.clear()
+        with self._lock:  # a new life: nothing of the previous one is reported again
+            self.status = {"rank": self.rank, "pid": os.getpid(), "phase": "created"}
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
         args = (master_ip, master_port, restore, base_ref)
-        threading.Thread(
+        self._thread = threading.Thread(
             target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}"
-        ).start()
+        )
+        self._thread.start()
+
+    def leave(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the training thread to end (a dead peer makes its collective
+        fail); True when it did, so this worker can start again on a new rendezvous."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        return t is None or not t.is_alive()
+
+    def request_pause(self) -> None:
+        """End training at the next agreed step boundary, its snapshot handed over (a resize)."""
+        self._pause.set()
 
     def heartbeat(self) -> Heartbeat:
         engine = self.engine
@@ -172,20 +184,6 @@ class TrainWorker:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def inject(self, fault: str, params: dict, fatal: bool = False) -> None:
-        """Chaos from outside (timed, random, `resilient chaos inject`): a process fault now, the
-        others at the start of the next step."""
-        if fault in PROCESS_DAMAGE:
-            damage(fault)
-        elif fault == "slow":
-            self.slow = params.get("factor", 2.0)
-        else:
-            self._injected.append((fault, params, fatal))
-
-    def chaos_done(self) -> None:
-        """The supervisor carried out the job-wide fault this rank asked for."""
-        self._chaos_ack.set()
-
     def _set(self, **kw: Any) -> None:
         with self._lock:
             self.status.update(kw)
@@ -195,13 +193,45 @@ class TrainWorker:
         try:
             trainer, step, data_step = self._setup(master_ip, master_port, restore)
             step = self._train(trainer, step, data_step)
-            if step is not None:
+            if step is not None and self._pause.is_set() and not self._stop.is_set():
+                self._paused(trainer, step)
+            elif step is not None:
                 self._finish(trainer, step, base_ref)
         except BaseException as e:  # reported, never raised: the supervisor decides
             log.exception("rank %s failed", self.rank)  # the whole traceback, in its log
             self._set(
-                phase="error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+                phase="error",
+                error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}",
+                error_at=time.time(),
             )
+        finally:
+            self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Leave the process group (closing its connections frees peers blocked on this rank);
+        the model stays, for a start() on the next rendezvous."""
+        import torch.distributed as dist
+
+        trainer, self._trainer_now = self._trainer_now, None
+        if trainer is not None:
+            trainer.ddp = None  # DDP's reducer holds the group: let it go with it
+            self._kept = trainer
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group may refuse a clean teardown; it is dropped anyway
+                log.warning("rank %s: process group teardown failed", self.rank, exc_info=True)
+        gc.collect()
+
+    def _paused(self, trainer, step: int) -> None:
+        """A resize: this step's snapshot in the node agent's memory, then stop."""
+        self._set(phase="pausing")
+        latest = self.engine.latest
+        if latest is None or latest.step != step:
+            self.engine.save(trainer, step, self._data_step, False)
+        self.engine.drain()
+        self.engine.flush()
+        self._set(phase="paused")
 
     def _device(self):
         import torch
@@ -245,21 +275,24 @@ class TrainWorker:
         )
         self._set(phase="loading")
         t_load = time.perf_counter()
-        trainer, self._prepared = self._prepared, None
-        warm = trainer is not None
-        if trainer is None:
-            trainer = self._trainer(self.rank, self._device())
-            trainer.prepare()
-        trainer.rank, trainer.device = self.rank, self._device()
+        trainer, warm = self._take_trainer(restore)
+        trainer.rank, trainer.world, trainer.device = self.rank, self.world, self._device()
         trainer.connect()
-        self.engine = CheckpointEngine(
-            self.agent, spec.fingerprint(), cc.persist_every, cc.every, self.rank, cc.handoff_s
-        )
+        self._trainer_now = trainer
+        if self.engine is None or self.engine.error or self.engine.rank != self.rank:
+            self.engine = CheckpointEngine(
+                self.agent, spec.fingerprint(), cc.persist_every, cc.every, self.rank, cc.handoff_s
+            )
+        self.engine.agent = self.agent  # a survivor's engine: the agent of the node it is on
         step = data_step = 0
         if restore:
             self._set(phase="restoring")
             t0 = time.perf_counter()
-            snap = load(restore, self.store, spec.fingerprint())
+            own = self.engine.latest  # a survivor restores the agreed step from its own memory
+            if own is not None and own.step == restore.step:
+                snap = own
+            else:
+                snap = load(restore, self.store, spec.fingerprint())
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
@@ -268,11 +301,25 @@ class TrainWorker:
             self.rank,
             self.attempt,
             step,
-            "warm spare" if warm else "model built now",
+            warm,
             time.perf_counter() - t_load,
         )
+        self._data_step = data_step
         self._set(phase="training", step=step, training_at=time.time())
         return trainer, step, data_step
+
+    def _take_trainer(self, restore: RestoreSource | None):
+        """(the trainer, how it was had): a survivor's own (unless it must start from scratch: its
+        weights moved on), a warm spare's, or one built now."""
+        kept, self._kept = self._kept, None
+        if kept is not None and restore is not None:
+            return kept, "survivor, model kept"
+        trainer, self._prepared = self._prepared, None
+        if trainer is not None:
+            return trainer, "warm spare"
+        trainer = self._trainer(self.rank, self._device())
+        trainer.prepare()
+        return trainer, "model built now"
 
     def _train(self, trainer, step: int, data_step: int) -> int | None:
         """Steps until the last one or an agreed stop; the step reached (None: a NaN step)."""
@@ -282,12 +329,14 @@ class TrainWorker:
             next_data = data_step + 1
             while next_data in self.skip:
                 next_data += 1
-            r = trainer.step(next_data, stop=self._stop.is_set(), poison=poison, slow=self.slow)
+            stop = self._stop.is_set() or self._pause.is_set()
+            r = trainer.step(next_data, stop=stop, poison=poison, slow=self.slow)
             self._record(step + 1, next_data, r)
             if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips it
                 self._set(phase="nonfinite")
                 return None
             step, data_step, now = step + 1, next_data, time.time()
+            self._data_step = data_step
             self._set(
                 step=step,
                 mean_loss=r.mean_loss,
@@ -339,58 +388,3 @@ class TrainWorker:
                 self._set(phase="exporting")
                 export_to(self.rundir, trainer, FINAL, base_ref)
         self._set(phase="done" if step == total else "stopped")
-
-    # -- chaos: only the damage ------------------------------------------------------------------
-    def _faults_at(self, step: int) -> bool:
-        """Fire what is due at the start of `step`; True if this step's loss must be NaN."""
-        poison = False
-        for f in self.plan:
-            if f.step != step or f.index in self._fired:
-                continue
-            if f.job_wide:  # the supervisor's to carry out; rank 0 holds the job at this step
-                if self.rank == 0:
-                    self._fired.add(f.index)
-                    self._ask_supervisor(f.index)
-                continue
-            if not f.aims_at(self.rank, self.node_index):
-                continue
-            self._fired.add(f.index)
-            fired = markers.FiredFault(
-                markers.planned_key(f.index),
-                f.fault,
-                time.time(),
-                step=step,
-                rank=self.rank,
-                index=f.index,
-            )
-            try:  # the marker keeps a restarted group from firing it again
-                markers.write(self.rundir, fired)
-            except Exception:  # storage is down: the fault still fires
-                pass
-            # the key: every rank on the node fires a node's GPU fault; the GPU takes it once
-            poison |= self._apply(f.fault, {**f.params, "key": fired.key}, f.fatal)
-        injected, self._injected = self._injected, []
-        for fault, params, fatal in injected:
-            poison |= self._apply(fault, params, fatal)
-        return poison
-
-    def _apply(self, fault: str, params: dict, fatal: bool) -> bool:
-        """Do the damage; True when it is a NaN loss for this step."""
-        if fault == "nan":
-            return True
-        if fault == "slow":
-            self.slow = params.get("factor", 2.0)
-        elif fault in GPU:
-            ray.get(self.agent.gpu_fault.remote(fault, params))
-            if fatal:  # the CUDA context would be gone: this rank's step fails
-                xid = f" XID {params.get('xid')}" if fault == "gpu_xid" else ""
-                raise RuntimeError(f"simulated {fault}{xid}: the GPU this rank runs on failed")
-        else:
-            damage(fault)
-        return False
-
-    def _ask_supervisor(self, index: int, timeout: float = 60.0) -> None:
-        self._chaos_ack.clear()
-        self._set(chaos_request=index)
-        self._chaos_ack.wait(timeout)
-        self._set(chaos_request=None)

@@ -159,6 +159,10 @@ def status(run_dir, as_json) -> None:
             else "not recovered"
         )
         click.echo(f"  fault {f['kind']} rank {f['rank']} step {f['step']}: {rec}")
+    if s.get("world_size") is not None:
+        click.echo(f"  ranks {s['world_size']}")
+    for r in s.get("resizes", []):
+        click.echo(f"  resized {r['from']} -> {r['to']} at step {r['step']}: {r['reason']}")
     if s.get("reason"):
         click.echo(f"  {s['reason']}")
 

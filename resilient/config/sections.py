@@ -76,6 +76,28 @@ class ClusterConfig(_Section):
         le=MAX_LOCAL_NODES,
         description="Embedded Ray only: simulate this many nodes (raylets) on this machine.",
     )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Elastic: the job goes on with as few as this many ranks when no more can be "
+        "placed (the same global batch, in more microbatches per rank), and grows back to "
+        "num_workers when capacity returns. Default: num_workers (never shrink).",
+    )
+
+    @model_validator(mode="after")
+    def _min_workers(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"min_workers {self.min_workers} is above num_workers {self.num_workers}; "
+                "set cluster.min_workers <= cluster.num_workers"
+            )
+        return self
+
+    @property
+    def least(self) -> int:
+        """The fewest ranks the job runs on (`min_workers`, default `num_workers`)."""
+        return self.min_workers or self.num_workers
 
     @field_validator("address")
     @classmethod
@@ -290,6 +312,13 @@ class SupervisorConfig(_Section):
     warm_spares: bool = Field(
         True,
         description="Keep started spare workers (`cluster.spares`) so a restart starts no process.",
+    )
+    capacity_wait_s: float = Field(
+        120.0,
+        ge=0,
+        le=7 * DAY,
+        description="When the healthy nodes cannot hold even cluster.min_workers ranks, wait this "
+        "long for capacity (a node joining, a cordon lifted) before the job fails.",
     )
 
     @model_validator(mode="after")

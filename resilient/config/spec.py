@@ -97,10 +97,17 @@ class JobSpec(_Section):
             "model": self.model.model_dump(),
             "peft": self.peft,
             "data": self.data.model_dump(),
-            "train": self.train.model_dump(exclude={"steps"}),
-            "world": self.cluster.num_workers,
+            # The global batch, not the world size: a checkpoint restores at any number of ranks.
+            "train": self.train.model_dump(exclude={"steps", "batch_size", "grad_accum_steps"}),
+            "global_batch": self.global_batch(),
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def global_batch(self) -> int:
+        """Samples per optimizer step: `num_workers` x `batch_size` x `grad_accum_steps`, kept when
+        the job runs on fewer ranks (each then trains on more microbatches)."""
+        t = self.train
+        return self.cluster.num_workers * t.batch_size * t.grad_accum_steps
 
 
 def peft_config(table: dict[str, Any]):

@@ -87,7 +87,7 @@ def check_capacity(spec: JobSpec, spares: int = 0) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     bundle = spec.cluster.resources_per_worker
     fit = placeable(bundle, nodes) - spares
-    if fit < spec.cluster.num_workers:
+    if fit < spec.cluster.least:  # an elastic job may start on fewer ranks, and grow
         raise UserError(
             f"cluster.num_workers = {spec.cluster.num_workers} cannot be placed: the cluster's "
             f"{len(nodes)} node(s) "

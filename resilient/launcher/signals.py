@@ -75,5 +75,9 @@ class StopRequests:
     def take_injects(self) -> list:
         return self.poller.take_injects()
 
+    @property
+    def scale_to(self) -> int | None:
+        return self.poller.scale_to
+
     def close(self) -> None:
         self.poller.close()

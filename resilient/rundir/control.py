@@ -1,9 +1,11 @@
 """Requests to a running job, left in its run directory's `control/` folder.
 
-Contract: `resilient stop` calls `request_stop()`, `resilient chaos inject` calls `write_inject()`;
-the job's `ControlPoller` looks for both every `every_s` on a thread of its own, so whoever acts
-on them (the supervisor, the chaos controller) never waits on storage, which may be down. Each
-inject request is handed out once by `take_injects()` and deleted from storage when taken.
+Contract: `resilient stop` calls `request_stop()`, `resilient chaos inject` calls `write_inject()`,
+`resilient scale` calls `request_scale()`; the job's `ControlPoller` looks for all three every
+`every_s` on a thread of its own, so whoever acts on them (the supervisor, the chaos controller)
+never waits on storage, which may be down. Each inject request is handed out once by
+`take_injects()` and deleted from storage when taken; the newest scale request stays (`scale_to`),
+so a resumed run keeps the size it was asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from resilient.rundir.fs import RunDir
-from resilient.rundir.layout import CONTROL, STOP_FILE, inject_request
+from resilient.rundir.layout import CONTROL, SCALE_FILE, STOP_FILE, inject_request
 
 INJECT_PREFIX = "inject-"
 
@@ -33,6 +35,18 @@ class InjectRequest:
 
 def request_stop(rundir: RunDir) -> None:
     rundir.write_json(STOP_FILE, {"requested_at": time.time()})
+
+
+def request_scale(rundir: RunDir, workers: int) -> None:
+    """Ask the running job to go on with `workers` ranks (within min_workers..num_workers)."""
+    rundir.write_json(SCALE_FILE, {"workers": workers, "requested_at": time.time()})
+
+
+def read_scale(rundir: RunDir) -> int | None:
+    """The number of ranks `resilient scale` asked for, None if never asked."""
+    if not rundir.exists(SCALE_FILE):
+        return None
+    return int(rundir.read_json(SCALE_FILE)["workers"])
 
 
 def clear_stop(rundir: RunDir) -> None:
@@ -82,6 +96,7 @@ class ControlPoller:
     def __init__(self, rundir: RunDir, every_s: float = 1.0):
         self.rundir, self.every_s = rundir, every_s
         self._stop_seen = False
+        self.scale_to: int | None = None  # the newest `resilient scale` request
         self._requests: list[InjectRequest] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -106,6 +121,7 @@ class ControlPoller:
         while not self._closed.is_set():
             try:
                 self._stop_seen = self._stop_seen or self.rundir.exists(STOP_FILE)
+                self.scale_to = read_scale(self.rundir)
                 for req in pending_injects(self.rundir):
                     cancel_inject(self.rundir, req.id)  # taken: never carried out twice
                     with self._lock:

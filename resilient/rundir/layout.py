@@ -14,6 +14,7 @@ JOURNAL = "journal.jsonl"  # the run journal (runlog), on a local run directory
 JOURNAL_DIR = "journal"  # the run journal's segments, on an object store
 CONTROL = "control"  # requests to the running job (resilient stop, resilient chaos inject)
 STOP_FILE = f"{CONTROL}/stop"
+SCALE_FILE = f"{CONTROL}/scale.json"  # resilient scale: the number of ranks wanted
 CHAOS = "chaos"  # one marker per fault that fired (rundir.markers)
 CHAOS_REPORT = "chaos_report.json"
 FINAL = "final"  # the final adapter, in peft's format

@@ -18,6 +18,7 @@ class JobState(StrEnum):
     DIAGNOSING = "DIAGNOSING"
     RESTARTING = "RESTARTING"
     ROLLING_BACK = "ROLLING_BACK"
+    RESIZING = "RESIZING"  # elastic: going on with another number of ranks (or waiting for one)
     STOPPING = "STOPPING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"

@@ -4,7 +4,10 @@ Contract: `fold(records)` is pure. Its keys are a public format (README, "status
 `state`, `step`, `total_steps`, `restarts`, `faults` (each with `kind`, `rank`, `step`,
 `detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`),
 `cordoned_nodes` (each with `node`, `reason`), `rollbacks` (each with `from_step`, `to_step`,
-`skipped_batches`, `reason`) and `events` (anomaly events counted by kind), plus extras.
+`skipped_batches`, `reason`), `events` (anomaly events counted by kind), `world_size` (ranks of
+the newest worker group), `resizes` (each with `step`, `from`, `to`, `reason`) and `ranks` (each
+with `rank`, `pid`, `node`, `started_at`, `restarts`: how often that rank's process was replaced),
+plus extras.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def _empty() -> dict[str, Any]:
         "cordoned_nodes": [],
         "rollbacks": [],
         "events": {},
+        "world_size": None,
+        "resizes": [],
+        "ranks": [],
     }
 
 
@@ -101,6 +107,29 @@ def _checkpoint(s: dict, r: dict) -> None:
     s["last_checkpoint"] = r["step"]
 
 
+def _ranks(s: dict, r: dict) -> None:
+    """A worker group started (or re-formed): a rank whose pid changed was replaced."""
+    before = {x["rank"]: x for x in s["ranks"]}
+    out = []
+    for x in r.get("ranks", []):
+        old = before.get(x["rank"])
+        kept = old is not None and old["pid"] == x.get("pid")
+        out.append(
+            {
+                "rank": x["rank"],
+                "pid": x.get("pid"),
+                "node": x.get("node"),
+                "started_at": old["started_at"] if kept else r["t"],
+                "restarts": (old["restarts"] + (0 if kept else 1)) if old else 0,
+            }
+        )
+    s["ranks"], s["world_size"] = out, len(out)
+
+
+def _resize(s: dict, r: dict) -> None:
+    s["resizes"].append({k: r.get(k) for k in ("step", "from", "to", "reason")})
+
+
 def _anomaly(s: dict, r: dict) -> None:
     s["events"][r["kind"]] = s["events"].get(r["kind"], 0) + 1
 
@@ -122,6 +151,8 @@ FOLDS = {
         {"step": r["step"], "tier": r["tier"], "skipped": r.get("skipped", [])}
     ),
     "checkpoint": _checkpoint,
+    "ranks": _ranks,
+    "resize": _resize,
 }
 
 

@@ -64,6 +64,19 @@ def assign(
     return None
 
 
+def capacity(
+    bundle: dict[str, float], order: list[str], resources: dict[str, dict], excluded: set[str]
+) -> int:
+    """How many bundles the nodes in `order` hold, `excluded` ones aside. Pure."""
+    total = 0
+    for nid in order:
+        if nid in excluded:
+            continue
+        res = resources[nid]
+        total += min((int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=0)
+    return total
+
+
 def schedulable_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
 
@@ -94,14 +107,29 @@ class Nodes:
             for i, nid in enumerate(self.order)
         ]
 
-    def placement(self, excluded: set[str]) -> list[str] | None:
+    def capacity(self, excluded: set[str]) -> int:
+        """How many ranks' bundles the live nodes hold, `excluded` ones aside."""
+        nodes = schedulable_nodes()
+        resources = {n["NodeID"]: n["Resources"] for n in nodes}
+        bundle = self.spec.cluster.resources_per_worker
+        return capacity(bundle, [n["NodeID"] for n in nodes], resources, excluded)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the reservation is made anew (Ray then ends the workers in it)."""
+        return self.reservation.generation
+
+    def placement(self, excluded: set[str], world: int | None = None) -> list[str] | None:
+        """The node of each of `world` (default `num_workers`) ranks' slots; None when they cannot
+        be placed."""
         c = self.spec.cluster
+        world = world or c.num_workers
         nodes = schedulable_nodes()
         self.resources = {n["NodeID"]: n["Resources"] for n in nodes}
         order = [n["NodeID"] for n in nodes]
-        if assign(c.num_workers, c.resources_per_worker, order, self.resources, excluded) is None:
+        if assign(world, c.resources_per_worker, order, self.resources, excluded) is None:
             return None  # cannot fit whatever Ray does: say so now, not after a timeout
-        if not self.reservation.reserve(excluded, self.spec.supervisor.start_timeout):
+        if not self.reservation.reserve(excluded, self.spec.supervisor.start_timeout, world):
             return None
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()

@@ -6,7 +6,9 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   restart; anything else becomes a Fault: NaN/Inf rolls back to the step before it and skips its
   data batch, a loss spike (after `anomaly.spike_patience`) rolls back before the first spike and
   skips every spiked batch, hardware faults cordon their node, the rest restart.
-- `decide(fault, history, cfg)`: crashes, hangs and errors restart the group; an anomaly restarts
+- `decide(fault, history, cfg)`: a crash, hang or error of a rank replaces that rank, the others
+  keeping their processes (`elastic.keeps_survivors`); a hang of no rank restarts the group; an
+  anomaly restarts
   it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
   restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
   back off exponentially from `backoff_base` up to `backoff_max`. The job gives up, naming the rule
@@ -22,6 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from resilient.anomaly.events import CORDON, ROLLBACK, WARN, AnomalyEvent
 from resilient.config import SupervisorConfig
+from resilient.supervisor.elastic import keeps_survivors
 from resilient.supervisor.faults import Action, Decision, Fault, FaultKind, History, Verdict
 
 RESUME_HINT = "`resilient launch --resume RUN_DIR`"
@@ -106,6 +109,14 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             delay_s=delay,
             rollback_to=fault.rollback_to,
             skip_batches=fault.skip_batches,
+        )
+    if keeps_survivors(fault):
+        return Decision(
+            Action.RESTART,
+            f"{describe(fault)}: replace rank {fault.rank}, the other ranks keep their processes "
+            "and go on from the newest checkpoint",
+            delay_s=delay,
+            keep_survivors=True,
         )
     return Decision(
         Action.RESTART,

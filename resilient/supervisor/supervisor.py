@@ -10,6 +10,8 @@ before it is acted on. Decisions are the policy's (`policy.judge`, `policy.decid
 only through `parts.chaos`. What it needs to go on (restarts, cordoned nodes, skipped batches) is
 rebuilt from the journal, so a resumed supervisor behaves like the one that died. A stop request
 wins over the last step: a group that ends while the job stops ends it STOPPED, its step persisted.
+Elastic (`resizing.Resizing`): each attempt runs as many ranks as fit (between `min_workers` and
+the target); a crash, error or silent rank replaces only that rank, the survivors kept.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ from resilient.supervisor.faults import Action, Fault, FaultKind, PendingRecover
 from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.parts import Parts
+from resilient.supervisor.progress import Progress
+from resilient.supervisor.resizing import Resizing
 from resilient.supervisor.restore import RestoreImpossible, find_restore_point
 from resilient.supervisor.state import TERMINAL, JobState, transition
-from resilient.supervisor.watch import Ready, Seen, Watch
+from resilient.supervisor.watch import Watch
 
-PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
 DATA_STEPS_KEPT = 10_000  # steps whose data steps are remembered (rollbacks look back a few)
 
 
-class Supervisor:
+class Supervisor(Resizing, Progress):
     def __init__(
         self,
         spec: JobSpec,
@@ -76,6 +79,11 @@ class Supervisor:
         self.data_steps: dict[int, set[int]] = {}  # step -> data steps trained (rollback skips)
         self.stop_reason: str | None = None
         self._last_progress_journal = 0.0
+        self.world = spec.cluster.num_workers  # ranks of the current (or next) group
+        self.kept = None  # a group whose survivors go on in the next attempt
+        self._kept_generation = 0
+        self._last_size_check = 0.0
+        self.resize_cause: str | None = None  # why the next attempt may have another size
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _to(self, new: JobState, cause: str) -> None:
@@ -94,8 +102,8 @@ class Supervisor:
             self.cordoned[node] = reason
             self.journal.append("cordon", node=node, reason=reason)
 
-    def _placement(self) -> list[str] | None:
-        return self.nodes.placement(set(self.cordoned) | self.nodes.lost())
+    def _placement(self, world: int | None = None) -> list[str] | None:
+        return self.nodes.placement(self._excluded(), world or self.world)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -146,24 +154,28 @@ class Supervisor:
             return
         self.restored = restored = source.step if source else 0
         self.nodes.protect({restored} if source else set())
-        placement = self._placement()
+        world = self._size()
+        if world is None:  # failed or stopped while waiting for capacity
+            return
+        placement = self._placement(world)
         if placement is None:
             self._to(
                 JobState.FAILED,
-                f"the healthy nodes cannot hold cluster.num_workers="
-                f"{self.spec.cluster.num_workers} (cordoned: {sorted(self.cordoned) or 'none'});"
-                " add nodes or lower cluster.num_workers, then `resilient launch --resume "
-                "RUN_DIR`",
+                f"Ray did not place {world} rank(s) within supervisor.start_timeout="
+                f"{self.spec.supervisor.start_timeout:g}s (cordoned: "
+                f"{sorted(self.cordoned) or 'none'}); add nodes or lower cluster.num_workers, "
+                "then `resilient launch --resume RUN_DIR`",
             )
             return
-        group = self.parts.new_group(placement, self.restarts)
+        group = self._group_for(placement)
         self.data_steps = {}
         outcome: Fault | str | None = None
         try:
             outcome = self._start(group, source, restored) or self._follow(group, restored)
             self._conclude(outcome, group)
         finally:
-            group.shutdown(force=not isinstance(outcome, str))  # "done"/"stopped": ranks finished
+            if group is not self.kept:  # "done"/"stopped"/"paused": the ranks finished
+                group.shutdown(force=not isinstance(outcome, str))
 
     def _prepare_attempt(self) -> RestoreSource | None:
         """Find the state to restore (before the anomaly, for a rollback) and journal it."""
@@ -213,9 +225,7 @@ class Supervisor:
 
     def _follow(self, group, restored: int) -> Fault | str:
         """Poll until the group ends ("done" or "stopped") or a fault must be acted on."""
-        watch = Watch(
-            group, restored, self.spec.cluster.num_workers, self.spec.supervisor, self.clock
-        )
+        watch = Watch(group, restored, group.size, self.spec.supervisor, self.clock)
         while True:
             seen = watch.poll()
             if self.state in (JobState.RUNNING, JobState.STOPPING):
@@ -235,6 +245,7 @@ class Supervisor:
                 self._ready(seen.ready, restored)
             if seen.step is not None:
                 self._progress(seen)
+            self._check_size(group)
             if seen.fault:
                 return self.chaos.attribute(seen.fault)
             if seen.ended:
@@ -272,6 +283,9 @@ class Supervisor:
         if isinstance(outcome, Fault):
             self._handle(outcome, group)
             return
+        if outcome == "paused" and self.state != JobState.STOPPING:
+            self._paused()
+            return
         if outcome == "done":
             self.journal.append("final", path=self.rundir.url(FINAL), step=self.step)
         if self.state == JobState.STOPPING or outcome == "stopped":
@@ -308,13 +322,16 @@ class Supervisor:
                 fault.step, decision.rollback_to, decision.skip_batches, decision.reason
             )
         self._to(JobState.ROLLING_BACK if rollback else JobState.RESTARTING, decision.reason)
-        self._teardown(group, idx, decision.delay_s, self.budget.restarted(fault, time.time()))
+        keep = decision.action == Action.RESTART and decision.keep_survivors
+        self.resize_cause = policy.describe(fault)  # if the next attempt has another size
+        counts = self.budget.restarted(fault, time.time())
+        self._teardown(group, idx, decision.delay_s, counts, fault if keep else None)
         self.pending_recovery = PendingRecovery(idx, fault)
         self._to(JobState.STARTING, f"restart {self.restarts}")
 
-    def _teardown(self, group, idx: int, delay_s: float, counts: dict) -> None:
+    def _teardown(self, group, idx: int, delay_s: float, counts: dict, keep: Fault | None) -> None:
         """Save what the survivors did and hold (their newest snapshot goes to memory first), then
-        end the group."""
+        end the group, or (`keep`: the fault that keeps survivors) only the ranks it replaces."""
         t0 = time.time()
         last = group.final_heartbeats()
         self._record(last.values())
@@ -330,7 +347,10 @@ class Supervisor:
                 fault_index=idx,
             )
         self.intake.keep([m for h in last.values() for m in h.metrics])
-        group.shutdown()
+        if keep is not None:
+            self._keep(group, keep)
+        else:
+            group.shutdown()
         self.restarts += 1
         self.journal.append("restart", n=self.restarts, fault_index=idx, **counts)
         if delay_s:
@@ -354,45 +374,3 @@ class Supervisor:
             self.intake.anomaly(e, v.decision)
             found = found or (self.chaos.attribute(v.fault) if v.fault else None)
         return found
-
-    def _ready(self, ready: Ready, restored: int) -> None:
-        self.journal.append(
-            "group_ready",
-            restore_s=ready.restore_s,
-            restored_step=restored,
-            ready_at=ready.ready_at,
-        )
-        if self.state == JobState.STARTING:
-            self._to(JobState.RUNNING, "all ranks training")
-
-    def _progress(self, seen: Seen) -> None:
-        self.step = seen.step
-        p = self.pending_recovery
-        if p and self.step > p.restored_step:
-            done_at = max(
-                h.first_step_done_at or h.step_done_at or seen.now for h in seen.latest.values()
-            )
-            start = p.fault.injected_at or p.fault.detected_at
-            self.journal.append(
-                "recovered",
-                fault_index=p.fault_index,
-                recovered_at=done_at,
-                recovery_s=round(done_at - start, 3),
-                steps_replayed=max(0, p.fault.step - 1 - p.restored_step),
-            )
-            self.pending_recovery = None
-        h0 = seen.latest.get(0)
-        loss, tps = (h0.mean_loss, h0.tokens_per_s) if h0 else (None, None)
-        now = time.time()
-        if seen.ended or now - self._last_progress_journal >= PROGRESS_EVERY_S:
-            self._last_progress_journal = now
-            self.journal.append(
-                "progress",
-                step=self.step,
-                loss=loss,
-                tokens_per_s=tps,
-                training_s=round(self.training_s, 3),
-            )
-        if seen.median_step_s is not None:
-            self.journal.append("progress_stats", median_step_s=seen.median_step_s)
-        self._emit(loss=loss, tokens_per_s=tps)

@@ -4,9 +4,10 @@ nothing.
 Contract: `Watch(group, restored, world, cfg, clock).poll()` waits up to one TICK for heartbeats
 and returns a `Seen`: the heartbeats that arrived, the training time since the previous poll, and
 what they add up to: the group became ready (every rank training), the job-wide step advanced, the
-group ended ("done" or "stopped"), or a fault. Faults, in order of precedence: a rank's death
-(CRASH, within one tick), a rank's training error (ERROR, after a short grace, since a dead peer
-shows up in survivors as collective errors first), a rank silent for `hang_timeout` (HANG; before
+group ended ("done", "stopped", or "paused" for a resize), or a fault. Faults, in order of
+precedence: a rank's death (CRASH, within one tick), a rank's training error (ERROR, after a
+short grace, since a dead peer shows up in survivors as collective errors first; the rank that
+failed first is blamed), a rank silent for `hang_timeout` (HANG; before
 its first answer, `start_timeout`), a group not training `start_timeout` after it was started
 although its ranks answer (START_TIMEOUT: stuck in rendezvous, loading or restoring), no step
 finished for `hang_timeout` while any rank trains and none has failed (HANG). Only the supervisor
@@ -46,7 +47,7 @@ class Seen:
     trained_s: float = 0.0  # training time since the previous poll (0 until every rank trains)
     ready: Ready | None = None  # the group has just become ready
     step: int | None = None  # the step every rank finished, when it advanced or the group ended
-    ended: str | None = None  # "done" | "stopped": every rank finished (never with a fault)
+    ended: str | None = None  # "done" | "stopped" | "paused": every rank ended (never with a fault)
     fault: Fault | None = None
     median_step_s: float | None = None  # with `ended`: this attempt's median step time
     metrics: tuple[dict, ...] = field(default=())  # the per-step records of `fresh`, in order
@@ -123,7 +124,9 @@ class Watch:
         self.error_since = self.error_since or now
         if now - self.error_since <= ERROR_GRACE:
             return None
-        rank = min(errors)
+        # The first rank to fail is the cause: a failed rank leaves the process group, which breaks
+        # the collectives of the others a moment later.
+        rank = min(errors, key=lambda r: (latest[r].error_at or float("inf"), r))
         return self._fault(FaultKind.ERROR, rank, errors[rank] or "", now)
 
     def _silent(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
@@ -181,6 +184,8 @@ class Watch:
             ended = "done"
         elif all(p in ("stopped", "done") for p in phases):
             ended = "stopped"
+        elif all(p == "paused" for p in phases):
+            ended = "paused"
         step = min(h.step for h in latest.values())
         if step <= self.last_step and not ended:
             return None, None

@@ -1,8 +1,10 @@
 """Tokenised corpus and a deterministic, resumable data order.
 
-Contract: `batch_indices(step, rank)` is a pure function of (seed, number of samples, world size,
-batch size, data step, rank): the same inputs give the same samples on every machine, interrupted or
-not. A run resumes its data order by restoring `data_step` alone.
+Contract: a data step's samples are a pure function of (seed, number of samples, global batch,
+data step) alone: `microbatches(data_step)` cuts them into the same microbatches at every world
+size, and `share(count, rank, world)` says which of them a rank trains on (rank r takes microbatch
+r, r + world, ...), so a job that shrinks or grows sums exactly the same microbatches per step.
+A run resumes its data order by restoring `data_step` alone.
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ def load_samples(in_dir: str) -> torch.Tensor:
 
 
 class DataOrder:
-    """Which samples each rank trains on at each data step (1-based), epoch after epoch."""
+    """Which samples each data step (1-based) trains on, epoch after epoch: `global_batch` samples
+    a step, in microbatches of `micro_batch`."""
 
-    def __init__(self, num_samples: int, world_size: int, batch_size: int, seed: int):
-        self.n, self.world, self.batch, self.seed = num_samples, world_size, batch_size, seed
+    def __init__(self, num_samples: int, global_batch: int, micro_batch: int, seed: int):
+        if global_batch % micro_batch:
+            raise ValueError(f"global batch {global_batch} is not a multiple of {micro_batch}")
+        self.n, self.batch, self.micro, self.seed = num_samples, global_batch, micro_batch, seed
         self._perms: dict[int, torch.Tensor] = {}  # the newest few epochs' permutations
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -85,10 +90,22 @@ class DataOrder:
                 del self._perms[min(self._perms)]
         return self._perms[epoch]
 
-    def batch_indices(self, data_step: int, rank: int) -> list[int]:
-        start = (data_step - 1) * self.batch * self.world + rank * self.batch
+    @property
+    def count(self) -> int:
+        """Microbatches per data step."""
+        return self.batch // self.micro
+
+    def microbatch(self, data_step: int, index: int) -> list[int]:
+        """The sample indices of microbatch `index` of `data_step`."""
+        start = (data_step - 1) * self.batch + index * self.micro
         out = []
-        for pos in range(start, start + self.batch):
+        for pos in range(start, start + self.micro):
             epoch, i = divmod(pos, self.n)
             out.append(int(self._perm(epoch)[i]))
         return out
+
+
+def share(count: int, rank: int, world: int) -> list[int]:
+    """The microbatches (of `count`) that `rank` of `world` ranks trains on: every world-th one, so
+    the shares differ by at most one microbatch."""
+    return list(range(rank, count, world))

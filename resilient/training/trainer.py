@@ -1,12 +1,17 @@
 """One DDP rank of LoRA fine-tuning, driven step by step.
 
-Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update over this rank's
-`train.grad_accum_steps` microbatches of `data_step` (the forward pass under autocast when
-`model.dtype` is bfloat16/float16, with a gradient scaler for float16) and returns `StepResult` with
-job-wide agreement on `stop` (any rank asked) and on `nonfinite` (any rank saw a NaN/Inf loss or
-grad norm), so every rank takes the same branch after every step. `snapshot()`/`restore()` capture
-and reinstate the whole state bit for bit; both are local (no collective): the state is the same on
-every rank and random draws are seeded per (seed, rank, data step). The learning rate follows
+Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update over this rank's share
+of `data_step`'s microbatches (`training.data`: the step's samples depend on the step alone, split
+over the ranks present), the forward pass under autocast when `model.dtype` is bfloat16/float16,
+with a gradient scaler for float16. Each microbatch's loss is scaled by world / microbatches, so the
+all-reduced gradient is the mean over the same global batch at every world size. It returns
+`StepResult` with job-wide agreement on `stop` (any rank asked) and on `nonfinite` (any rank saw a
+NaN/Inf loss or grad norm), so every rank takes the same branch after every step.
+`snapshot()`/`restore()` capture and reinstate the whole state bit for bit; both are local (no
+collective): the state is the same on every rank and random draws are seeded per (seed, data step,
+microbatch), so a snapshot restores at any world size. `connect()` may be called again on a new
+process group (a survivor rejoining, possibly at another world size): it builds a new DDP wrapper,
+optimizer and scheduler around the same model. The learning rate follows
 `transformers.get_scheduler(train.lr_scheduler)`.
 """
 
@@ -26,7 +31,13 @@ import torch.distributed as dist
 
 from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
 from resilient.config import JobSpec
-from resilient.training.data import ByteTokenizer, DataOrder, load_samples, tokenize_corpus
+from resilient.training.data import (
+    ByteTokenizer,
+    DataOrder,
+    load_samples,
+    share,
+    tokenize_corpus,
+)
 from resilient.training.model import apply_adapter, load_base, load_trainable, trainable_state
 
 
@@ -98,11 +109,11 @@ class Trainer:
 
         spec, t = self.spec, self.spec.train
         deterministic(self.device)
-        # A rank's share of a step is batch_size x grad_accum_steps samples, cut into microbatches.
-        self.order = DataOrder(
-            len(self.samples), self.world, t.batch_size * t.grad_accum_steps, t.seed
-        )
+        # A step is the global batch of the nominal world (num_workers), whatever the world now.
+        self.order = DataOrder(len(self.samples), spec.global_batch(), t.batch_size, t.seed)
         self.model.to(self.device)  # a no-op where a spare prepared on this device already
+        # A survivor's model may hold the partial gradients of the step its peer's death broke.
+        self.model.zero_grad(set_to_none=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # No buffer sync in the forward pass: buffers (rotary tables) are identical on every rank,
         # and without it the forward pass has no collective, so its time is this rank's own speed.
@@ -135,13 +146,10 @@ class Trainer:
         """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`); `slow` stretches
         this rank's forward pass by that factor (chaos `slow`)."""
         t0 = time.perf_counter()
-        # Random draws (dropout) are a function of (seed, rank, data step) alone: no RNG state to
-        # checkpoint, so a snapshot needs no collective and a resumed step draws what it drew
-        # before.
-        torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + self.rank)
-        batch = self.samples[self.order.batch_indices(data_step, self.rank)].to(self.device)
+        mine = share(self.order.count, self.rank, self.world)
+        micro = [self.samples[self.order.microbatch(data_step, i)].to(self.device) for i in mine]
         t1 = time.perf_counter()
-        loss, compute = self._backward(batch, poison, slow)
+        loss_sum, compute = self._backward(data_step, mine, micro, poison, slow)
         self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -149,14 +157,14 @@ class Trainer:
         # its scale for), not a fault; the same on every rank, since gradients are all-reduced.
         overflow = not math.isfinite(grad_norm) and self.scaler.is_enabled()
         bad_grad = not math.isfinite(grad_norm) and not overflow
-        local_bad = not math.isfinite(float(loss)) or bad_grad
+        local_bad = not math.isfinite(loss_sum) or bad_grad
         stats = torch.tensor(
-            [float(loss) if not local_bad else 0.0, float(stop), float(local_bad)],
+            [loss_sum if not local_bad else 0.0, len(mine), float(stop), float(local_bad)],
             dtype=torch.float64,
             device=self.device,
         )
         dist.all_reduce(stats)
-        nonfinite = bool(stats[2] > 0)
+        nonfinite = bool(stats[3] > 0)
         if not nonfinite:
             self.scaler.step(self.optimizer)
             self.scheduler.step()
@@ -164,44 +172,48 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # a poisoned update is never applied
         t2 = time.perf_counter()
         return StepResult(
-            loss=float(loss),
-            mean_loss=float(stats[0]) / self.world,
+            loss=loss_sum / max(1, len(mine)),
+            mean_loss=float(stats[0]) / max(1.0, float(stats[1])),
             grad_norm=grad_norm,
             step_time=t2 - t1,
             compute_s=compute,
             data_wait=t1 - t0,
-            tokens=batch.numel() * self.world,  # every microbatch of every rank
-            stop=bool(stats[1] > 0),
+            tokens=self.order.batch * self.spec.data.seq_len,  # the global batch, every rank's
+            stop=bool(stats[2] > 0),
             nonfinite=nonfinite,
             overflow=overflow,
         )
 
     def _backward(
-        self, batch: torch.Tensor, poison: bool, slow: float
-    ) -> tuple[torch.Tensor, float]:
-        """Forward and backward over the step's microbatches; (the mean loss, seconds of this
-        rank's own forward passes)."""
-        accum, bs = self.spec.train.grad_accum_steps, self.spec.train.batch_size
-        loss, compute = torch.zeros((), device=self.device), 0.0
-        for i in range(accum):
-            micro = batch[i * bs : (i + 1) * bs]
+        self, data_step: int, mine: list[int], micro: list[torch.Tensor], poison: bool, slow: float
+    ) -> tuple[float, float]:
+        """Forward and backward over this rank's microbatches (indices `mine`, samples `micro`);
+        (the sum of their losses, seconds of this rank's own forward passes)."""
+        # world / count: the all-reduce averages over ranks, so the gradient is the mean over every
+        # microbatch of the step however many ranks share them.
+        scale = self.world / self.order.count
+        total, compute = 0.0, 0.0
+        for n, (index, batch) in enumerate(zip(mine, micro, strict=True)):
+            # Random draws (dropout) are a function of (seed, data step, microbatch) alone: no RNG
+            # state to checkpoint, and the same draws at any world size.
+            torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + index)
             # Gradients are all-reduced once, in the last microbatch's backward pass.
-            with contextlib.nullcontext() if i == accum - 1 else self.ddp.no_sync():
+            with contextlib.nullcontext() if n == len(mine) - 1 else self.ddp.no_sync():
                 tf = time.perf_counter()
                 with torch.autocast(
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
-                    part = self.ddp(input_ids=micro, labels=micro).loss.float() / accum
+                    part = self.ddp(input_ids=batch, labels=batch).loss.float()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 if slow > 1.0:
                     time.sleep((slow - 1.0) * (time.perf_counter() - tf))
                 compute += time.perf_counter() - tf
-                if poison and i == 0:
+                if poison and n == 0:
                     part = part * float("nan")
-                self.scaler.scale(part).backward()
-            loss = loss + part.detach()
-        return loss, compute
+                self.scaler.scale(part * scale).backward()
+            total += float(part.detach())
+        return total, compute
 
     def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot:
         """The full state after `step` in host memory. Local: DDP keeps it equal on every rank."""

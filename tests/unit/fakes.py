@@ -13,7 +13,7 @@ from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
 from resilient.runlog.journal import Journal, read_records
-from resilient.supervisor.nodes import assign
+from resilient.supervisor.nodes import assign, capacity
 from resilient.supervisor.parts import Parts
 from resilient.supervisor.supervisor import Supervisor
 from resilient.training.corpus import write_corpus
@@ -36,8 +36,12 @@ class FakeNodes:
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
 
-    def placement(self, excluded: set[str]) -> list[str] | None:
-        return assign(self.num_workers, {"CPU": 1.0}, self.order, self.resources, excluded)
+    def placement(self, excluded: set[str], world: int | None = None) -> list[str] | None:
+        n = world or self.num_workers
+        return assign(n, {"CPU": 1.0}, self.order, self.resources, excluded)
+
+    def capacity(self, excluded: set[str]) -> int:
+        return capacity({"CPU": 1.0}, self.order, self.resources, excluded | self.lost())
 
     def lost(self) -> set[str]:
         return set()
@@ -87,6 +91,7 @@ class FakeControl:
     stop_when: object = None
     seen: bool = False
     stop_deadline: float | None = None
+    scale_to: int | None = None
 
     @property
     def stop_reason(self) -> str | None:

@@ -77,6 +77,15 @@ def test_fingerprint_ignores_steps_and_chaos(tmp_path):
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_fingerprint_is_the_global_batch_not_the_world(tmp_path):
+    """A checkpoint restores at another world size when the global batch is the same."""
+    a = load_spec(write_job(tmp_path), ["cluster.num_workers=2", "train.batch_size=4"])
+    same = load_spec(write_job(tmp_path), ["cluster.num_workers=4", "train.batch_size=2"])
+    other = load_spec(write_job(tmp_path), ["cluster.num_workers=4", "train.batch_size=4"])
+    assert a.global_batch() == same.global_batch() == 8
+    assert a.fingerprint() == same.fingerprint() != other.fingerprint()
+
+
 def test_model_needs_exactly_one_source(tmp_path):
     tree = {
         "name": "x",

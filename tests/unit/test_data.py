@@ -1,22 +1,33 @@
 import pytest
 
-from resilient.training.data import ByteTokenizer, DataOrder, tokenize_corpus
+from resilient.training.data import ByteTokenizer, DataOrder, share, tokenize_corpus
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def test_order_is_deterministic_and_disjoint_per_step():
-    a, b = DataOrder(100, 2, 4, seed=7), DataOrder(100, 2, 4, seed=7)
+    a, b = DataOrder(100, 8, 4, seed=7), DataOrder(100, 8, 4, seed=7)
     for step in (1, 2, 30):
-        assert a.batch_indices(step, 0) == b.batch_indices(step, 0)
-        assert not set(a.batch_indices(step, 0)) & set(a.batch_indices(step, 1))
-    assert DataOrder(100, 2, 4, seed=8).batch_indices(1, 0) != a.batch_indices(1, 0)
+        assert a.microbatch(step, 0) == b.microbatch(step, 0)
+        assert not set(a.microbatch(step, 0)) & set(a.microbatch(step, 1))
+    assert DataOrder(100, 8, 4, seed=8).microbatch(1, 0) != a.microbatch(1, 0)
 
 
 def test_epochs_cover_every_sample():
-    o = DataOrder(10, 1, 5, seed=0)
-    assert sorted(o.batch_indices(1, 0) + o.batch_indices(2, 0)) == list(range(10))
-    assert sorted(o.batch_indices(3, 0) + o.batch_indices(4, 0)) == list(range(10))
+    o = DataOrder(10, 5, 5, seed=0)
+    assert sorted(o.microbatch(1, 0) + o.microbatch(2, 0)) == list(range(10))
+    assert sorted(o.microbatch(3, 0) + o.microbatch(4, 0)) == list(range(10))
+
+
+def test_a_step_is_the_same_samples_at_every_world_size():
+    """The step's samples depend on the step alone; the ranks present share its microbatches."""
+    o = DataOrder(1000, 12, 2, seed=3)
+    assert o.count == 6
+    for world in (1, 2, 3, 4, 5, 6):
+        shares = [share(o.count, r, world) for r in range(world)]
+        assert sorted(i for s in shares for i in s) == list(range(6))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert share(6, 1, 4) == [1, 5]
 
 
 def test_tokenize_text_and_jsonl(tmp_path):

@@ -38,11 +38,10 @@ def test_silent_rank_is_a_hang_after_hang_timeout(tmp_path):
     s = job.run()
     (f,) = s["faults"]
     assert (f["kind"], f["rank"], s["state"]) == ("hang", 1, "SUCCEEDED")
-    hung_at = job.groups[0].last_answer[1]  # its last answer, on the fake clock
-    assert (
-        2.0 < f["detected_at"] - hung_at <= 2.0 + 0.1 + 0.1
-    )  # hang_timeout + a heartbeat + a tick
-    assert len(job.groups) == 2 and job.groups[1].step == 30
+    hung_at = job.scenario.struck[("hang", 9)]  # on the fake clock; it answered a beat before
+    # hang_timeout after its last answer (within a heartbeat before hung_at), + a tick
+    assert 2.0 - 0.1 < f["detected_at"] - hung_at <= 2.0 + 0.1 + 0.1
+    assert len(job.scenario.starts) == 2 and job.groups[-1].step == 30
 
 
 def test_training_error_after_the_grace(tmp_path):
@@ -124,7 +123,8 @@ def test_unreadable_storage_is_waited_for_never_taken_for_no_checkpoint(tmp_path
     monkeypatch.setattr(restore, "RETRY_S", 0.01)
     job = Job(tmp_path, Scenario(crash={12: 1}))
     job.nodes = FakeNodes(job.scenario)
-    job.stop_when = lambda: setattr(job.nodes, "storage_down", 3) if len(job.groups) == 1 else None
+    first = lambda: len(job.scenario.starts) == 1  # noqa: E731
+    job.stop_when = lambda: setattr(job.nodes, "storage_down", 3) if first() else None
     s = job.run()
     assert s["state"] == "SUCCEEDED" and s["restores"][-1]["step"] == 11
     (wait,) = job.of("restore_wait")
@@ -134,18 +134,18 @@ def test_unreadable_storage_is_waited_for_never_taken_for_no_checkpoint(tmp_path
 def test_storage_without_the_persisted_checkpoints_is_refused(tmp_path):
     job = Job(tmp_path, Scenario(crash={12: 1}))
     job.nodes = FakeNodes(job.scenario)
-    job.stop_when = lambda: setattr(job.nodes, "storage_lost", len(job.groups) == 1)
+    job.stop_when = lambda: setattr(job.nodes, "storage_lost", len(job.scenario.starts) == 1)
     s = job.run()
     assert s["state"] == "FAILED" and "refusing to start over" in s["reason"]
-    assert len(job.groups) == 1
+    assert len(job.scenario.starts) == 1
 
 
 def test_checkpoints_known_bad_everywhere_start_over_and_say_so(tmp_path, caplog):
     job = Job(tmp_path, Scenario(crash={12: 1}))
     job.nodes = FakeNodes(job.scenario)
-    job.stop_when = lambda: setattr(job.nodes, "damaged", len(job.groups) == 1)
+    job.stop_when = lambda: setattr(job.nodes, "damaged", len(job.scenario.starts) == 1)
     s = job.run()
-    assert s["state"] == "SUCCEEDED" and len(job.groups) == 2
+    assert s["state"] == "SUCCEEDED" and len(job.scenario.starts) == 2
     (restore,) = job.of("restore")
     assert restore["step"] == 0 and restore["tier"] == "none" and restore["lost_steps"] == 11
     assert "checksum" in " ".join(restore["skipped"])

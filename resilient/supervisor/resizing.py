@@ -1,0 +1,143 @@
+"""The supervisor's elastic part: the size of each worker group, resizes while training, and
+re-forming a group around its survivors. A mixin of `Supervisor` (same contract: every state
+change goes through its `_to`, every decision is journalled before it is acted on); the decisions
+are `elastic`'s pure functions.
+
+- `_size()` (before each attempt): how many ranks fit the healthy nodes (`Nodes.capacity`), up to
+  the target (`cluster.num_workers`, or `resilient scale`), at least `cluster.min_workers`; waits
+  in RESIZING up to `supervisor.capacity_wait_s` when fewer fit, then fails. A change of size is
+  journalled as a `resize` record (`step`, `from`, `to`, `reason`).
+- `_check_size(group)` (while training, every `SIZE_CHECK_S`): pauses the group at the next step
+  when it should grow (capacity came back) or shrink (`resilient scale` asked for fewer).
+- `_keep(group, fault)` (a fault whose policy keeps survivors): replaces the fault's rank and any
+  dead one, has the others leave the broken process group (replacing, and journalling why, any
+  that cannot), and keeps the group for the next attempt.
+"""
+
+from __future__ import annotations
+
+import time
+
+from resilient.runlog.states import JobState
+from resilient.supervisor import elastic
+
+SIZE_CHECK_S = 5.0  # how often a running job asks whether it should grow (one GCS call)
+CAPACITY_POLL_S = 1.0  # how often a job waiting for capacity looks again
+LEAVE_TIMEOUT_S = 10.0  # how long survivors get to leave a broken collective (a dead peer: <1 s)
+
+
+class Resizing:
+    # set by Supervisor.__init__
+    world: int
+    kept: object | None
+    _kept_generation: int
+    _last_size_check: float
+    resize_cause: str | None
+
+    def _excluded(self) -> set[str]:
+        return set(self.cordoned) | self.nodes.lost()
+
+    def _target(self) -> int:
+        """`cluster.num_workers`, or what `resilient scale` asked for (within min..num)."""
+        c = self.spec.cluster
+        asked = getattr(self.parts.control, "scale_to", None)
+        return max(c.least, min(c.num_workers, asked)) if asked else c.num_workers
+
+    def _size(self) -> int | None:
+        """The next group's world size (a change journalled); None when the job ended waiting."""
+        c, cfg = self.spec.cluster, self.spec.supervisor
+        since = time.monotonic()
+        while True:
+            waited = time.monotonic() - since
+            s = elastic.size(
+                self.nodes.capacity(self._excluded()),
+                self._target(),
+                c.least,
+                waited,
+                cfg.capacity_wait_s,
+            )
+            if s.action == elastic.FAIL:
+                self._to(JobState.FAILED, s.reason)
+                return None
+            if s.action == elastic.RUN:
+                break
+            if self.state != JobState.RESIZING:
+                self._to(JobState.RESIZING, s.reason)
+            if self.parts.control.stop_reason:
+                self._stop_waiting()
+                return None
+            self._check_grace()
+            self._emit(note=s.reason)
+            time.sleep(CAPACITY_POLL_S)
+        if s.world != self.world:
+            cause = self.resize_cause or "capacity"
+            reason = f"{cause}: {s.reason}"
+            self.journal.append(
+                "resize", step=self.restored, **{"from": self.world, "to": s.world}, reason=reason
+            )
+            if self.state != JobState.RESIZING:
+                self._to(JobState.RESIZING, reason)
+            self.world = s.world
+        self.resize_cause = None
+        if self.state == JobState.RESIZING:
+            self._to(JobState.STARTING, f"{s.world} rank(s)")
+        return s.world
+
+    def _stop_waiting(self) -> None:
+        self.stop_reason = self.parts.control.stop_reason
+        self._to(JobState.STOPPING, f"stop requested: {self.stop_reason}")
+        self._to(
+            JobState.STOPPED,
+            f"stopped at step {self.step} while waiting for capacity; the newest persisted "
+            "checkpoint is kept: `resilient launch --resume RUN_DIR` goes on from it",
+        )
+
+    def _check_size(self, group) -> None:
+        """Pause a running group at the next step when it should have another size."""
+        if self.state != JobState.RUNNING or self.resize_cause:
+            return
+        now = time.monotonic()
+        if now - self._last_size_check < SIZE_CHECK_S:
+            return
+        self._last_size_check = now
+        target = self._target()
+        if self.world == target:
+            return  # the size wanted: no need to ask the cluster
+        capacity = self.nodes.capacity(self._excluded()) if target > self.world else self.world
+        want = elastic.wants_resize(self.world, target, capacity, self.spec.cluster.least)
+        if want is not None:
+            self.resize_cause = (
+                f"capacity for {want} rank(s) (target {target})"
+                if want > self.world
+                else f"resilient scale asked for {target} rank(s)"
+            )
+            group.request_pause()
+
+    def _paused(self) -> None:
+        """Every rank stopped at the same step, its snapshot in memory: resize from there."""
+        self._to(JobState.RESIZING, self.resize_cause or "resize")
+
+    def _keep(self, group, fault) -> None:
+        """Replace the fault's rank (and any dead one); the others leave the broken collective and
+        are kept for the next attempt, unless they cannot."""
+        gone = sorted(set(group.dead) | {fault.rank})
+        group.replace(gone)
+        stuck = group.leave(LEAVE_TIMEOUT_S)
+        for rank, why in sorted(stuck.items()):
+            self.journal.append("survivor_replaced", rank=rank, reason=why)
+        group.replace(sorted(stuck))
+        self.kept, self._kept_generation = group, getattr(self.nodes, "generation", 0)
+        replaced = sorted(set(gone) | set(stuck))
+        kept = [r for r in range(group.size) if r not in replaced]
+        self.journal.append("survivors", replaced=replaced, kept=kept)
+
+    def _group_for(self, placement: list[str]):
+        """The kept group (same reservation and size) or a new one."""
+        kept, self.kept = self.kept, None
+        same = getattr(self.nodes, "generation", 0) == self._kept_generation
+        if kept is not None and same and kept.size == len(placement):
+            kept.attempt = self.restarts
+            return kept
+        if kept is not None:
+            kept.shutdown()
+        return self.parts.new_group(placement, self.restarts)
