@@ -107,6 +107,11 @@ class ScriptedGroup:
     def node_of(self, rank: int) -> str:
         return self.placement[rank]
 
+    @property
+    def infos(self) -> list[dict]:
+        """Where each rank runs, as `WorkerGroup.infos` says it (for `ranks_of`)."""
+        return [{"pid": self.pids.get(r), "node_id": n} for r, n in enumerate(self.placement)]
+
     def start(self, restore, plan, skip: list[int]) -> None:
         self._new_life()
         self.sc.starts.append((self.attempt, self.size))

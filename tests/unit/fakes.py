@@ -32,6 +32,7 @@ class FakeNodes:
         self.damaged = False  # every copy was read and fails verification
         self.reported: set[int] = set()  # snapshots reported persisted
         self.num_workers = 2  # the job's (set by Job.run)
+        self.gone: set[str] = set()  # nodes lost (a test takes them away and gives them back)
 
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
@@ -44,7 +45,7 @@ class FakeNodes:
         return capacity({"CPU": 1.0}, self.order, self.resources, excluded | self.lost())
 
     def lost(self) -> set[str]:
-        return set()
+        return set(self.gone)
 
     def prune_dead(self) -> list[str]:
         return []
@@ -113,6 +114,7 @@ class Job:
     stop_when: object = None
     groups: list[ScriptedGroup] = field(default_factory=list)
     nodes: FakeNodes | None = None
+    control: FakeControl | None = None
 
     def run(self) -> dict:
         corpus = self.tmp / "corpus.txt"
@@ -142,13 +144,14 @@ class Job:
             return self.groups[-1]
 
         self.nodes = self.nodes or FakeNodes(self.scenario)
+        self.control = FakeControl(self.stop_when)
         self.nodes.num_workers = spec.cluster.num_workers
         parts = Parts(
             CheckpointStore(rundir),
             self.nodes,
             new_group,
             AnomalyMonitor(spec, rundir),
-            FakeControl(self.stop_when),
+            self.control,
             clock=clock,
         )
         self.status = Supervisor(spec, rundir, journal, parts, [rec]).run()
