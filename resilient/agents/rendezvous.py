@@ -2,7 +2,10 @@
 
 Contract: every address used is the IP Ray reports for the node, never the hostname; gloo and nccl
 are pinned to the network interface that carries that IP (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
-for nccl's bootstrap and socket transport), unless the user set one.
+for nccl's bootstrap and socket transport), unless the user set one. `leave_process_group()` ends
+this process's membership so it can join a new rendezvous: a broken nccl group is aborted (its
+kernels may never return), any other destroyed (closing its connections, which frees peers
+blocked on this process).
 """
 
 from __future__ import annotations
@@ -61,3 +64,16 @@ def init_process_group(
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
+
+
+def leave_process_group(backend: str, broken: bool) -> None:
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        return
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    if broken and backend == "nccl" and abort is not None:
+        abort()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -210,17 +210,16 @@ class TrainWorker(ChaosDamage):
     def _leave_group(self) -> None:
         """Leave the process group (closing its connections frees peers blocked on this rank);
         the model stays, for a start() on the next rendezvous."""
-        import torch.distributed as dist
+        from resilient.agents.rendezvous import leave_process_group
 
         trainer, self._trainer_now = self._trainer_now, None
         if trainer is not None:
             trainer.ddp = None  # DDP's reducer holds the group: let it go with it
             self._kept = trainer
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a broken group may refuse a clean teardown; it is dropped anyway
-                log.warning("rank %s: process group teardown failed", self.rank, exc_info=True)
+        try:
+            leave_process_group(self._backend(), broken=self.status.get("phase") == "error")
+        except Exception:  # a broken group may refuse a clean teardown; it is dropped anyway
+            log.warning("rank %s: process group teardown failed", self.rank, exc_info=True)
         gc.collect()
 
     def _paused(self, trainer, step: int) -> None:

@@ -6,7 +6,9 @@ Every injected fault appears once: matched to the fault the supervisor acted on 
 key, which the chaos controller attributed to that fault), or, for faults that need no restart
 (slow, thermal, a storage outage), to the first event that noticed it; such a fault counts as
 recovered once the job finished a step after it.
-Totals: `faults`, `recovered`, `goodput` and its lost-time breakdown (see accounting.py).
+Totals: `faults`, `recovered`, `goodput` and its lost-time breakdown (see accounting.py); each
+fault says which ranks kept their processes (`survivors_kept`); `resizes` and `world_size` say how
+the job changed size (elastic).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.table import Table
 
 from resilient.rundir.markers import FiredFault
 from resilient.runlog.accounting import account
+from resilient.runlog.status import fold
 
 NOTICED_BY = {
     "slow": ("straggler",),
@@ -73,6 +76,7 @@ def build(records: list[dict], markers: list[FiredFault]) -> dict:
             faults.append(_unacted(records, progress, m))
     faults.sort(key=lambda f: f.get("injected_at") or f["detected_at"] or 0)
     recovered = sum(1 for f in faults if f["recovered_at"])
+    s = fold(records)
     totals = {
         "faults": len(faults),
         "recovered": recovered,
@@ -87,6 +91,8 @@ def build(records: list[dict], markers: list[FiredFault]) -> dict:
         "goodput": acc["goodput"],
         "lost_s": acc["lost_s"],
         "wall_s": acc["wall_s"],
+        "resizes": s["resizes"],
+        "world_size": s["world_size"],
     }
 
 
@@ -126,7 +132,7 @@ def print_report(report: dict, console: Console) -> None:
             str(f.get("step")),
             str(f.get("detected_by") or "-"),
             lag,
-            str(f.get("decision") or "-"),
+            _decision(f),
             f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered",
             str(f.get("steps_replayed") or 0),
         )
@@ -135,3 +141,14 @@ def print_report(report: dict, console: Console) -> None:
     console.print(
         f"lost time: {lost} (of {report['wall_s']:.1f}s training wall time)", highlight=False
     )
+    for r in report.get("resizes", []):
+        console.print(
+            f"resized {r['from']} -> {r['to']} ranks at step {r['step']}: {r['reason']}",
+            highlight=False,
+        )
+
+
+def _decision(f: dict) -> str:
+    kept = f.get("survivors_kept")
+    decision = str(f.get("decision") or "-")
+    return f"{decision} (kept rank {', '.join(map(str, kept))})" if kept else decision

@@ -313,6 +313,12 @@ class SupervisorConfig(_Section):
         True,
         description="Keep started spare workers (`cluster.spares`) so a restart starts no process.",
     )
+    keep_survivors: bool = Field(
+        True,
+        description="A crashed, failed or silent rank is replaced alone: the other ranks keep "
+        "their processes and models and rejoin on a new rendezvous. false: every fault restarts "
+        "the whole group.",
+    )
     capacity_wait_s: float = Field(
         120.0,
         ge=0,

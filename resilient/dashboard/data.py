@@ -37,6 +37,8 @@ def state(rd: RunReader) -> dict:
         "loss": s["loss"],
         "tokens_per_s": s["tokens_per_s"],
         "restarts": s["restarts"],
+        "world_size": s["world_size"],
+        "resizes": s["resizes"],
         "eta_s": eta,
         "goodput": acc["goodput"],
         "lost_s": acc["lost_s"],
@@ -62,6 +64,8 @@ LABELS = {  # how each kind of journal record is marked on the timeline
     "restore": lambda r: f"restore step {r.get('step')} from {r.get('tier')}",
     "anomaly": lambda r: f"{r.get('kind')} ({r.get('severity')})",
     "chaos": lambda r: f"chaos: {r.get('fault')}",
+    "resize": lambda r: f"resize {r.get('from')} -> {r.get('to')} ranks",
+    "survivors": lambda r: f"kept ranks {r.get('kept')}, replaced {r.get('replaced')}",
 }
 
 

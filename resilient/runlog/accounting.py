@@ -40,6 +40,8 @@ def _phases(records: list[dict]) -> tuple[dict[int, dict], float]:
             by_fault[cur] = {"fault_class": r.get("fault_class", r["kind"])}
         elif t == "decision" and cur is not None:
             a["decision"] = r["action"]
+        elif t == "survivors" and cur is not None:
+            a["kept"] = r.get("kept", [])
         elif t == "teardown":
             by_fault.setdefault(r["fault_index"], {})["teardown"] = r["seconds"]
         elif t == "transition" and r["to"] == "STARTING" and cur is not None:
@@ -75,6 +77,7 @@ def _fault_cost(f: dict, a: dict, step_s: float) -> tuple[dict, dict]:
         "detected_at": f["detected_at"],
         "detected_by": DETECTED_BY.get(a.get("fault_class", f["kind"]), "anomaly detector"),
         "decision": a.get("decision"),
+        "survivors_kept": a.get("kept", []),  # ranks that kept their processes
         "recovered_at": f.get("recovered_at"),
         "recovery_s": f.get("recovery_s"),
         "steps_replayed": f.get("steps_replayed"),

@@ -36,7 +36,7 @@ def size(capacity: int, target: int, least: int, waited_s: float, wait_s: float)
         why = (
             f"{world} of {target} ranks fit the healthy nodes"
             if world < target
-            else f"{world} ranks"
+            else f"{world} rank(s)"
         )
         return Sizing(RUN, world, why)
     short = (

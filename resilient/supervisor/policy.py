@@ -110,7 +110,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             rollback_to=fault.rollback_to,
             skip_batches=fault.skip_batches,
         )
-    if keeps_survivors(fault):
+    if cfg.keep_survivors and keeps_survivors(fault):
         return Decision(
             Action.RESTART,
             f"{describe(fault)}: replace rank {fault.rank}, the other ranks keep their processes "

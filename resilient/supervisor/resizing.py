@@ -112,10 +112,11 @@ class Resizing:
         capacity = self.nodes.capacity(self._excluded()) if target > self.world else self.world
         want = elastic.wants_resize(self.world, target, capacity, self.spec.cluster.least)
         if want is not None:
+            asked = getattr(self.parts.control, "scale_to", None)
             self.resize_cause = (
-                f"capacity for {want} rank(s) (target {target})"
-                if want > self.world
-                else f"resilient scale asked for {target} rank(s)"
+                f"resilient scale asked for {target} rank(s)"
+                if asked is not None and asked == target
+                else f"capacity for {want} rank(s) returned"
             )
             group.request_pause()
 

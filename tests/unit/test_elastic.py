@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_size_runs_on_what_fits_between_min_and_target():
-    assert elastic.size(3, 3, 2, 0, 60) == elastic.Sizing("run", 3, "3 ranks")
+    assert elastic.size(3, 3, 2, 0, 60) == elastic.Sizing("run", 3, "3 rank(s)")
     s = elastic.size(2, 3, 2, 0, 60)
     assert (s.action, s.world) == ("run", 2) and "2 of 3" in s.reason
     assert elastic.size(9, 2, 1, 0, 60).world == 2  # never more than the target
@@ -41,6 +41,8 @@ def test_policy_replaces_only_the_failed_rank_of_a_crash():
     assert not policy.decide(stall, History(), _cfg()).keep_survivors
     xid = Fault(FaultKind.ANOMALY, 1, 5, 0.0, "xid", node="n", suggested="cordon")
     assert not policy.decide(xid, History(), _cfg()).keep_survivors
+    off = _cfg().model_copy(update={"keep_survivors": False})
+    assert not policy.decide(crash, History(), off).keep_survivors
 
 
 def _cfg():
