@@ -2,7 +2,8 @@
 as resilient (its Trainer), with the checkpoint loop a user writes for Ray Train or torchrun.
 
 Also the fault injector shared by every system: a schedule of (fault, rank, step or training-time)
-entries, each fired once (a marker file), by the rank's own process: SIGKILL or SIGSTOP.
+entries, each fired once (a marker file), by the rank's own process: SIGKILL or SIGSTOP, or for
+`node_loss` (torchrun's elastic agents, one per simulated node) SIGKILL of its agent and itself.
 Each rank-0 step is logged as "step unix_time step_seconds pid" so recovery can be measured from
 outside.
 """
@@ -63,6 +64,8 @@ class Faults:
             ):
                 with open(os.path.join(self.dir, f"fired-{i}"), "w") as m:
                     json.dump({"fault": f["fault"], "step": step, "t": time.time()}, m)
+                if f["fault"] == "node_loss":  # the node's torchrun agent goes with it
+                    os.kill(os.getppid(), signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGSTOP if f["fault"] == "hang" else signal.SIGKILL)
 
 
@@ -144,20 +147,27 @@ def torchrun_main() -> None:
     cfg = json.load(open(sys.argv[1]))
     timeout = timedelta(seconds=cfg["collective_timeout"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # torchrun's agent keeps one TCPStore across restarts, and the default group's keys
-    # (default_pg/...) are the same in every round: a new rank can read the dead rank's stale
-    # address and fail connectFullMesh. A per-restart prefix keeps the rounds apart.
-    agent_store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world,
-        is_master=False,
-        timeout=timeout,
-    )
-    store = dist.PrefixStore(
-        f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store
-    )
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    if os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1":
+        # elastic agents: rank 0 hosts a fresh store on a fresh port every round (env://)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    else:
+        # torchrun's agent keeps one TCPStore across restarts, and the default group's keys
+        # (default_pg/...) are the same in every round: a new rank can read the dead rank's stale
+        # address and fail connectFullMesh. A per-restart prefix keeps the rounds apart.
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timeout,
+        )
+        store = dist.PrefixStore(
+            f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store
+        )
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    if rank == 0 and cfg["step_log"]:
+        with open(cfg["step_log"] + ".world", "a") as f:
+            f.write(f"{os.getpid()} {world}\n")
     torch.set_num_threads(1)
     trainer = Trainer(
         make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]),

@@ -12,7 +12,10 @@ from the first to the last step), hang detection time, and the no-fault step tim
 DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user
 writes).
 Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
-                                [--cases none,kill,mtbf,hang]
+                                [--cases none,kill,mtbf,hang[,survivors,nodeloss]]
+The elastic cases (bench/elastic.py; not in the default) add two tables: what keeping the
+survivors saves (resilient with and without it, with and without warm spares), and a node lost
+with and without spare capacity (resilient vs torchrun's elastic agents, --nnodes 1:2).
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ hang_timeout = {hang}
 """
 
 
-def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
+def run_resilient(work: str, case: str, schedule: list[dict], a, sets=()) -> dict:
+    """`sets`: spec overrides (`--set KEY=VALUE`) for this run."""
     name = f"res-{case}"
     spec = SPEC.format(
         name=name, work=work, steps=a.steps, seq_len=a.seq_len, batch=a.batch, hang=a.hang_timeout
@@ -153,8 +157,9 @@ def run_resilient(work: str, case: str, schedule: list[dict], a) -> dict:
         spec += f'\n[[chaos]]\n{trig}\nfault = "{f["fault"]}"\nrank = {f["rank"]}\n'
     path = f"{work}/{name}.toml"
     open(path, "w").write(spec)
+    overrides = [x for kv in sets for x in ("--set", kv)]
     rc, wall = sh(
-        [sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r"],
+        [sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r", *overrides],
         a.limit,
         log=f"{work}/{name}.log",
     )
@@ -392,7 +397,9 @@ def main() -> None:
         "--systems", default="resilient,ray,torchrun", help="comma list, a subset of the default"
     )
     ap.add_argument(
-        "--cases", default="none,kill,mtbf,hang", help="comma list, a subset of the default"
+        "--cases",
+        default="none,kill,mtbf,hang",
+        help="comma list, a subset of the default, plus survivors and nodeloss (bench/elastic.py)",
     )
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -419,7 +426,8 @@ def main() -> None:
     }
     if not a.quick:
         cases.update(mtbf=mtbf, hang=[{"fault": "hang", "rank": 1, "at_step": a.steps // 2}])
-    cases = {k: v for k, v in cases.items() if k in a.cases.split(",") or k == "none"}
+    asked = a.cases.split(",")
+    cases = {k: v for k, v in cases.items() if k in asked or k == "none"}
     systems = {
         n: fn
         for n, fn, key in (
@@ -510,6 +518,12 @@ def main() -> None:
         "goodput: steps x the system's no-fault step time / wall time from its first step to its "
         "last; @1 fault/min: 1 - (recovery + replayed steps) / 60 s, from the kill case"
     )
+    if "survivors" in asked or "nodeloss" in asked:
+        from bench import elastic
+
+        surv = elastic.survivors(work, a) if "survivors" in asked else []
+        loss = elastic.node_loss(work, a) if "nodeloss" in asked else []
+        elastic.print_tables(surv, loss)
     shutil.rmtree(work, ignore_errors=True)
 
 

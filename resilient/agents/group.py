@@ -201,7 +201,7 @@ class WorkerGroup:
         now = time.time()
         interval = self.spec.supervisor.heartbeat_interval
         for rank, w in enumerate(self.workers):
-            if rank in self.dead or rank in self.pending:
+            if w is None or rank in self.dead or rank in self.pending:
                 continue
             if now - self.issued_at.get(rank, 0) >= interval:
                 self.pending[rank] = w.heartbeat.remote()
@@ -243,7 +243,7 @@ class WorkerGroup:
         refs = {
             rank: (self.pending.pop(rank, None) or w.heartbeat.remote())
             for rank, w in enumerate(self.workers)
-            if rank not in self.dead
+            if rank not in self.dead and w is not None
         }
         ready, _ = (
             ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
@@ -268,6 +268,8 @@ class WorkerGroup:
         )
         deadline = time.time() + timeout
         for _, rank in order:
+            if self.workers[rank] is None:
+                continue
             t0 = time.time()
             try:
                 step = ray.get(self.workers[rank].flush.remote(), timeout=max(0.1, deadline - t0))

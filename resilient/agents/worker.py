@@ -58,6 +58,7 @@ class TrainWorker(ChaosDamage):
         self._kept = None  # a survivor's trainer, reused by the next start()
         self._trainer_now = None  # the trainer of the running life, once connected
         self._data_step = 0  # the data step of the last step trained
+        self._agreed_pause = False  # every rank agreed to pause after the last step
         self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
         self.engine = None
         self.slow = 1.0
@@ -141,8 +142,10 @@ class TrainWorker(ChaosDamage):
         self.plan, self._fired = plan, set()
         self._stop.clear()
         self._pause.clear()
+        self.slow, self._injected = 1.0, []  # chaos of the previous life ends with it
         with self._lock:  # a new life: nothing of the previous one is reported again
             self.status = {"rank": self.rank, "pid": os.getpid(), "phase": "created"}
+            self.metrics = []
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
         args = (master_ip, master_port, restore, base_ref)
@@ -193,7 +196,7 @@ class TrainWorker(ChaosDamage):
         try:
             trainer, step, data_step = self._setup(master_ip, master_port, restore)
             step = self._train(trainer, step, data_step)
-            if step is not None and self._pause.is_set() and not self._stop.is_set():
+            if step is not None and self._agreed_pause:
                 self._paused(trainer, step)
             elif step is not None:
                 self._finish(trainer, step, base_ref)
@@ -223,13 +226,15 @@ class TrainWorker(ChaosDamage):
         gc.collect()
 
     def _paused(self, trainer, step: int) -> None:
-        """A resize: this step's snapshot in the node agent's memory, then stop."""
+        """A resize: this step's snapshot (every rank keeps it) in rank 0's node agent's memory,
+        then stop."""
         self._set(phase="pausing")
         latest = self.engine.latest
         if latest is None or latest.step != step:
             self.engine.save(trainer, step, self._data_step, False)
-        self.engine.drain()
-        self.engine.flush()
+        if self.rank == 0:
+            self.engine.drain()
+            self.engine.flush()
         self._set(phase="paused")
 
     def _device(self):
@@ -313,6 +318,7 @@ class TrainWorker(ChaosDamage):
         kept, self._kept = self._kept, None
         if kept is not None and restore is not None:
             return kept, "survivor, model kept"
+        del kept  # a from-scratch start: never two models in memory at once
         trainer, self._prepared = self._prepared, None
         if trainer is not None:
             return trainer, "warm spare"
@@ -321,15 +327,22 @@ class TrainWorker(ChaosDamage):
         return trainer, "model built now"
 
     def _train(self, trainer, step: int, data_step: int) -> int | None:
-        """Steps until the last one or an agreed stop; the step reached (None: a NaN step)."""
+        """Steps until the last one or an agreed stop or pause (`_agreed_pause`: every rank
+        pauses after the same step, none finishes); the step reached (None: a NaN step)."""
         restored, total, every = step, self.spec.train.steps, self.spec.checkpoint.every
+        self._agreed_pause = False
         while step < total:
             poison = self._faults_at(step + 1)
             next_data = data_step + 1
             while next_data in self.skip:
                 next_data += 1
-            stop = self._stop.is_set() or self._pause.is_set()
-            r = trainer.step(next_data, stop=stop, poison=poison, slow=self.slow)
+            r = trainer.step(
+                next_data,
+                stop=self._stop.is_set(),
+                poison=poison,
+                slow=self.slow,
+                pause=self._pause.is_set(),
+            )
             self._record(step + 1, next_data, r)
             if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips it
                 self._set(phase="nonfinite")
@@ -349,7 +362,10 @@ class TrainWorker(ChaosDamage):
                 self.engine.save(trainer, step, data_step, final)
             if self.engine.error:
                 raise RuntimeError(self.engine.error)
-            if r.stop:
+            if r.stop:  # a stop wins over a pause
+                break
+            if r.pause and step < total:
+                self._agreed_pause = True
                 break
         return step
 

@@ -22,6 +22,8 @@ import ray
 from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import make_manifest
 
+FLUSH_TIMEOUT_S = 60.0  # a node agent that does not answer this fast is lost: flush() raises
+
 
 class CheckpointEngine:
     def __init__(
@@ -107,7 +109,9 @@ class CheckpointEngine:
         snap = self.latest
         if snap is None:
             return None
-        if snap.step > self.handed_step and not ray.get(self.agent.has.remote(snap.step)):
+        if snap.step > self.handed_step and not ray.get(
+            self.agent.has.remote(snap.step), timeout=FLUSH_TIMEOUT_S
+        ):
             self._put(snap, False)
         return snap.step
 

@@ -94,12 +94,13 @@ def optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `optimizer_parts`: a state dict for `optimizer.load_state_dict`."""
+    """Inverse of `optimizer_parts`: a state dict for `optimizer.load_state_dict`, on copies: the
+    optimizer updates its state in place, and the snapshot (a survivor's own) must not change."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = v
+            state.setdefault(int(pid), {})[k] = v.clone()
     for key, v in meta.get("scalars", {}).items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v

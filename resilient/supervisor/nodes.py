@@ -119,9 +119,11 @@ class Nodes:
         """Changes whenever the reservation is made anew (Ray then ends the workers in it)."""
         return self.reservation.generation
 
-    def placement(self, excluded: set[str], world: int | None = None) -> list[str] | None:
+    def placement(
+        self, excluded: set[str], world: int | None = None, timeout: float | None = None
+    ) -> list[str] | None:
         """The node of each of `world` (default `num_workers`) ranks' slots; None when they cannot
-        be placed."""
+        be placed (within `timeout`, default `supervisor.start_timeout`)."""
         c = self.spec.cluster
         world = world or c.num_workers
         nodes = schedulable_nodes()
@@ -129,7 +131,8 @@ class Nodes:
         order = [n["NodeID"] for n in nodes]
         if assign(world, c.resources_per_worker, order, self.resources, excluded) is None:
             return None  # cannot fit whatever Ray does: say so now, not after a timeout
-        if not self.reservation.reserve(excluded, self.spec.supervisor.start_timeout, world):
+        timeout = timeout or self.spec.supervisor.start_timeout
+        if not self.reservation.reserve(excluded, timeout, world):
             return None
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()

@@ -24,6 +24,8 @@ from resilient.supervisor import elastic
 SIZE_CHECK_S = 2.0  # how often a running job asks whether it can grow (one GCS call)
 CAPACITY_POLL_S = 1.0  # how often a job waiting for capacity looks again
 LEAVE_TIMEOUT_S = 10.0  # how long survivors get to leave a broken collective (a dead peer: <1 s)
+GROW_PLACE_S = 30.0  # how long a grow waits for Ray to place the larger group
+GROW_BACKOFF_S = 300.0  # after a grow Ray could not place, the next try waits this much longer
 
 
 class Resizing:
@@ -121,8 +123,30 @@ class Resizing:
             group.request_pause()
 
     def _paused(self) -> None:
-        """Every rank stopped at the same step, its snapshot in memory: resize from there."""
+        """Every rank stopped at the same step, its snapshot in memory: resize from there (or, if
+        a stop came in meanwhile, end STOPPED: the paused step was not waited for in storage)."""
+        if self.state == JobState.STOPPING:
+            self._to(
+                JobState.STOPPED,
+                f"stopped at step {self.step} while resizing; the newest persisted checkpoint "
+                "is kept: `resilient launch --resume RUN_DIR` goes on from it",
+            )
+            return
         self._to(JobState.RESIZING, self.resize_cause or "resize")
+
+    def _grow_failed(self, before: int) -> list[str] | None:
+        """Capacity counts the nodes' totals, which other jobs may hold: when Ray cannot place the
+        larger group, go back to `before` ranks and do not try to grow again for a while."""
+        self.journal.append(
+            "resize",
+            step=self.restored,
+            **{"from": self.world, "to": before},
+            reason=f"Ray did not place {self.world} ranks within "
+            f"{GROW_PLACE_S:g}s: the nodes' resources are held by others",
+        )
+        self.world = before
+        self._last_size_check = self.clock() + GROW_BACKOFF_S
+        return self._placement(before)
 
     def _keep(self, group, fault) -> None:
         """Replace the fault's rank (and any dead one); the others leave the broken collective and

@@ -36,7 +36,7 @@ from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.parts import Parts
 from resilient.supervisor.progress import Progress
-from resilient.supervisor.resizing import Resizing
+from resilient.supervisor.resizing import GROW_PLACE_S, Resizing
 from resilient.supervisor.restore import RestoreImpossible, find_restore_point
 from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.watch import Watch
@@ -102,8 +102,10 @@ class Supervisor(Resizing, Progress):
             self.cordoned[node] = reason
             self.journal.append("cordon", node=node, reason=reason)
 
-    def _placement(self, world: int | None = None) -> list[str] | None:
-        return self.nodes.placement(self._excluded(), world or self.world)
+    def _placement(self, world: int | None = None, timeout: float | None = None):
+        """The node of each rank's slot (None: Ray did not place them within `timeout`, default
+        `supervisor.start_timeout`)."""
+        return self.nodes.placement(self._excluded(), world or self.world, timeout)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -139,6 +141,9 @@ class Supervisor(Resizing, Progress):
             }
 
     def _close(self) -> None:
+        if self.kept is not None:  # survivors kept for an attempt that never came
+            self.kept.shutdown()
+            self.kept = None
         self.intake.close()
         self.nodes.shutdown()
         if self.parts.spares:
@@ -154,10 +159,13 @@ class Supervisor(Resizing, Progress):
             return
         self.restored = restored = source.step if source else 0
         self.nodes.protect({restored} if source else set())
+        before = self.world
         world = self._size()
         if world is None:  # failed or stopped while waiting for capacity
             return
-        placement = self._placement(world)
+        placement = self._placement(world, GROW_PLACE_S if world > before else None)
+        if placement is None and world > before:  # a grow Ray could not place: go on as before
+            placement, world = self._grow_failed(before), before
         if placement is None:
             self._to(
                 JobState.FAILED,
@@ -283,8 +291,8 @@ class Supervisor(Resizing, Progress):
         if isinstance(outcome, Fault):
             self._handle(outcome, group)
             return
-        if outcome == "paused" and self.state != JobState.STOPPING:
-            self._paused()
+        if outcome == "paused":
+            self._paused()  # RESIZING, or STOPPED if a stop came in meanwhile
             return
         if outcome == "done":
             self.journal.append("final", path=self.rundir.url(FINAL), step=self.step)

@@ -126,8 +126,15 @@ class Watch:
             return None
         # The first rank to fail is the cause: a failed rank leaves the process group, which breaks
         # the collectives of the others a moment later.
-        rank = min(errors, key=lambda r: (latest[r].error_at or float("inf"), r))
+        rank = min(errors, key=lambda r: (self._our_time(latest[r], latest[r].error_at), r))
         return self._fault(FaultKind.ERROR, rank, errors[rank] or "", now)
+
+    def _our_time(self, hb: Heartbeat, t: float | None) -> float:
+        """A rank's timestamp `t` on this clock (its clock may be skewed): the heartbeat's age at
+        `t`, from when the heartbeat arrived here."""
+        if t is None:
+            return float("inf")
+        return self.group.last_answer.get(hb.rank, hb.now) - (hb.now - t)
 
     def _silent(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
         # The heartbeat is answered by its own thread in every phase, so once a rank has answered,
@@ -196,7 +203,8 @@ class Watch:
         # any rank, not every: a rank left training while its peers finished is stuck all the same;
         # a rank's error is the error path's (its peers wait in a collective meanwhile)
         phases = [h.phase for h in latest.values()]
-        training = len(latest) == self.world and "training" in phases and "error" not in phases
+        busy = "training" in phases or "pausing" in phases
+        training = len(latest) == self.world and busy and "error" not in phases
         if self.running and training and now - self.last_progress > self.cfg.hang_timeout:
             return self._fault(
                 FaultKind.HANG,

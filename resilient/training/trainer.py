@@ -55,6 +55,7 @@ class StepResult:
     stop: bool  # some rank asked to stop after this step
     nonfinite: bool  # some rank's loss or grad norm was NaN/Inf
     overflow: bool = False  # float16: the gradient scaler skipped this update (not a fault)
+    pause: bool = False  # some rank asked to pause after this step (a resize)
 
 
 class Trainer:
@@ -111,6 +112,11 @@ class Trainer:
         deterministic(self.device)
         # A step is the global batch of the nominal world (num_workers), whatever the world now.
         self.order = DataOrder(len(self.samples), spec.global_batch(), t.batch_size, t.seed)
+        if self.world > self.order.count:  # a rank without a microbatch would skip the all-reduce
+            raise ValueError(
+                f"{self.world} ranks for {self.order.count} microbatches a step: at most "
+                "cluster.num_workers x train.grad_accum_steps ranks"
+            )
         self.model.to(self.device)  # a no-op where a spare prepared on this device already
         # A survivor's model may hold the partial gradients of the step its peer's death broke.
         self.model.zero_grad(set_to_none=True)
@@ -141,10 +147,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "float16")
 
     def step(
-        self, data_step: int, stop: bool = False, poison: bool = False, slow: float = 1.0
+        self,
+        data_step: int,
+        stop: bool = False,
+        poison: bool = False,
+        slow: float = 1.0,
+        pause: bool = False,
     ) -> StepResult:
         """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`); `slow` stretches
-        this rank's forward pass by that factor (chaos `slow`)."""
+        this rank's forward pass by that factor (chaos `slow`); `stop` and `pause` are agreed on
+        job-wide."""
         t0 = time.perf_counter()
         mine = share(self.order.count, self.rank, self.world)
         micro = [self.samples[self.order.microbatch(data_step, i)].to(self.device) for i in mine]
@@ -159,7 +171,7 @@ class Trainer:
         bad_grad = not math.isfinite(grad_norm) and not overflow
         local_bad = not math.isfinite(loss_sum) or bad_grad
         stats = torch.tensor(
-            [loss_sum if not local_bad else 0.0, len(mine), float(stop), float(local_bad)],
+            [loss_sum if not local_bad else 0.0, len(mine), stop, local_bad, pause],
             dtype=torch.float64,
             device=self.device,
         )
@@ -182,6 +194,7 @@ class Trainer:
             stop=bool(stats[2] > 0),
             nonfinite=nonfinite,
             overflow=overflow,
+            pause=bool(stats[4] > 0),
         )
 
     def _backward(

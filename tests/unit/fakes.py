@@ -33,12 +33,15 @@ class FakeNodes:
         self.reported: set[int] = set()  # snapshots reported persisted
         self.num_workers = 2  # the job's (set by Job.run)
         self.gone: set[str] = set()  # nodes lost (a test takes them away and gives them back)
+        self.unplaceable: set[int] = set()  # world sizes whose placement fails
 
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
 
-    def placement(self, excluded: set[str], world: int | None = None) -> list[str] | None:
+    def placement(self, excluded: set[str], world=None, timeout=None) -> list[str] | None:
         n = world or self.num_workers
+        if n in self.unplaceable:  # capacity says yes, Ray says no (other jobs hold it)
+            return None
         return assign(n, {"CPU": 1.0}, self.order, self.resources, excluded)
 
     def capacity(self, excluded: set[str]) -> int:

@@ -115,3 +115,19 @@ def test_scale_request_shrinks_at_the_next_step_and_grows_back(tmp_path):
     assert s["state"] == "SUCCEEDED" and s["restarts"] == 0 and s["faults"] == []
     assert [(r["from"], r["to"]) for r in s["resizes"]] == [(3, 2), (2, 3)]
     assert "resilient scale" in s["resizes"][0]["reason"]
+
+
+def test_a_grow_ray_cannot_place_goes_back_to_the_size_it_had(tmp_path):
+    job = _three(tmp_path, Scenario(crash={10: 2}))
+
+    def node_weather():
+        if ("crash", 10) in job.scenario.struck and job.scenario.starts[-1][1] == 3:
+            job.nodes.gone = {"node2"}
+        if job.groups and job.scenario.starts[-1][1] == 2 and job.groups[-1].step >= 25:
+            job.nodes.gone, job.nodes.unplaceable = set(), {3}  # back, but held by others
+
+    job.stop_when = lambda: node_weather() and False
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["world_size"] == 2
+    assert [(r["from"], r["to"]) for r in s["resizes"]] == [(3, 2), (2, 3), (3, 2)]
+    assert "did not place" in s["resizes"][2]["reason"]
