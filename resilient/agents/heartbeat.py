@@ -6,10 +6,12 @@ snapshots handed over), each reported once. Phases: created -> rendezvous -> loa
 training -> [rank 0: persisting -> exporting] -> done | stopped; or pausing -> paused (a resize at
 an agreed step); or error (with `error` and `error_at`) or nonfinite (a NaN/Inf step that no rank
 applied). A survivor that starts again goes through the same phases from created.
+`step_record()` is the per-step record a heartbeat carries in `metrics`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 # past the start
@@ -43,3 +45,23 @@ class Heartbeat:
     def past_start(self) -> bool:
         """Started and restored: training or past it."""
         return self.phase in TRAINING
+
+
+def step_record(r, rank: int, step: int, data_step: int, attempt: int) -> dict:
+    """A heartbeat's per-step record of one rank from its `StepResult` `r` (the training metrics'
+    Parquet row)."""
+    return {
+        "t": time.time(),
+        "rank": rank,
+        "step": step,
+        "data_step": data_step,
+        "loss": r.loss,
+        "mean_loss": r.mean_loss,
+        "grad_norm": r.grad_norm,
+        "step_time": r.step_time,
+        "compute_s": r.compute_s,
+        "data_wait": r.data_wait,
+        "attempt": attempt,
+        "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9),
+        "overflow": r.overflow,
+    }

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from resilient.agents.chaos_damage import ChaosDamage
-from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.heartbeat import Heartbeat, step_record
 from resilient.agents.output import capture
 from resilient.agents.warmup import lower_this_thread, warm_imports
 from resilient.catalogue import PlannedFault
@@ -370,21 +370,7 @@ class TrainWorker(ChaosDamage):
         return step
 
     def _record(self, step: int, data_step: int, r) -> None:
-        rec = {
-            "t": time.time(),
-            "rank": self.rank,
-            "step": step,
-            "data_step": data_step,
-            "loss": r.loss,
-            "mean_loss": r.mean_loss,
-            "grad_norm": r.grad_norm,
-            "step_time": r.step_time,
-            "compute_s": r.compute_s,
-            "data_wait": r.data_wait,
-            "attempt": self.attempt,
-            "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9),
-            "overflow": r.overflow,
-        }
+        rec = step_record(r, self.rank, step, data_step, self.attempt)
         with self._lock:
             self.metrics.append(rec)
             if len(self.metrics) > METRICS_CAP:  # nobody is draining them: keep the newest
