@@ -6,8 +6,10 @@ bundle `cluster.resources_per_worker`: one bundle per rank (`world` of them, def
 placed within `timeout` or `reserve` returns False; and one per spare (`spares_wanted(spec)`),
 placed when the cluster has room (best effort: a spare never keeps a rank from its slot). No bundle
 lands on a node in `excluded` (cordoned or lost nodes; a label selector on Ray's `ray.io/node-id`
-node label). A new `excluded` set or world size makes new groups (and a new `generation`): Ray
-ends every worker left in the old ones.
+node label). A new cordon or world size makes new groups (and a new `generation`): Ray ends every
+worker left in the old ones. A node that died (`lost`) does not: Ray moves its bundles to live
+nodes itself (`reserve` waits up to RESCHEDULE_WAIT_S for that, else makes new groups), so the
+workers in the other bundles, the survivors, live on in the same generation.
 
 A slot is one bundle; a worker runs in one slot and reserves exactly a rank's resources there, a
 spare too (so spares never oversubscribe a shared cluster, and a GPU spare holds its GPU).
@@ -19,6 +21,7 @@ where Ray placed it, `strategy(slot)` the scheduling strategy that puts a worker
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
@@ -34,6 +37,7 @@ from resilient.config import JobSpec
 
 NODE_LABEL = "ray.io/node-id"
 SPARES_WAIT_S = 10.0  # how long a reservation waits for the spares' group before going on
+RESCHEDULE_WAIT_S = 30.0  # how long Ray gets to move a dead node's bundles before new groups
 # Spares spread or pack like the ranks, but never strictly: a spare that does not fit is no error.
 LOOSE = {"STRICT_PACK": "PACK", "STRICT_SPREAD": "SPREAD"}
 
@@ -76,10 +80,19 @@ class Reservation:
         self.held: set[Slot] = set()
         self._nodes: dict[Slot, str] = {}
 
-    def reserve(self, excluded: set[str], timeout: float, world: int | None = None) -> bool:
-        """Rank slots placed, on no excluded node; False when the cluster cannot hold them."""
+    def reserve(
+        self,
+        excluded: set[str],
+        timeout: float,
+        world: int | None = None,
+        lost: set[str] = frozenset(),
+    ) -> bool:
+        """Rank slots placed, on no excluded node; False when the cluster cannot hold them.
+        Nodes that died (`lost`, a subset of `excluded`) need no new groups: Ray moves their
+        bundles to live nodes itself, and the workers in the other bundles (survivors) live on."""
         excluded, world = frozenset(excluded), world or self.spec.cluster.num_workers
-        if excluded != self.excluded or world != self.world or not self.groups:
+        moved = self.excluded is not None and excluded - self.excluded <= frozenset(lost)
+        if not (moved and world == self.world and self.groups):
             self.release()
             self.excluded, self.world, self.generation = excluded, world, self.generation + 1
             n, spares = world, spares_wanted(self.spec)
@@ -89,6 +102,10 @@ class Reservation:
                 self.groups[True] = self._group(spares, LOOSE.get(strategy, strategy))
             # one ready() per group: each call schedules a probe task in it
             self._ready = {k: g.ready() for k, g in self.groups.items()}
+        elif excluded != self.excluded:  # a node died under the groups: wait for Ray to move them
+            self.excluded = excluded
+            if not self._rescheduled(min(timeout, RESCHEDULE_WAIT_S)):
+                return self.reserve(excluded, timeout, world)  # not in time: new groups
         if not self._placed(False, timeout):
             self.release()  # hold nothing while the job cannot run
             return False
@@ -103,6 +120,18 @@ class Reservation:
         if self.excluded:
             selector = [{NODE_LABEL: f"!in({','.join(sorted(self.excluded))})"}] * count
         return placement_group([bundle] * count, strategy, bundle_label_selector=selector)
+
+    def _rescheduled(self, timeout: float) -> bool:
+        """Whether Ray placed every rank bundle again (on live nodes) within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if placement_group_table(self.groups[False]).get("state") == "CREATED":
+                self._nodes.clear()
+                return True
+            if time.monotonic() > deadline:
+                self.excluded = None  # forces new groups
+                return False
+            time.sleep(0.1)
 
     def _placed(self, spare: bool, timeout: float = 0) -> bool:
         ref = self._ready.get(spare)

@@ -153,14 +153,10 @@ def checkpoints(rd: RunReader) -> list[dict]:
     out: dict[int, dict] = {}
     for r in rd.records():
         if r["type"] == "checkpoint":
-            out[r["step"]] = {
-                "step": r["step"],
-                "tier": "memory",
-                "bytes": r.get("bytes"),
-                "blocking_s": r.get("blocking_s"),
-                "persisted_at": None,
-                "t": r["t"],
-            }
+            # the node agent's `persisted` may be journalled before rank 0's `checkpoint` record of
+            # the same step (they come through different polls): never downgrade it to memory
+            e = out.setdefault(r["step"], {"tier": "memory", "persisted_at": None})
+            e.update(step=r["step"], bytes=r.get("bytes"), blocking_s=r.get("blocking_s"), t=r["t"])
         elif r["type"] == "persisted":
             e = out.setdefault(
                 r["step"],

@@ -132,7 +132,7 @@ class Nodes:
         if assign(world, c.resources_per_worker, order, self.resources, excluded) is None:
             return None  # cannot fit whatever Ray does: say so now, not after a timeout
         timeout = timeout or self.spec.supervisor.start_timeout
-        if not self.reservation.reserve(excluded, timeout, world):
+        if not self.reservation.reserve(excluded, timeout, world, lost=self._lost):
             return None
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()
