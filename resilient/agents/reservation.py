@@ -8,8 +8,9 @@ placed when the cluster has room (best effort: a spare never keeps a rank from i
 lands on a node in `excluded` (cordoned or lost nodes; a label selector on Ray's `ray.io/node-id`
 node label). A new cordon or world size makes new groups (and a new `generation`): Ray ends every
 worker left in the old ones. A node that died (`lost`) does not: Ray moves its bundles to live
-nodes itself (`reserve` waits up to RESCHEDULE_WAIT_S for that, else makes new groups), so the
-workers in the other bundles, the survivors, live on in the same generation.
+nodes itself (`reserve` waits up to RESCHEDULE_WAIT_S for that, 5 s with spares, whose bundles
+may hold the room; else it makes new groups), so the workers in the other bundles, the survivors,
+live on in the same generation.
 
 A slot is one bundle; a worker runs in one slot and reserves exactly a rank's resources there, a
 spare too (so spares never oversubscribe a shared cluster, and a GPU spare holds its GPU).
@@ -38,6 +39,7 @@ from resilient.config import JobSpec
 NODE_LABEL = "ray.io/node-id"
 SPARES_WAIT_S = 10.0  # how long a reservation waits for the spares' group before going on
 RESCHEDULE_WAIT_S = 30.0  # how long Ray gets to move a dead node's bundles before new groups
+SPARES_RESCHEDULE_WAIT_S = 5.0  # the same with a spares' group, which may hold the room
 # Spares spread or pack like the ranks, but never strictly: a spare that does not fit is no error.
 LOOSE = {"STRICT_PACK": "PACK", "STRICT_SPREAD": "SPREAD"}
 
@@ -104,7 +106,10 @@ class Reservation:
             self._ready = {k: g.ready() for k, g in self.groups.items()}
         elif excluded != self.excluded:  # a node died under the groups: wait for Ray to move them
             self.excluded = excluded
-            if not self._rescheduled(min(timeout, RESCHEDULE_WAIT_S)):
+            # Spares' bundles may hold the room the ranks' need (Ray does not preempt them): then
+            # new groups, without the spares' first, place sooner than waiting would.
+            wait = RESCHEDULE_WAIT_S if True not in self.groups else SPARES_RESCHEDULE_WAIT_S
+            if not self._rescheduled(min(timeout, wait)):
                 return self.reserve(excluded, timeout, world)  # not in time: new groups
         if not self._placed(False, timeout):
             self.release()  # hold nothing while the job cannot run
