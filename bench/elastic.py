@@ -24,7 +24,15 @@ import subprocess
 import sys
 import time
 
-from bench.recovery import HERE, analyse, free_port, markers, read_log, run_resilient
+from bench.recovery import (
+    HERE,
+    analyse,
+    free_port,
+    markers,
+    read_log,
+    run_resilient,
+    torchrun_cfg,
+)
 
 SURVIVORS = [  # (label, --set overrides)
     ("keep, warm spares", []),
@@ -83,21 +91,7 @@ def _elastic(work: str, case: str, schedule: list[dict], a, agents: int) -> dict
     """torchrun's elastic agents, one per simulated node (`--nproc-per-node 1`), on one c10d
     rendezvous; the run is over when the first agent (the store's host) exits."""
     tag = f"tre-{case}"
-    cfg = {
-        "work": work,
-        "base": f"{work}/base",
-        "steps": a.steps,
-        "seq_len": a.seq_len,
-        "batch": a.batch,
-        "every": a.every,
-        "ckpt_dir": f"{work}/{tag}/ckpt",
-        "marker_dir": f"{work}/{tag}/markers",
-        "step_log": f"{work}/{tag}/steps.log",
-        "faults": schedule,
-        "collective_timeout": a.collective_timeout,
-    }
-    os.makedirs(f"{work}/{tag}", exist_ok=True)
-    json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
+    cfg = torchrun_cfg(work, tag, schedule, a, a.every)
     port = free_port()
     cmd = [
         sys.executable,

@@ -203,15 +203,15 @@ def run_resilient(work: str, case: str, schedule: list[dict], a, sets=()) -> dic
     return res
 
 
-def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | None = None) -> dict:
-    tag = f"tr-{case}"
+def torchrun_cfg(work: str, tag: str, schedule: list[dict], a, every: int) -> dict:
+    """The config a torchrun rank of peer_loop.py reads, written to `<work>/<tag>/cfg.json`."""
     cfg = {
         "work": work,
         "base": f"{work}/base",
         "steps": a.steps,
         "seq_len": a.seq_len,
         "batch": a.batch,
-        "every": a.every if every is None else every,
+        "every": every,
         "ckpt_dir": f"{work}/{tag}/ckpt",
         "marker_dir": f"{work}/{tag}/markers",
         "step_log": f"{work}/{tag}/steps.log",
@@ -220,6 +220,12 @@ def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | Non
     }
     os.makedirs(f"{work}/{tag}", exist_ok=True)
     json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
+    return cfg
+
+
+def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | None = None) -> dict:
+    tag = f"tr-{case}"
+    cfg = torchrun_cfg(work, tag, schedule, a, a.every if every is None else every)
     port = free_port()
     rc, wall = sh(
         [
