@@ -1,4 +1,5 @@
-"""`resilient ckpt list|verify|export`: a run's persisted checkpoints."""
+"""`resilient ckpt list|verify|export|expand`: a run's persisted checkpoints, and adapters from
+them (dense, or ComPEFT-packed and expanded back)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from resilient.errors import UserError
 
 @cli.group()
 def ckpt() -> None:
-    """List, verify and export a run's checkpoints."""
+    """List, verify and export a run's checkpoints; expand a ComPEFT export."""
 
 
 @ckpt.command("list")
@@ -75,17 +76,54 @@ def ckpt_verify(run_dir, step) -> None:
 @click.argument("run_dir")
 @click.option("--step", type=int, required=True, help="The persisted checkpoint to export.")
 @click.argument("out")
+@click.option(
+    "--compress",
+    type=click.Choice(["compeft"]),
+    help="Write a ComPEFT adapter: the update since the initial adapter, sparse and ternary "
+    "(`resilient ckpt expand` writes the dense adapter back).",
+)
+@click.option(
+    "--density",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="With --compress: the fraction of each tensor's update kept.",
+)
 @user_errors
-def ckpt_export(run_dir, step, out) -> None:
+def ckpt_export(run_dir, step, out, compress, density) -> None:
     """Write checkpoint STEP as a peft adapter directory OUT."""
     from resilient.checkpoint.storage import CheckpointInvalid
-    from resilient.training.export import export_step
+    from resilient.training.export import export_compressed, export_step
 
     rd = open_rundir(run_dir)
     try:
-        export_step(rd, step, out)
+        if not compress:
+            export_step(rd, step, out)
+            click.echo(f"adapter of step {step} written to {out}")
+            return
+        dense, packed = export_compressed(rd, step, out, density)
     except CheckpointInvalid as e:
         raise UserError(
             f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints"
         ) from None
-    click.echo(f"adapter of step {step} written to {out}")
+    click.echo(
+        f"ComPEFT adapter of step {step} (density {density:g}) written to {out}: {packed:,} "
+        f"bytes, {dense / packed:.1f}x smaller than the dense adapter ({dense:,} bytes)"
+    )
+
+
+@ckpt.command("expand")
+@click.argument("in_dir", metavar="IN")
+@click.argument("out")
+@click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    help="The run's base model directory, where the one adapter_config.json names has moved.",
+)
+@user_errors
+def ckpt_expand(in_dir, out, base) -> None:
+    """Write the dense peft adapter of a ComPEFT export IN to OUT."""
+    from resilient.training.export import expand_dir
+
+    expand_dir(in_dir, out, base)
+    click.echo(f"dense adapter written to {out}")

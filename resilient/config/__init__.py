@@ -6,6 +6,7 @@ Contract: `load_spec(path, overrides)` reads TOML (``.toml``) or YAML (``.yaml``
 the README's spec reference is part of the public contract; unknown keys are errors.
 """
 
+from resilient.config.adapter import peft_config
 from resilient.config.chaos import CHAOS_FAULTS, ChaosConfig, ChaosEntry, RandomChaos
 from resilient.config.load import apply_overrides, load_spec, parse_value, read_tree, validate_tree
 from resilient.config.sections import (
@@ -17,7 +18,7 @@ from resilient.config.sections import (
     SupervisorConfig,
     TrainConfig,
 )
-from resilient.config.spec import JobSpec, peft_config
+from resilient.config.spec import JobSpec
 
 __all__ = [
     "CHAOS_FAULTS",

@@ -206,6 +206,20 @@ class TrainConfig(_Section):
         description="Seeds adapter init, dropout and data order; same seed, same adapter.",
     )
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max gradient norm (0 = no clipping).")
+    loraplus_lr_ratio: float = Field(
+        0,
+        ge=0,
+        le=1e4,
+        description="LoRA+: the B matrices learn this many times faster than `lr` (peft's "
+        "LoRA+ parameter groups; the paper suggests 16). 0 = off; needs peft.method = lora.",
+    )
+
+    @field_validator("loraplus_lr_ratio")
+    @classmethod
+    def _loraplus(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("below 1 would slow the B matrices down; use 0 (off) or >= 1, e.g. 16")
+        return v
 
     @field_validator("lr_scheduler")
     @classmethod

@@ -2,7 +2,8 @@
 
 Contract: `JobSpec` holds every section (see `sections`), checks what spans sections (chaos targets
 that exist, GPU faults on a simulated GPU) and validates the `peft` table against peft itself
-(`peft_config`); `fingerprint()` names what a checkpoint must match to be restored into it.
+(`adapter.peft_config`); `fingerprint()` names what a checkpoint must match to be restored into
+it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from resilient.catalogue import GPU
+from resilient.config.adapter import is_lora, peft_config
 from resilient.config.chaos import ChaosConfig
 from resilient.config.sections import (
     AnomalyConfig,
@@ -62,6 +64,11 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
+        if self.train.loraplus_lr_ratio and not is_lora(self.peft):
+            raise ValueError(
+                'train.loraplus_lr_ratio needs peft.method = "lora" (LoRA+ gives LoRA\'s B '
+                f"matrices a larger rate; {self.peft.get('method')!r} has none); set it to 0"
+            )
         for i, c in enumerate(self.chaos.plan):
             if c.fault in GPU and self.anomaly.gpu != "simulated":
                 raise ValueError(f'chaos[{i}] {c.fault} needs anomaly.gpu = "simulated"')
@@ -98,38 +105,19 @@ class JobSpec(_Section):
             "peft": self.peft,
             "data": self.data.model_dump(),
             # The global batch, not the world size: a checkpoint restores at any number of ranks.
-            "train": self.train.model_dump(exclude={"steps", "batch_size", "grad_accum_steps"}),
+            "train": self.train.model_dump(exclude=self._not_fingerprinted()),
             "global_batch": self.global_batch(),
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _not_fingerprinted(self) -> set[str]:
+        # The per-rank split of the global batch may change between attempts; LoRA+ off is left
+        # out so that runs from before the key existed keep their fingerprint.
+        keys = {"steps", "batch_size", "grad_accum_steps"}
+        return keys | ({"loraplus_lr_ratio"} if not self.train.loraplus_lr_ratio else set())
 
     def global_batch(self) -> int:
         """Samples per optimizer step: `num_workers` x `batch_size` x `grad_accum_steps`, kept when
         the job runs on fewer ranks (each then trains on more microbatches)."""
         t = self.train
         return self.cluster.num_workers * t.batch_size * t.grad_accum_steps
-
-
-def peft_config(table: dict[str, Any]):
-    """The peft config for the spec's `peft` table (`method` names the peft type); ValueError
-    naming the bad key or method otherwise."""
-    from peft import get_peft_config  # heavy: imported only when a spec is validated
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    opts = dict(table)
-    method = str(opts.pop("method", "lora")).upper()
-    known = {str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING}
-    if method not in known:
-        raise ValueError(
-            f"peft.method {method.lower()!r} is not a peft type; use one of: "
-            + ", ".join(sorted(k.lower() for k in known))
-        )
-    opts.setdefault("task_type", "CAUSAL_LM")
-    if "r" in opts and not (isinstance(opts["r"], int) and opts["r"] >= 1):
-        raise ValueError(f"peft.r must be a whole number >= 1 (got {opts['r']!r}), e.g. r = 8")
-    try:
-        return get_peft_config({"peft_type": method, **opts})
-    except TypeError as e:
-        raise ValueError(
-            f"peft: {e}; check the key against peft's {method.title()}Config"
-        ) from None

@@ -11,6 +11,8 @@ Contract:
 - `check_data(spec, model_dir)`: the data file exists, is text (or JSONL with a `text` field) and
   holds at least one sample of `data.seq_len` tokens of the job's own tokenizer (the one in
   `model_dir`); returns the tokenised samples, which launch stages for the workers.
+- `check_positions(spec, model_dir)`: a sample, with the virtual tokens prompt-learning methods
+  (prefix, prompt, P-tuning) put before it, fits the model's `max_position_embeddings`.
 """
 
 from __future__ import annotations
@@ -105,3 +107,22 @@ def check_data(spec: JobSpec, model_dir: str):
     if len(samples) == 0:
         raise SpecError(f"data.path {path!r} holds no sample; give more text")
     return samples
+
+
+def check_positions(spec: JobSpec, model_dir: str) -> None:
+    from resilient.config import peft_config
+
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            limit = json.load(f).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # the model's own loading names what is wrong with it
+    cfg = peft_config(spec.peft)
+    virtual = (cfg.num_virtual_tokens or 0) if cfg.is_prompt_learning else 0
+    if limit and spec.data.seq_len + virtual > limit:
+        extra = f" + peft.num_virtual_tokens {virtual}" if virtual else ""
+        raise SpecError(
+            f"data.seq_len {spec.data.seq_len}{extra} exceeds the model's "
+            f"max_position_embeddings {limit}; lower data.seq_len"
+            + (" or peft.num_virtual_tokens" if virtual else "")
+        )

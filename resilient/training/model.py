@@ -8,6 +8,7 @@ the same seed.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -72,7 +73,24 @@ def apply_adapter(model: torch.nn.Module, table: dict[str, Any], seed: int) -> t
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, peft_config(table))
+    with warnings.catch_warnings():
+        # peft reads transformers' renamed `is_gradient_checkpointing`: a warning per load, in
+        # every rank's log and every `ckpt` command, about nothing the user can change.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        return get_peft_model(model, peft_config(table))
+
+
+def unused_parameters(model: torch.nn.Module, sample: torch.Tensor) -> list[str]:
+    """The trainable parameters a forward pass over `sample` (token ids) gives no gradient. Leaves
+    no trace: the RNG is restored and the gradients cleared."""
+    with torch.random.fork_rng(devices=[sample.device] if sample.device.type == "cuda" else []):
+        batch = sample.reshape(1, -1)
+        model(input_ids=batch, labels=batch).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -83,6 +101,13 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
             if key.startswith("model."):
                 p = params[key[6:]]
                 p.copy_(t.to(p.device))
+
+
+def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors peft saves for the adapter (`adapter_model.safetensors`' names), on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

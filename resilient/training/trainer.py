@@ -38,7 +38,14 @@ from resilient.training.data import (
     share,
     tokenize_corpus,
 )
-from resilient.training.model import apply_adapter, load_base, load_trainable, trainable_state
+from resilient.training.model import (
+    apply_adapter,
+    load_base,
+    load_trainable,
+    trainable_state,
+    unused_parameters,
+)
+from resilient.training.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,9 @@ class Trainer:
             self.samples = tokenize_corpus(spec.data.path, self._tokenizer(), spec.data.seq_len)
         base = load_base(self.base_dir, spec.model.dtype, spec.train.gradient_checkpointing)
         self.model = apply_adapter(base.to(self.device), spec.peft, spec.train.seed)
+        # DDP must be told of adapter parameters some forward pass leaves out (it would hang or
+        # fail in the next step otherwise); looking once costs one short forward and backward.
+        self.unused = unused_parameters(self.model, self.samples[0][:8].to(self.device))
 
     def _tokenizer(self):
         if self.spec.model.builtin:
@@ -132,9 +142,10 @@ class Trainer:
         self.ddp = ddp(
             self.model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(self.unused),
             **no_sync,
         )
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr)
+        self.optimizer = build_optimizer(self.model, self.params, t)
         self.scheduler = get_scheduler(
             t.lr_scheduler,
             self.optimizer,

@@ -40,7 +40,11 @@ def test_yaml_spec(tmp_path):
         ("train.grad_accum_steps=0", "train.grad_accum_steps"),
         ("supervisor.hang_timeout=0.5", "supervisor"),
         ('peft.method="nonsense"', "peft"),
-        ("peft.bogus_option=1", "peft"),
+        ("peft.bogus_option=1", "peft.bogus_option"),
+        ("peft.lora_alfa=8", "did you mean peft.lora_alpha"),
+        ('peft.task_type="SEQ_CLS"', "peft.task_type cannot be set"),
+        ("train.loraplus_lr_ratio=0.5", "train.loraplus_lr_ratio"),
+        ("train.loraplus_lr_ratio=-1", "train.loraplus_lr_ratio"),
         ('cluster.backend="mpi"', "cluster.backend"),
         ('chaos=[{at_step=3, fault="kill", rank=5}]', "chaos"),
         ('chaos=[{at_step=3, fault="meteor", rank=0}]', "chaos.0.fault"),
@@ -51,6 +55,38 @@ def test_bad_spec_names_the_field(tmp_path, override, field):
         load_spec(write_job(tmp_path), [override])
     assert field in str(e.value)
     assert "Traceback" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "peft,named",
+    [
+        ({"method": "ia3", "r": 4}, r"peft.r is not a key of peft's IA3Config"),
+        ({"method": "prefix_tuning", "lora_alpha": 8}, "peft.lora_alpha"),
+        ({"method": "lokr", "r": 0}, "peft.r must be a whole number"),
+        ({"method": "lora", "layers_pattern": "layers"}, "peft \\(lora\\): .*layers_to_transform"),
+    ],
+)
+def test_peft_keys_are_checked_against_the_methods_config_class(tmp_path, peft, named):
+    tree = {"name": "t", "data": {"path": "c.txt"}, "peft": peft}
+    with pytest.raises(SpecError, match=named):
+        validate_tree(tree)
+    assert validate_tree({**tree, "peft": {"method": peft["method"]}}).peft
+
+
+def test_loraplus_needs_lora_and_off_keeps_the_old_fingerprint(tmp_path):
+    with pytest.raises(SpecError, match='loraplus_lr_ratio needs peft.method = "lora"'):
+        validate_tree(
+            {
+                "name": "t",
+                "data": {"path": "c.txt"},
+                "peft": {"method": "ia3"},
+                "train": {"loraplus_lr_ratio": 16},
+            }
+        )
+    off = load_spec(write_job(tmp_path))
+    assert "loraplus_lr_ratio" not in str(off.train.model_dump(exclude=off._not_fingerprinted()))
+    on = load_spec(write_job(tmp_path), ["train.loraplus_lr_ratio=16"])
+    assert on.fingerprint() != off.fingerprint()
 
 
 def test_malformed_and_missing_files(tmp_path):

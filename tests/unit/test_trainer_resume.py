@@ -5,6 +5,7 @@ A one-rank gloo group, no Ray."""
 
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from resilient.checkpoint.snapshot import Snapshot
 from resilient.config import validate_tree
 from resilient.training.corpus import write_corpus
 from resilient.training.data import BYTE_VOCAB
-from resilient.training.model import build_tiny_llama, trainable_state
+from resilient.training.model import build_tiny_llama, trainable_state, unused_parameters
 from resilient.training.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,11 +40,12 @@ def work(tmp_path_factory):
     return d
 
 
-def _trainer(work, model: dict, train: dict) -> Trainer:
+def _trainer(work, model: dict, train: dict, peft: dict | None = None) -> Trainer:
     spec = validate_tree(
         {
             "name": "t",
             "model": {"builtin": "tiny-llama", **model},
+            **({"peft": peft} if peft else {}),
             "data": {"path": str(work / "c.txt"), "seq_len": 32},
             "train": {"steps": 8, "batch_size": 2, "seed": 3, **train},
             "checkpoint": {"storage": str(work / "runs")},
@@ -83,3 +85,70 @@ def test_snapshot_restore_is_exact(world, work, model, train):
     assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
     if model.get("dtype") == "float16":
         assert resumed.scaler.get_scale() == straight.scaler.get_scale()
+
+
+QV = {"target_modules": ["q_proj", "v_proj"]}
+METHODS = {
+    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    "p_tuning": {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "ia3": {
+        "method": "ia3",
+        "target_modules": ["k_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"],
+    },
+    "loha": {"method": "loha", "r": 2, **QV},
+    "lokr": {"method": "lokr", "r": 2, **QV},
+    "dora": {"method": "lora", "r": 2, "use_dora": True, **QV},
+    "loraplus": {"method": "lora", "r": 2, **QV},
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_peft_method_resumes_exactly(world, work, name):
+    """Each method trains (every adapter tensor moves) and a snapshot restores it bit for bit,
+    LoRA+'s parameter groups included."""
+    train = {"loraplus_lr_ratio": 16} if name == "loraplus" else {}
+    peft = METHODS[name]
+
+    def run(steps, start=None):
+        t = _trainer(work, {}, train, peft)
+        if start:
+            t.restore(start)
+        first = start.step + 1 if start else 1
+        for s in range(first, first + steps):
+            t.step(s)
+        return t
+
+    init = trainable_state(_trainer(work, {}, train, peft).model)
+    straight = run(8)
+    assert not straight.unused
+    first = run(4)
+    snap = Snapshot.from_files(first.snapshot(4, 4, "fp").to_files())
+    resumed = run(4, snap)
+    a, b = trainable_state(straight.model), trainable_state(resumed.model)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not [k for k in a if torch.equal(a[k], init[k])], f"{name}: tensors that did not train"
+    if name == "loraplus":
+        rates = sorted({g["lr"] for g in straight.optimizer.param_groups if g["params"]})
+        assert rates == [pytest.approx(1e-3), pytest.approx(16e-3)]
+
+
+def test_unused_parameters_are_found_and_leave_no_trace():
+    """What DDP must be told (find_unused_parameters); the probe draws no random number and
+    leaves no gradient behind."""
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+        def forward(self, input_ids, labels):
+            x = torch.nn.functional.dropout(input_ids.float(), 0.5)
+            return SimpleNamespace(loss=self.used(x).sum())
+
+    model, rng = Half(), torch.get_rng_state()
+    assert unused_parameters(model, torch.arange(4)) == ["spare.weight", "spare.bias"]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
