@@ -16,9 +16,9 @@ from resilient.config.sections import (
     DataConfig,
     ModelConfig,
     SupervisorConfig,
-    TrainConfig,
 )
 from resilient.config.spec import JobSpec
+from resilient.config.train import TrainConfig
 
 __all__ = [
     "CHAOS_FAULTS",

@@ -24,9 +24,9 @@ from resilient.config.sections import (
     DataConfig,
     ModelConfig,
     SupervisorConfig,
-    TrainConfig,
     _Section,
 )
+from resilient.config.train import TrainConfig
 
 
 class JobSpec(_Section):

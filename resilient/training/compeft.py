@@ -3,9 +3,11 @@ state.
 
 Contract: `compress(dense, init, density)` keeps, for each tensor (in name order), the `density`
 fraction of entries where the update `dense - init` is largest in magnitude: a bit mask of their
-positions, a bit for each one's sign, and one scale per tensor (the mean kept magnitude, the least-
-squares scale for those signs). All tensors' bits are packed into one uint8 tensor `bits` and the
-scales into one float32 tensor `scales`, so the file holds two entries however large the adapter.
+positions, a bit for each one's sign, and one scale per tensor, chosen so the packed update keeps
+the whole update's L2 norm (`norm / sqrt(kept)`: the least-squares scale, the mean kept magnitude,
+shrinks the update and costs more eval loss; docs/benchmarks.md). All tensors' bits are packed
+into one uint8 tensor `bits` and the scales into one float32 tensor `scales`, so the file holds two
+entries however large the adapter.
 `expand(packed, init)` inverts it: `init + scale * sign` on the kept positions, `init` elsewhere, in
 init's dtypes. Names, shapes and dtypes come from `init`, which `digest` pins: an expansion against
 another initial state is refused by the caller, never silently wrong.
@@ -32,7 +34,7 @@ def compress(
         keep[delta.abs().topk(max(1, math.ceil(density * delta.numel()))).indices] = True
         keep &= delta != 0  # an unchanged entry carries nothing
         kept = delta[keep]
-        scales.append(kept.abs().mean() if kept.numel() else torch.zeros(()))
+        scales.append(delta.norm() / math.sqrt(kept.numel()) if kept.numel() else torch.zeros(()))
         bits += [np.packbits(keep.numpy()), np.packbits((kept > 0).numpy())]
     return {
         "bits": torch.from_numpy(np.concatenate(bits)),

@@ -1,4 +1,4 @@
-"""One DDP rank of LoRA fine-tuning, driven step by step.
+"""One DDP rank of adapter (peft) fine-tuning, driven step by step.
 
 Contract: after `setup()`, `step(data_step, stop)` runs one optimizer update over this rank's share
 of `data_step`'s microbatches (`training.data`: the step's samples depend on the step alone, split
@@ -11,8 +11,10 @@ NaN/Inf loss or grad norm), so every rank takes the same branch after every step
 collective): the state is the same on every rank and random draws are seeded per (seed, data step,
 microbatch), so a snapshot restores at any world size. `connect()` may be called again on a new
 process group (a survivor rejoining, possibly at another world size): it builds a new DDP wrapper,
-optimizer and scheduler around the same model. The learning rate follows
-`transformers.get_scheduler(train.lr_scheduler)`.
+optimizer and scheduler around the same model. The optimizer is `optim.build_optimizer`'s (AdamW,
+or LoRA+'s parameter groups); the learning rate follows `transformers.get_scheduler(
+train.lr_scheduler)`. Any peft method works: `prepare()` finds adapter parameters a forward pass
+leaves without a gradient, and DDP is then told to look for unused parameters.
 """
 
 from __future__ import annotations
