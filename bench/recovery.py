@@ -407,6 +407,12 @@ def main() -> None:
         default="none,kill,mtbf,hang",
         help="comma list, a subset of the default, plus survivors and nodeloss (bench/elastic.py)",
     )
+    ap.add_argument(
+        "--json",
+        metavar="OUT",
+        help="also write {system: {case: {recovery_s, steps_replayed, goodput, done}}} to OUT "
+        "(systems by their --systems names)",
+    )
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ray_train:
@@ -434,6 +440,7 @@ def main() -> None:
         cases.update(mtbf=mtbf, hang=[{"fault": "hang", "rank": 1, "at_step": a.steps // 2}])
     asked = a.cases.split(",")
     cases = {k: v for k, v in cases.items() if k in asked or k == "none"}
+    keys = {"resilient": "resilient", "Ray Train": "ray", "torchrun": "torchrun"}
     systems = {
         n: fn
         for n, fn, key in (
@@ -524,6 +531,8 @@ def main() -> None:
         "goodput: steps x the system's no-fault step time / wall time from its first step to its "
         "last; @1 fault/min: 1 - (recovery + replayed steps) / 60 s, from the kill case"
     )
+    if a.json:
+        write_json(a.json, {keys[n]: by for n, by in results.items()})
     if "survivors" in asked or "nodeloss" in asked:
         from bench import elastic
 
@@ -531,6 +540,25 @@ def main() -> None:
         loss = elastic.node_loss(work, a) if "nodeloss" in asked else []
         elastic.print_tables(surv, loss)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
+    """The table's figures, machine-readable: per system and case, each fault's recovery seconds
+    and replayed steps, the goodput (None when the run failed) and whether the run finished."""
+    out = {
+        system: {
+            case: {
+                "recovery_s": list(r.get("recovery", [])),
+                "steps_replayed": list(r.get("replayed", [])),
+                "goodput": r.get("goodput"),
+                "done": bool(r.get("done")),
+            }
+            for case, r in by.items()
+        }
+        for system, by in results.items()
+    }
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

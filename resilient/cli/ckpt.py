@@ -85,9 +85,7 @@ def ckpt_verify(run_dir, step) -> None:
 @click.option(
     "--density",
     type=click.FloatRange(0, 1, min_open=True),
-    default=0.1,
-    show_default=True,
-    help="With --compress: the fraction of each tensor's update kept.",
+    help="With --compress: the fraction of each tensor's update kept  [default: 0.1]",
 )
 @user_errors
 def ckpt_export(run_dir, step, out, compress, density) -> None:
@@ -95,6 +93,9 @@ def ckpt_export(run_dir, step, out, compress, density) -> None:
     from resilient.checkpoint.storage import CheckpointInvalid
     from resilient.training.export import export_compressed, export_step
 
+    if density is not None and not compress:
+        raise UserError("--density applies to a compressed export: add --compress compeft")
+    density = 0.1 if density is None else density
     rd = open_rundir(run_dir)
     try:
         if not compress:

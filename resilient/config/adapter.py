@@ -25,6 +25,10 @@ RESERVED = {
     "peft_version": "set by peft",
 }
 
+# LoRA initialisations that rewrite the base weights (PiSSA, OLoRA, LoftQ, CorDA) or need a data
+# pass before training (EVA): an exported adapter would not fit the run's unchanged base.
+REWRITES_BASE = ("pissa", "olora", "loftq", "corda", "eva")
+
 
 def config_class(method: str):
     """peft's config class for `method` (case-insensitive); ValueError listing the methods."""
@@ -47,6 +51,8 @@ def peft_config(table: dict[str, Any]):
     method = str(opts.pop("method", "lora")).lower()
     cls = config_class(method)
     fields = {f.name for f in dataclasses.fields(cls) if f.init} - set(RESERVED)
+    if str(opts.get("task_type", "CAUSAL_LM")).upper() == "CAUSAL_LM":
+        opts.pop("task_type", None)  # what resilient sets anyway (specs of earlier runs hold it)
     for key in opts:
         if key in RESERVED:
             raise ValueError(f"peft.{key} cannot be set ({RESERVED[key]}); remove it")
@@ -57,12 +63,24 @@ def peft_config(table: dict[str, Any]):
                 f"peft.{key} is not a key of peft's {cls.__name__} (method {method!r}); {hint}"
                 f"its keys are documented at https://huggingface.co/docs/peft under {cls.__name__}"
             )
-    if "r" in opts and not (isinstance(opts["r"], int) and opts["r"] >= 1):
-        raise ValueError(f"peft.r must be a whole number >= 1 (got {opts['r']!r}), e.g. r = 8")
+    for key in ("r", "num_virtual_tokens"):
+        v = opts.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"peft.{key} must be a whole number >= 1 (got {v!r}), e.g. {key} = 8")
+    init = str(opts.get("init_lora_weights", "")).lower()
+    if init.startswith(REWRITES_BASE):
+        raise ValueError(
+            f"peft.init_lora_weights = {opts['init_lora_weights']!r} changes the base model's "
+            "weights (or needs data before training), which resilient's exports do not carry; "
+            'use true, false or "gaussian"'
+        )
     try:
-        return cls(task_type="CAUSAL_LM", **opts)
+        cfg = cls(task_type="CAUSAL_LM", **opts)
     except (TypeError, ValueError) as e:  # peft's own checks (__post_init__) on the values
         raise ValueError(f"peft ({method}): {e}") from None
+    if cfg.is_prompt_learning and not cfg.num_virtual_tokens:
+        raise ValueError(f"peft.num_virtual_tokens is required by {method}, e.g. = 8")
+    return cfg
 
 
 def is_lora(table: dict[str, Any]) -> bool:

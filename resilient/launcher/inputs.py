@@ -11,8 +11,10 @@ Contract:
 - `check_data(spec, model_dir)`: the data file exists, is text (or JSONL with a `text` field) and
   holds at least one sample of `data.seq_len` tokens of the job's own tokenizer (the one in
   `model_dir`); returns the tokenised samples, which launch stages for the workers.
-- `check_positions(spec, model_dir)`: a sample, with the virtual tokens prompt-learning methods
-  (prefix, prompt, P-tuning) put before it, fits the model's `max_position_embeddings`.
+- `check_adapter(spec, model_dir)`: the peft table applies to the model (its target modules
+  exist: tried on a weightless copy on the meta device), and a sample, with the virtual tokens
+  prompt-learning methods (prefix, prompt, P-tuning) put before it, fits the model's
+  `max_position_embeddings`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import posixpath
 import re
+import warnings
 
 from resilient.config import JobSpec
 from resilient.errors import SpecError, UserError
@@ -109,15 +112,29 @@ def check_data(spec: JobSpec, model_dir: str):
     return samples
 
 
-def check_positions(spec: JobSpec, model_dir: str) -> None:
+def check_adapter(spec: JobSpec, model_dir: str) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from resilient.config import peft_config
 
     try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            limit = json.load(f).get("max_position_embeddings")
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError):
         return  # the model's own loading names what is wrong with it
     cfg = peft_config(spec.peft)
+    try:
+        # No weights on the meta device: as cheap for 70B as for the tiny model; warnings about
+        # a weightless model are noise.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(AutoModelForCausalLM.from_config(config), cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SpecError(
+            f"peft: {e}; check peft.target_modules against the model's modules"
+        ) from None
+    limit = getattr(config, "max_position_embeddings", None)
     virtual = (cfg.num_virtual_tokens or 0) if cfg.is_prompt_learning else 0
     if limit and spec.data.seq_len + virtual > limit:
         extra = f" + peft.num_virtual_tokens {virtual}" if virtual else ""

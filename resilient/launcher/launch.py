@@ -60,7 +60,7 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="resilient-inputs-") as tmp:
         model = staging.model_dir(spec, tmp)
         samples = inputs.check_data(spec, model)
-        inputs.check_positions(spec, model)
+        inputs.check_adapter(spec, model)
         existed = rundir.is_local and os.path.isdir(rundir.local_path())
         inputs.check_writable(rundir, "checkpoint.storage")
         return _run(

@@ -31,7 +31,8 @@ def compress(
     for name in sorted(init):
         delta = (dense[name].float() - init[name].float()).flatten()
         keep = torch.zeros(delta.numel(), dtype=torch.bool)
-        keep[delta.abs().topk(max(1, math.ceil(density * delta.numel()))).indices] = True
+        if delta.numel():
+            keep[delta.abs().topk(max(1, math.ceil(density * delta.numel()))).indices] = True
         keep &= delta != 0  # an unchanged entry carries nothing
         kept = delta[keep]
         scales.append(delta.norm() / math.sqrt(kept.numel()) if kept.numel() else torch.zeros(()))
@@ -49,18 +50,23 @@ def expand(
     if scales.numel() != len(init):
         raise ValueError(f"{scales.numel()} packed tensors for an adapter of {len(init)}")
     out, at = {}, 0
+
+    def bits(count: int) -> np.ndarray:
+        nonlocal at
+        size = (count + 7) // 8
+        if at + size > blob.size:  # numpy's unpackbits would make up the missing bits
+            raise ValueError(f"packed bits: {blob.size} bytes, too few for this adapter")
+        at += size
+        return np.unpackbits(blob[at - size : at], count=count)
+
     for i, name in enumerate(sorted(init)):
-        n = init[name].numel()
-        keep = np.unpackbits(blob[at : at + (n + 7) // 8], count=n).astype(bool)
-        at += (n + 7) // 8
-        k = int(keep.sum())
-        signs = np.unpackbits(blob[at : at + (k + 7) // 8], count=k).astype(np.float32) * 2 - 1
-        at += (k + 7) // 8
+        keep = bits(init[name].numel()).astype(bool)
+        signs = bits(int(keep.sum())).astype(np.float32) * 2 - 1
         values = init[name].float().flatten().clone()
         values[torch.from_numpy(keep)] += scales[i] * torch.from_numpy(signs)
         out[name] = values.reshape(init[name].shape).to(init[name].dtype)
     if at != blob.size:
-        raise ValueError(f"packed bits: {blob.size - at} bytes left over; not this adapter's")
+        raise ValueError(f"packed bits: {blob.size} bytes where this adapter needs {at}")
     return out
 
 

@@ -33,6 +33,7 @@ PACKED, PACKED_META, FORMAT = "compeft.safetensors", "compeft.json", "resilient-
 
 
 def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
+    _new_dir(out_dir)
     model, _ = _trained(rundir, step)
     write_adapter(model, out_dir, base_ref(rundir, _spec(rundir).model.path))
 
@@ -40,6 +41,7 @@ def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
 def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -> tuple[int, int]:
     from safetensors.torch import save_file
 
+    _new_dir(out_dir)
     spec = _spec(rundir)
     model, init = _trained(rundir, step)
     dense = adapter_tensors(model)
@@ -59,6 +61,8 @@ def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -
         "dtype": spec.model.dtype,
         "init_sha256": compeft.digest(init),
         "dense_bytes": dense_bytes,
+        # Where the base was: what `ckpt expand` names when the config's path does not resolve.
+        "run_base_model": rundir.url(BASE_MODEL) if not spec.model.path else spec.model.path,
     }
     with open(os.path.join(out_dir, PACKED_META), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
@@ -66,32 +70,60 @@ def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -
 
 
 def expand_dir(in_dir: str, out_dir: str, base: str | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     meta, cfg = _read_json(in_dir, PACKED_META), _read_json(in_dir, CONFIG)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{in_dir}/{PACKED_META}: format {meta.get('format')!r}, not {FORMAT!r}")
-    ref = base or cfg.get("base_model_name_or_path", "")
-    base_dir = ref if base or os.path.isabs(ref) else os.path.join(in_dir, ref)
-    if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        named = "--base" if base else "adapter_config.json's base_model_name_or_path"
+    missing = {"format", "peft", "seed", "dtype", "init_sha256"} - set(meta)
+    if meta.get("format") != FORMAT or missing:
         raise UserError(
-            f"base model {ref!r} ({named}) is not a local model directory (no config.json); "
-            "pass --base DIR with the run's base model"
+            f"{in_dir}/{PACKED_META} is not a {FORMAT} description (format "
+            f"{meta.get('format')!r}, missing {sorted(missing)}); export it again"
         )
-    model = apply_adapter(load_base(base_dir, meta["dtype"]), meta["peft"], meta["seed"])
-    init = adapter_tensors(model)
+    _new_dir(out_dir)
+    base_dir = _base_dir(in_dir, cfg, meta, base)
+    try:
+        model = apply_adapter(load_base(base_dir, meta["dtype"]), meta["peft"], meta["seed"])
+        init = adapter_tensors(model)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"base model {base_dir} does not take this adapter ({e}); pass --base "
+            "with the run's base model"
+        ) from None
     if compeft.digest(init) != meta["init_sha256"]:
         raise UserError(
             f"base model {base_dir} gives another initial adapter than the run's (init_sha256 "
             "differs: another base, or another peft version); pass --base with the run's base"
         )
-    dense = compeft.expand(load_file(os.path.join(in_dir, PACKED)), init)
+    try:
+        dense = compeft.expand(load_file(os.path.join(in_dir, PACKED)), init)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"{in_dir}/{PACKED} cannot be read ({e}); export it again") from None
     os.makedirs(out_dir, exist_ok=True)
     save_file(dense, os.path.join(out_dir, ADAPTER), metadata={"format": "pt"})
     cfg["base_model_name_or_path"] = os.path.abspath(base_dir)
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def _base_dir(in_dir: str, cfg: dict, meta: dict, base: str | None) -> str:
+    """The local base model directory: `base`, else the adapter config's (relative to `in_dir`)."""
+    ref = base or cfg.get("base_model_name_or_path", "")
+    base_dir = ref if base or os.path.isabs(ref) or "://" in ref else os.path.join(in_dir, ref)
+    if os.path.isfile(os.path.join(base_dir, "config.json")):
+        return base_dir
+    named = "--base" if base else "adapter_config.json's base_model_name_or_path"
+    run = meta.get("run_base_model")
+    raise UserError(
+        f"base model {ref!r} ({named}) is not a local model directory (no config.json); pass "
+        "--base DIR with a local copy of the run's base model"
+        + (f" ({run})" if run and run != ref else "")
+    )
+
+
+def _new_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise UserError(f"OUT {out_dir} exists and is not an empty directory; name a new one")
 
 
 def _spec(rundir: RunDir):

@@ -2,8 +2,9 @@
 
 Contract: `build_optimizer(model, params, train)` returns AdamW (lr = `train.lr`, weight decay
 0.01, torch's default) over `params`; with `train.loraplus_lr_ratio` > 0 it returns peft's LoRA+
-groups instead (LoRA's B matrices and 1-d vectors such as DoRA's magnitudes at lr x ratio, the rest
-at lr). The same model gives the same groups in the same order, so a saved optimizer state dict
+groups instead: LoRA's B matrices and 1-d vectors such as DoRA's magnitudes at lr x ratio, LoRA on
+embeddings and the A matrices at lr; weight decay 0.01 but on biases and norms (peft's rule). The
+same model gives the same groups in the same order, so a saved optimizer state dict
 (`checkpoint.snapshot.optimizer_parts`) restores into it exactly, at any world size.
 """
 
@@ -29,4 +30,6 @@ def build_optimizer(
         lr=train.lr,
         loraplus_lr_ratio=train.loraplus_lr_ratio,
         loraplus_weight_decay=WEIGHT_DECAY,
+        # peft's default (1e-6) would all but freeze LoRA on embeddings without saying so.
+        loraplus_lr_embedding=train.lr,
     )

@@ -98,6 +98,7 @@ class Trainer:
         """The rank-independent part (tokenizer, data, base model with the adapter): a warm spare
         does it before it has a rank, so none of it sits on the recovery path."""
         spec = self.spec
+        deterministic(self.device)  # before the probe below first starts cuBLAS
         if self.data_dir:
             self.samples = load_samples(self.data_dir)
         else:

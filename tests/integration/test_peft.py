@@ -35,6 +35,10 @@ def test_method_survives_a_kill_bit_exactly_and_loads_in_peft(tmp_path, case):
         return
     packed, expanded = tmp_path / "compeft", tmp_path / "expanded"
     r = resilient_cli(
+        "ckpt", "export", str(runs / "kill"), "--step", "12", str(packed), "--density", "0.2"
+    )
+    assert r.returncode == 2 and "--compress" in r.stdout, r.stdout
+    r = resilient_cli(
         "ckpt", "export", str(runs / "kill"), "--step", "12", str(packed), "--compress", "compeft"
     )
     assert r.returncode == 0 and "smaller" in r.stdout, r.stdout
@@ -48,6 +52,8 @@ def test_method_survives_a_kill_bit_exactly_and_loads_in_peft(tmp_path, case):
         packed / "compeft.safetensors"
     ).stat().st_size
     assert ratio >= 8
+    r = resilient_cli("ckpt", "expand", str(packed), str(packed))  # never over an export
+    assert r.returncode == 2 and "not an empty directory" in r.stdout, r.stdout
     # Another base (here one layer fewer) gives another initial adapter: refused, not expanded.
     other, cfg = tmp_path / "other_base", AutoConfig.from_pretrained(runs / "kill" / "base_model")
     cfg.num_hidden_layers = 1

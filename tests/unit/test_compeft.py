@@ -60,5 +60,11 @@ def test_unchanged_tensor_and_wrong_init_are_handled():
     assert torch.equal(out["a.lora_A.weight"], init["a.lora_A.weight"])  # no update, no change
     with pytest.raises(ValueError, match="packed tensors"):
         compeft.expand(compeft.compress(dense, init, 0.5), {"b.vec": init["b.vec"]})
+    packed = compeft.compress(dense, init, 0.5)
+    for bad in (packed["bits"][:-3], torch.cat([packed["bits"], packed["bits"][:2]])):
+        with pytest.raises(ValueError, match="packed bits"):
+            compeft.expand({"bits": bad, "scales": packed["scales"]}, init)
+    empty = {"e": torch.zeros(0)}
+    assert compeft.expand(compeft.compress(empty, empty, 0.1), empty)["e"].shape == (0,)
     assert compeft.digest(init) == compeft.digest(dict(init))
     assert compeft.digest(init) != compeft.digest(dense)

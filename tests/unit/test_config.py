@@ -61,7 +61,10 @@ def test_bad_spec_names_the_field(tmp_path, override, field):
     "peft,named",
     [
         ({"method": "ia3", "r": 4}, r"peft.r is not a key of peft's IA3Config"),
-        ({"method": "prefix_tuning", "lora_alpha": 8}, "peft.lora_alpha"),
+        ({"method": "prefix_tuning", "num_virtual_tokens": 4, "lora_alpha": 8}, "peft.lora_alpha"),
+        ({"method": "prompt_tuning"}, "peft.num_virtual_tokens is required"),
+        ({"method": "lora", "init_lora_weights": "pissa"}, "changes the base model's weights"),
+        ({"method": "lora", "r": True}, "peft.r must be a whole number"),
         ({"method": "lokr", "r": 0}, "peft.r must be a whole number"),
         ({"method": "lora", "layers_pattern": "layers"}, "peft \\(lora\\): .*layers_to_transform"),
     ],
@@ -70,7 +73,9 @@ def test_peft_keys_are_checked_against_the_methods_config_class(tmp_path, peft, 
     tree = {"name": "t", "data": {"path": "c.txt"}, "peft": peft}
     with pytest.raises(SpecError, match=named):
         validate_tree(tree)
-    assert validate_tree({**tree, "peft": {"method": peft["method"]}}).peft
+    prompt = peft["method"].endswith("_tuning")
+    fixed = {"method": peft["method"], **({"num_virtual_tokens": 4} if prompt else {})}
+    assert validate_tree({**tree, "peft": fixed}).peft
 
 
 def test_loraplus_needs_lora_and_off_keeps_the_old_fingerprint(tmp_path):
@@ -148,3 +153,20 @@ def test_spec_checks_no_file_but_the_launcher_does(tmp_path):
     )
     with pytest.raises(UserError, match="model.path"):
         staging.model_dir(spec, str(tmp_path))
+
+
+def test_launch_tries_the_adapter_on_the_model(tmp_path):
+    """Target modules the model lacks, and virtual tokens past its positions, are launch errors."""
+    from resilient.launcher.inputs import check_adapter
+    from resilient.training.data import BYTE_VOCAB
+    from resilient.training.model import build_tiny_llama
+
+    build_tiny_llama(str(tmp_path / "base"), BYTE_VOCAB)
+    ok = load_spec(write_job(tmp_path), ['peft={method="loha", r=2, target_modules=["q_proj"]}'])
+    check_adapter(ok, str(tmp_path / "base"))
+    for override, named in (
+        ('peft={method="lora", target_modules=["nope"]}', "peft: Target modules"),
+        ('peft={method="prompt_tuning", num_virtual_tokens=2040}', "max_position_embeddings 2048"),
+    ):
+        with pytest.raises(SpecError, match=named):
+            check_adapter(load_spec(write_job(tmp_path), [override]), str(tmp_path / "base"))
