@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from precision import world_of_one  # noqa: E402
 
 from resilient.config import validate_tree  # noqa: E402
 from resilient.training.corpus import write_corpus  # noqa: E402
@@ -50,19 +53,6 @@ METHODS = {  # name: (peft table, train keys); the spec keys the README's method
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 8}, {}),
     "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 8, "encoder_hidden_size": 32}, {}),
 }
-
-
-def world_of_one() -> torch.device:
-    """Start a one-rank process group; the device to train on."""
-    cuda = torch.cuda.is_available()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}",
-        rank=0,
-        world_size=1,
-    )
-    return torch.device("cuda", 0) if cuda else torch.device("cpu")
 
 
 def quickstart_work(work: str) -> torch.Tensor:

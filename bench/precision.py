@@ -77,14 +77,9 @@ def snapshot_stall(device: torch.device, gb: float = 1.0) -> tuple[float, float]
     return pinned, plain
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
+def world_of_one() -> torch.device:
+    """Start a one-rank process group (nccl on CUDA, gloo on CPU); the device to train on."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "nccl" if cuda else "gloo",
@@ -92,6 +87,17 @@ def main() -> None:
         rank=0,
         world_size=1,
     )
+    return torch.device("cuda", 0) if cuda else torch.device("cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    device = world_of_one()
+    cuda = device.type == "cuda"
     rows = []
     with tempfile.TemporaryDirectory() as work:
         write_corpus(f"{work}/c.txt", 2000)
