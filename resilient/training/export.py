@@ -34,16 +34,15 @@ PACKED, PACKED_META, FORMAT = "compeft.safetensors", "compeft.json", "resilient-
 
 def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
     _new_dir(out_dir)
-    model, _ = _trained(rundir, step)
-    write_adapter(model, out_dir, base_ref(rundir, _spec(rundir).model.path))
+    spec, model, _ = _trained(rundir, step)
+    write_adapter(model, out_dir, base_ref(rundir, spec.model.path))
 
 
 def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -> tuple[int, int]:
     from safetensors.torch import save_file
 
     _new_dir(out_dir)
-    spec = _spec(rundir)
-    model, init = _trained(rundir, step)
+    spec, model, init = _trained(rundir, step)
     dense = adapter_tensors(model)
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # peft's config, and the dense size to compare
@@ -126,19 +125,16 @@ def _new_dir(out_dir: str) -> None:
         raise UserError(f"OUT {out_dir} exists and is not an empty directory; name a new one")
 
 
-def _spec(rundir: RunDir):
-    return validate_tree(rundir.read_json(SPEC_FILE))
-
-
 def _trained(rundir: RunDir, step: int):
-    """The run's model with checkpoint `step`'s adapter, and the adapter's initial tensors."""
-    spec = _spec(rundir)
+    """The run's spec, its model with checkpoint `step`'s adapter, and the adapter's initial
+    tensors."""
+    spec = validate_tree(rundir.read_json(SPEC_FILE))
     snap = Snapshot.from_files(CheckpointStore(rundir).load(step, spec.fingerprint()))
     base = load_base(staged.local_dir(rundir, BASE_MODEL), spec.model.dtype)
     model = apply_adapter(base, spec.peft, spec.train.seed)
     init = adapter_tensors(model)
     load_trainable(model, snap.shared)
-    return model, init
+    return spec, model, init
 
 
 def _read_json(folder: str, name: str) -> dict:
