@@ -384,6 +384,9 @@ class TrainWorker(ChaosDamage):
         total = self.spec.train.steps
         if self.rank == 0:
             self._set(phase="persisting")
+            self.engine.drain()
+            if self.engine.handed_step < step:  # resumed at its last step: nothing was handed
+                self.engine.save(trainer, step, self._data_step, True)  # (re-persists atomically)
             self.engine.finish(step, self.spec.checkpoint.persist_timeout)
             if step == total:
                 self._set(phase="exporting")

@@ -52,6 +52,10 @@ def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig
     name = signal.Signals(sig).name
     assert s["state"] == "STOPPED" and name in s["reason"]
     assert s["last_checkpoint"] == s["step"] >= 20
+    # stopped right at its last step (persisted, not yet exported): the resume only exports
+    r = resilient_cli("launch", "--resume", str(run), "--set", f"train.steps={s['step']}")
+    assert r.returncode == 0, r.stdout
+    assert (run / "final" / "adapter_model.safetensors").exists()
     total = s["step"] + 5  # a resume may extend the run: the same trajectory, bit for bit
     r = resilient_cli("launch", "--resume", str(run), "--set", f"train.steps={total}")
     assert r.returncode == 0, r.stdout
