@@ -1,7 +1,7 @@
 """The supervisor's reading of progress: a group became ready, the job-wide step advanced. A mixin
-of `Supervisor` (same contract): it journals `group_ready`, `recovered` (a pending fault's recovery,
-with the steps replayed), `progress` (at most every `PROGRESS_EVERY_S`) and `progress_stats`, and
-moves STARTING to RUNNING.
+of `Supervisor` (same contract): it journals `group_ready`, `recovered` (every pending fault's
+recovery, with the steps replayed), `progress` (at most every `PROGRESS_EVERY_S`) and
+`progress_stats`, and moves STARTING to RUNNING.
 """
 
 from __future__ import annotations
@@ -27,20 +27,28 @@ class Progress:
 
     def _progress(self, seen: Seen) -> None:
         self.step = seen.step
-        p = self.pending_recovery
-        if p and self.step > p.restored_step:
+        # every fault acted on since the last step past its restore point closes together: a
+        # fault during another's recovery (or a recovery that runs to the job's end) is recovered
+        # by the same first step, so none is left open
+        done = [
+            p
+            for p in self.pending_recoveries
+            if self.step > p.restored_step or seen.ended == "done"
+        ]
+        if done:
             done_at = max(
                 h.first_step_done_at or h.step_done_at or seen.now for h in seen.latest.values()
             )
-            start = p.fault.injected_at or p.fault.detected_at
-            self.journal.append(
-                "recovered",
-                fault_index=p.fault_index,
-                recovered_at=done_at,
-                recovery_s=round(done_at - start, 3),
-                steps_replayed=max(0, p.fault.step - 1 - p.restored_step),
-            )
-            self.pending_recovery = None
+            for p in done:
+                start = p.fault.injected_at or p.fault.detected_at
+                self.journal.append(
+                    "recovered",
+                    fault_index=p.fault_index,
+                    recovered_at=done_at,
+                    recovery_s=round(max(0.0, done_at - start), 3),
+                    steps_replayed=max(0, p.fault.step - 1 - p.restored_step),
+                )
+            self.pending_recoveries = [p for p in self.pending_recoveries if p not in done]
         h0 = seen.latest.get(0)
         loss, tps = (h0.mean_loss, h0.tokens_per_s) if h0 else (None, None)
         now = time.time()

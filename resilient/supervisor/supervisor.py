@@ -69,7 +69,7 @@ class Supervisor(Resizing, Progress):
         self.fault_index = len(status["faults"])
         self.cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
         self.skip = sorted({b for r in status["rollbacks"] for b in r["skipped_batches"]})
-        self.pending_recovery: PendingRecovery | None = None
+        self.pending_recoveries: list[PendingRecovery] = []  # faults acted on, not recovered
         self.pending_rollback: PendingRollback | None = None
         self.step = status["step"]
         # seconds spent training (every rank stepping), over every attempt and life of the run
@@ -199,8 +199,9 @@ class Supervisor(Resizing, Progress):
                 skipped_batches=list(rollback.skip_batches),
                 reason=rollback.reason,
             )
-        if self.pending_recovery:
-            self.pending_recovery = replace(self.pending_recovery, restored_step=restored)
+        self.pending_recoveries = [
+            replace(p, restored_step=restored) for p in self.pending_recoveries
+        ]
         return source
 
     def _restore_point(self, at_most: int | None) -> RestoreSource | None:
@@ -334,7 +335,7 @@ class Supervisor(Resizing, Progress):
         self.resize_cause = policy.describe(fault)  # if the next attempt has another size
         counts = self.budget.restarted(fault, time.time())
         self._teardown(group, idx, decision.delay_s, counts, fault if keep else None)
-        self.pending_recovery = PendingRecovery(idx, fault)
+        self.pending_recoveries.append(PendingRecovery(idx, fault))
         self._to(JobState.STARTING, f"restart {self.restarts}")
 
     def _teardown(self, group, idx: int, delay_s: float, counts: dict, keep: Fault | None) -> None:

@@ -33,6 +33,16 @@ def test_crash_restarts_from_the_survivors_snapshot(tmp_path):
     assert [d["action"] for d in job.of("decision")] == ["restart"]
 
 
+def test_a_fault_during_a_recovery_leaves_neither_unrecovered(tmp_path):
+    # rank 1 dies at step 12; the restart from 11 meets rank 0's error at step 12 before any step
+    job = Job(tmp_path, Scenario(crash={12: 1}, error={12: 0}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 2
+    assert [f["kind"] for f in s["faults"]] == ["crash", "error"]
+    assert all(f["recovered_at"] for f in s["faults"]), s["faults"]
+    assert len(job.of("recovered")) == 2
+
+
 def test_silent_rank_is_a_hang_after_hang_timeout(tmp_path):
     job = Job(tmp_path, Scenario(hang={9: 1}))
     s = job.run()
