@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psutil
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.reservation import Reservation
@@ -112,22 +112,25 @@ class WorkerGroup:
             ) from None
         self.placement = [info["node_id"] for info in self.infos]
         master = self.infos[0]  # a fresh port each time: a new rendezvous generation
-        ray.get(
-            [
-                w.start.remote(
-                    master["ip"],
-                    master["port"],
-                    restore,
-                    plan,
-                    self.base_ref,
-                    self.agent_for(info["node_id"]),
-                    skip,
-                    self.node_index(info["node_id"]),
-                    world,
-                )
-                for w, info in zip(self.workers, self.infos, strict=True)
-            ]
-        )
+        starts = [
+            lambda w=w, info=info: w.start.remote(
+                master["ip"],
+                master["port"],
+                restore,
+                plan,
+                self.base_ref,
+                self.agent_for(info["node_id"]),
+                skip,
+                self.node_index(info["node_id"]),
+                world,
+            )
+            for w, info in zip(self.workers, self.infos, strict=True)
+        ]
+        try:  # rank 0 first: it serves the rendezvous store before the others look for it
+            ray.get(starts[0]())
+        except RayTaskError as e:
+            raise GroupStartError(f"rank 0 could not serve the rendezvous: {e}", rank=0) from None
+        ray.get([start() for start in starts[1:]])
         now = time.time()
         for rank in range(len(self.workers)):
             self.last_answer[rank] = now

@@ -5,8 +5,10 @@ rank's resources there (`cluster.resources_per_worker`, GPU included). A `SpareP
 `spares_wanted(spec)` spare workers in free slots, started before they are needed (imports done,
 data and model built on an idle-priority thread, on the GPU the slot holds where it holds one), so
 a restart starts no process and builds no model: `fill()` tops the pool up without waiting (it
-takes the slots a promoted spare left free: the pool is re-armed, not re-created), `take()` hands
-out a spare and its slot (a warm one first).
+takes the slots a promoted spare left free: the pool is re-armed, not re-created; `fill(extra)` at
+the start adds the first group's ranks, so every process of the job warms before training does and
+none warms beside the first steps), `wait_warm()` waits for that, `take()` hands out a spare and
+its slot (a warm one first).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def new_worker(
         max_restarts=0,
         max_concurrency=4,
         **split_resources(spec.cluster.resources_per_worker),
-    ).remote(spec.model_dump(), rank, run_uri, attempt)
+    ).remote(spec, rank, run_uri, attempt)
 
 
 class SparePool:
@@ -50,14 +52,22 @@ class SparePool:
         gen = self.reservation.generation
         self.spares = [e for e in self.spares if e[2].generation == gen]
 
-    def fill(self) -> None:
+    def fill(self, extra: int = 0) -> None:
+        """Top the pool up to `spares_wanted` (+ `extra`: the first group's ranks, taken from it)
+        without waiting."""
         self._current()
-        while len(self.spares) < self.want:
+        while len(self.spares) < self.want + extra:
             slot = self.reservation.acquire(spare=True)
             if slot is None:
                 return  # no free slot (yet): the next fill tries again
             w = new_worker(self.spec, self.run_uri, self.reservation, slot, -1, -1)
             self.spares.append((w, w.ping.remote(), slot))
+
+    def wait_warm(self, timeout: float) -> int:
+        """Wait up to `timeout` until every spare is warm (or dead); how many are warm."""
+        refs = [ready for _, ready, _ in self.spares]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        return len(done)
 
     def take(self, node: str | None = None) -> tuple[object, Slot] | None:
         """A spare and its slot (on `node` only, when given): a warm one if any; else one still

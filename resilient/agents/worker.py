@@ -21,20 +21,23 @@ import os
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from resilient.agents.chaos_damage import ChaosDamage
 from resilient.agents.heartbeat import Heartbeat, step_record
 from resilient.agents.output import capture
+from resilient.agents.rendezvous import free_port, init_process_group, node_ip, rendezvous_store
 from resilient.agents.warmup import lower_this_thread, warm_imports
 from resilient.catalogue import PlannedFault
-from resilient.checkpoint.source import RestoreSource
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
 from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, DATA
+
+if TYPE_CHECKING:  # torch comes with it: a spare imports that on its idle-priority thread
+    from resilient.checkpoint.source import RestoreSource
 
 log = logging.getLogger(__name__)
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
@@ -42,10 +45,11 @@ METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest
 
 @ray.remote(max_concurrency=4)
 class TrainWorker(ChaosDamage):
-    def __init__(self, spec: dict, rank: int, run_uri: str, attempt: int):
-        """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`."""
+    def __init__(self, spec: JobSpec, rank: int, run_uri: str, attempt: int):
+        """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`.
+        `spec` comes validated (validating it again would import peft here, at full priority)."""
         self.output = capture()  # before anything prints: every line reaches logs/rank-N.log
-        self.spec = JobSpec.model_validate(spec)
+        self.spec = spec
         if rank >= 0:
             warm_imports()
         self.rank, self.world, self.attempt = rank, self.spec.cluster.num_workers, attempt
@@ -103,8 +107,6 @@ class TrainWorker(ChaosDamage):
     def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
         """Where this worker runs (and a free port for rank 0's rendezvous); a spare takes its
         rank here."""
-        from resilient.agents.rendezvous import free_port, node_ip
-
         if rank is not None:
             self._warm.wait()  # a spare promoted before it is warm finishes warming first
             self.rank, self.attempt = rank, attempt
@@ -148,7 +150,10 @@ class TrainWorker(ChaosDamage):
             self.metrics = []
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
-        args = (master_ip, master_port, restore, base_ref)
+        store = None  # rank 0 serves the rendezvous store before the others start (the group)
+        if self.rank == 0:
+            store = rendezvous_store(master_ip, master_port, self.world, self._timeout(), True)
+        args = (master_ip, master_port, store, restore, base_ref)
         self._thread = threading.Thread(
             target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}"
         )
@@ -192,9 +197,9 @@ class TrainWorker(ChaosDamage):
             self.status.update(kw)
 
     # -- the training thread ---------------------------------------------------------------------
-    def _main(self, master_ip, master_port, restore, base_ref) -> None:
+    def _main(self, master_ip, master_port, store, restore, base_ref) -> None:
         try:
-            trainer, step, data_step = self._setup(master_ip, master_port, restore)
+            trainer, step, data_step = self._setup(master_ip, master_port, store, restore)
             step = self._train(trainer, step, data_step)
             if step is not None and self._agreed_pause:
                 self._paused(trainer, step)
@@ -256,26 +261,24 @@ class TrainWorker(ChaosDamage):
         base, data = staged.local_dir(self.rundir, BASE_MODEL), staged.local_dir(self.rundir, DATA)
         return Trainer(self.spec, rank, self.world, base, device, data_dir=data)
 
-    def _setup(self, master_ip, master_port, restore: RestoreSource | None):
-        """Join the process group, build (or take the prepared) trainer, restore; (trainer, step,
-        data step) to go on from."""
+    def _timeout(self) -> float:
+        return self.spec.supervisor.collective_timeout
+
+    def _setup(self, master_ip, master_port, store, restore: RestoreSource | None):
+        """Join the process group (through rank 0's `store`), build (or take the prepared)
+        trainer, restore; (trainer, step, data step) to go on from."""
         import torch
 
-        from resilient.agents.rendezvous import init_process_group, node_ip
         from resilient.checkpoint.engine import CheckpointEngine
         from resilient.checkpoint.source import load
 
         spec, cc = self.spec, self.spec.checkpoint
         torch.set_num_threads(max(1, int(spec.cluster.resources_per_worker.get("CPU", 1))))
         self._set(phase="rendezvous")
+        if store is None:
+            store = rendezvous_store(master_ip, master_port, self.world, self._timeout(), False)
         init_process_group(
-            self._backend(),
-            master_ip,
-            master_port,
-            self.rank,
-            self.world,
-            spec.supervisor.collective_timeout,
-            node_ip(),
+            self._backend(), store, self.rank, self.world, self._timeout(), node_ip()
         )
         self._set(phase="loading")
         t_load = time.perf_counter()

@@ -119,7 +119,7 @@ class Supervisor(Resizing, Progress):
         try:
             self.journal.append("nodes", nodes=self.nodes.start())
             if self.parts.spares and self._placement():
-                self.parts.spares.fill()  # warming up beside the first group
+                self._warm_spares()
             self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
                 self._attempt()
@@ -139,6 +139,15 @@ class Supervisor(Resizing, Progress):
                 "step": self.step,
                 "restarts": self.restarts,
             }
+
+    def _warm_spares(self) -> None:
+        """The first group's ranks and the spares, all started as spares and warmed before the
+        first step: on a machine with no idle core, a spare that warms beside training slows it
+        (measured: 2x slower steps for the first 10 s, docs/benchmarks.md)."""
+        t0 = time.time()
+        self.parts.spares.fill(extra=self.world)
+        warm = self.parts.spares.wait_warm(self.spec.supervisor.start_timeout)
+        self.journal.append("workers_warm", workers=warm, seconds=round(time.time() - t0, 3))
 
     def _close(self) -> None:
         if self.kept is not None:  # survivors kept for an attempt that never came

@@ -9,6 +9,7 @@ from tests.helpers import (
     assert_same_adapter,
     await_journal,
     background_launch,
+    read_journal,
     resilient_cli,
     status,
     write_job,
@@ -42,6 +43,10 @@ def test_clean_job_completes_and_adapter_loads(clean_run):
         0,
         [],
     )
+    # every worker (2 ranks, 2 spares) warmed before the first step, none beside training
+    types = [r["type"] for r in read_journal(clean_run)]
+    (warm,) = [r for r in read_journal(clean_run) if r["type"] == "workers_warm"]
+    assert warm["workers"] == 4 and types.index("workers_warm") < types.index("ranks")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
