@@ -6,10 +6,10 @@ FailureConfig, torchrun runs with --max-restarts.
 Workload: DDP over gloo, 2 workers on CPU, the built-in tiny Llama with LoRA (resilient's own
 Trainer, so every system trains the same model on the same batches). Fault schedules, each fired
 once by the rank's own process: `kill` (SIGKILL of rank 1 at two fixed steps), `mtbf` (SIGKILLs at
-seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: recovery
-time (fault -> next finished step), steps replayed, goodput (steps x median step time / wall time
-from the first to the last step), hang detection time, and the no-fault step time vs plain torchrun
-DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user
+seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: start
+(launch -> first step), recovery time (fault -> next finished step), steps replayed, goodput (steps
+x median step time / wall time from the first to the last step), hang detection time, and the
+no-fault step time vs plain torchrun DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user
 writes).
 Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
                                 [--cases none,kill,mtbf,hang[,survivors,nodeloss]]
@@ -158,6 +158,7 @@ def run_resilient(work: str, case: str, schedule: list[dict], a, sets=()) -> dic
     path = f"{work}/{name}.toml"
     open(path, "w").write(spec)
     overrides = [x for kv in sets for x in ("--set", kv)]
+    t_launch = time.time()
     rc, wall = sh(
         [sys.executable, "-m", "resilient.cli", "launch", path, "--run-id", "r", *overrides],
         a.limit,
@@ -187,6 +188,7 @@ def run_resilient(work: str, case: str, schedule: list[dict], a, sets=()) -> dic
         for m in markers.read_all(RunDir(run))
     ]
     res = analyse(log, fired, a.steps)
+    res["start_s"] = log[0][1] - t_launch if log else None
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
         res["goodput"] = None
@@ -227,6 +229,7 @@ def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | Non
     tag = f"tr-{case}"
     cfg = torchrun_cfg(work, tag, schedule, a, a.every if every is None else every)
     port = free_port()
+    t_launch = time.time()
     rc, wall = sh(
         [
             sys.executable,
@@ -249,7 +252,9 @@ def run_torchrun(work: str, case: str, schedule: list[dict], a, every: int | Non
         env={"PYTHONPATH": os.path.join(HERE, "..")},
         log=f"{work}/{tag}.log",
     )
-    res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
+    log = read_log(cfg["step_log"])
+    res = analyse(log, markers(cfg["marker_dir"]), a.steps)
+    res["start_s"] = log[0][1] - t_launch if log else None
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
         res["goodput"] = None
@@ -273,6 +278,7 @@ def run_ray_train(work: str, case: str, schedule: list[dict], a) -> dict:
     }
     os.makedirs(f"{work}/{tag}", exist_ok=True)
     json.dump(cfg, open(f"{work}/{tag}/cfg.json", "w"))
+    t_launch = time.time()
     rc, wall = sh(
         [
             sys.executable,
@@ -284,7 +290,9 @@ def run_ray_train(work: str, case: str, schedule: list[dict], a) -> dict:
         env={"PYTHONPATH": os.path.join(HERE, "..")},
         log=f"{work}/{tag}.log",
     )
-    res = analyse(read_log(cfg["step_log"]), markers(cfg["marker_dir"]), a.steps)
+    log = read_log(cfg["step_log"])
+    res = analyse(log, markers(cfg["marker_dir"]), a.steps)
+    res["start_s"] = log[0][1] - t_launch if log else None
     res["done"] = rc == 0 and res["done"]
     if not res["done"]:
         res["goodput"] = None
@@ -410,7 +418,8 @@ def main() -> None:
     ap.add_argument(
         "--json",
         metavar="OUT",
-        help="also write {system: {case: {recovery_s, steps_replayed, goodput, done}}} to OUT "
+        help="also write {system: {case: {recovery_s, steps_replayed, goodput, done, start_s}}} "
+        "to OUT "
         "(systems by their --systems names)",
     )
     ap.add_argument("--_ray-train", dest="ray_train", help=argparse.SUPPRESS)
@@ -476,7 +485,7 @@ def main() -> None:
         f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s"
     )
     head = (
-        f"{'system':<10} {'step ms':>8} {'overhead':>9} {'steady':>7} | "
+        f"{'system':<10} {'start s':>7} {'step ms':>8} {'overhead':>9} {'steady':>7} | "
         f"{'kill: recovery':>16} {'replayed':>9} {'goodput':>8}"
         f" {'@1 fault/min':>12} | {'mtbf: recovery':>22} {'goodput':>8} | "
         f"{'hang: detected':>14} {'recovered':>10}"
@@ -517,7 +526,7 @@ def main() -> None:
         ]
         per_min = f"{max(0.0, 1 - statistics.mean(lost) / 60):.1%}" if lost else "-"
         print(
-            f"{sysname:<10} "
+            f"{sysname:<10} {none.get('start_s') or float('nan'):7.1f} "
             f"{none['step_s'] * 1e3 if none.get('step_s') else float('nan'):8.1f} "
             f"{over:>9} {steady:>7} | "
             f"{fmt(kill.get('recovery', [])):>16} "
@@ -526,6 +535,7 @@ def main() -> None:
             f"{fmt(hang.get('recovery', [])):>10}"
         )
     print(
+        "start s: launch to the first finished step (no-fault run); "
         "overhead: no-fault wall time per step vs plain torchrun DDP without checkpoints "
         "(steady: over the second half of the run, after one-time warm-ups such as spare workers); "
         "goodput: steps x the system's no-fault step time / wall time from its first step to its "
@@ -544,7 +554,8 @@ def main() -> None:
 
 def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
     """The table's figures, machine-readable: per system and case, each fault's recovery seconds
-    and replayed steps, the goodput (None when the run failed) and whether the run finished."""
+    and replayed steps, the goodput (None when the run failed), whether the run finished and the
+    seconds from launch to the first step."""
     out = {
         system: {
             case: {
@@ -552,6 +563,7 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
                 "steps_replayed": list(r.get("replayed", [])),
                 "goodput": r.get("goodput"),
                 "done": bool(r.get("done")),
+                "start_s": r.get("start_s"),
             }
             for case, r in by.items()
         }
