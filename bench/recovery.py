@@ -9,8 +9,8 @@ once by the rank's own process: `kill` (SIGKILL of rank 1 at two fixed steps), `
 seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: start
 (launch -> first step), recovery time (fault -> next finished step), steps replayed, goodput (steps
 x median step time / wall time from the first to the last step), hang detection time, and the
-no-fault step time vs plain torchrun DDP (no checkpoints). Peers checkpoint every `--every` steps with torch.save (the loop a user
-writes).
+no-fault step time vs plain torchrun DDP (no checkpoints). Peers checkpoint every `--every` steps
+with torch.save (the loop a user writes).
 Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
                                 [--cases none,kill,mtbf,hang[,survivors,nodeloss]]
 The elastic cases (bench/elastic.py; not in the default) add two tables: what keeping the

@@ -3,9 +3,9 @@
 One `resilient launch` of an endless job (the built-in tiny model, 2 workers) against moto's S3
 server on loopback, which logs every request; random chaos (kill, exit, hang, slow; `--mtbf`);
 after `--minutes` the job is preempted with SIGTERM (the preemption path is part of the soak).
-Reported: faults, recovered, recovery p50/p95/max, goodput, storage requests and bytes uploaded
-per hour (and per day), journal bytes uploaded vs stored, objects per prefix at the end, and the
-driver's RSS over time (a leak shows as growth).
+Reported: faults, recovered, recovery p50/p95/max and per kind, goodput, storage requests and
+bytes uploaded per hour (and per day), journal bytes uploaded vs stored, objects per prefix at the
+end, and the driver's RSS over time (a leak shows as growth).
 Usage: python bench/soak.py [--minutes 30] [--mtbf 60s] [--json OUT]
 """
 
@@ -166,6 +166,12 @@ def faults(work: str, env: dict) -> dict:
     except Exception:
         pass
 
+    by_kind: dict[str, dict] = {}  # where the lost time went, by what the supervisor saw
+    for f in s["faults"]:
+        k = by_kind.setdefault(f["kind"], {"faults": 0, "recovery_s": 0.0})
+        k["faults"] += 1
+        k["recovery_s"] = round(k["recovery_s"] + (f.get("recovery_s") or 0.0), 2)
+
     def pct(q):
         return round(rec[min(len(rec) - 1, int(q * len(rec)))], 2) if rec else None
 
@@ -180,6 +186,7 @@ def faults(work: str, env: dict) -> dict:
         "recovery_p95": pct(0.95),
         "recovery_max": pct(1.0),
         "goodput": report.get("goodput"),
+        "by_kind": by_kind,
     }
 
 
@@ -285,7 +292,7 @@ def print_result(r: dict) -> None:
     print(
         f"faults: {r['faults']} acted on, {r['recovered']} recovered ({r['injected']} injected); "
         f"recovery p50 {r['recovery_p50']} s, p95 {r['recovery_p95']} s, max "
-        f"{r['recovery_max']} s; goodput {r['goodput']}"
+        f"{r['recovery_max']} s; goodput {r['goodput']}; by kind {r['by_kind']}"
     )
     print(
         f"storage: {st['requests_per_hour']:,} requests/h ({24 * st['requests_per_hour']:,}/day), "
