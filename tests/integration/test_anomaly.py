@@ -36,6 +36,7 @@ def test_xid79_cordons_its_node_and_job_completes_on_the_others(tmp_path):
     assert len(pd.read_parquet(str(run / "metrics" / "host"))) > 0
 
 
+@pytest.mark.slow  # CI time: a launch warms 4 workers now; `make test-all` runs it
 def test_slowed_rank_is_reported_as_straggler(tmp_path):
     extra = '\n[[chaos]]\nat_step = 5\nfault = "slow"\nfactor = 2.0\nrank = 1\n'
     spec = write_job(tmp_path, steps=60, extra=extra)

@@ -62,6 +62,7 @@ def test_s3_kill_restores_from_memory_and_matches_clean_run(tmp_path, s3):
     assert r.returncode == 0 and "20" in r.stdout and "yes" in r.stdout
 
 
+@pytest.mark.slow  # CI time: a launch warms 4 workers now; `make test-all` runs it
 def test_s3_outage_mid_run_everything_eventually_persisted(tmp_path, s3):
     """The job reaches the store through a TCP gate; the gate then cuts every connection (kept-alive
     ones included) and refuses new ones for 8 s: a real network outage from the job's side."""
@@ -164,6 +165,7 @@ def test_stop_corrupt_newest_then_resume_skips_it(tmp_path):
     assert_same_adapter(adapter(run), load_adapter(out))
 
 
+@pytest.mark.slow  # CI time: a launch warms 4 workers now; `make test-all` runs it
 def test_node_loss_restores_from_peer_replica(tmp_path):
     spec = write_job(tmp_path, steps=20, extra=chaos("node_loss", 12, 0))
     r = resilient_cli("launch", str(spec), "--run-id", "peer", "--set", "cluster.local_nodes=3")

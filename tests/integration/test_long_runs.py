@@ -89,6 +89,7 @@ def s3_objects(s3, prefix: str) -> list[tuple[str, int]]:
 STEPS = 150  # enough that the first driver is killed long before its end
 
 
+@pytest.mark.slow  # CI time: a launch warms 4 workers now; `make test-all` runs it
 def test_s3_resume_waits_out_an_outage_and_objects_stay_few(tmp_path, s3):
     spec = write_job(tmp_path, name="s3l", steps=STEPS, storage="s3://runs/long")
     sets = ["--set", "checkpoint.every=1", "--set", "checkpoint.persist_every=2"]
