@@ -111,26 +111,19 @@ class WorkerGroup:
                 f"a worker died while starting: {e}", rank=rank, dead=True
             ) from None
         self.placement = [info["node_id"] for info in self.infos]
-        master = self.infos[0]  # a fresh port each time: a new rendezvous generation
-        starts = [
-            lambda w=w, info=info: w.start.remote(
-                master["ip"],
-                master["port"],
-                restore,
-                plan,
-                self.base_ref,
-                self.agent_for(info["node_id"]),
-                skip,
-                self.node_index(info["node_id"]),
-                world,
-            )
-            for w, info in zip(self.workers, self.infos, strict=True)
-        ]
+        master = self.workers[0]  # its store is the rendezvous (agents.store), new each start
+
+        def start(rank: int):
+            node = self.infos[rank]["node_id"]
+            agent, index = self.agent_for(node), self.node_index(node)
+            w = self.workers[rank]
+            return w.start.remote(master, restore, plan, self.base_ref, agent, skip, index, world)
+
         try:  # rank 0 first: it serves the rendezvous store before the others look for it
-            ray.get(starts[0]())
+            ray.get(start(0))
         except RayTaskError as e:
             raise GroupStartError(f"rank 0 could not serve the rendezvous: {e}", rank=0) from None
-        ray.get([start() for start in starts[1:]])
+        ray.get([start(rank) for rank in range(1, world)])
         now = time.time()
         for rank in range(len(self.workers)):
             self.last_answer[rank] = now
@@ -163,6 +156,14 @@ class WorkerGroup:
             self._kill(rank, w)
             self.reservation.release_slot(slot)
             self.workers[rank] = self.slots[rank] = None
+
+    def write_off(self, node: str, why: str) -> list[int]:
+        """The ranks on `node` (lost or cut off) are dead now: no last heartbeat or flush is
+        waited for from them. Returns them."""
+        ranks = [r for r in range(len(self.infos)) if self.node_of(r) == node]
+        for r in ranks:
+            self.dead.setdefault(r, why)
+        return ranks
 
     def leave(self, timeout: float) -> dict[int, str]:
         """Have every remaining rank leave the broken process group; {rank: why} of those that

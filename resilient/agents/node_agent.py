@@ -18,6 +18,7 @@ from collections import deque
 import psutil
 import ray
 
+from resilient.agents.lease import Lease
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
 from resilient.checkpoint.memory import Entry, MemoryTier
@@ -26,18 +27,32 @@ from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, ver
 from resilient.config import AnomalyConfig, CheckpointConfig
 from resilient.rundir import RunDir
 
+REPLICA_S = 3.0  # a replication's deadline: this, plus its bytes at REPLICA_BYTES_PER_S
+REPLICA_BYTES_PER_S = 100e6
 
-@ray.remote(num_cpus=0, max_concurrency=16)
+
+@ray.remote(num_cpus=0, max_concurrency=16, concurrency_groups={"lease": 1})
 class NodeAgent:
-    def __init__(self, node_id: str, run_uri: str, ckpt: dict, anomaly: dict | None = None):
+    def __init__(
+        self,
+        node_id: str,
+        run_uri: str,
+        ckpt: dict,
+        anomaly: dict | None = None,
+        fence_s: float = 8.0,
+    ):
+        """`fence_s`: with no word from the supervisor for that long this agent writes nothing
+        more and ends (its node was lost or cut off; see agents.lease)."""
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
+        self.lease = Lease(fence_s, lambda: os._exit(1))
         self.tier = MemoryTier(keep=cfg.memory_keep, max_pending=cfg.max_pending)
         self.persister = Persister(
             self.tier,
             CheckpointStore(RunDir(run_uri, cfg.storage_options)),
             keep=cfg.keep,
             keep_every=cfg.keep_every,
+            may_write=self.lease.valid,
         )
         self.peer = None
         self._gpu_faults_done: set = set()  # keys of the GPU faults carried out (each once)
@@ -103,6 +118,11 @@ class NodeAgent:
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": os.getpid()}
 
+    @ray.method(concurrency_group="lease")
+    def renew(self, sent_at: float) -> bool:
+        """The supervisor's lease renewal (a thread of its own: never queued behind work)."""
+        return self.lease.renew(sent_at)
+
     def set_peer(self, peer) -> None:
         self.peer = peer
 
@@ -110,11 +130,13 @@ class NodeAgent:
         """A rank on this node hands over a snapshot (primary copy)."""
         for ev in self.tier.put(Entry(step, files, manifest, role="memory", persist=persist)):
             self.persister.event(**ev)
-        # synchronous here, but off the training thread (the rank's handoff)
+        # synchronous here, but off the training thread (the rank's handoff); a peer that does not
+        # take it within a few seconds is cut off: the primary copy and storage remain
         if self.peer is not None:
             t0 = time.time()
+            deadline = REPLICA_S + sum(len(b) for b in files.values()) / REPLICA_BYTES_PER_S
             try:
-                ray.get(self.peer.put_replica.remote(step, files, manifest), timeout=60)
+                ray.get(self.peer.put_replica.remote(step, files, manifest), timeout=deadline)
                 self.persister.event(event="replicated", step=step, seconds=time.time() - t0)
             except Exception as e:  # the peer node is gone: the primary copy and storage remain
                 self.persister.event(

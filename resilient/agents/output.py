@@ -68,7 +68,7 @@ def capture() -> LineBuffer:
                 elif path not in tailed:  # stdout and stderr often share one file
                     tailed.add(path)
                     threading.Thread(
-                        target=_tail, args=(path, _BUFFER), daemon=True, name=f"tail-{fd}"
+                        target=tail, args=(path, _BUFFER), daemon=True, name=f"tail-{fd}"
                     ).start()
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter(FORMAT))
@@ -87,14 +87,16 @@ def _file_of(fd: int) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _tail(path: str, buf: LineBuffer, every_s: float = 0.2) -> None:
-    """Every line appended to `path` from now on, into `buf` (a truncated file starts over)."""
+def tail(path: str, buf: LineBuffer, every_s: float = 0.2, from_end: bool = True) -> None:
+    """Every line appended to `path` from now on (`from_end`; else every line in it), into `buf`
+    (a truncated file starts over), until the file is gone."""
     try:
         f = open(path, "rb")
     except OSError:
         return
     with f:
-        f.seek(0, os.SEEK_END)
+        if from_end:
+            f.seek(0, os.SEEK_END)
         pending = b""
         while True:
             chunk = f.read(65536)

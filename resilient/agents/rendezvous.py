@@ -17,6 +17,20 @@ from datetime import timedelta
 import psutil
 
 
+def backend_of(cluster) -> str:
+    """`cluster.backend`, with "auto" = nccl when the workers have GPUs, else gloo."""
+    if cluster.backend == "auto":
+        return "nccl" if cluster.resources_per_worker.get("GPU", 0) > 0 else "gloo"
+    return cluster.backend
+
+
+def device_of(cluster):
+    """The torch device a rank trains on: its (only visible) GPU under nccl, else the CPU."""
+    import torch
+
+    return torch.device("cuda", 0) if backend_of(cluster) == "nccl" else torch.device("cpu")
+
+
 def node_ip() -> str:
     import ray
 
@@ -31,33 +45,10 @@ def iface_for(ip: str) -> str | None:
     return None
 
 
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
-
-
-def rendezvous_store(master_ip: str, master_port: int, world: int, timeout_s: float, serve: bool):
-    """The rendezvous's TCPStore: served by rank 0 (`serve`), a client elsewhere. Rank 0 makes it
-    before any other rank starts (`WorkerGroup.start`), so the others connect at once: a client
-    that finds no server yet retries only after a backoff (measured: 0.7 s of every restart that
-    replaced rank 0)."""
-    import torch.distributed as dist
-
-    return dist.TCPStore(
-        master_ip,
-        master_port,
-        world,
-        is_master=serve,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-
-
 def init_process_group(
     backend: str, store, rank: int, world: int, timeout_s: float, my_ip: str
 ) -> None:
-    """Join the default process group through `store` (see `rendezvous_store`)."""
+    """Join the default process group through `store` (agents.store: rank 0's keys, over Ray)."""
     import torch.distributed as dist
 
     var = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)

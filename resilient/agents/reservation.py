@@ -4,7 +4,8 @@ Contract: `Reservation(spec).reserve(excluded, timeout, world)` holds two placem
 bundle `cluster.resources_per_worker`: one bundle per rank (`world` of them, default
 `cluster.num_workers`; `cluster.placement_strategy`), which must be
 placed within `timeout` or `reserve` returns False; and one per spare (`spares_wanted(spec)`),
-placed when the cluster has room (best effort: a spare never keeps a rank from its slot). No bundle
+placed when the cluster has room (best effort: a spare never keeps a rank from its slot), after the
+ranks' and on other nodes than theirs where those have room (`_add_spares`). No bundle
 lands on a node in `excluded` (cordoned or lost nodes; a label selector on Ray's `ray.io/node-id`
 node label). A new cordon or world size makes new groups (and a new `generation`): Ray ends every
 worker left in the old ones. A node that died (`lost`) does not: Ray moves its bundles to live
@@ -14,8 +15,9 @@ live on in the same generation.
 
 A slot is one bundle; a worker runs in one slot and reserves exactly a rank's resources there, a
 spare too (so spares never oversubscribe a shared cluster, and a GPU spare holds its GPU).
-`acquire(prefer, spare)` takes a free slot of a placed group (`prefer` first; a spare's group's
-slots first for a spare, the ranks' for a rank), `release_slot(slot)` frees it; `node_of(slot)` is
+`acquire(prefer, spare)` takes a free slot of a placed group on a node not `lose()`n (`prefer`
+first; a spare's group's slots first for a spare, the ranks' for a rank), `release_slot(slot)`
+frees it; `node_of(slot)` is
 where Ray placed it, `strategy(slot)` the scheduling strategy that puts a worker there.
 `placement()` is the node of each rank slot.
 """
@@ -44,16 +46,57 @@ SPARES_RESCHEDULE_WAIT_S = 5.0  # the same with a spares' group, which may hold 
 LOOSE = {"STRICT_PACK": "PACK", "STRICT_SPREAD": "SPREAD"}
 
 
+def assign(
+    num_workers: int,
+    bundle: dict[str, float],
+    order: list[str],
+    resources: dict[str, dict],
+    excluded: set[str],
+) -> list[str] | None:
+    """Which node each rank goes to: pack ranks onto the nodes in `order`, skipping `excluded`
+    (cordoned or lost) ones; None when the healthy nodes cannot hold `num_workers` bundles. Pure."""
+    out = []
+    for nid in order:
+        if nid in excluded:
+            continue
+        res = resources[nid]
+        fits = min(
+            (int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=num_workers
+        )
+        out += [nid] * min(fits, num_workers - len(out))
+        if len(out) == num_workers:
+            return out
+    return None
+
+
+def capacity(
+    bundle: dict[str, float], order: list[str], resources: dict[str, dict], excluded: set[str]
+) -> int:
+    """How many bundles the nodes in `order` hold, `excluded` ones aside. Pure."""
+    total = 0
+    for nid in order:
+        if nid in excluded:
+            continue
+        res = resources[nid]
+        total += min((int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=0)
+    return total
+
+
 def spares_wanted(spec: JobSpec) -> int:
-    """`cluster.spares`, or by default one per rank on an embedded cluster of CPU workers (they
-    cost this machine nothing while idle) and none otherwise (each would reserve a rank's
-    resources: a GPU, on a joined cluster a share of other people's capacity)."""
+    """How many spares the job asks for: `cluster.spares`, or by default ("auto") one per rank,
+    except GPU jobs on an embedded cluster (a GPU spare holds a GPU of this machine). On a joined
+    cluster "auto" is an upper bound: the reservation places only what the nodes without ranks
+    hold (`Reservation`)."""
     c = spec.cluster
     if not spec.supervisor.warm_spares:
         return 0
-    if c.spares is not None:
-        return c.spares
-    return c.num_workers if not c.address and not c.resources_per_worker.get("GPU") else 0
+    if is_auto(spec):
+        return c.num_workers if c.address or not c.resources_per_worker.get("GPU") else 0
+    return c.spares
+
+
+def is_auto(spec: JobSpec) -> bool:
+    return spec.cluster.spares in (None, "auto")
 
 
 def strategy_of(spec: JobSpec) -> str:
@@ -81,6 +124,7 @@ class Reservation:
         self._ready: dict[bool, ray.ObjectRef | bool] = {}  # each group's ready() (True once)
         self.held: set[Slot] = set()
         self._nodes: dict[Slot, str] = {}
+        self.lost: set[str] = set()  # nodes lost in this run: no slot there is handed out
 
     def reserve(
         self,
@@ -88,49 +132,88 @@ class Reservation:
         timeout: float,
         world: int | None = None,
         lost: set[str] = frozenset(),
+        stand_ins: int = 0,
     ) -> bool:
         """Rank slots placed, on no excluded node; False when the cluster cannot hold them.
         Nodes that died (`lost`, a subset of `excluded`) need no new groups: Ray moves their
-        bundles to live nodes itself, and the workers in the other bundles (survivors) live on."""
+        bundles to live nodes itself, and the workers in the other bundles (survivors) live on.
+        When `stand_ins` (warm spares on live nodes) cover the rank slots on lost nodes, nothing
+        waits for Ray to move them: the spares take those ranks (their slots are Ray's to move)."""
         excluded, world = frozenset(excluded), world or self.spec.cluster.num_workers
         moved = self.excluded is not None and excluded - self.excluded <= frozenset(lost)
-        if not (moved and world == self.world and self.groups):
+        fresh = not (moved and world == self.world and self.groups)
+        if fresh:
             self.release()
             self.excluded, self.world, self.generation = excluded, world, self.generation + 1
-            n, spares = world, spares_wanted(self.spec)
-            strategy = strategy_of(self.spec)
-            self.groups[False] = self._group(n, strategy)
-            if spares:
-                self.groups[True] = self._group(spares, LOOSE.get(strategy, strategy))
+            self.groups[False] = self._group(world, strategy_of(self.spec))
             # one ready() per group: each call schedules a probe task in it
-            self._ready = {k: g.ready() for k, g in self.groups.items()}
-        elif excluded != self.excluded:  # a node died under the groups: wait for Ray to move them
+            self._ready = {False: self.groups[False].ready()}
+        elif excluded != self.excluded:  # a node died under the groups
             self.excluded = excluded
+            on_lost = sum(1 for node in self.placement() if node is None or node in excluded)
             # Spares' bundles may hold the room the ranks' need (Ray does not preempt them): then
             # new groups, without the spares' first, place sooner than waiting would.
             wait = RESCHEDULE_WAIT_S if True not in self.groups else SPARES_RESCHEDULE_WAIT_S
-            if not self._rescheduled(min(timeout, wait)):
+            if stand_ins < on_lost and not self._rescheduled(min(timeout, wait)):
                 return self.reserve(excluded, timeout, world)  # not in time: new groups
         if not self._placed(False, timeout):
             self.release()  # hold nothing while the job cannot run
             return False
+        if fresh:
+            self._add_spares()
         if True in self.groups:  # spares are best effort: a short wait, so agents start with them
             self._placed(True, min(timeout, SPARES_WAIT_S))
         self._nodes.clear()
         return True
 
-    def _group(self, count: int, strategy: str) -> PlacementGroup:
+    def _add_spares(self) -> None:
+        """The spares' group, once the ranks' is placed: on nodes that hold no rank when those
+        have room for every spare (a lost node then takes no spare with its ranks), else anywhere
+        (still never on an excluded node). With "auto" on a joined cluster, only as many as the
+        nodes without ranks hold (free capacity; none when there is none)."""
+        want = spares_wanted(self.spec)
+        if not want:
+            return
+        ranks_on = set(self.placement())
+        others = [
+            n
+            for n in ray.nodes()
+            if n["Alive"] and n["NodeID"] not in self.excluded and n["NodeID"] not in ranks_on
+        ]
+        bundle = self.spec.cluster.resources_per_worker
+        room = capacity(
+            bundle,
+            [n["NodeID"] for n in others],
+            {n["NodeID"]: n["Resources"] for n in others},
+            set(),
+        )
+        if is_auto(self.spec) and self.spec.cluster.address:
+            want = min(want, room)
+        if not want:
+            return
+        avoid = frozenset(ranks_on) if room >= want else frozenset()
+        strategy = strategy_of(self.spec)
+        self.groups[True] = self._group(want, LOOSE.get(strategy, strategy), avoid)
+        self._ready[True] = self.groups[True].ready()
+
+    def _group(
+        self, count: int, strategy: str, avoid: frozenset[str] = frozenset()
+    ) -> PlacementGroup:
         bundle = {k: float(v) for k, v in self.spec.cluster.resources_per_worker.items() if v > 0}
         selector = None
-        if self.excluded:
-            selector = [{NODE_LABEL: f"!in({','.join(sorted(self.excluded))})"}] * count
+        if self.excluded or avoid:
+            nodes = ",".join(sorted(self.excluded | avoid))
+            selector = [{NODE_LABEL: f"!in({nodes})"}] * count
         return placement_group([bundle] * count, strategy, bundle_label_selector=selector)
 
     def _rescheduled(self, timeout: float) -> bool:
-        """Whether Ray placed every rank bundle again (on live nodes) within `timeout`."""
+        """Whether Ray placed every rank bundle again on live nodes within `timeout` (until Ray
+        declares a node dead its bundles stay there, the group still "placed")."""
         deadline = time.monotonic() + timeout
         while True:
-            if placement_group_table(self.groups[False]).get("state") == "CREATED":
+            table = placement_group_table(self.groups[False])
+            nodes = table.get("bundles_to_node_id", {}).values()
+            if table.get("state") == "CREATED" and not set(nodes) & self.excluded:
                 self._nodes.clear()
                 return True
             if time.monotonic() > deadline:
@@ -158,7 +241,9 @@ class Reservation:
     def acquire(self, prefer: Slot | None = None, spare: bool = False) -> Slot | None:
         """A free slot: `prefer` if free, else (for a spare) the spares' group first, else the
         ranks' group first; None when every placed slot is held."""
-        free = [s for s in self.slots() if s not in self.held]
+        if any(node in self.lost for node in self._nodes.values()):
+            self._nodes.clear()  # Ray may have moved a lost node's bundles since: ask again
+        free = [s for s in self.slots() if s not in self.held and self.node_of(s) not in self.lost]
         free.sort(key=lambda s: s.spare != spare)  # stable: bundle order within a group
         if prefer in free:
             free.remove(prefer)
@@ -201,8 +286,10 @@ class Reservation:
             self.groups[slot.spare], placement_group_bundle_index=slot.index
         )
 
-    def forget_nodes(self) -> None:
-        """Ray moved bundles (a node died): ask it again where each one is."""
+    def lose(self, node: str) -> None:
+        """`node` died or is cut off: no slot on it is handed out again (Ray may move its bundles
+        to live nodes later: then they are slots again)."""
+        self.lost.add(node)
         self._nodes.clear()
 
     def release(self) -> None:

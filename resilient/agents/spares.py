@@ -69,11 +69,30 @@ class SparePool:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
         return len(done)
 
-    def take(self, node: str | None = None) -> tuple[object, Slot] | None:
-        """A spare and its slot (on `node` only, when given): a warm one if any; else one still
-        warming up, which has a head start over a process started now (its model is half built);
-        None if there is none."""
+    def forget(self, nodes: set[str]) -> None:
+        """Spares on these (lost) nodes are gone: end them (if Ray still can) and free their
+        slots, so neither a restart nor the pool counts on them."""
+        for entry in [e for e in self.spares if self.reservation.node_of(e[2]) in nodes]:
+            self.spares.remove(entry)
+            try:
+                ray.kill(entry[0], no_restart=True)
+            except Exception:
+                pass
+            self.reservation.release_slot(entry[2])
+
+    def available(self) -> int:
+        """Spares of the current reservation on nodes not lost (warm or warming)."""
         self._current()
+        return sum(
+            1 for e in self.spares if self.reservation.node_of(e[2]) not in self.reservation.lost
+        )
+
+    def take(self, node: str | None = None) -> tuple[object, Slot] | None:
+        """A spare and its slot (on `node` only, when given; never on a lost node): a warm one if
+        any; else one still warming up, which has a head start over a process started now (its
+        model is half built); None if there is none."""
+        self._current()
+        self.forget(self.reservation.lost)
         warming = None
         for entry in list(self.spares):
             w, ready, slot = entry

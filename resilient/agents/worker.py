@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from resilient.agents import rendezvous as rdv
 from resilient.agents.chaos_damage import ChaosDamage
 from resilient.agents.heartbeat import Heartbeat, step_record
+from resilient.agents.lease import Lease
 from resilient.agents.output import capture
-from resilient.agents.rendezvous import free_port, init_process_group, node_ip, rendezvous_store
+from resilient.agents.store import KeyValue, on_worker, ray_store
 from resilient.agents.warmup import lower_this_thread, warm_imports
 from resilient.catalogue import PlannedFault
 from resilient.checkpoint.storage import CheckpointStore
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
 
 
-@ray.remote(max_concurrency=4)
+@ray.remote(max_concurrency=4, concurrency_groups={"lease": 1, "store": 16})
 class TrainWorker(ChaosDamage):
     def __init__(self, spec: JobSpec, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`.
@@ -70,7 +72,10 @@ class TrainWorker(ChaosDamage):
         self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created"}
         self._prepared = None
+        self._kv = None  # rank 0: the rendezvous store of the current life
         self._warm = threading.Event()
+        # cut off from the supervisor for fence_s: replaced already, so end (see agents.lease)
+        self.lease = Lease(spec.supervisor.fence_s, lambda: os._exit(1))
         if rank < 0:  # a spare warms up on a thread of its own, at low priority (see _warm_up)
             threading.Thread(target=self._warm_up, daemon=True, name="spare-warm-up").start()
         else:
@@ -95,9 +100,18 @@ class TrainWorker(ChaosDamage):
     def _prepare(self):
         """A spare builds its model and data now, on the device its slot holds (a GPU spare loads
         onto its GPU), so a promotion only connects them."""
-        trainer = self._trainer(-1, self._device())
+        trainer = self._trainer(-1, rdv.device_of(self.spec.cluster))
         trainer.prepare()
         return trainer
+
+    @ray.method(concurrency_group="lease")  # a thread of its own: never queued behind work
+    def renew(self, sent_at: float) -> bool:
+        return self.lease.renew(sent_at)
+
+    @ray.method(concurrency_group="store")
+    def kv(self, op: str, *args):
+        """Rank 0 serves the rendezvous's keys (agents.store) from here."""
+        return getattr(self._kv, op)(*args)
 
     def ping(self) -> int:
         """Answers once this worker is warm (a spare: imports, data and model ready)."""
@@ -111,20 +125,18 @@ class TrainWorker(ChaosDamage):
             self._warm.wait()  # a spare promoted before it is warm finishes warming first
             self.rank, self.attempt = rank, attempt
             self._set(rank=rank)
-        ip = node_ip()
+        ip = rdv.node_ip()
         return {
             "rank": self.rank,
             "pid": os.getpid(),
             "ip": ip,
-            "port": free_port(ip),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpus": [int(g) if str(g).isdigit() else g for g in ray.get_gpu_ids()],
         }
 
     def start(
         self,
-        master_ip: str,
-        master_port: int,
+        master,
         restore: RestoreSource | None,
         plan: tuple[PlannedFault, ...],
         base_ref: str,
@@ -135,8 +147,9 @@ class TrainWorker(ChaosDamage):
     ) -> None:
         """Train in the background from `restore` (None: from scratch). `plan`: the planned faults
         still to fire; `agent`: this node's NodeAgent; `skip`: data steps rollbacks took out;
-        `world`: the number of ranks (default `cluster.num_workers`). A survivor (its previous
-        training thread ended) starts again the same way."""
+        `world`: the number of ranks (default `cluster.num_workers`); `master`: rank 0's worker,
+        whose store (agents.store) is the rendezvous. A survivor (its previous training thread
+        ended) starts again the same way."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError(f"rank {self.rank} still trains; leave() first")
         self.agent, self.skip, self.node_index = agent, set(skip), node_index
@@ -150,10 +163,9 @@ class TrainWorker(ChaosDamage):
             self.metrics = []
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
-        store = None  # rank 0 serves the rendezvous store before the others start (the group)
-        if self.rank == 0:
-            store = rendezvous_store(master_ip, master_port, self.world, self._timeout(), True)
-        args = (master_ip, master_port, store, restore, base_ref)
+        if self.rank == 0:  # a new rendezvous, served before the others start (the group)
+            self._kv = KeyValue()
+        args = (master, restore, base_ref)
         self._thread = threading.Thread(
             target=self._main, args=args, daemon=True, name=f"train-rank{self.rank}"
         )
@@ -197,9 +209,9 @@ class TrainWorker(ChaosDamage):
             self.status.update(kw)
 
     # -- the training thread ---------------------------------------------------------------------
-    def _main(self, master_ip, master_port, store, restore, base_ref) -> None:
+    def _main(self, master, restore, base_ref) -> None:
         try:
-            trainer, step, data_step = self._setup(master_ip, master_port, store, restore)
+            trainer, step, data_step = self._setup(master, restore)
             step = self._train(trainer, step, data_step)
             if step is not None and self._agreed_pause:
                 self._paused(trainer, step)
@@ -225,7 +237,8 @@ class TrainWorker(ChaosDamage):
             trainer.ddp = None  # DDP's reducer holds the group: let it go with it
             self._kept = trainer
         try:
-            leave_process_group(self._backend(), broken=self.status.get("phase") == "error")
+            broken = self.status.get("phase") == "error"
+            leave_process_group(rdv.backend_of(self.spec.cluster), broken=broken)
         except Exception:  # a broken group may refuse a clean teardown; it is dropped anyway
             log.warning("rank %s: process group teardown failed", self.rank, exc_info=True)
         gc.collect()
@@ -242,17 +255,6 @@ class TrainWorker(ChaosDamage):
             self.engine.flush()
         self._set(phase="paused")
 
-    def _device(self):
-        import torch
-
-        return torch.device("cuda", 0) if self._backend() == "nccl" else torch.device("cpu")
-
-    def _backend(self) -> str:
-        b = self.spec.cluster.backend
-        if b == "auto":
-            return "nccl" if self.spec.cluster.resources_per_worker.get("GPU", 0) > 0 else "gloo"
-        return b
-
     def _trainer(self, rank: int, device):
         """A rank's trainer over the inputs staged in the run directory: workers never read the
         driver's disk (nor the user's input files, which may be gone by now)."""
@@ -264,9 +266,9 @@ class TrainWorker(ChaosDamage):
     def _timeout(self) -> float:
         return self.spec.supervisor.collective_timeout
 
-    def _setup(self, master_ip, master_port, store, restore: RestoreSource | None):
-        """Join the process group (through rank 0's `store`), build (or take the prepared)
-        trainer, restore; (trainer, step, data step) to go on from."""
+    def _setup(self, master, restore: RestoreSource | None):
+        """Join the process group (through the store of rank 0, `master`), build (or take the
+        prepared) trainer, restore; (trainer, step, data step) to go on from."""
         import torch
 
         from resilient.checkpoint.engine import CheckpointEngine
@@ -275,15 +277,16 @@ class TrainWorker(ChaosDamage):
         spec, cc = self.spec, self.spec.checkpoint
         torch.set_num_threads(max(1, int(spec.cluster.resources_per_worker.get("CPU", 1))))
         self._set(phase="rendezvous")
-        if store is None:
-            store = rendezvous_store(master_ip, master_port, self.world, self._timeout(), False)
-        init_process_group(
-            self._backend(), store, self.rank, self.world, self._timeout(), node_ip()
+        call = self.kv if self.rank == 0 else on_worker(master)
+        store = ray_store(call, self._timeout())
+        backend, device = rdv.backend_of(spec.cluster), rdv.device_of(spec.cluster)
+        rdv.init_process_group(
+            backend, store, self.rank, self.world, self._timeout(), rdv.node_ip()
         )
         self._set(phase="loading")
         t_load = time.perf_counter()
         trainer, warm = self._take_trainer(restore)
-        trainer.rank, trainer.world, trainer.device = self.rank, self.world, self._device()
+        trainer.rank, trainer.world, trainer.device = self.rank, self.world, device
         trainer.connect()
         self._trainer_now = trainer
         if self.engine is None or self.engine.error or self.engine.rank != self.rank:
@@ -325,7 +328,7 @@ class TrainWorker(ChaosDamage):
         trainer, self._prepared = self._prepared, None
         if trainer is not None:
             return trainer, "warm spare"
-        trainer = self._trainer(self.rank, self._device())
+        trainer = self._trainer(self.rank, rdv.device_of(self.spec.cluster))
         trainer.prepare()
         return trainer, "model built now"
 

@@ -35,6 +35,8 @@ EXPLAINS = {  # which injected faults show up as which kind of fault
     FaultKind.CRASH: ("kill", "exit", "node_loss"),
     FaultKind.HANG: ("hang",),
     FaultKind.ERROR: ("gpu_xid", "gpu_lost", "ecc", "node_loss", "kill", "exit"),
+    FaultKind.NODE_LOSS: ("node_loss", "kill", "exit"),
+    FaultKind.PARTITION: ("node_loss", "hang"),
 }
 
 

@@ -22,7 +22,10 @@ import ray
 from resilient.checkpoint.snapshot import Snapshot
 from resilient.checkpoint.storage import make_manifest
 
-FLUSH_TIMEOUT_S = 60.0  # a node agent that does not answer this fast is lost: flush() raises
+# a node agent that does not take a snapshot this fast is lost or cut off (its node), and the call
+# raises: the deadline is this, plus the snapshot's bytes at HANDOFF_BYTES_PER_S (it replicates it)
+HANDOFF_S = 5.0
+HANDOFF_BYTES_PER_S = 50e6
 
 
 class CheckpointEngine:
@@ -76,7 +79,8 @@ class CheckpointEngine:
         t0 = time.perf_counter()
         files = snap.to_files()
         manifest = make_manifest(snap.step, files, self.fingerprint)
-        ray.get(self.agent.put.remote(snap.step, files, manifest, persist))
+        deadline = HANDOFF_S + sum(len(b) for b in files.values()) / HANDOFF_BYTES_PER_S
+        ray.get(self.agent.put.remote(snap.step, files, manifest, persist), timeout=deadline)
         with self._lock:
             self.handed_step = max(self.handed_step, snap.step)
         return time.perf_counter() - t0
@@ -110,7 +114,7 @@ class CheckpointEngine:
         if snap is None:
             return None
         if snap.step > self.handed_step and not ray.get(
-            self.agent.has.remote(snap.step), timeout=FLUSH_TIMEOUT_S
+            self.agent.has.remote(snap.step), timeout=HANDOFF_S
         ):
             self._put(snap, False)
         return snap.step

@@ -28,7 +28,10 @@ class Persister:
         keep: int,
         keep_every: int,
         max_backoff: float = 8.0,
+        may_write=lambda: True,
     ):
+        """`may_write()`: whether this process still holds its lease; checked before every
+        storage request (a fenced persister writes and deletes nothing, ever again)."""
         self.tier, self.store, self.keep, self.keep_every, self.max_backoff = (
             tier,
             store,
@@ -40,6 +43,7 @@ class Persister:
         self.committed: list[int] | None = None  # in storage; None: list it at the next retention
         self.protected: frozenset[int] = frozenset()
         self.outage_until = 0.0
+        self.may_write = may_write
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="persister")
@@ -63,10 +67,12 @@ class Persister:
                     self.tier.lock.wait(timeout=1.0)
                     continue
             t0 = time.time()
+            if not self.may_write():
+                return  # fenced: this process is ending, and nothing of it may reach storage
             try:
                 if time.time() < self.outage_until:  # chaos `storage_outage`: refuse writes
                     raise ConnectionRefusedError("storage unavailable (injected storage_outage)")
-                m = self.store.commit(entry.files, entry.manifest)
+                m = self.store.commit(entry.files, entry.manifest, self.may_write)
             except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
                 self.event(
                     event="persist_error",
@@ -102,7 +108,9 @@ class Persister:
                 self.committed = self.store.steps()
             if step not in self.committed:
                 bisect.insort(self.committed, step)
-            deleted = self.store.retain(self.keep, self.keep_every, self.committed, self.protected)
+            deleted = self.store.retain(
+                self.keep, self.keep_every, self.committed, self.protected, self.may_write
+            )
             self.committed = [s for s in self.committed if s not in deleted]
             if deleted:
                 self.event(event="retention", deleted=deleted)

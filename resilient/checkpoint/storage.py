@@ -23,6 +23,15 @@ class CheckpointInvalid(Exception):
     """A checkpoint that must not be restored; the message says why."""
 
 
+class Fenced(Exception):
+    """The writer lost its lease (its node was cut off): it must not touch storage again."""
+
+
+def _check(may_write) -> None:
+    if not may_write():
+        raise Fenced("this writer's lease ran out: no more writes")
+
+
 def make_manifest(step: int, files: dict[str, bytes], fingerprint: str, **extra: Any) -> dict:
     """The manifest of a checkpoint: sizes and sha256 of every file, the step and the spec
     fingerprint."""
@@ -74,13 +83,15 @@ class CheckpointStore:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
 
-    def commit(self, files: dict[str, bytes], manifest: dict) -> dict:
+    def commit(self, files: dict[str, bytes], manifest: dict, may_write=lambda: True) -> dict:
         """Write `files`, then the manifest that makes them visible. Returns the manifest as
-        written."""
+        written. `may_write()` is asked before every request (raises Fenced when it says no)."""
         d = ckpt_dir(manifest["step"])
         for name, data in files.items():
+            _check(may_write)
             self.rundir.write_bytes(f"{d}/{name}", data)
         manifest = {**manifest, "persisted_at": time.time()}
+        _check(may_write)
         self.rundir.write_json(f"{d}/{MANIFEST}", manifest)
         return manifest
 
@@ -120,11 +131,16 @@ class CheckpointStore:
         keep_every: int = 0,
         steps: list[int] | None = None,
         protected: set[int] | frozenset[int] = frozenset(),
+        may_write=lambda: True,
     ) -> list[int]:
         """Delete what `retention.doomed` dooms among `steps` (default: a listing of the committed
-        ones), never a `protected` step. Returns the deleted steps."""
+        ones), never a `protected` step, asking `may_write()` before each. Returns the deleted
+        steps."""
         committed = self.steps() if steps is None else steps
         doomed = [s for s in retention.doomed(committed, keep, keep_every) if s not in protected]
+        done = []
         for step in doomed:
+            _check(may_write)
             self.rundir.remove(ckpt_dir(step))
-        return doomed
+            done.append(step)
+        return done

@@ -1,5 +1,6 @@
-"""`resilient logs RUN_DIR [--rank N] [--follow]`: what the ranks wrote (logging, warnings,
-tracebacks, NCCL), as collected into the run directory."""
+"""`resilient logs RUN_DIR [--rank N | --driver] [--follow]`: what the ranks wrote (logging,
+warnings, tracebacks, NCCL), and what Ray printed in the launching process (worker-death notices,
+C++ warnings: kept off the launch's terminal), as collected into the run directory."""
 
 from __future__ import annotations
 
@@ -17,29 +18,43 @@ POLL_S = 1.0
 @cli.command()
 @click.argument("run_dir")
 @click.option("--rank", type=int, help="Only this rank's log (default: every rank's, prefixed).")
+@click.option(
+    "--driver", is_flag=True, help="Only what Ray printed in the launching process (its notices)."
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
 @user_errors
-def logs(run_dir, rank, follow) -> None:
+def logs(run_dir, rank, driver, follow) -> None:
     """Print the ranks' logs of a run (running or finished)."""
+    from resilient.rundir.layout import DRIVER_LOG
     from resilient.runlog import fold, read_records
-    from resilient.runlog.ranklogs import FLUSH_S, LogReader, ranks
+    from resilient.runlog.ranklogs import FLUSH_S, LogReader, has_driver_log, ranks
 
     rd = open_rundir(run_dir)
     found = ranks(rd)
     if rank is not None and rank not in found and not follow:
         have = ", ".join(map(str, found)) or "none yet"
         raise UserError(f"--rank {rank}: run {rd.uri} has no log of that rank (ranks: {have})")
-    readers = {r: LogReader(rd, r) for r in ([rank] if rank is not None else found)}
+    only = DRIVER_LOG if driver else rank
+    keys = [only] if only is not None else found + ([DRIVER_LOG] if has_driver_log(rd) else [])
+    readers = {k: LogReader(rd, k) for k in keys}
     ended = not follow
     while True:
-        for r, reader in sorted(readers.items()):
+        for k, reader in sorted(
+            readers.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(9))
+        ):
             for line in reader.new_lines():
-                click.echo(line if rank is not None else f"[rank {r}] {line}")
+                click.echo(line if only is not None else f"[{_label(k)}] {line}")
         if ended:
             return
         # The driver writes the last lines after the final state: one more read once it is there.
         ended = fold(read_records(rd))["state"] in TERMINAL
         time.sleep(POLL_S if not ended else FLUSH_S + POLL_S)
-        if rank is None:
+        if only is None:
             for r in ranks(rd):
                 readers.setdefault(r, LogReader(rd, r))
+            if has_driver_log(rd):
+                readers.setdefault(DRIVER_LOG, LogReader(rd, DRIVER_LOG))
+
+
+def _label(key: int | str) -> str:
+    return f"rank {key}" if isinstance(key, int) else key

@@ -81,10 +81,13 @@ def launch(
     resume_dir,
 ) -> None:
     """Run the job described by SPEC (TOML or YAML)."""
+    from rich.console import Console
+
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
     from resilient.launcher import resume as do_resume
     from resilient.launcher.patience import StorageUnavailable
+    from resilient.launcher.terminal import Terminal
 
     dash = None
     if with_dashboard or dashboard_port:
@@ -98,11 +101,15 @@ def launch(
         extra.append("chaos.allow_inject=true")
     if not resume_dir and not spec:
         raise UserError("SPEC is missing: `resilient launch job.toml` (or --resume RUN_DIR)")
+    job = None if resume_dir else load_spec(spec, extra)
     try:
-        if resume_dir:
-            status = do_resume(resume_dir, overrides=extra, dashboard_port=dash)
-        else:
-            status = do_launch(load_spec(spec, extra), run_id, dashboard_port=dash)
+        # the terminal is the job's: what Ray and other libraries print goes to the run's logs
+        with Terminal() as term:
+            console, lines = Console(file=term.out), term.lines
+            if resume_dir:
+                status = do_resume(resume_dir, console, extra, dash, lines)
+            else:
+                status = do_launch(job, run_id, console, dash, lines)
     except Abort as e:  # a second signal outside the supervisor: the journal is consistent
         click.echo(f"stopped: {e.reason}", err=True)
         sys.exit(128 + (e.signum or 15))

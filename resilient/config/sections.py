@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -46,12 +46,12 @@ class ClusterConfig(_Section):
         "few nodes, SPREAD uses many; STRICT_* insist. Default: SPREAD over an embedded "
         "cluster's simulated nodes (they exist to be spread over), PACK otherwise.",
     )
-    spares: int | None = Field(
-        None,
-        ge=0,
-        le=4096,
+    spares: Annotated[int, Field(ge=0, le=4096)] | Literal["auto"] | None = Field(
+        "auto",
         description="Warm spare workers, each reserving what a rank does (a GPU spare holds its "
-        "GPU and a loaded model). Default: num_workers on an embedded cluster, 0 on a joined one.",
+        'GPU and a loaded model). "auto": one per rank on an embedded CPU cluster; on a joined '
+        "cluster up to one per rank, in the free capacity of nodes that hold no rank (none "
+        "where there is none).",
     )
     local_nodes: int = Field(
         1,
@@ -259,6 +259,14 @@ class SupervisorConfig(_Section):
         description="A crashed, failed or silent rank is replaced alone: the other ranks keep "
         "their processes and models and rejoin on a new rendezvous. false: every fault restarts "
         "the whole group.",
+    )
+    fence_s: float = Field(
+        8.0,
+        ge=2.0,
+        le=DAY,
+        description="A worker or node agent that hears nothing from the supervisor for this long "
+        "(its node cut off, the driver gone) stops writing to storage and ends itself, so a "
+        "partitioned node that comes back writes nothing the job did not ask for.",
     )
     capacity_wait_s: float = Field(
         120.0,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
 
 from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
+
+PROBE_S = 5.0  # how long a cluster address gets to accept a connection before the launch gives up
 
 
 @dataclass
@@ -39,12 +42,15 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         configure_logging=True,
     )
     if cfg.address:
+        _reachable(cfg.address)
         try:
             ray.init(address=cfg.address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except Exception as e:  # refused, a wrong token, not a Ray GCS: all the user's to fix
             raise UserError(
-                f"cluster.address {cfg.address!r}: cannot connect to Ray ({e}); start one with "
-                '`ray start --head` or set cluster.address = "" for an embedded local cluster'
+                f"cluster.address {cfg.address!r}: cannot connect to Ray "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); start one "
+                "with `ray start --head`, check the address and the token (RAY_AUTH_TOKEN or "
+                '~/.ray/auth_token), or set cluster.address = "" for an embedded local cluster'
             ) from None
         return Connection(embedded=False)
     cpus = (os.cpu_count() or 1) + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
@@ -71,6 +77,28 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)
     return Connection(embedded=True, cluster=cluster)
+
+
+def _reachable(address: str) -> None:
+    """A "HOST:PORT" address must accept a TCP connection within PROBE_S, or the launch ends now
+    (exit 2) naming what was tried: Ray's own client retries a dead address for a minute or more,
+    printing only C++ warnings. ("auto" is Ray's to resolve: it fails fast by itself.)"""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as e:
+        why = {
+            ConnectionRefusedError: "connection refused: nothing listens there",
+            TimeoutError: f"no answer within {PROBE_S:g}s",
+        }.get(type(e), f"{type(e).__name__}: {e.strerror or e}")
+        raise UserError(
+            f"cluster.address {address!r}: no Ray cluster reached (tried a TCP connection to "
+            f"{host}:{port}: {why}); start one with `ray start --head --port {port}` there, "
+            'give the head\'s GCS address, or set cluster.address = "" for an embedded local '
+            "cluster"
+        ) from None
 
 
 def placeable(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:

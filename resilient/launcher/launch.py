@@ -20,6 +20,7 @@ import time
 
 from rich.console import Console
 
+from resilient.agents.output import LineBuffer
 from resilient.config import JobSpec, apply_overrides, validate_tree
 from resilient.errors import UserError
 from resilient.launcher import inputs, staging
@@ -27,6 +28,7 @@ from resilient.launcher.cluster import check_capacity, connect
 from resilient.launcher.patience import patiently
 from resilient.launcher.progress import ProgressLine, print_summary
 from resilient.launcher.signals import Preemption, StopRequests
+from resilient.launcher.terminal import RayNotes
 from resilient.rundir import RunDir, control, markers
 from resilient.rundir.layout import CHAOS_REPORT, SPEC_FILE, base_ref
 from resilient.runlog.journal import Journal, journal_exists, read_records
@@ -42,7 +44,10 @@ def launch(
     run_id: str | None = None,
     console: Console | None = None,
     dashboard_port: int | None = None,
+    captured: LineBuffer | None = None,
 ) -> dict:
+    """`captured`: the driver's own output that is not the launcher's (`terminal.Terminal`), put
+    into the run's logs."""
     run_id = run_id or default_run_id()
     c = spec.checkpoint
     rundir = inputs.open_run_dir(
@@ -72,6 +77,7 @@ def launch(
             dashboard_port=dashboard_port,
             made_dir=rundir.is_local and not existed,
             stage=lambda: staging.stage(rundir, spec, tmp, model, samples),
+            captured=captured,
         )
 
 
@@ -92,6 +98,7 @@ def resume(
     console: Console | None = None,
     overrides: list[str] | None = None,
     dashboard_port: int | None = None,
+    captured: LineBuffer | None = None,
 ) -> dict:
     """Continue a run whose launcher died or which was stopped (overrides may extend
     train.steps)."""
@@ -129,6 +136,7 @@ def resume(
             fresh=False,
             dashboard_port=dashboard_port,
             stage=lambda: staging.stage(rundir, spec, tmp),  # reads inputs only if not staged
+            captured=captured,
         )
 
 
@@ -203,8 +211,10 @@ def _supervise(
     records: list[dict],
     console: Console,
     preemption: Preemption,
+    captured: LineBuffer | None = None,
 ) -> dict:
-    """Run the supervisor with its real collaborators and a live progress line."""
+    """Run the supervisor with its real collaborators and a live progress line (the driver's
+    `captured` output into the run's logs meanwhile)."""
     from resilient.chaos.controller import ChaosController
     from resilient.supervisor.parts import ray_parts
     from resilient.supervisor.supervisor import Supervisor
@@ -213,6 +223,7 @@ def _supervise(
     requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
     chaos = ChaosController(spec, rundir, journal, requests)
     parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos, exporter)
+    notes = RayNotes(captured, rundir, journal) if captured is not None else None
     try:
         with ProgressLine(console) as progress:
             sup = Supervisor(spec, rundir, journal, parts, records, on_progress=progress.update)
@@ -220,6 +231,9 @@ def _supervise(
     finally:
         if exporter:
             exporter.close()
+        if notes:
+            notes.close()
+            journal.flush(timeout=10)
     status["journal_durable"] = journal.durable
     if not journal.durable:
         console.print(
@@ -260,6 +274,7 @@ def _run(
     dashboard_port: int | None = None,
     made_dir: bool = False,
     stage=None,
+    captured: LineBuffer | None = None,
 ) -> dict:
     conn = _start(spec, rundir, fresh, made_dir)
     preemption = Preemption(spec.supervisor.grace_s).install()  # after Ray: it has its own
@@ -279,7 +294,7 @@ def _run(
             dash = serve(rundir, port=dashboard_port, background=True)
             console.print(f"dashboard: {url('127.0.0.1', dashboard_port, None)}", highlight=False)
         t0 = time.time()
-        status = _supervise(spec, rundir, journal, records, console, preemption)
+        status = _supervise(spec, rundir, journal, records, console, preemption, captured)
         status["signal"] = preemption.signum
         print_summary(status, console, time.time() - t0)
         try:

@@ -11,7 +11,8 @@ raise `fsspec.exceptions.FSTimeoutError` after OP_TIMEOUT_S (+1 s per 5 MB writt
 get connect/read timeouts and few botocore retries (`S3_CLIENT_DEFAULTS`, the user's `config_kwargs`
 win). Why: botocore sends every PUT with `Expect: 100-continue` and aiohttp waits for the "100
 Continue" without any timeout, so a PUT on a connection that went half-open during a network fault
-would otherwise block its thread forever.
+would otherwise block its thread forever. Their sockets also give up on a dead link in the kernel
+(`storage_socket`), so a request cut off by a partition never lands after it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
 import uuid
 from typing import Any
 
@@ -28,11 +30,25 @@ from fsspec.asyn import AsyncFileSystem
 OP_TIMEOUT_S = 60.0
 WRITE_BYTES_PER_S = 5e6  # the slowest upload rate a write is given time for, beyond OP_TIMEOUT_S
 S3_CLIENT_DEFAULTS = {"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 3}}
+TCP_USER_TIMEOUT_MS = 10_000  # bytes unacknowledged this long: the kernel drops the connection
+
+
+def storage_socket(addr_info) -> socket.socket:
+    """A TCP socket for object-store connections that the kernel aborts once sent bytes go
+    unacknowledged for TCP_USER_TIMEOUT_MS. Why: a request caught by a network partition would
+    otherwise sit in the kernel's send queue, retransmitted for minutes (even after its process
+    ended), and reach storage when the link comes back: a write nobody is waiting for any more."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
+    return sock
 
 
 def with_s3_defaults(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """`storage_options` with bounded s3 client timeouts, unless the user (options or fsspec's
-    FSSPEC_S3_* config) chose their own."""
+    """`storage_options` with bounded s3 client timeouts and sockets that give up on a dead link
+    (`storage_socket`), unless the user (options or fsspec's FSSPEC_S3_* config) chose their
+    own."""
     if not uri.startswith(("s3://", "s3a://")):
         return storage_options
     from fsspec.config import conf
@@ -41,7 +57,9 @@ def with_s3_defaults(uri: str, storage_options: dict[str, Any]) -> dict[str, Any
         **conf.get("s3", {}).get("config_kwargs", {}),
         **storage_options.get("config_kwargs", {}),
     }
-    return {**storage_options, "config_kwargs": {**S3_CLIENT_DEFAULTS, **user}}
+    connector = {"socket_factory": storage_socket, **user.get("connector_args", {})}
+    kwargs = {**S3_CLIENT_DEFAULTS, **user, "connector_args": connector}
+    return {**storage_options, "config_kwargs": kwargs}
 
 
 class RunDir:

@@ -28,10 +28,18 @@ def inject_request(req_id: str) -> str:
     return f"{CONTROL}/inject-{req_id}.json"
 
 
-def rank_log(rank: int) -> str:
-    """A rank's log on a local run directory (an object store holds segments under
-    `logs/rank-N/`)."""
-    return f"{LOGS}/rank-{rank}.log"
+DRIVER_LOG = "driver"  # the launching process's own output that is not the launcher's (Ray's)
+
+
+def log_stem(rank: int | str) -> str:
+    """`logs/rank-N` for a rank, `logs/driver` for the driver's output."""
+    return f"{LOGS}/rank-{rank}" if isinstance(rank, int) else f"{LOGS}/{rank}"
+
+
+def rank_log(rank: int | str) -> str:
+    """A rank's (or the driver's) log on a local run directory (an object store holds segments
+    under `logs/rank-N/`)."""
+    return f"{log_stem(rank)}.log"
 
 
 def base_ref(rundir: RunDir, model_path: str) -> str:

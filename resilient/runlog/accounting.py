@@ -21,6 +21,8 @@ DETECTED_BY = {
     "error": "worker error report",
     "start_timeout": "start watchdog",
     "anomaly": "anomaly detector",
+    "node_loss": "node health: its raylet refuses",
+    "partition": "node health: unreachable",
 }
 
 

@@ -1,6 +1,7 @@
 """Each rank's output, collected in the run directory: `logs/rank-N.log`.
 
-Contract: `RankLogs(rundir)` takes lines (`append(rank, lines)`, from heartbeats) and never blocks
+Contract: `RankLogs(rundir)` takes lines (`append(rank, lines)`, from heartbeats; `rank` may also
+be `layout.DRIVER_LOG`, the driver's captured output: `logs/driver.log`) and never blocks
 on storage: a thread of its own writes what is new every FLUSH_S, and `close()` writes the rest.
 On a local run directory each rank's lines are appended to `logs/rank-N.log`; on an object store
 they are the segments of a tiered log under `logs/rank-N/` (one small PUT per flush per rank,
@@ -16,7 +17,7 @@ import re
 import threading
 
 from resilient.rundir import RunDir
-from resilient.rundir.layout import LOGS, rank_log
+from resilient.rundir.layout import DRIVER_LOG, LOGS, log_stem, rank_log
 from resilient.rundir.tiers import SegmentCache, Tiers
 
 FLUSH_S = 2.0
@@ -27,16 +28,16 @@ BACKLOG = 20_000  # lines per rank kept while storage is down (the newest win; d
 class RankLogs:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
-        self._pending: dict[int, list[str]] = {}
+        self._pending: dict[int | str, list[str]] = {}
         self.dropped = 0  # lines dropped while storage was down
-        self._tiers: dict[int, Tiers] = {}
+        self._tiers: dict[int | str, Tiers] = {}
         self._lock = threading.Lock()
         self._io = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="rank-logs")
         self._thread.start()
 
-    def append(self, rank: int, lines: tuple[str, ...] | list[str]) -> None:
+    def append(self, rank: int | str, lines: tuple[str, ...] | list[str]) -> None:
         if lines:
             with self._lock:
                 self._pending.setdefault(rank, []).extend(lines)
@@ -58,7 +59,7 @@ class RankLogs:
                         self.dropped += max(0, len(kept) - BACKLOG)
                         self._pending[rank] = kept[-BACKLOG:]
 
-    def _write(self, rank: int, lines: list[str]) -> None:
+    def _write(self, rank: int | str, lines: list[str]) -> None:
         data = "".join(line + "\n" for line in lines).encode()
         if self.rundir.is_local:
             path = self.rundir.local_path(rank_log(rank))
@@ -81,13 +82,17 @@ class RankLogs:
                     pass
 
 
-def _prefix(rank: int) -> str:
-    return f"{LOGS}/rank-{rank}"
+def _prefix(rank: int | str) -> str:
+    return log_stem(rank)
 
 
 def log_url(rundir: RunDir, rank: int) -> str:
     """Where rank `rank`'s log is (a fault's record names it; `resilient logs` reads it)."""
     return rundir.url(rank_log(rank) if rundir.is_local else _prefix(rank) + "/")
+
+
+def has_driver_log(rundir: RunDir) -> bool:
+    return rundir.exists(rank_log(DRIVER_LOG)) or rundir.exists(_prefix(DRIVER_LOG))
 
 
 def ranks(rundir: RunDir) -> list[int]:
@@ -102,7 +107,7 @@ def ranks(rundir: RunDir) -> list[int]:
 class LogReader:
     """Reads one rank's log again and again (`resilient logs --follow`), each byte once."""
 
-    def __init__(self, rundir: RunDir, rank: int):
+    def __init__(self, rundir: RunDir, rank: int | str):
         self.rundir, self.rank, self._offset = rundir, rank, 0
         self._count = 0
         if not rundir.is_local:

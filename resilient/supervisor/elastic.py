@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from resilient.supervisor.faults import Fault, FaultKind
 
 RUN, WAIT, FAIL = "run", "wait", "fail"
-KEEPS_SURVIVORS = frozenset({FaultKind.CRASH, FaultKind.ERROR, FaultKind.HANG})
+KEEPS_SURVIVORS = frozenset(
+    {FaultKind.CRASH, FaultKind.ERROR, FaultKind.HANG, FaultKind.NODE_LOSS, FaultKind.PARTITION}
+)
 
 
 @dataclass(frozen=True)

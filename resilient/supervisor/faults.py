@@ -18,6 +18,11 @@ class FaultKind(StrEnum):
     ERROR = "error"  # the training code raised (e.g. a collective failed)
     START_TIMEOUT = "start_timeout"  # a worker group did not start in supervisor.start_timeout
     ANOMALY = "anomaly"  # the anomaly detector raised an actionable event (hardware, NaN, spike)
+    NODE_LOSS = "node_loss"  # a node's processes are gone (its raylet refuses): every rank on it
+    PARTITION = "partition"  # a node answers nothing (its raylet unreachable): every rank on it
+
+
+NODE_FAULTS = (FaultKind.NODE_LOSS, FaultKind.PARTITION)
 
 
 class Action(StrEnum):

@@ -15,66 +15,22 @@ the agents' events without blocking.
 
 from __future__ import annotations
 
-import socket
+__all__ = ["Nodes", "assign", "capacity", "schedulable_nodes"]
+
 import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient.agents.node_agent import NodeAgent
-from resilient.agents.reservation import Reservation
+from resilient.agents.reservation import Reservation, assign, capacity
 from resilient.checkpoint.source import TIER_ORDER, Lookup, RestoreSource
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
+from resilient.supervisor.health import REFUSED, probe
 
-
-def raylet_reachable(node: dict, timeout: float = 0.5) -> bool:
-    """Whether the node's raylet accepts a TCP connection (a killed raylet refuses at once). Only a
-    hint to wait for Ray's own verdict sooner: a driver that cannot reach raylets directly must
-    not take that for their death."""
-    try:
-        with socket.create_connection(
-            (node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout
-        ):
-            return True
-    except OSError:
-        return False
-
-
-def assign(
-    num_workers: int,
-    bundle: dict[str, float],
-    order: list[str],
-    resources: dict[str, dict],
-    excluded: set[str],
-) -> list[str] | None:
-    """Which node each rank goes to: pack ranks onto the nodes in `order`, skipping `excluded`
-    (cordoned or lost) ones; None when the healthy nodes cannot hold `num_workers` bundles. Pure."""
-    out = []
-    for nid in order:
-        if nid in excluded:
-            continue
-        res = resources[nid]
-        fits = min(
-            (int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=num_workers
-        )
-        out += [nid] * min(fits, num_workers - len(out))
-        if len(out) == num_workers:
-            return out
-    return None
-
-
-def capacity(
-    bundle: dict[str, float], order: list[str], resources: dict[str, dict], excluded: set[str]
-) -> int:
-    """How many bundles the nodes in `order` hold, `excluded` ones aside. Pure."""
-    total = 0
-    for nid in order:
-        if nid in excluded:
-            continue
-        res = resources[nid]
-        total += min((int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=0)
-    return total
+AGENT_CALL_S = 3.0  # deadline of a call to a node agent (an unreachable node must not stall us)
+VERIFY_BYTES_PER_S = 200e6  # a verification's deadline grows with the checkpoint it hashes
 
 
 def schedulable_nodes() -> list[dict]:
@@ -90,6 +46,9 @@ class Nodes:
         self.resources: dict[str, dict] = {}
         self._event_refs: dict[str, ray.ObjectRef] = {}
         self._last_events = 0.0
+        self._answered: dict[str, float] = {}  # when each agent last answered
+        self._addresses: dict[str, tuple[str, int]] = {}  # each node's raylet
+        self._sizes: dict[int, int] = {}  # bytes of each step the last lookup found in memory
         self.reservation = Reservation(spec) if spec is not None else None
 
     def start(self) -> list[dict]:
@@ -120,22 +79,42 @@ class Nodes:
         return self.reservation.generation
 
     def placement(
-        self, excluded: set[str], world: int | None = None, timeout: float | None = None
+        self,
+        excluded: set[str],
+        world: int | None = None,
+        timeout: float | None = None,
+        stand_ins: int = 0,
     ) -> list[str] | None:
         """The node of each of `world` (default `num_workers`) ranks' slots; None when they cannot
-        be placed (within `timeout`, default `supervisor.start_timeout`)."""
+        be placed (within `timeout`, default `supervisor.start_timeout`). `stand_ins`: warm spares
+        on live nodes (see `Reservation.reserve`)."""
         c = self.spec.cluster
         world = world or c.num_workers
         nodes = schedulable_nodes()
+        self._learn(nodes)
         self.resources = {n["NodeID"]: n["Resources"] for n in nodes}
         order = [n["NodeID"] for n in nodes]
         if assign(world, c.resources_per_worker, order, self.resources, excluded) is None:
             return None  # cannot fit whatever Ray does: say so now, not after a timeout
         timeout = timeout or self.spec.supervisor.start_timeout
-        if not self.reservation.reserve(excluded, timeout, world, lost=self._lost):
+        if not self.reservation.reserve(excluded, timeout, world, self._lost, stand_ins):
             return None
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()
+
+    def _learn(self, nodes: list[dict]) -> None:
+        for n in nodes:
+            self._addresses[n["NodeID"]] = (n["NodeManagerAddress"], n["NodeManagerPort"])
+
+    def address_of(self, node_id: str) -> tuple[str, int] | None:
+        """The (ip, port) of the node's raylet (None: Ray never listed it)."""
+        if node_id not in self._addresses:
+            self._learn(ray.nodes())
+        return self._addresses.get(node_id)
+
+    def answered_at(self, node_id: str) -> float | None:
+        """When the node's agent last answered (None: it has no agent, or it was dropped)."""
+        return self._answered.get(node_id) if node_id in self.agents else None
 
     def _ensure_agents(self, node_ids: list[str]) -> None:
         """An agent on each of these nodes; a node's index (chaos `node = i`) is its place in
@@ -146,11 +125,13 @@ class Nodes:
             strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
             self.agents[nid] = NodeAgent.options(
                 scheduling_strategy=strategy, max_restarts=0
-            ).remote(nid, self.run_uri, ckpt, anomaly)
+            ).remote(nid, self.run_uri, ckpt, anomaly, self.spec.supervisor.fence_s)
             if nid not in self.order:
                 self.order.append(nid)
         if new:
             ray.get([self.agents[nid].info.remote() for nid in new], timeout=120)
+            now = time.time()
+            self._answered.update({nid: now for nid in new})
             self._ring()
 
     def _ring(self) -> None:
@@ -164,11 +145,18 @@ class Nodes:
         return set(self._lost)
 
     def drop(self, node_id: str) -> None:
+        """`node_id` is lost for the rest of the run: never placed on again, its agent ended (if
+        Ray can still reach it) and out of the peer ring."""
         self._lost.add(node_id)
         if self.reservation is not None:
-            self.reservation.forget_nodes()
-        if self.agents.pop(node_id, None) is not None:
+            self.reservation.lose(node_id)
+        agent = self.agents.pop(node_id, None)
+        if agent is not None:
             self._event_refs.pop(node_id, None)
+            try:
+                ray.kill(agent, no_restart=True)
+            except Exception:  # already gone
+                pass
             self._ring()
 
     def agent_for(self, node_id: str):
@@ -177,24 +165,19 @@ class Nodes:
             self._ensure_agents([node_id])
         return self.agents.get(node_id)
 
-    def prune_dead(self, settle_s: float = 20.0) -> list[str]:
-        """Drop the agents of nodes that Ray's GCS (its node table, whose health checks decide)
-        says are dead. A node whose raylet refuses connections is likely dying before the health
-        check says so: wait (up to `settle_s`) for Ray's verdict on it, so the next worker group
-        is not placed there; if Ray still says alive, it stays (the driver may simply not reach
-        raylets directly)."""
+    def prune_dead(self) -> list[str]:
+        """Drop the agents of nodes that are dead: Ray's GCS says so, or their raylet refuses
+        connections (the node's processes are gone; Ray's health checks say so only later).
+        A raylet that does not answer at all is left to `NodeHealth` (a partition is seen as
+        silence first)."""
         by_id = {n["NodeID"]: n for n in ray.nodes()}
-        suspect = [
+        self._learn(list(by_id.values()))
+        gone = [
             nid
-            for nid in self.agents
-            if not by_id.get(nid, {}).get("Alive") or not raylet_reachable(by_id[nid])
+            for nid in list(self.agents)
+            if not by_id.get(nid, {}).get("Alive")
+            or probe(self.address_of(nid), AGENT_CALL_S / 3) == REFUSED
         ]
-        deadline, alive = time.time() + settle_s, set(suspect)
-        while alive and time.time() < deadline:
-            alive = {n["NodeID"] for n in ray.nodes() if n["NodeID"] in suspect and n["Alive"]}
-            if alive:
-                time.sleep(0.2)
-        gone = [nid for nid in suspect if nid not in alive]
         for nid in gone:
             self.drop(nid)
         return gone
@@ -212,6 +195,7 @@ class Nodes:
                 except ray.exceptions.RayActorError:
                     self.drop(nid)
                     continue
+                self._answered[nid] = time.time()
                 out += [{**e, "node": nid} for e in got["events"]]
                 samples += [(nid, smp) for smp in got["samples"]]
         if time.time() - self._last_events >= every_s:
@@ -226,7 +210,9 @@ class Nodes:
             try:
                 out += [
                     {**e, "node": nid}
-                    for e in ray.get(a.events.remote(), timeout=timeout)["events"]
+                    for e in ray.get(a.events.remote(), timeout=min(timeout, AGENT_CALL_S))[
+                        "events"
+                    ]
                 ]
             except Exception:
                 pass
@@ -240,14 +226,22 @@ class Nodes:
         return self.order[index] if 0 <= index < len(self.order) else None
 
     def _in_memory(self, fingerprint: str) -> list[tuple[int, str, str | None, object]]:
-        """(step, tier, node, agent) of every snapshot the agents hold for this spec."""
-        cands = []
-        for nid, agent in list(self.agents.items()):
+        """(step, tier, node, agent) of every snapshot the agents hold for this spec; asked of
+        every agent at once, each given AGENT_CALL_S (an agent that does not answer is skipped:
+        a node cut off must not stall the lookup)."""
+        refs = {nid: a.inventory.remote() for nid, a in list(self.agents.items())}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=AGENT_CALL_S)
+        cands, self._sizes = [], {}
+        for nid, ref in refs.items():
+            if ref not in ready:
+                continue
             try:
-                inv = ray.get(agent.inventory.remote(), timeout=10)
+                inv = ray.get(ref)
             except Exception:  # the node is gone
                 self.drop(nid)
                 continue
+            agent = self.agents[nid]
+            self._sizes.update({e["step"]: e["bytes"] for e in inv})
             cands += [
                 (e["step"], e["role"], nid, agent) for e in inv if e["fingerprint"] == fingerprint
             ]
@@ -269,7 +263,9 @@ class Nodes:
         for step, tier, nid, agent in cands:
             try:
                 if agent is not None:
-                    reason = ray.get(agent.verify.remote(step, fingerprint), timeout=60)
+                    reason = ray.get(
+                        agent.verify.remote(step, fingerprint), timeout=self._verify_s(step)
+                    )
                     if reason:
                         raise CheckpointInvalid(reason)
                 else:
@@ -287,6 +283,10 @@ class Nodes:
             source = RestoreSource(step, tier, nid, agent)
             return Lookup(source, skipped, storage_error, frozenset(damaged))
         return Lookup(None, skipped, storage_error, frozenset(damaged))
+
+    def _verify_s(self, step: int) -> float:
+        """An agent's verification of `step` is given AGENT_CALL_S plus its hashing time."""
+        return AGENT_CALL_S + self._sizes.get(step, 0) / VERIFY_BYTES_PER_S
 
     def protect(self, steps: set[int]) -> None:
         """No agent's retention deletes these steps (the one a group is restoring)."""

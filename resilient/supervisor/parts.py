@@ -2,8 +2,9 @@
 
 Contract: `Parts` holds the checkpoint store, the node inventory, a factory of worker groups
 (`new_group(placement, attempt)` gives a group not yet started), the anomaly monitor, the control
-poller (stop requests), the chaos hooks, the spare pool and the clock. `ray_parts()` builds the
-real ones on the connected Ray cluster; tests pass fakes of the same shape.
+poller (stop requests), the chaos hooks, the spare pool, the clock and the node health watch.
+`ray_parts()` builds the real ones on the connected Ray cluster; tests pass fakes of the same
+shape.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
 from resilient.rundir import RunDir
+from resilient.supervisor.health import NodeHealth
 from resilient.supervisor.hooks import ChaosHooks, NoChaos
 from resilient.supervisor.nodes import Nodes
 
@@ -34,6 +36,7 @@ class Parts:
     chaos: ChaosHooks = field(default_factory=NoChaos)
     spares: SparePool | None = None
     clock: Callable[[], float] = time.time
+    health: NodeHealth | None = None  # lost and cut-off nodes (None: not watched)
 
 
 def ray_parts(
@@ -70,4 +73,5 @@ def ray_parts(
         control,
         chaos or NoChaos(),
         spares,
+        health=NodeHealth(nodes),
     )

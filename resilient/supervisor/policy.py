@@ -7,7 +7,8 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   data batch, a loss spike (after `anomaly.spike_patience`) rolls back before the first spike and
   skips every spiked batch, hardware faults cordon their node, the rest restart.
 - `decide(fault, history, cfg)`: a crash, hang or error of a rank replaces that rank, the others
-  keeping their processes (`elastic.keeps_survivors`); a hang of no rank restarts the group; an
+  keeping their processes (`elastic.keeps_survivors`); a lost or partitioned node is cordoned and
+  its ranks replaced, the ranks elsewhere kept; a hang of no rank restarts the group; an
   anomaly restarts
   it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
   restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
@@ -25,7 +26,15 @@ from collections.abc import Collection, Mapping, Sequence
 from resilient.anomaly.events import CORDON, ROLLBACK, WARN, AnomalyEvent
 from resilient.config import SupervisorConfig
 from resilient.supervisor.elastic import keeps_survivors
-from resilient.supervisor.faults import Action, Decision, Fault, FaultKind, History, Verdict
+from resilient.supervisor.faults import (
+    NODE_FAULTS,
+    Action,
+    Decision,
+    Fault,
+    FaultKind,
+    History,
+    Verdict,
+)
 
 RESUME_HINT = "`resilient launch --resume RUN_DIR`"
 
@@ -101,6 +110,8 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             delay_s=delay,
             exclude_nodes=(fault.node,),
         )
+    if fault.kind in NODE_FAULTS and fault.node:
+        return _node_decision(fault, cfg, delay)
     if is_rollback(fault):
         return Decision(
             Action.ROLLBACK,
@@ -122,6 +133,25 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
         Action.RESTART,
         f"{describe(fault)}: restart the worker group from the newest checkpoint",
         delay_s=delay,
+    )
+
+
+def _node_decision(fault: Fault, cfg: SupervisorConfig, delay: float) -> Decision:
+    """A lost or unreachable node: never placed on again in this run (cordoned), its ranks
+    replaced; the ranks on other nodes keep their processes (unless keep_survivors is off)."""
+    what = "lost" if fault.kind == FaultKind.NODE_LOSS else "unreachable (partitioned)"
+    keep = cfg.keep_survivors and fault.rank is not None
+    return Decision(
+        Action.RESTART,
+        f"{describe(fault)}: node {fault.node[:12]} is {what}: cordon it for the rest of the run "
+        + (
+            "and replace its ranks; the ranks on other nodes keep their processes"
+            if keep
+            else "and restart the worker group without it"
+        ),
+        delay_s=delay,
+        exclude_nodes=(fault.node,),
+        keep_survivors=keep,
     )
 
 

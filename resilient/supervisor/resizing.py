@@ -20,10 +20,14 @@ import time
 
 from resilient.runlog.states import JobState
 from resilient.supervisor import elastic
+from resilient.supervisor.faults import NODE_FAULTS
 
 SIZE_CHECK_S = 2.0  # how often a running job asks whether it can grow (one GCS call)
 CAPACITY_POLL_S = 1.0  # how often a job waiting for capacity looks again
 LEAVE_TIMEOUT_S = 10.0  # how long survivors get to leave a broken collective (a dead peer: <1 s)
+# after a node loss or partition: a peer on a cut-off node never answers, so a survivor blocked on
+# it is replaced at once rather than waited for (a dead node's peers fail within a second)
+NODE_LEAVE_TIMEOUT_S = 2.0
 GROW_PLACE_S = 30.0  # how long a grow waits for Ray to place the larger group
 GROW_BACKOFF_S = 300.0  # after a grow Ray could not place, the next try waits this much longer
 
@@ -35,9 +39,6 @@ class Resizing:
     _kept_generation: int
     _last_size_check: float
     resize_cause: str | None
-
-    def _excluded(self) -> set[str]:
-        return set(self.cordoned) | self.nodes.lost()
 
     def _target(self) -> int:
         """`cluster.num_workers`, or what `resilient scale` asked for (within min..num)."""
@@ -52,7 +53,7 @@ class Resizing:
         while True:
             waited = self.clock() - since
             s = elastic.size(
-                self.nodes.capacity(self._excluded()),
+                self.nodes.capacity(self.fleet.excluded()),
                 self._target(),
                 c.least,
                 waited,
@@ -111,7 +112,7 @@ class Resizing:
             if now - self._last_size_check < SIZE_CHECK_S:
                 return
             self._last_size_check = now
-        capacity = self.nodes.capacity(self._excluded()) if target > self.world else self.world
+        capacity = self.nodes.capacity(self.fleet.excluded()) if target > self.world else self.world
         want = elastic.wants_resize(self.world, target, capacity, self.spec.cluster.least)
         if want is not None:
             asked = getattr(self.parts.control, "scale_to", None)
@@ -146,14 +147,16 @@ class Resizing:
         )
         self.world = before
         self._last_size_check = self.clock() + GROW_BACKOFF_S
-        return self._placement(before)
+        return self.fleet.placement(before)
 
     def _keep(self, group, fault) -> None:
-        """Replace the fault's rank (and any dead one); the others leave the broken collective and
-        are kept for the next attempt, unless they cannot."""
+        """Replace the fault's rank (every rank on its node, for a lost node) and any dead one;
+        the others leave the broken collective and are kept for the next attempt, unless they
+        cannot."""
+        node_fault = fault.kind in NODE_FAULTS  # its ranks are in group.dead (write_off)
         gone = sorted(set(group.dead) | {fault.rank})
         group.replace(gone)
-        stuck = group.leave(LEAVE_TIMEOUT_S)
+        stuck = group.leave(NODE_LEAVE_TIMEOUT_S if node_fault else LEAVE_TIMEOUT_S)
         for rank, why in sorted(stuck.items()):
             self.journal.append("survivor_replaced", rank=rank, reason=why)
         group.replace(sorted(stuck))

@@ -31,7 +31,15 @@ from resilient.runlog.ranklogs import RankLogs, log_url
 from resilient.runlog.status import fold
 from resilient.supervisor import policy
 from resilient.supervisor.budget import Budget
-from resilient.supervisor.faults import Action, Fault, FaultKind, PendingRecovery, PendingRollback
+from resilient.supervisor.faults import (
+    NODE_FAULTS,
+    Action,
+    Fault,
+    FaultKind,
+    PendingRecovery,
+    PendingRollback,
+)
+from resilient.supervisor.fleet import Fleet
 from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.parts import Parts
@@ -67,7 +75,6 @@ class Supervisor(Resizing, Progress):
         self.budget = Budget(spec.supervisor, records)
         self.restored = status["step"]  # the step the current attempt restored
         self.fault_index = len(status["faults"])
-        self.cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
         self.skip = sorted({b for r in status["rollbacks"] for b in r["skipped_batches"]})
         self.pending_recoveries: list[PendingRecovery] = []  # faults acted on, not recovered
         self.pending_rollback: PendingRollback | None = None
@@ -84,6 +91,9 @@ class Supervisor(Resizing, Progress):
         self._kept_generation = 0
         self._last_size_check = 0.0
         self.resize_cause: str | None = None  # why the next attempt may have another size
+        self.group = None  # the current attempt's group
+        cordoned = {c["node"]: c["reason"] for c in status["cordoned_nodes"]}
+        self.fleet = Fleet(spec, parts, journal, cordoned, lambda: (self.group, self.kept))
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _to(self, new: JobState, cause: str) -> None:
@@ -97,16 +107,6 @@ class Supervisor(Resizing, Progress):
             dict(state=self.state.value, step=self.step, total=total, restarts=restarts, **extra)
         )
 
-    def cordon(self, node: str, reason: str) -> None:
-        if node not in self.cordoned:
-            self.cordoned[node] = reason
-            self.journal.append("cordon", node=node, reason=reason)
-
-    def _placement(self, world: int | None = None, timeout: float | None = None):
-        """The node of each rank's slot (None: Ray did not place them within `timeout`, default
-        `supervisor.start_timeout`)."""
-        return self.nodes.placement(self._excluded(), world or self.world, timeout)
-
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
         if self.state != JobState.PENDING:
@@ -117,9 +117,8 @@ class Supervisor(Resizing, Progress):
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
         self._to(JobState.PREFLIGHT, "job accepted")
         try:
-            self.journal.append("nodes", nodes=self.nodes.start())
-            if self.parts.spares and self._placement():
-                self._warm_spares()
+            self.journal.append("nodes", nodes=self.fleet.start())
+            self.fleet.warm(self.world)
             self._to(JobState.STARTING, "preflight passed: node agents up")
             while self.state not in TERMINAL:
                 self._attempt()
@@ -140,23 +139,12 @@ class Supervisor(Resizing, Progress):
                 "restarts": self.restarts,
             }
 
-    def _warm_spares(self) -> None:
-        """The first group's ranks and the spares, all started as spares and warmed before the
-        first step: on a machine with no idle core, a spare that warms beside training slows it
-        (measured: 2x slower steps for the first 10 s, docs/benchmarks.md)."""
-        t0 = time.time()
-        self.parts.spares.fill(extra=self.world)
-        warm = self.parts.spares.wait_warm(self.spec.supervisor.start_timeout)
-        self.journal.append("workers_warm", workers=warm, seconds=round(time.time() - t0, 3))
-
     def _close(self) -> None:
         if self.kept is not None:  # survivors kept for an attempt that never came
             self.kept.shutdown()
             self.kept = None
         self.intake.close()
-        self.nodes.shutdown()
-        if self.parts.spares:
-            self.parts.spares.shutdown()
+        self.fleet.close()
         self.parts.control.close()
         self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
 
@@ -172,7 +160,7 @@ class Supervisor(Resizing, Progress):
         world = self._size()
         if world is None:  # failed or stopped while waiting for capacity
             return
-        placement = self._placement(world, GROW_PLACE_S if world > before else None)
+        placement = self.fleet.placement(world, GROW_PLACE_S if world > before else None)
         if placement is None and world > before:  # a grow Ray could not place: go on as before
             placement, world = self._grow_failed(before), before
         if placement is None:
@@ -180,11 +168,11 @@ class Supervisor(Resizing, Progress):
                 JobState.FAILED,
                 f"Ray did not place {world} rank(s) within supervisor.start_timeout="
                 f"{self.spec.supervisor.start_timeout:g}s (cordoned: "
-                f"{sorted(self.cordoned) or 'none'}); add nodes or lower cluster.num_workers, "
-                "then `resilient launch --resume RUN_DIR`",
+                f"{sorted(self.fleet.cordoned) or 'none'}); add nodes or lower "
+                "cluster.num_workers, then `resilient launch --resume RUN_DIR`",
             )
             return
-        group = self._group_for(placement)
+        self.group = group = self._group_for(placement)
         self.data_steps = {}
         outcome: Fault | str | None = None
         try:
@@ -193,6 +181,7 @@ class Supervisor(Resizing, Progress):
         finally:
             if group is not self.kept:  # "done"/"stopped"/"paused": the ranks finished
                 group.shutdown(force=not isinstance(outcome, str))
+            self.group = None
 
     def _prepare_attempt(self) -> RestoreSource | None:
         """Find the state to restore (before the anomaly, for a rollback) and journal it."""
@@ -237,8 +226,7 @@ class Supervisor(Resizing, Progress):
             kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
             return Fault(kind, e.rank, restored + 1, self.clock(), str(e))
         self.journal.append("ranks", ranks=ranks_of(group))
-        if self.parts.spares:
-            self.parts.spares.fill()  # replacements for the next restart, in the slots left free
+        self.fleet.refill()
         return None
 
     def _follow(self, group, restored: int) -> Fault | str:
@@ -253,7 +241,10 @@ class Supervisor(Resizing, Progress):
             self._record(seen.fresh)
             events = self.intake.events(list(seen.metrics))
             if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
-                return self.chaos.attribute(seen.fault)
+                return self.chaos.attribute(self.fleet.explain(seen.fault, group))
+            lost = self.fleet.check(group, seen.now, self.step + 1)
+            if lost:  # a node that answers nothing: before its silence is taken for a hang
+                return self.chaos.attribute(lost)
             at = (self.step, self.training_s, watch.running, seen.latest)
             self.chaos.tick(JobView(*at, group, self.nodes, self.parts.store))
             anomaly = self._anomalies(events, group)
@@ -333,7 +324,10 @@ class Supervisor(Resizing, Progress):
             self._to(JobState.FAILED, decision.reason)
             return
         for node in decision.exclude_nodes:
-            self.cordon(node, decision.reason)
+            self.fleet.cordon(node, decision.reason)
+        if fault.kind in NODE_FAULTS:  # before the teardown: no flush or lookup goes there
+            self.fleet.lose(fault.node)
+            group.write_off(fault.node, fault.evidence)
         rollback = decision.action == Action.ROLLBACK
         if rollback:
             self.pending_rollback = PendingRollback(
@@ -388,7 +382,7 @@ class Supervisor(Resizing, Progress):
         for e in events:
             v = policy.judge(e, group.placement, self.data_steps, self.step, self.clock())
             if v.cordon:
-                self.cordon(*v.cordon)
+                self.fleet.cordon(*v.cordon)
             self.intake.anomaly(e, v.decision)
             found = found or (self.chaos.attribute(v.fault) if v.fault else None)
         return found

@@ -38,7 +38,9 @@ class FakeNodes:
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
 
-    def placement(self, excluded: set[str], world=None, timeout=None) -> list[str] | None:
+    def placement(
+        self, excluded: set[str], world=None, timeout=None, stand_ins=0
+    ) -> list[str] | None:
         n = world or self.num_workers
         if n in self.unplaceable:  # capacity says yes, Ray says no (other jobs hold it)
             return None
@@ -52,6 +54,9 @@ class FakeNodes:
 
     def prune_dead(self) -> list[str]:
         return []
+
+    def drop(self, node: str) -> None:
+        self.gone.add(node)
 
     def restore_source(self, store, fingerprint, at_most=None):
         if self.storage_down:
@@ -118,6 +123,7 @@ class Job:
     groups: list[ScriptedGroup] = field(default_factory=list)
     nodes: FakeNodes | None = None
     control: FakeControl | None = None
+    health: object = None  # a NodeHealth-like fake (check, explain)
 
     def run(self) -> dict:
         corpus = self.tmp / "corpus.txt"
@@ -156,6 +162,7 @@ class Job:
             AnomalyMonitor(spec, rundir),
             self.control,
             clock=clock,
+            health=self.health,
         )
         self.status = Supervisor(spec, rundir, journal, parts, [rec]).run()
         self.records = read_records(rundir)

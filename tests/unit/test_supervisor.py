@@ -160,3 +160,37 @@ def test_checkpoints_known_bad_everywhere_start_over_and_say_so(tmp_path, caplog
     assert restore["step"] == 0 and restore["tier"] == "none" and restore["lost_steps"] == 11
     assert "checksum" in " ".join(restore["skipped"])
     assert "fails verification" in caplog.text
+
+
+class CutOff:
+    """Node health that finds rank `rank`'s node cut off once the job passes `after` steps."""
+
+    def __init__(self, after: int, rank: int):
+        self.after, self.rank, self.node = after, rank, None
+
+    def check(self, group, now, step):
+        from resilient.supervisor.faults import Fault, FaultKind
+
+        if self.node is None and step > self.after:
+            self.node = group.node_of(self.rank)
+            return Fault(FaultKind.PARTITION, self.rank, step, now, "cut off", node=self.node)
+        return None
+
+    def explain(self, fault, group):
+        return fault
+
+
+def test_a_partitioned_node_is_cordoned_lost_and_its_rank_alone_replaced(tmp_path):
+    job = Job(tmp_path, health=CutOff(after=12, rank=1))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["step"] == 30 and s["restarts"] == 1
+    (f,) = s["faults"]
+    assert (f["kind"], f["rank"], f["node"]) == ("partition", 1, job.health.node)
+    assert f["recovered_at"] and f["steps_replayed"] == 0
+    assert [c["node"] for c in s["cordoned_nodes"]] == [job.health.node]
+    assert job.of("nodes_lost")[0]["nodes"] == [job.health.node]
+    assert job.health.node in job.nodes.lost()  # never placed on again
+    (survivors,) = job.of("survivors")
+    assert survivors["kept"] == [0] and survivors["replaced"] == [1]
+    (decision,) = job.of("decision")
+    assert decision["keep_survivors"] and decision["exclude_nodes"] == [job.health.node]

@@ -1,0 +1,84 @@
+"""Leases: a worker or node agent cut off from its supervisor ends itself.
+
+Contract, process side: `Lease(expire_s, on_expiry)` holds from its creation; `renew(sent_at)`
+extends it by `expire_s` unless the renewal is stale (sent more than MAX_AGE_S ago by this
+machine's clock: a renewal held back by a partition and delivered after it must not revive a
+process the job has replaced). A watchdog thread checks it every CHECK_S; once it runs out,
+`valid()` is False for good (storage writers check it before every request) and `on_expiry()` runs
+(the worker and the node agent end their process). A partitioned node's processes thus stop
+writing and end `expire_s` after the cut, before the link can come back, so nothing of theirs
+reaches the run directory afterwards.
+
+Contract, supervisor side: `LeaseKeeper(actors, every_s)` renews every actor `actors()` returns,
+every `every_s`, on a thread of its own (fire and forget: a node that does not answer is the
+supervisor's `NodeHealth` business), so the watch loop's pauses never let a lease run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 0.25  # how often a process looks at its lease
+MAX_AGE_S = 2.0  # a renewal older than this when it arrives is ignored
+
+
+class Lease:
+    def __init__(self, expire_s: float, on_expiry: Callable[[], None]):
+        self.expire_s, self.on_expiry = expire_s, on_expiry
+        self._until = time.time() + expire_s
+        self._expired = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="lease").start()
+
+    def renew(self, sent_at: float) -> bool:
+        """Extend the lease; False when the renewal came too late (or the lease ran out)."""
+        now = time.time()
+        if self._expired.is_set() or now - sent_at > MAX_AGE_S:
+            return False
+        self._until = max(self._until, now + self.expire_s)
+        return True
+
+    def valid(self) -> bool:
+        return not self._expired.is_set() and time.time() <= self._until
+
+    def _watch(self) -> None:
+        while time.time() <= self._until:
+            time.sleep(CHECK_S)
+        self._expired.set()
+        log.error(
+            "no word from the supervisor for %.1fs: this process is fenced and ends (its node "
+            "was lost or cut off; the job goes on without it)",
+            self.expire_s,
+        )
+        self.on_expiry()
+
+
+class LeaseKeeper:
+    def __init__(self, actors: Callable[[], Iterable[object]], every_s: float):
+        self.actors, self.every_s = actors, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="lease-keeper")
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            now = time.time()
+            try:
+                actors = list(self.actors())
+            except RuntimeError:  # a collection changed while read: next round
+                continue
+            for a in actors:
+                try:
+                    a.renew.remote(now)
+                except Exception:  # a dead actor: nothing to renew
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,100 @@
+"""The fleet: the job's nodes as the supervisor sees them, one collaborator with its own state.
+
+Contract: `Fleet(spec, parts, journal, cordoned, groups)` owns the node inventory (`parts.nodes`:
+reservation, agents), the spare pool, the node health watch, the cordons (`cordoned`: node ->
+reason, rebuilt from the journal by the caller) and the lease keeper that renews every actor of the
+job (agents, spares, and the ranks of the groups `groups()` returns). `excluded()` is every node
+never to be placed on again (cordoned or lost); `placement(world, timeout)` reserves without them
+(warm spares on live nodes stand in for a lost node's ranks at once); `lose(node)` writes a node
+off for the rest of the run (cordon, agent, spares; journalled as `nodes_lost`); `check()` and
+`explain()` are `NodeHealth`'s (None/unchanged without one). Every cordon is journalled once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from resilient.agents.lease import LeaseKeeper
+from resilient.config import JobSpec
+from resilient.runlog.journal import Journal
+from resilient.supervisor.faults import Fault
+from resilient.supervisor.parts import Parts
+
+
+class Fleet:
+    def __init__(
+        self,
+        spec: JobSpec,
+        parts: Parts,
+        journal: Journal,
+        cordoned: dict[str, str],
+        groups: Callable[[], tuple],
+    ):
+        self.spec, self.journal, self.groups = spec, journal, groups
+        self.nodes, self.spares, self.health = parts.nodes, parts.spares, parts.health
+        self.cordoned = dict(cordoned)
+        self.leases = LeaseKeeper(self._leased, min(1.0, spec.supervisor.fence_s / 4))
+
+    def start(self) -> list[dict]:
+        """Leases renewed from now on, the agents up; the job's node list for the journal."""
+        self.leases.start()
+        return self.nodes.start()
+
+    def _leased(self) -> list:
+        out = list(self.nodes.agents.values())
+        for g in self.groups():
+            out += [w for w in getattr(g, "workers", None) or [] if w is not None]
+        if self.spares:
+            out += [e[0] for e in self.spares.spares]
+        return out
+
+    def excluded(self) -> set[str]:
+        return set(self.cordoned) | self.nodes.lost()
+
+    def cordon(self, node: str, reason: str) -> None:
+        if node not in self.cordoned:
+            self.cordoned[node] = reason
+            self.journal.append("cordon", node=node, reason=reason)
+
+    def placement(self, world: int, timeout: float | None = None) -> list[str] | None:
+        """The node of each rank's slot (None: Ray did not place them within `timeout`, default
+        `supervisor.start_timeout`)."""
+        stand_ins = self.spares.available() if self.spares else 0
+        return self.nodes.placement(self.excluded(), world, timeout, stand_ins)
+
+    def warm(self, world: int) -> None:
+        """The first group's ranks and the spares, all started as spares and warmed before the
+        first step: on a machine with no idle core, a spare that warms beside training slows it
+        (measured: 2x slower steps for the first 10 s, docs/benchmarks.md)."""
+        if not self.spares or not self.placement(world):
+            return
+        t0 = time.time()
+        self.spares.fill(extra=world)
+        warm = self.spares.wait_warm(self.spec.supervisor.start_timeout)
+        self.journal.append("workers_warm", workers=warm, seconds=round(time.time() - t0, 3))
+
+    def refill(self) -> None:
+        """Replacements for the next restart, in the slots left free."""
+        if self.spares:
+            self.spares.fill()
+
+    def lose(self, node: str) -> None:
+        """A lost or cut-off node: never placed on again, its agent and spares written off."""
+        self.nodes.drop(node)
+        if self.spares:
+            self.spares.forget({node})
+        self.journal.append("nodes_lost", nodes=[node])
+
+    def explain(self, fault: Fault, group) -> Fault:
+        """A rank's death, or the loss of its whole node (one fault for all its ranks)."""
+        return self.health.explain(fault, group) if self.health else fault
+
+    def check(self, group, now: float, step: int) -> Fault | None:
+        return self.health.check(group, now, step) if self.health else None
+
+    def close(self) -> None:
+        self.nodes.shutdown()
+        if self.spares:
+            self.spares.shutdown()
+        self.leases.close()

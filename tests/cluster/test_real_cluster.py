@@ -1,0 +1,163 @@
+"""A real multi-node Ray cluster (tests/cluster/netcluster.py: a head and worker nodes in network
+namespaces, each with its own /tmp, checkpoints on S3 over the bridge): a lost node is one fault,
+its rank replaced by a warm spare on another node while rank 0 keeps its process; a partitioned
+node is cut off, cordoned and fenced (its processes end, nothing of theirs reaches storage after
+the link comes back) and the run ends bit-equal to a clean one; a cluster address with nothing
+behind it is exit 2 naming cluster.address. The terminal shows none of Ray's own noise."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.netcluster import NS, NetCluster, available
+from tests.helpers import assert_same_adapter, load_adapter
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(available() is not None, reason=available() or ""),
+]
+NOISE = re.compile(r"\(raylet\)|StackTrace|gcs_client\.cc|rpc_client\.h|core_worker")
+
+
+def job(dirpath: Path, cluster: NetCluster, name: str, steps: int) -> Path:
+    from resilient.training.corpus import write_corpus
+
+    corpus = dirpath / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(str(corpus), lines=600)
+    spec = dirpath / f"{name}.toml"
+    spec.write_text(
+        f"""name = "{name}"
+[cluster]
+num_workers = 2
+address = "{cluster.head}"
+spares = 2
+placement_strategy = "SPREAD"
+[data]
+path = "{corpus}"
+seq_len = 32
+[train]
+steps = {steps}
+batch_size = 2
+seed = 7
+[checkpoint]
+storage = "s3://runs/jobs"
+every = 1
+persist_every = 20
+"""
+    )
+    return spec
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with NetCluster(tmp_path_factory.mktemp("netcluster"), workers=3, cpus=2) as c:
+        yield c
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rank(status: dict, r: int) -> dict:
+    return next(x for x in status.get("ranks", []) if x["rank"] == r)
+
+
+def start(cluster: NetCluster, spec: Path, run_id: str, log: Path, at_step: int):
+    proc = cluster.launch("launch", str(spec), "--run-id", run_id, log=log)
+    run = f"s3://runs/jobs/{spec.stem}/{run_id}"
+    try:
+        wait_for(lambda: cluster.status(run).get("step", 0) >= at_step, 300, f"step {at_step}")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, run
+
+
+def test_a_lost_node_is_one_fault_and_rank_0_keeps_its_process(cluster, tmp_path):
+    spec = job(tmp_path, cluster, "loss", 240)
+    proc, run = start(cluster, spec, "loss", tmp_path / "loss.log", 40)
+    s = cluster.status(run)
+    pid0, pid1, lost = rank(s, 0)["pid"], rank(s, 1)["pid"], rank(s, 1)["node"]
+    k = int(cluster.ns_of(pid1)[len(NS) :])
+    assert k > 0 and cluster.ns_of(pid0) != cluster.ns_of(pid1)  # SPREAD over worker nodes
+    cluster.kill_node(k)
+    try:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "loss.log").read_text()[-2000:]
+    finally:
+        cluster.start_node(k)  # the next test's cluster is whole again
+    s = cluster.status(run)
+    acted = [f for f in s["faults"] if f.get("recovery_s") is not None]
+    assert [f["kind"] for f in acted] == ["node_loss"], s["faults"]
+    assert acted[0]["node"] == lost and s["state"] == "SUCCEEDED"
+    assert rank(s, 0)["pid"] == pid0  # the survivor on a healthy node kept its process
+    assert all(r["node"] != lost for r in s["ranks"])
+    assert lost in [c["node"] for c in s["cordoned_nodes"]]
+    terminal = (tmp_path / "loss.log").read_text()
+    assert not NOISE.search(terminal), NOISE.search(terminal)
+
+
+@pytest.mark.parametrize("address", ["198.18.0.190:6379", "127.0.0.1:1"])
+def test_a_cluster_address_with_nothing_behind_it_is_exit_2(cluster, tmp_path, address):
+    spec = job(tmp_path, cluster, "dead", 10)
+    t0 = time.time()
+    proc = cluster.launch(
+        "launch", str(spec), "--set", f'cluster.address="{address}"', log=tmp_path / "dead.log"
+    )
+    assert proc.wait(timeout=120) == 2
+    assert time.time() - t0 <= 60  # the acceptance's 30 s on a machine of its own
+    out = (tmp_path / "dead.log").read_text()
+    assert "cluster.address" in out and address in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_partition_is_fenced_cordoned_and_the_run_stays_exact(cluster, tmp_path):
+    spec = job(tmp_path, cluster, "cut", 300)
+    clean = cluster.launch("launch", str(spec), "--run-id", "clean", log=tmp_path / "clean.log")
+    assert clean.wait(timeout=600) == 0, (tmp_path / "clean.log").read_text()[-2000:]
+    proc, run = start(cluster, spec, "cut", tmp_path / "cut.log", 60)
+    s = cluster.status(run)
+    old, node = rank(s, 0)["pid"], rank(s, 0)["node"]
+    k = int(cluster.ns_of(old)[len(NS) :])
+    t_cut = time.time()
+    cluster.cut(k)
+    try:
+        time.sleep(20)
+        before = cluster.requests_from(k)
+    finally:
+        cluster.heal(k)
+    wait_for(lambda: not _alive(old), 15, f"the cut-off rank's process {old} to end")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "cut.log").read_text()[-2000:]
+    time.sleep(3)
+    assert cluster.requests_from(k) == before  # the fenced node wrote nothing after the heal
+    s = cluster.status(run)
+    acted = [f for f in s["faults"] if f.get("recovery_s") is not None]
+    assert acted and acted[0]["kind"] == "partition" and acted[0]["detected_at"] - t_cut < 10
+    assert node in [c["node"] for c in s["cordoned_nodes"]]
+    for r in ("clean", "cut"):
+        out = cluster.cli(
+            "ckpt", "export", f"s3://runs/jobs/cut/{r}", "--step", "300", str(tmp_path / r)
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_adapter(load_adapter(tmp_path / "clean"), load_adapter(tmp_path / "cut"))
+    terminal = (tmp_path / "cut.log").read_text()
+    assert not NOISE.search(terminal), NOISE.search(terminal)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

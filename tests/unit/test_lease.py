@@ -1,0 +1,97 @@
+"""Fencing (no Ray): a process whose lease runs out stops writing and ends; a stale renewal (held
+back by a partition) revives nothing; a fenced persister and retention make no storage request;
+object-store sockets give up on a dead link in the kernel."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from resilient.agents.lease import MAX_AGE_S, Lease, LeaseKeeper
+from resilient.checkpoint.memory import Entry, MemoryTier
+from resilient.checkpoint.persister import Persister
+from resilient.checkpoint.storage import CheckpointStore, Fenced, make_manifest
+from resilient.rundir import RunDir
+from resilient.rundir.fs import TCP_USER_TIMEOUT_MS, storage_socket, with_s3_defaults
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_lease_runs_out_without_renewals_and_a_stale_renewal_is_refused():
+    ended = threading.Event()
+    lease = Lease(0.6, ended.set)
+    for _ in range(4):  # renewed: it holds past its first expiry
+        time.sleep(0.25)
+        assert lease.renew(time.time()) and lease.valid()
+    assert not lease.renew(time.time() - MAX_AGE_S - 1)  # sent long ago: a partition's backlog
+    assert ended.wait(5) and not lease.valid()
+    assert not lease.renew(time.time())  # once out, out for good
+
+
+def test_the_keeper_renews_every_actor_it_is_given():
+    got = []
+
+    class Method:
+        def remote(self, sent_at):
+            got.append(sent_at)
+
+    class Actor:
+        renew = Method()
+
+    keeper = LeaseKeeper(lambda: [Actor(), Actor()], 0.05).start()
+    try:
+        deadline = time.time() + 5
+        while len(got) < 4 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        keeper.close()
+    assert len(got) >= 4 and all(abs(t - time.time()) < 5 for t in got)
+
+
+def _entry(step: int) -> Entry:
+    files = {"shared.safetensors": b"x" * 100, "meta.json": b"{}"}
+    return Entry(step, files, make_manifest(step, files, "fp"), role="memory", persist=True)
+
+
+def test_a_fenced_writer_makes_no_request(tmp_path):
+    rundir = RunDir(str(tmp_path / "run"))
+    store = CheckpointStore(rundir)
+    with pytest.raises(Fenced):
+        store.commit(_entry(5).files, _entry(5).manifest, may_write=lambda: False)
+    assert not (tmp_path / "run").exists()  # not even the first file
+    store.commit(_entry(5).files, _entry(5).manifest)
+    store.commit(_entry(6).files, _entry(6).manifest)
+    with pytest.raises(Fenced):
+        store.retain(1, steps=[5, 6], may_write=lambda: False)
+    assert store.steps() == [5, 6]  # retention deleted nothing
+
+
+def test_a_persister_whose_lease_ran_out_stops(tmp_path):
+    valid = threading.Event()
+    valid.set()
+    tier = MemoryTier(keep=4, max_pending=4)
+    store = CheckpointStore(RunDir(str(tmp_path / "run")))
+    persister = Persister(tier, store, keep=10, keep_every=0, may_write=valid.is_set)
+    tier.put(_entry(1))
+    assert persister.wait_persisted(1, 10)
+    valid.clear()  # the lease ran out: nothing more reaches storage
+    tier.put(_entry(2))
+    assert not persister.wait_persisted(2, 1.5)
+    assert store.steps() == [1]
+
+
+def test_object_store_sockets_give_up_on_a_dead_link():
+    sock = storage_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 1)))
+    try:
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert got == TCP_USER_TIMEOUT_MS
+    finally:
+        sock.close()
+    opts = with_s3_defaults("s3://b/run", {"config_kwargs": {"connector_args": {"ttl": 1}}})
+    connector = opts["config_kwargs"]["connector_args"]
+    assert connector["socket_factory"] is storage_socket and connector["ttl"] == 1
+    assert with_s3_defaults("file:///tmp/x", {}) == {}
