@@ -154,8 +154,9 @@ def step_overhead(steps: int) -> tuple[float, float]:
         )
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
+            # no supervisor renews its lease here: a long one
             agent = NodeAgent.remote(
-                "bench", f"file://{d}/runs/bench/r", spec.checkpoint.model_dump()
+                "bench", f"file://{d}/runs/bench/r", spec.checkpoint.model_dump(), None, 3600.0
             )
             trainer = Trainer(spec, 0, 1, f"{d}/base", torch.device("cpu"))
             trainer.setup()

@@ -230,6 +230,8 @@ class Nodes:
         every agent at once, each given AGENT_CALL_S (an agent that does not answer is skipped:
         a node cut off must not stall the lookup)."""
         refs = {nid: a.inventory.remote() for nid, a in list(self.agents.items())}
+        if not refs:
+            return []
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=AGENT_CALL_S)
         cands, self._sizes = [], {}
         for nid, ref in refs.items():

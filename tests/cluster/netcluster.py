@@ -40,6 +40,20 @@ def ip_of(k: int) -> str:
     return f"198.18.0.{140 + k}"
 
 
+def wait_for(predicate, timeout: float, what: str, fail: bool = True):
+    """`predicate()`'s first true answer within `timeout` seconds (polled); else raises (or, with
+    `fail=False`, returns None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.3)
+    if fail:
+        raise AssertionError(f"timed out waiting for {what}")
+    return None
+
+
 def available() -> str | None:
     """None when a namespace cluster can be made here, else why not."""
     if os.geteuid() != 0:
@@ -55,8 +69,11 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 class NetCluster:
-    def __init__(self, work: Path, workers: int = 3, cpus: int = 2):
+    def __init__(self, work: Path, workers: int = 3, cpus: int = 2, hosts: bool = False):
+        """`hosts`: nodes get an /etc/hosts naming every node (name lookups answer at once, as
+        on a cluster with DNS; without it a lookup waits out the host's resolver)."""
         self.work, self.workers, self.cpus = Path(work), workers, cpus
+        self.hosts = self.work / "hosts" if hosts else None
         self.head = f"{ip_of(0)}:6379"
         self.temp = Path(f"/tmp/{NS}cluster-{os.getpid()}")
         self.s3_log = self.work / "s3.log"
@@ -122,15 +139,24 @@ class NetCluster:
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
 
+    def _hosts(self) -> str:
+        """Shell binding this cluster's hosts file over /etc/hosts (`hosts`), else nothing."""
+        if self.hosts is None:
+            return "true"
+        if not self.hosts.exists():
+            names = "".join(f"{ip_of(k)} {NS}{k}\n" for k in range(self.workers + 1))
+            self.hosts.write_text(f"127.0.0.1 localhost\n{names}")
+        return f"mount --bind '{self.hosts}' /etc/hosts"
+
     def _private_tmp(self) -> str:
         """Shell for a node's own /tmp (with the venv bound back in where it lives under /tmp)."""
         prefix = sys.prefix
         if not prefix.startswith("/tmp/"):
-            return "mount -t tmpfs tmpfs /tmp"
+            return f"{self._hosts()} && mount -t tmpfs tmpfs /tmp"
         keep = f"/mnt/{NS}-venv"
         return (
-            f"mkdir -p {keep} && mount --bind '{prefix}' {keep} && mount -t tmpfs tmpfs /tmp && "
-            f"mkdir -p '{prefix}' && mount --bind {keep} '{prefix}'"
+            f"{self._hosts()} && mkdir -p {keep} && mount --bind '{prefix}' {keep} && "
+            f"mount -t tmpfs tmpfs /tmp && mkdir -p '{prefix}' && mount --bind {keep} '{prefix}'"
         )
 
     def start_node(self, k: int, cpus: int | None = None) -> None:
@@ -187,6 +213,20 @@ class NetCluster:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+
+    def spawn(self, k: int, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        """A long-running process on node `k` (its network; the host's filesystem but /etc/hosts,
+        see `hosts`), output to `log`."""
+        shell = f'{self._hosts()} && exec "$@"'
+        out = open(log, "w")  # noqa: SIM115 (the process holds it)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", f"{NS}{k}", "unshare", "-m", "--propagation", "private",
+             "sh", "-c", shell, "sh", *cmd],
+            env={**self.env, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )  # fmt: skip
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Another `resilient` command, from the host (it reaches storage over the bridge)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.netcluster import NS, NetCluster, available
+from tests.cluster.netcluster import NS, NetCluster, available, wait_for
 from tests.helpers import assert_same_adapter, load_adapter
 
 pytestmark = [
@@ -58,16 +58,6 @@ persist_every = 20
 def cluster(tmp_path_factory):
     with NetCluster(tmp_path_factory.mktemp("netcluster"), workers=3, cpus=2) as c:
         yield c
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rank(status: dict, r: int) -> dict:

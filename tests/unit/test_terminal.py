@@ -1,0 +1,51 @@
+"""The launch's terminal is the job's: what else the process writes to fds 1/2 (as Ray's C++ core
+and its error listener do) goes to the run's logs, not the terminal; a cluster address with nothing
+behind it is a user error naming cluster.address, at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from resilient.errors import UserError
+from resilient.launcher.cluster import _reachable
+
+pytestmark = pytest.mark.timeout(60)
+
+SCRIPT = """
+import os, sys, time, logging
+from resilient.launcher.terminal import Terminal
+with Terminal() as t:
+    os.write(2, b"[2026 W] gcs_client.cc:210: Failed to get cluster ID\\n")
+    print("(raylet) A worker died or was killed", file=sys.stdout, flush=True)
+    t.out.write("progress 1/2\\n")
+    logging.getLogger("resilient.x").warning("ours, a warning")
+    deadline = time.time() + 10
+    got = []
+    while time.time() < deadline and len(got) < 2:
+        got += t.lines.drain()
+        time.sleep(0.05)
+print("captured:", " | ".join(got))
+"""
+
+
+def test_other_programs_output_is_captured_and_ours_reaches_the_terminal():
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    terminal = r.stdout + r.stderr
+    assert "progress 1/2" in r.stdout and "ours, a warning" in r.stderr
+    before = terminal.split("captured:")[0]
+    assert "gcs_client" not in before and "(raylet)" not in before
+    captured = r.stdout.split("captured:")[1]
+    assert "gcs_client.cc" in captured and "A worker died" in captured
+
+
+def test_a_cluster_address_nothing_listens_on_is_a_user_error_at_once():
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"cluster.address '127.0.0.1:1'.*connection refused"):
+        _reachable("127.0.0.1:1")
+    assert time.time() - t0 < 5
+    _reachable("auto")  # Ray's to resolve
