@@ -118,6 +118,20 @@ class NodeAgent:
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": os.getpid()}
 
+    def check_storage(self) -> str | None:
+        """Whether this node can read and write the run directory (its credentials, endpoint and
+        network): None, or what failed. A probe object is written and removed."""
+        rundir, probe = self.persister.store.rundir, f"control/probe-{self.node_id[:12]}"
+        step = "read"
+        try:
+            rundir.read_bytes("spec.json")
+            step = "write"
+            rundir.write_bytes(probe, b"ok")
+            rundir.remove(probe)
+            return None
+        except Exception as e:  # any storage's refusal, spelled its own way
+            return f"cannot {step} the run directory {rundir.uri} ({type(e).__name__}: {e})"[:400]
+
     @ray.method(concurrency_group="lease")
     def renew(self, sent_at: float) -> bool:
         """The supervisor's lease renewal (a thread of its own: never queued behind work)."""

@@ -46,6 +46,7 @@ class Fault:
     rollback_to: int | None = None  # ANOMALY: newest step known to be good
     skip_batches: tuple[int, ...] = ()  # ANOMALY: data steps to take out of the order
     chaos_key: str | None = None  # the chaos marker of the fault that caused it, if one did
+    everywhere: bool = False  # ERROR: every rank failed the same way before training started
 
     def to_record(self) -> dict:
         d = asdict(self)

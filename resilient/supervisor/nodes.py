@@ -37,6 +37,14 @@ def schedulable_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
 
 
+class PreflightFailed(Exception):
+    """A node of the job cannot do its part (read and write the run directory): the reason, with
+    the node and the fix."""
+
+
+STORAGE_CHECK_S = 120.0  # an agent's storage check (an unreachable endpoint takes retries)
+
+
 class Nodes:
     def __init__(self, spec: JobSpec, run_uri: str):
         self.spec, self.run_uri = spec, run_uri
@@ -52,10 +60,12 @@ class Nodes:
         self.reservation = Reservation(spec) if spec is not None else None
 
     def start(self) -> list[dict]:
-        """Reserve and start the agents; the job's node list (index, node id, ip, resources) for
-        the journal."""
+        """Reserve and start the agents, each checked to read and write the run directory from
+        its node (raises PreflightFailed naming the node); the job's node list (index, node id,
+        ip, resources) for the journal."""
         self.placement(set())
         by_id = {n["NodeID"]: n for n in ray.nodes()}
+        self._check_storage(by_id)
         return [
             {
                 "index": i,
@@ -65,6 +75,22 @@ class Nodes:
             }
             for i, nid in enumerate(self.order)
         ]
+
+    def _check_storage(self, by_id: dict[str, dict]) -> None:
+        refs = {nid: a.check_storage.remote() for nid, a in self.agents.items()}
+        for nid, ref in refs.items():
+            try:
+                why = ray.get(ref, timeout=STORAGE_CHECK_S)
+            except Exception as e:  # the agent died or did not answer
+                why = f"its node agent did not answer ({type(e).__name__})"
+            if why:
+                ip = by_id.get(nid, {}).get("NodeManagerAddress", "?")
+                raise PreflightFailed(
+                    f"node {nid[:12]} ({ip}) {why}: every node reads the staged inputs from and "
+                    "writes checkpoints to checkpoint.storage; give each node its credentials "
+                    "and endpoint (its environment, or checkpoint.storage_options), then "
+                    "`resilient launch --resume RUN_DIR`"
+                )
 
     def capacity(self, excluded: set[str]) -> int:
         """How many ranks' bundles the live nodes hold, `excluded` ones aside."""

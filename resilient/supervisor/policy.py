@@ -13,7 +13,8 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
   restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
   back off exponentially from `backoff_base` up to `backoff_max`. The job gives up, naming the rule
-  that fired, when faults recur without progress (`max_restarts` in a row, each within
+  that fired, at once when every rank failed the same way before training (not an outage), when
+  faults recur without progress (`max_restarts` in a row, each within
   `progress_steps` steps of the last; NaN/spike rollbacks budgeted apart by `max_rollbacks`), past
   `max_restarts_per_hour`, or when a fault strikes while it stops. Faults far apart never add up:
   a two-week job meets far more than `max_restarts` of them.
@@ -85,6 +86,22 @@ def _budget_spent(fault: Fault, h: History, cfg: SupervisorConfig) -> str | None
     return None
 
 
+TRANSIENT = ("Timeout", "timed out", "ConnectionError", "Connection refused", "Connection reset",
+             "ServiceUnavailable", "503", "SlowDown", "Throttl")  # fmt: skip
+
+
+def _deterministic(fault: Fault) -> str | None:
+    """Every rank failed the same way before training started, with no sign of a passing outage
+    (a credential, a missing file, a bug): a restart meets it again, so say it now."""
+    first = _first_line(fault)
+    if fault.kind != FaultKind.ERROR or not fault.everywhere or any(t in first for t in TRANSIENT):
+        return None
+    return (
+        f"every rank failed the same way before training started: {first}. A restart would "
+        f"fail again: fix the cause (e.g. storage credentials on every node), then {RESUME_HINT}"
+    )
+
+
 def is_rollback(fault: Fault) -> bool:
     """NaN/spike faults: budgeted apart from the other restarts."""
     return fault.kind == FaultKind.ANOMALY and fault.suggested == ROLLBACK
@@ -99,7 +116,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
                 f"complete; the newest persisted checkpoint is kept, {RESUME_HINT} goes on from it"
             ),
         )
-    spent = _budget_spent(fault, history, cfg)
+    spent = _budget_spent(fault, history, cfg) or _deterministic(fault)
     if spent:
         return Decision(Action.GIVE_UP, spent)
     delay = backoff(history.rollback_streak if is_rollback(fault) else history.streak, cfg)

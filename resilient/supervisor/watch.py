@@ -20,7 +20,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from resilient.agents.heartbeat import Heartbeat
 from resilient.config import SupervisorConfig
@@ -127,7 +127,11 @@ class Watch:
         # The first rank to fail is the cause: a failed rank leaves the process group, which breaks
         # the collectives of the others a moment later.
         rank = min(errors, key=lambda r: (self._our_time(latest[r], latest[r].error_at), r))
-        return self._fault(FaultKind.ERROR, rank, errors[rank] or "", now)
+        fault = self._fault(FaultKind.ERROR, rank, errors[rank] or "", now)
+        # the same error on every rank before any trained: the next start would meet it again
+        firsts = {(e or "").split("\n", 1)[0] for e in errors.values()}
+        same = not self.running and len(errors) == self.world and len(firsts) == 1
+        return replace(fault, everywhere=same) if same else fault
 
     def _our_time(self, hb: Heartbeat, t: float | None) -> float:
         """A rank's timestamp `t` on this clock (its clock may be skewed): the heartbeat's age at

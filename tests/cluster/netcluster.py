@@ -159,20 +159,21 @@ class NetCluster:
             f"mount -t tmpfs tmpfs /tmp && mkdir -p '{prefix}' && mount --bind {keep} '{prefix}'"
         )
 
-    def start_node(self, k: int, cpus: int | None = None) -> None:
-        """(Re)start worker node `k`, joined to the head."""
+    def start_node(self, k: int, cpus: int | None = None, drop_env: tuple[str, ...] = ()) -> None:
+        """(Re)start worker node `k`, joined to the head (without the variables `drop_env`, e.g.
+        the storage credentials every node has by default)."""
         cmd = (
             f"{self._private_tmp()} && cd / && exec ray start --address {self.head} "
             f"--node-ip-address {ip_of(k)} --num-cpus {cpus or self.cpus}"
         )
-        self._in_ns(k, ["unshare", "-m", "--propagation", "private", "sh", "-c", cmd])
+        self._in_ns(k, ["unshare", "-m", "--propagation", "private", "sh", "-c", cmd], drop_env)
 
-    def _in_ns(self, k: int, cmd: list[str]) -> None:
+    def _in_ns(self, k: int, cmd: list[str], drop_env: tuple[str, ...] = ()) -> None:
         log = self.work / f"node-{k}.log"
         with open(log, "a") as out:
             r = subprocess.run(
                 ["ip", "netns", "exec", f"{NS}{k}", *cmd],
-                env=self.env,
+                env={n: v for n, v in self.env.items() if n not in drop_env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 timeout=120,

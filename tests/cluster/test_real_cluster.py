@@ -151,3 +151,21 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_a_node_without_storage_credentials_is_named_before_the_first_step(cluster, tmp_path):
+    cluster.kill_node(3)
+    cluster.start_node(3, drop_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    try:
+        spec = job(tmp_path, cluster, "creds", 50)
+        t0 = time.time()
+        proc = cluster.launch("launch", str(spec), "--run-id", "c", log=tmp_path / "creds.log")
+        assert proc.wait(timeout=300) == 1
+        s = cluster.status("s3://runs/jobs/creds/c")
+        assert s["state"] == "FAILED" and s["step"] == 0 and s["restarts"] == 0
+        assert "preflight" in s["reason"] and "NoCredentialsError" in s["reason"], s["reason"]
+        assert "checkpoint.storage" in s["reason"] and time.time() - t0 < 240
+    finally:
+        cluster.kill_node(3)
+        cluster.start_node(3)

@@ -78,3 +78,50 @@ def test_a_group_stuck_before_training_ends_at_start_timeout():
     f = until(w, lambda s: s.fault).fault
     assert f.kind == FaultKind.START_TIMEOUT and "start_timeout=20s" in f.evidence
     assert cfg.start_timeout < clock() - w.started <= cfg.start_timeout + 0.3
+
+
+class _Failing:
+    """Two ranks that both failed before training, with `errors[rank]`."""
+
+    def __init__(self, errors: dict[int, str], clock):
+        from resilient.agents.heartbeat import Heartbeat
+
+        self.latest = {
+            r: Heartbeat(rank=r, pid=r, phase="error", now=clock(), error=e, error_at=clock())
+            for r, e in errors.items()
+        }
+        self.dead, self.pending = {}, {}
+        self.last_answer = {r: clock() for r in errors}
+
+    def poll(self, wait_s):
+        return []
+
+    def node_of(self, rank):
+        return "n0"
+
+
+@pytest.mark.parametrize(
+    ("errors", "everywhere"),
+    [
+        ({0: "NoCredentialsError: no keys\ntb", 1: "NoCredentialsError: no keys\ntb2"}, True),
+        ({0: "NoCredentialsError: no keys\ntb", 1: "RuntimeError: other\ntb"}, False),
+    ],
+)
+def test_the_same_error_on_every_rank_before_training_is_marked(errors, everywhere):
+    from resilient.supervisor import policy
+    from resilient.supervisor.faults import Action, History
+
+    clock = FakeClock()
+    w = Watch(_Failing(errors, clock), 0, 2, CFG, clock)
+    clock.advance(ERROR_GRACE + 0.5)
+    w.poll()  # the grace starts
+    clock.advance(ERROR_GRACE + 0.5)
+    f = w.poll().fault
+    assert f.kind == FaultKind.ERROR and f.everywhere is everywhere
+    d = policy.decide(f, History(), CFG)
+    if everywhere:
+        assert d.action == Action.GIVE_UP and "NoCredentialsError: no keys" in d.reason
+    else:
+        assert d.action == Action.RESTART
+    outage = f.__class__(**{**f.__dict__, "evidence": "ConnectionError: Connection refused"})
+    assert policy.decide(outage, History(), CFG).action == Action.RESTART  # an outage passes

@@ -1,26 +1,32 @@
-"""The supervisor's elastic part: the size of each worker group, resizes while training, and
-re-forming a group around its survivors. A mixin of `Supervisor` (same contract: every state
-change goes through its `_to`, every decision is journalled before it is acted on); the decisions
-are `elastic`'s pure functions.
+"""Sizing: how many ranks each attempt has, resizes while training, and a group re-formed around
+its survivors. One collaborator of the supervisor with its own state (the world size, the kept
+group, why the next attempt may have another size); it changes the job's state only through the
+run's book (`RunBook.to`) and journals every decision before acting; the decisions are
+`elastic`'s pure functions.
 
-- `_size()` (before each attempt): how many ranks fit the healthy nodes (`Nodes.capacity`), up to
+- `size()` (before each attempt): how many ranks fit the healthy nodes (`Nodes.capacity`), up to
   the target (`cluster.num_workers`, or `resilient scale`), at least `cluster.min_workers`; waits
   in RESIZING up to `supervisor.capacity_wait_s` when fewer fit, then fails. A change of size is
   journalled as a `resize` record (`step`, `from`, `to`, `reason`).
-- `_check_size(group)` (while training, every `SIZE_CHECK_S`): pauses the group at the next step
+- `check_size(group)` (while training, every `SIZE_CHECK_S`): pauses the group at the next step
   when it should grow (capacity came back) or shrink (`resilient scale` asked for fewer).
-- `_keep(group, fault)` (a fault whose policy keeps survivors): replaces the fault's rank and any
-  dead one, has the others leave the broken process group (replacing, and journalling why, any
-  that cannot), and keeps the group for the next attempt.
+- `keep(group, fault)` (a fault whose policy keeps survivors): replaces the fault's rank (every
+  rank on its node, for a lost node) and any dead one, has the others leave the broken process
+  group (replacing, and journalling why, any that cannot), and keeps the group for the next
+  attempt; `group_for(placement)` gives the next attempt that group, or a new one.
 """
 
 from __future__ import annotations
 
 import time
 
+from resilient.config import JobSpec
 from resilient.runlog.states import JobState
 from resilient.supervisor import elastic
+from resilient.supervisor.book import RunBook
 from resilient.supervisor.faults import NODE_FAULTS
+from resilient.supervisor.fleet import Fleet
+from resilient.supervisor.parts import Parts
 
 SIZE_CHECK_S = 2.0  # how often a running job asks whether it can grow (one GCS call)
 CAPACITY_POLL_S = 1.0  # how often a job waiting for capacity looks again
@@ -32,21 +38,24 @@ GROW_PLACE_S = 30.0  # how long a grow waits for Ray to place the larger group
 GROW_BACKOFF_S = 300.0  # after a grow Ray could not place, the next try waits this much longer
 
 
-class Resizing:
-    # set by Supervisor.__init__
-    world: int
-    kept: object | None
-    _kept_generation: int
-    _last_size_check: float
-    resize_cause: str | None
+class Sizing:
+    def __init__(self, spec: JobSpec, book: RunBook, fleet: Fleet, parts: Parts):
+        self.spec, self.book, self.fleet, self.journal = spec, book, fleet, book.journal
+        self.nodes, self.control, self.clock = parts.nodes, parts.control, parts.clock
+        self.new_group = parts.new_group
+        self.world = spec.cluster.num_workers  # ranks of the current (or next) group
+        self.kept = None  # a group whose survivors go on in the next attempt
+        self._kept_generation = 0
+        self._last_size_check = 0.0
+        self.resize_cause: str | None = None  # why the next attempt may have another size
 
-    def _target(self) -> int:
+    def target(self) -> int:
         """`cluster.num_workers`, or what `resilient scale` asked for (within min..num)."""
         c = self.spec.cluster
-        asked = getattr(self.parts.control, "scale_to", None)
+        asked = getattr(self.control, "scale_to", None)
         return max(c.least, min(c.num_workers, asked)) if asked else c.num_workers
 
-    def _size(self) -> int | None:
+    def size(self) -> int | None:
         """The next group's world size (a change journalled); None when the job ended waiting."""
         c, cfg = self.spec.cluster, self.spec.supervisor
         since = self.clock()
@@ -54,44 +63,47 @@ class Resizing:
             waited = self.clock() - since
             s = elastic.size(
                 self.nodes.capacity(self.fleet.excluded()),
-                self._target(),
+                self.target(),
                 c.least,
                 waited,
                 cfg.capacity_wait_s,
             )
             if s.action == elastic.FAIL:
-                self._to(JobState.FAILED, s.reason)
+                self.book.to(JobState.FAILED, s.reason)
                 return None
             if s.action == elastic.RUN:
                 break
-            if self.state != JobState.RESIZING:
-                self._to(JobState.RESIZING, s.reason)
-            if self.parts.control.stop_reason:
+            if self.book.state != JobState.RESIZING:
+                self.book.to(JobState.RESIZING, s.reason)
+            if self.control.stop_reason:
                 self._stop_waiting()
                 return None
-            self._check_grace()
-            self._emit(note=s.reason)
+            self.book.check_grace()
+            self.book.emit(note=s.reason)
             self._pause_for(CAPACITY_POLL_S)
         if s.world != self.world:
             cause = self.resize_cause or "capacity"
             reason = f"{cause}: {s.reason}"
             self.journal.append(
-                "resize", step=self.restored, **{"from": self.world, "to": s.world}, reason=reason
+                "resize",
+                step=self.book.restored,
+                **{"from": self.world, "to": s.world},
+                reason=reason,
             )
-            if self.state != JobState.RESIZING:
-                self._to(JobState.RESIZING, reason)
+            if self.book.state != JobState.RESIZING:
+                self.book.to(JobState.RESIZING, reason)
             self.world = s.world
         self.resize_cause = None
-        if self.state == JobState.RESIZING:
-            self._to(JobState.STARTING, f"{s.world} rank(s)")
+        if self.book.state == JobState.RESIZING:
+            self.book.to(JobState.STARTING, f"{s.world} rank(s)")
         return s.world
 
     def _stop_waiting(self) -> None:
-        self.stop_reason = self.parts.control.stop_reason
-        self._to(JobState.STOPPING, f"stop requested: {self.stop_reason}")
-        self._to(
+        self.book.stop_reason = self.control.stop_reason
+        self.book.to(JobState.STOPPING, f"stop requested: {self.book.stop_reason}")
+        self.book.to(
             JobState.STOPPED,
-            f"stopped at step {self.step} while waiting for capacity; the newest persisted "
+            f"stopped at step {self.book.step} while waiting for capacity; the newest persisted "
             "checkpoint is kept: `resilient launch --resume RUN_DIR` goes on from it",
         )
 
@@ -100,11 +112,11 @@ class Resizing:
         advance = getattr(self.clock, "advance", None)
         advance(seconds) if advance else time.sleep(seconds)
 
-    def _check_size(self, group) -> None:
+    def check_size(self, group) -> None:
         """Pause a running group at the next step when it should have another size."""
-        if self.state != JobState.RUNNING or self.resize_cause:
+        if self.book.state != JobState.RUNNING or self.resize_cause:
             return
-        target = self._target()
+        target = self.target()
         if self.world == target:
             return  # the size wanted: no need to ask the cluster
         if target > self.world:  # growing needs capacity: ask the cluster, not every tick
@@ -115,7 +127,7 @@ class Resizing:
         capacity = self.nodes.capacity(self.fleet.excluded()) if target > self.world else self.world
         want = elastic.wants_resize(self.world, target, capacity, self.spec.cluster.least)
         if want is not None:
-            asked = getattr(self.parts.control, "scale_to", None)
+            asked = getattr(self.control, "scale_to", None)
             self.resize_cause = (
                 f"resilient scale asked for {target} rank(s)"
                 if asked is not None and asked == target
@@ -123,24 +135,24 @@ class Resizing:
             )
             group.request_pause()
 
-    def _paused(self) -> None:
+    def paused(self) -> None:
         """Every rank stopped at the same step, its snapshot in memory: resize from there (or, if
         a stop came in meanwhile, end STOPPED: the paused step was not waited for in storage)."""
-        if self.state == JobState.STOPPING:
-            self._to(
+        if self.book.state == JobState.STOPPING:
+            self.book.to(
                 JobState.STOPPED,
-                f"stopped at step {self.step} while resizing; the newest persisted checkpoint "
+                f"stopped at step {self.book.step} while resizing; the newest persisted checkpoint "
                 "is kept: `resilient launch --resume RUN_DIR` goes on from it",
             )
             return
-        self._to(JobState.RESIZING, self.resize_cause or "resize")
+        self.book.to(JobState.RESIZING, self.resize_cause or "resize")
 
-    def _grow_failed(self, before: int) -> list[str] | None:
+    def grow_failed(self, before: int) -> list[str] | None:
         """Capacity counts the nodes' totals, which other jobs may hold: when Ray cannot place the
         larger group, go back to `before` ranks and do not try to grow again for a while."""
         self.journal.append(
             "resize",
-            step=self.restored,
+            step=self.book.restored,
             **{"from": self.world, "to": before},
             reason=f"Ray did not place {self.world} ranks within "
             f"{GROW_PLACE_S:g}s: the nodes' resources are held by others",
@@ -149,7 +161,7 @@ class Resizing:
         self._last_size_check = self.clock() + GROW_BACKOFF_S
         return self.fleet.placement(before)
 
-    def _keep(self, group, fault) -> None:
+    def keep(self, group, fault) -> None:
         """Replace the fault's rank (every rank on its node, for a lost node) and any dead one;
         the others leave the broken collective and are kept for the next attempt, unless they
         cannot."""
@@ -165,13 +177,19 @@ class Resizing:
         kept = [r for r in range(group.size) if r not in replaced]
         self.journal.append("survivors", replaced=replaced, kept=kept)
 
-    def _group_for(self, placement: list[str]):
+    def group_for(self, placement: list[str]):
         """The kept group (same reservation and size) or a new one."""
         kept, self.kept = self.kept, None
         same = getattr(self.nodes, "generation", 0) == self._kept_generation
         if kept is not None and same and kept.size == len(placement):
-            kept.attempt = self.restarts
+            kept.attempt = self.book.restarts
             return kept
         if kept is not None:
             kept.shutdown()
-        return self.parts.new_group(placement, self.restarts)
+        return self.new_group(placement, self.book.restarts)
+
+    def drop_kept(self) -> None:
+        """Survivors kept for an attempt that never came: end them."""
+        if self.kept is not None:
+            self.kept.shutdown()
+            self.kept = None
