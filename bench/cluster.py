@@ -1,4 +1,4 @@
-"""Recovery on a real cluster: a lost node and a network partition, resilient vs torchrun.
+"""Recovery on a real cluster: a lost node and a partition, resilient vs torchrun vs Ray Train.
 
 On tests/cluster/netcluster.py's cluster (root: a head and three 2-CPU worker nodes, each a network
 namespace with its own /tmp, joined by a bridge) both systems train the same workload (the
@@ -14,9 +14,11 @@ the bridge, default timeouts. torchrun: one elastic agent per worker node (`--nn
 node holds it), torch.save checkpoints every `--every` steps to a folder every node mounts, the
 same collective timeout as resilient's (`supervisor.collective_timeout`, 120 s). Worker nodes
 get an /etc/hosts naming every node (name lookups answer at once, as on a cluster with DNS).
-Ray Train is not in this table yet (see docs/benchmarks.md).
+Ray Train: TorchTrainer with FailureConfig(max_failures=3) on the same Ray cluster (its driver on
+the head, SPREAD), checkpoints with ray.train.report every `--every` steps to that shared folder.
 
-Usage: sudo python bench/cluster.py [--steps 400] [--at 120] [--faults loss,cut] [--json OUT]
+Usage: sudo python bench/cluster.py [--steps 400] [--at 120] [--faults loss,cut]
+       [--systems resilient,torchrun,raytrain] [--json OUT]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench.recovery import SPEC, read_log, torchrun_cfg  # noqa: E402
+from bench.harness import SPEC, peer_cfg, read_log, torchrun_cfg, torchrun_cmd  # noqa: E402
 from tests.cluster.netcluster import NS, NetCluster, ip_of, wait_for  # noqa: E402
 
 STORE_PORT = 29400
@@ -66,6 +68,13 @@ def fault(c: NetCluster, kind: str, target: int, cut_s: float) -> float:
     return t
 
 
+def restore(c: NetCluster, target: int) -> None:
+    """Worker node `target` anew for the next run (a lost node, or a cut one that Ray may have
+    declared dead meanwhile)."""
+    c.kill_node(target)
+    c.start_node(target)
+
+
 def run_resilient(c: NetCluster, work: Path, kind: str, a) -> dict:
     run = f"s3://runs/bench/bench/{kind}"
     t0 = time.time()
@@ -79,8 +88,7 @@ def run_resilient(c: NetCluster, work: Path, kind: str, a) -> dict:
     t_fault = fault(c, kind, target, a.cut_s)
     rc = proc.wait(timeout=900)
     s = c.status(run)
-    if kind == "loss":
-        c.start_node(target)
+    restore(c, target)
     acted = [f for f in s.get("faults", []) if f.get("recovered_at")]
     if rc or not acted:
         return {"done": False}
@@ -111,42 +119,88 @@ def run_torchrun(c: NetCluster, work: Path, kind: str, a) -> dict:
     store = _torch_store(c, work)
 
     def cmd(k: int) -> list[str]:  # the node's own address (the hostname is the host's here)
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node",
-            "1", "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-            f"{ip_of(0)}:{STORE_PORT}", "--rdzv-id", tag, "--rdzv-conf",
-            "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3",
-            "--local-addr", ip_of(k), os.path.join(HERE, "peer_loop.py"), f"{work}/{tag}/cfg.json",
-        ]  # fmt: skip
+        c = torchrun_cmd(str(work), tag, f"{ip_of(0)}:{STORE_PORT}", "1:2", 1, elastic=True)
+        return c[:-2] + ["--local-addr", ip_of(k)] + c[-2:]
 
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(HERE, ".."),
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": "eth0"}  # fmt: skip
     t0 = time.time()
     agents = {k: c.spawn(k, cmd(k), work / f"{tag}-agent{k}.log", env) for k in (1, 2)}
-    log = cfg["step_log"]
+    struck = None
     try:
-        if not wait_for(lambda: (read_log(log) or [(0,)])[-1][0] >= a.at, 600, "", fail=False):
+        struck = _strike(c, cfg["step_log"], kind, a, lambda: [1, 2])
+        if struck is None:
             return {"done": False}
-        pid0 = int(read_log(log)[-1][3])
-        rank0 = int(c.ns_of(pid0)[len(NS) :])
-        target = rank0 if kind == "cut" else 3 - rank0
-        at = read_log(log)[-1][0]
-        t_fault = fault(c, kind, target, a.cut_s)
-        survivor = agents[3 - target]
-        rc = survivor.wait(timeout=900)
-        steps = read_log(log)
-        after = [(s, t) for s, t, _, life in steps if t > t_fault and life != str(pid0)]
-        return {
-            "done": rc == 0 and steps[-1][0] == a.steps,
-            "recovery_s": after[0][1] - t_fault if after else None,
-            "steps_replayed": max(0, at - after[0][0] + 1) if after else None,
-            "wall_s": time.time() - t0,
-        }
+        rc = agents[3 - struck[3]].wait(timeout=900)  # the agent on the other node
+        return _peer_row(read_log(cfg["step_log"]), *struck[:3], rc, a, t0)
     finally:
         for p in [*agents.values(), store]:
             p.kill()
-        if kind == "loss":
-            c.start_node(target)
+        if struck:
+            restore(c, struck[3])
+
+
+def run_ray_train(c: NetCluster, work: Path, kind: str, a) -> dict:
+    """TorchTrainer with FailureConfig(max_failures=3), its driver on the head, its 2 workers
+    spread over the worker nodes (SPREAD), checkpoints to a folder every node mounts."""
+    tag = f"rt-{kind}"
+    cfg = peer_cfg(
+        str(work), tag, [], a, a.every, storage=f"{work}/{tag}/storage", address=c.head,
+        ifname="eth0",
+    )  # fmt: skip
+    cmd = [sys.executable, os.path.join(HERE, "ray_train_loop.py"), f"{work}/{tag}/cfg.json"]
+    t0 = time.time()
+    driver = c.launch_cmd(cmd, work / f"{tag}.log")
+    struck = None
+    try:
+        nodes = lambda: [k for k in range(1, c.workers + 1) if _runs(c, k, "TrainWorker")]  # noqa: E731
+        struck = _strike(c, cfg["step_log"], kind, a, nodes)
+        if struck is None:
+            return {"done": False}
+        rc = driver.wait(timeout=900)
+        return _peer_row(read_log(cfg["step_log"]), *struck[:3], rc, a, t0)
+    finally:
+        driver.kill()
+        if struck:
+            restore(c, struck[3])
+
+
+def _strike(c: NetCluster, log: str, kind: str, a, rank_nodes) -> tuple | None:
+    """Once rank 0's step log reaches `a.at`: cut rank 0's node, or lose another node of
+    `rank_nodes()`; (fault time, rank 0's pid, the step then, the node struck), None if the log
+    never got there."""
+    if not wait_for(lambda: (read_log(log) or [(0,)])[-1][0] >= a.at, 600, "", fail=False):
+        return None
+    pid0 = int(read_log(log)[-1][3])
+    rank0 = int(c.ns_of(pid0)[len(NS) :])
+    target = rank0 if kind == "cut" else [k for k in rank_nodes() if k != rank0][0]
+    at = read_log(log)[-1][0]
+    return fault(c, kind, target, a.cut_s), pid0, at, target
+
+
+def _runs(c: NetCluster, k: int, name: str) -> bool:
+    """Whether a process of node `k` has `name` in its command line (Ray names its workers)."""
+    for pid in c.pids(k):
+        try:
+            if name in Path(f"/proc/{pid}/cmdline").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _peer_row(steps: list, t_fault: float, pid0: int, at: int, rc: int, a, t0: float) -> dict:
+    """A peer's row from rank 0's step log: recovery = the fault -> the first step of a new life
+    (or, where the old processes went on after the link came back, the second step past the one
+    at the fault: the first may have been under way), steps replayed = the step at the fault -
+    that step + 1."""
+    after = [(s, t) for s, t, _, life in steps if t > t_fault and (life != str(pid0) or s > at + 1)]
+    return {
+        "done": rc == 0 and bool(steps) and steps[-1][0] == a.steps,
+        "recovery_s": after[0][1] - t_fault if after else None,
+        "steps_replayed": max(0, at - after[0][0] + 1) if after else None,
+        "wall_s": time.time() - t0,
+    }
 
 
 def table(results: dict) -> str:
@@ -176,7 +230,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20, help="torchrun's checkpoint interval")
     ap.add_argument("--cut-s", type=float, default=20.0, help="how long a partition lasts")
     ap.add_argument("--faults", default="loss,cut")
-    ap.add_argument("--systems", default="resilient,torchrun")
+    ap.add_argument("--systems", default="resilient,torchrun,raytrain")
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args()
     a.collective_timeout = COLLECTIVE_S
@@ -188,7 +242,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="resilient-cluster-bench-", dir="/var/tmp"))
     write_corpus(str(work / "corpus.txt"))
     build_tiny_llama(str(work / "base"), BYTE_VOCAB)
-    runners = {"resilient": run_resilient, "torchrun": run_torchrun}
+    runners = {"resilient": run_resilient, "torchrun": run_torchrun, "raytrain": run_ray_train}
     results: dict[str, dict[str, dict]] = {}
     try:
         with NetCluster(work / "cluster", workers=3, cpus=2, hosts=True) as c:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from bench.recovery import (
+from bench.harness import (
     HERE,
     analyse,
     free_port,
@@ -32,6 +32,7 @@ from bench.recovery import (
     read_log,
     run_resilient,
     torchrun_cfg,
+    torchrun_cmd,
 )
 
 SURVIVORS = [  # (label, --set overrides)
@@ -93,27 +94,7 @@ def _elastic(work: str, case: str, schedule: list[dict], a, agents: int) -> dict
     tag = f"tre-{case}"
     cfg = torchrun_cfg(work, tag, schedule, a, a.every)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1:2",
-        "--nproc-per-node",
-        "1",
-        "--max-restarts",
-        "3",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        "--rdzv-id",
-        tag,
-        "--rdzv-conf",
-        "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3",
-        os.path.join(HERE, "peer_loop.py"),
-        f"{work}/{tag}/cfg.json",
-    ]
+    cmd = torchrun_cmd(work, tag, f"127.0.0.1:{port}", "1:2", 1, elastic=True)
     env = {
         **os.environ,
         "GLOO_SOCKET_IFNAME": "lo",

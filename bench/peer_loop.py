@@ -39,6 +39,20 @@ def make_spec(work: str, steps: int, seq_len: int, batch: int):
     )
 
 
+def cpu_trainer(cfg: dict, rank: int, world: int) -> Trainer:
+    """The workload every peer runs: resilient's Trainer on one CPU thread, set up."""
+    torch.set_num_threads(1)
+    trainer = Trainer(
+        make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]),
+        rank,
+        world,
+        cfg["base"],
+        torch.device("cpu"),
+    )
+    trainer.setup()
+    return trainer
+
+
 class Faults:
     """Planned faults for this rank; `training_s` counts this life's time in training steps plus the
     previous lives' (kept in the marker folder), like resilient's at_time."""
@@ -168,15 +182,7 @@ def torchrun_main() -> None:
     if rank == 0 and cfg["step_log"]:
         with open(cfg["step_log"] + ".world", "a") as f:
             f.write(f"{os.getpid()} {world}\n")
-    torch.set_num_threads(1)
-    trainer = Trainer(
-        make_spec(cfg["work"], cfg["steps"], cfg["seq_len"], cfg["batch"]),
-        rank,
-        world,
-        cfg["base"],
-        torch.device("cpu"),
-    )
-    trainer.setup()
+    trainer = cpu_trainer(cfg, rank, world)
     ckpt = TorchSaveCheckpoints(cfg["ckpt_dir"], cfg["every"]) if cfg["every"] else None
     start = ckpt.load(trainer) if ckpt else 0
     faults = Faults(cfg["faults"], rank, cfg["marker_dir"]) if cfg["faults"] else None

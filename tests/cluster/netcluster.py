@@ -229,6 +229,17 @@ class NetCluster:
             cwd=ROOT,
         )  # fmt: skip
 
+    def launch_cmd(self, cmd: list[str], log: Path) -> subprocess.Popen:
+        """Any driver on the head (its network and /tmp: it finds the head's Ray session)."""
+        out = open(log, "w")  # noqa: SIM115 (the process holds it)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", f"{NS}0", *cmd],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Another `resilient` command, from the host (it reaches storage over the bridge)."""
         return subprocess.run(

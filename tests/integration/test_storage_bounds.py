@@ -74,8 +74,10 @@ def test_calls_on_a_silent_store_raise_within_the_bound(s3, monkeypatch):
 
 
 def test_s3_defaults_keep_the_users_choices(monkeypatch):
-    from resilient.rundir.fs import S3_CLIENT_DEFAULTS, with_s3_defaults
+    from resilient.rundir.fs import S3_CLIENT_DEFAULTS, storage_socket, with_s3_defaults
 
     assert with_s3_defaults("file:///tmp/x", {}) == {}
     got = with_s3_defaults("s3://b/x", {"config_kwargs": {"read_timeout": 300}})
+    connector = got["config_kwargs"].pop("connector_args")
     assert got["config_kwargs"] == {**S3_CLIENT_DEFAULTS, "read_timeout": 300}
+    assert connector == {"socket_factory": storage_socket}  # sockets that give up on a dead link
