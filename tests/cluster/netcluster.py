@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,7 +146,9 @@ class NetCluster:
             return "true"
         if not self.hosts.exists():
             names = "".join(f"{ip_of(k)} {NS}{k}\n" for k in range(self.workers + 1))
-            self.hosts.write_text(f"127.0.0.1 localhost\n{names}")
+            # every node shares the host's hostname here (no UTS namespace): it names itself
+            me = f"127.0.1.1 {socket.gethostname()}\n"
+            self.hosts.write_text(f"127.0.0.1 localhost\n{me}{names}")
         return f"mount --bind '{self.hosts}' /etc/hosts"
 
     def _private_tmp(self) -> str:
