@@ -40,9 +40,12 @@ class NodeAgent:
         ckpt: dict,
         anomaly: dict | None = None,
         fence_s: float = 8.0,
+        generation: int = 0,
     ):
         """`fence_s`: with no word from the supervisor for that long this agent writes nothing
-        more and ends (its node was lost or cut off; see agents.lease)."""
+        more and ends (its node was lost or cut off; see agents.lease). `generation`: the run's
+        writer generation it commits under (`set_generation`; storage.generation_fence)."""
+        self.generation = generation
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
         self.lease = Lease(fence_s, lambda: os._exit(1))
@@ -53,6 +56,7 @@ class NodeAgent:
             keep=cfg.keep,
             keep_every=cfg.keep_every,
             may_write=self.lease.valid,
+            generation=lambda: self.generation,
         )
         self.peer = None
         self._gpu_faults_done: set = set()  # keys of the GPU faults carried out (each once)
@@ -117,6 +121,10 @@ class NodeAgent:
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": os.getpid()}
+
+    def set_generation(self, generation: int) -> None:
+        """The supervisor wrote a node off: this (live) agent commits under the new generation."""
+        self.generation = max(self.generation, generation)
 
     def check_storage(self) -> str | None:
         """Whether this node can read and write the run directory (its credentials, endpoint and

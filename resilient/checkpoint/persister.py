@@ -17,7 +17,7 @@ import threading
 import time
 
 from resilient.checkpoint.memory import MemoryTier
-from resilient.checkpoint.storage import CheckpointStore
+from resilient.checkpoint.storage import CheckpointStore, Fenced
 
 
 class Persister:
@@ -29,9 +29,12 @@ class Persister:
         keep_every: int,
         max_backoff: float = 8.0,
         may_write=lambda: True,
+        generation=None,
     ):
         """`may_write()`: whether this process still holds its lease; checked before every
-        storage request (a fenced persister writes and deletes nothing, ever again)."""
+        storage request (a fenced persister writes and deletes nothing, ever again).
+        `generation()`: this writer's generation, checked against the run's fence before a
+        commit becomes visible and before retention deletes (`storage.generation_fence`)."""
         self.tier, self.store, self.keep, self.keep_every, self.max_backoff = (
             tier,
             store,
@@ -43,7 +46,7 @@ class Persister:
         self.committed: list[int] | None = None  # in storage; None: list it at the next retention
         self.protected: frozenset[int] = frozenset()
         self.outage_until = 0.0
-        self.may_write = may_write
+        self.may_write, self.generation = may_write, generation
         self._events: list[dict] = []
         self._events_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="persister")
@@ -72,7 +75,10 @@ class Persister:
             try:
                 if time.time() < self.outage_until:  # chaos `storage_outage`: refuse writes
                     raise ConnectionRefusedError("storage unavailable (injected storage_outage)")
-                m = self.store.commit(entry.files, entry.manifest, self.may_write)
+                m = self.store.commit(entry.files, entry.manifest, self.may_write, self.generation)
+            except Fenced as e:  # a zombie of an earlier generation: never again
+                self.event(event="fenced", step=entry.step, error=str(e)[:300])
+                return
             except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
                 self.event(
                     event="persist_error",
@@ -109,7 +115,12 @@ class Persister:
             if step not in self.committed:
                 bisect.insort(self.committed, step)
             deleted = self.store.retain(
-                self.keep, self.keep_every, self.committed, self.protected, self.may_write
+                self.keep,
+                self.keep_every,
+                self.committed,
+                self.protected,
+                self.may_write,
+                self.generation,
             )
             self.committed = [s for s in self.committed if s not in deleted]
             if deleted:

@@ -14,6 +14,7 @@ from typing import Any
 
 from resilient.checkpoint import retention
 from resilient.rundir import RunDir
+from resilient.rundir.layout import FENCE
 
 MANIFEST = "manifest.json"
 PREFIX = "checkpoints"
@@ -30,6 +31,18 @@ class Fenced(Exception):
 def _check(may_write) -> None:
     if not may_write():
         raise Fenced("this writer's lease ran out: no more writes")
+
+
+def generation_fence(rundir: RunDir, mine: int) -> None:
+    """Raise Fenced when the run directory's fence (`layout.FENCE`, written by the supervisor when
+    it writes a node off) names a newer generation than `mine`: this writer is a zombie of an
+    earlier one. A missing fence is generation 0."""
+    try:
+        fence = rundir.read_json(FENCE).get("generation", 0)
+    except FileNotFoundError:
+        return
+    if fence > mine:
+        raise Fenced(f"stale writer: generation {mine} < the run's fence {fence}")
 
 
 def make_manifest(step: int, files: dict[str, bytes], fingerprint: str, **extra: Any) -> dict:
@@ -83,15 +96,20 @@ class CheckpointStore:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
 
-    def commit(self, files: dict[str, bytes], manifest: dict, may_write=lambda: True) -> dict:
+    def commit(
+        self, files: dict[str, bytes], manifest: dict, may_write=lambda: True, generation=None
+    ) -> dict:
         """Write `files`, then the manifest that makes them visible. Returns the manifest as
-        written. `may_write()` is asked before every request (raises Fenced when it says no)."""
+        written. `may_write()` is asked before every request, and the run's fence before the
+        manifest when the writer has a `generation()` (both raise Fenced)."""
         d = ckpt_dir(manifest["step"])
         for name, data in files.items():
             _check(may_write)
             self.rundir.write_bytes(f"{d}/{name}", data)
         manifest = {**manifest, "persisted_at": time.time()}
         _check(may_write)
+        if generation is not None:
+            generation_fence(self.rundir, generation())
         self.rundir.write_json(f"{d}/{MANIFEST}", manifest)
         return manifest
 
@@ -132,12 +150,15 @@ class CheckpointStore:
         steps: list[int] | None = None,
         protected: set[int] | frozenset[int] = frozenset(),
         may_write=lambda: True,
+        generation=None,
     ) -> list[int]:
         """Delete what `retention.doomed` dooms among `steps` (default: a listing of the committed
         ones), never a `protected` step, asking `may_write()` before each. Returns the deleted
         steps."""
         committed = self.steps() if steps is None else steps
         doomed = [s for s in retention.doomed(committed, keep, keep_every) if s not in protected]
+        if doomed and generation is not None:
+            generation_fence(self.rundir, generation())
         done = []
         for step in doomed:
             _check(may_write)

@@ -18,6 +18,9 @@ SCALE_FILE = f"{CONTROL}/scale.json"  # resilient scale: the number of ranks wan
 CHAOS = "chaos"  # one marker per fault that fired (rundir.markers)
 CHAOS_REPORT = "chaos_report.json"
 FINAL = "final"  # the final adapter, in peft's format
+# the writers' generation: a checkpoint writer of an older one (a zombie of a lost or cut-off node)
+# commits and deletes nothing (checkpoint.storage)
+FENCE = "fence.json"
 BASE_MODEL = "base_model"  # the base model, staged at launch (rundir.staged)
 DATA = "data"  # the tokenised corpus, staged at launch (rundir.staged)
 LOGS = "logs"  # each rank's output (runlog.ranklogs)

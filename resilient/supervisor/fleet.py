@@ -6,17 +6,21 @@ reason, rebuilt from the journal by the caller) and the lease keeper that renews
 job (agents, spares, and the ranks of the groups `groups()` returns). `excluded()` is every node
 never to be placed on again (cordoned or lost); `placement(world, timeout)` reserves without them
 (warm spares on live nodes stand in for a lost node's ranks at once); `lose(node)` writes a node
-off for the rest of the run (cordon, agent, spares; journalled as `nodes_lost`); `check()` and
+off for the rest of the run (cordon, agent, spares; journalled as `nodes_lost` with the new
+checkpoint writers' generation, whose fence `layout.FENCE` it then writes: a zombie of the node
+commits and deletes nothing); `check()` and
 `explain()` are `NodeHealth`'s (None/unchanged without one). Every cordon is journalled once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
 from resilient.agents.lease import LeaseKeeper
 from resilient.config import JobSpec
+from resilient.rundir.layout import FENCE
 from resilient.runlog.journal import Journal
 from resilient.supervisor.faults import Fault
 from resilient.supervisor.parts import Parts
@@ -30,9 +34,13 @@ class Fleet:
         journal: Journal,
         cordoned: dict[str, str],
         groups: Callable[[], tuple],
+        writers: int = 0,
     ):
+        """`writers`: the checkpoint writers' generation the journal records (a resumed run)."""
         self.spec, self.journal, self.groups = spec, journal, groups
         self.nodes, self.spares, self.health = parts.nodes, parts.spares, parts.health
+        self.rundir = parts.store.rundir
+        self.nodes.writers = writers
         self.cordoned = dict(cordoned)
         self.leases = LeaseKeeper(self._leased, min(1.0, spec.supervisor.fence_s / 4))
 
@@ -80,11 +88,25 @@ class Fleet:
             self.spares.fill()
 
     def lose(self, node: str) -> None:
-        """A lost or cut-off node: never placed on again, its agent and spares written off."""
+        """A lost or cut-off node: never placed on again, its agent and spares written off, and a
+        new writers' generation fenced in storage (a zombie of the node commits nothing)."""
         self.nodes.drop(node)
         if self.spares:
             self.spares.forget({node})
-        self.journal.append("nodes_lost", nodes=[node])
+        generation = self.nodes.new_writers()
+        self.journal.append("nodes_lost", nodes=[node], generation=generation)
+        threading.Thread(target=self._fence, args=(generation,), daemon=True).start()
+
+    def _fence(self, generation: int, tries: int = 8) -> None:
+        """Write the fence (`layout.FENCE`), retrying through an outage; a newer one wins."""
+        for i in range(tries):
+            if self.nodes.writers != generation:
+                return
+            try:
+                self.rundir.write_json(FENCE, {"generation": generation, "t": time.time()})
+                return
+            except Exception:  # storage away: the agents' leases fence the node meanwhile
+                time.sleep(min(30.0, 0.5 * 2**i))
 
     def explain(self, fault: Fault, group) -> Fault:
         """A rank's death, or the loss of its whole node (one fault for all its ranks)."""

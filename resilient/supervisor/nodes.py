@@ -57,6 +57,7 @@ class Nodes:
         self._answered: dict[str, float] = {}  # when each agent last answered
         self._addresses: dict[str, tuple[str, int]] = {}  # each node's raylet
         self._sizes: dict[int, int] = {}  # bytes of each step the last lookup found in memory
+        self.writers = 0  # the checkpoint writers' generation (storage.generation_fence)
         self.reservation = Reservation(spec) if spec is not None else None
 
     def start(self) -> list[dict]:
@@ -151,7 +152,7 @@ class Nodes:
             strategy = NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
             self.agents[nid] = NodeAgent.options(
                 scheduling_strategy=strategy, max_restarts=0
-            ).remote(nid, self.run_uri, ckpt, anomaly, self.spec.supervisor.fence_s)
+            ).remote(nid, self.run_uri, ckpt, anomaly, self.spec.supervisor.fence_s, self.writers)
             if nid not in self.order:
                 self.order.append(nid)
         if new:
@@ -184,6 +185,16 @@ class Nodes:
             except Exception:  # already gone
                 pass
             self._ring()
+
+    def new_writers(self) -> int:
+        """A node was written off: every live agent commits under a new generation from now on
+        (each told within AGENT_CALL_S), so the fence the caller writes refuses only the old
+        node's. Returns the new generation."""
+        self.writers += 1
+        refs = [a.set_generation.remote(self.writers) for a in self.agents.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=AGENT_CALL_S)
+        return self.writers
 
     def agent_for(self, node_id: str):
         """The node's agent; started now where a worker landed on a node without one."""

@@ -73,7 +73,11 @@ class Supervisor:
         self.budget = Budget(spec.supervisor, records)
         self.group = None  # the current attempt's group
         cordoned = {c["node"]: c["reason"] for c in book.status_at_start["cordoned_nodes"]}
-        self.fleet = Fleet(spec, parts, journal, cordoned, lambda: (self.group, self.sizing.kept))
+        writers = max(
+            (r.get("generation", 0) for r in records if r["type"] == "nodes_lost"), default=0
+        )
+        groups = lambda: (self.group, self.sizing.kept)  # noqa: E731
+        self.fleet = Fleet(spec, parts, journal, cordoned, groups, writers)
         self.sizing = Sizing(spec, book, self.fleet, parts)
 
     # -- the loop ----------------------------------------------------------------------------------

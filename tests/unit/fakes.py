@@ -58,6 +58,10 @@ class FakeNodes:
     def drop(self, node: str) -> None:
         self.gone.add(node)
 
+    def new_writers(self) -> int:
+        self.writers = getattr(self, "writers", 0) + 1
+        return self.writers
+
     def restore_source(self, store, fingerprint, at_most=None):
         if self.storage_down:
             self.storage_down -= 1

@@ -95,3 +95,24 @@ def test_object_store_sockets_give_up_on_a_dead_link():
     connector = opts["config_kwargs"]["connector_args"]
     assert connector["socket_factory"] is storage_socket and connector["ttl"] == 1
     assert with_s3_defaults("file:///tmp/x", {}) == {}
+
+
+def test_a_writer_of_an_earlier_generation_commits_and_deletes_nothing(tmp_path):
+    from resilient.rundir.layout import FENCE
+
+    rundir = RunDir(str(tmp_path / "run"))
+    store = CheckpointStore(rundir)
+    store.commit(_entry(5).files, _entry(5).manifest, generation=lambda: 0)  # no fence yet
+    rundir.write_json(FENCE, {"generation": 1})  # the supervisor wrote a node off
+    with pytest.raises(Fenced, match="stale writer"):
+        store.commit(_entry(6).files, _entry(6).manifest, generation=lambda: 0)
+    assert store.steps() == [5]  # its manifest never landed
+    store.commit(_entry(6).files, _entry(6).manifest, generation=lambda: 1)  # the live ones
+    with pytest.raises(Fenced):
+        store.retain(1, steps=[5, 6], generation=lambda: 0)
+    assert store.steps() == [5, 6]  # nothing deleted
+    tier = MemoryTier(keep=4, max_pending=4)
+    zombie = Persister(tier, store, keep=10, keep_every=0, generation=lambda: 0)
+    tier.put(_entry(7))
+    assert not zombie.wait_persisted(7, 1.5) and store.steps() == [5, 6]
+    assert any(e["event"] == "fenced" for e in zombie.drain_events())

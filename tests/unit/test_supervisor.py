@@ -1,6 +1,9 @@
 """The Supervisor and its Watch driven through whole jobs on a scripted worker group: no Ray, no
 processes, a fake clock (an hour of hang timeouts passes in milliseconds)."""
 
+import json
+import time
+
 import pytest
 
 from resilient.agents.scripted import Scenario
@@ -194,3 +197,7 @@ def test_a_partitioned_node_is_cordoned_lost_and_its_rank_alone_replaced(tmp_pat
     assert survivors["kept"] == [0] and survivors["replaced"] == [1]
     (decision,) = job.of("decision")
     assert decision["keep_survivors"] and decision["exclude_nodes"] == [job.health.node]
+    assert job.of("nodes_lost")[0]["generation"] == 1  # a new writers' generation, fenced:
+    fence = tmp_path / "runs" / "unit" / "r" / "fence.json"
+    await_fence = [fence.exists() or time.sleep(0.05) for _ in range(100)]
+    assert any(await_fence) and json.loads(fence.read_text())["generation"] == 1
