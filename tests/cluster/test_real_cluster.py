@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.netcluster import NS, NetCluster, available, wait_for
-from tests.helpers import assert_same_adapter, load_adapter
+from tests.helpers import BASE_SPEC, assert_same_adapter, load_adapter
 
 pytestmark = [
     pytest.mark.cluster,
@@ -25,32 +25,18 @@ NOISE = re.compile(r"\(raylet\)|StackTrace|gcs_client\.cc|rpc_client\.h|core_wor
 
 
 def job(dirpath: Path, cluster: NetCluster, name: str, steps: int) -> Path:
+    """The tests' usual job (tests/helpers.py), on this cluster, S3 and default timeouts."""
     from resilient.training.corpus import write_corpus
 
     corpus = dirpath / "corpus.txt"
     if not corpus.exists():
         write_corpus(str(corpus), lines=600)
+    text = BASE_SPEC.format(name=name, corpus=corpus, steps=steps, storage="s3://runs/jobs")
+    keys = f'address = "{cluster.head}"\nspares = 2\nplacement_strategy = "SPREAD"'
+    text = text.replace("num_workers = 2\n", f"num_workers = 2\n{keys}\n")
+    text = text.replace("every = 5\n", "every = 1\npersist_every = 20\n")
     spec = dirpath / f"{name}.toml"
-    spec.write_text(
-        f"""name = "{name}"
-[cluster]
-num_workers = 2
-address = "{cluster.head}"
-spares = 2
-placement_strategy = "SPREAD"
-[data]
-path = "{corpus}"
-seq_len = 32
-[train]
-steps = {steps}
-batch_size = 2
-seed = 7
-[checkpoint]
-storage = "s3://runs/jobs"
-every = 1
-persist_every = 20
-"""
-    )
+    spec.write_text(text.split("[supervisor]")[0])
     return spec
 
 
