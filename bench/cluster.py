@@ -1,12 +1,12 @@
 """Recovery on a real cluster: a lost node and a partition, resilient vs torchrun vs Ray Train.
 
 On tests/cluster/netcluster.py's cluster (root: a head and three 2-CPU worker nodes, each a network
-namespace with its own /tmp, joined by a bridge) both systems train the same workload (the
-quickstart model, LoRA r=4, bench/peer_loop.py's loop for torchrun) on 2 ranks, one per worker
+namespace with its own /tmp, joined by a bridge) the three systems train the same workload (the
+quickstart model, LoRA r=4, bench/peer_loop.py's loop for the peers) on 2 ranks, one per worker
 node, and get the same faults from outside at the same step: `loss` SIGKILLs every process of
 the node of a rank that is not rank 0, `cut` takes rank 0's node off the network for `--cut-s`
 seconds. Measured per system and fault: recovery (the fault -> the first step of the next life),
-steps replayed, and the whole run's wall time; the ratio is torchrun's over resilient's.
+steps replayed, and the whole run's wall time; the ratio is each peer's over resilient's.
 
 resilient: 2 warm spares (`cluster.spares = 2`, placed on the third node), checkpoints on S3 over
 the bridge, default timeouts. torchrun: one elastic agent per worker node (`--nnodes 1:2

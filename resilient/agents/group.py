@@ -157,13 +157,12 @@ class WorkerGroup:
             self.reservation.release_slot(slot)
             self.workers[rank] = self.slots[rank] = None
 
-    def write_off(self, node: str, why: str) -> list[int]:
+    def write_off(self, node: str, why: str) -> None:
         """The ranks on `node` (lost or cut off) are dead now: no last heartbeat or flush is
-        waited for from them. Returns them."""
-        ranks = [r for r in range(len(self.infos)) if self.node_of(r) == node]
-        for r in ranks:
-            self.dead.setdefault(r, why)
-        return ranks
+        waited for from them."""
+        for r in range(len(self.infos)):
+            if self.node_of(r) == node:
+                self.dead.setdefault(r, why)
 
     def leave(self, timeout: float) -> dict[int, str]:
         """Have every remaining rank leave the broken process group; {rank: why} of those that

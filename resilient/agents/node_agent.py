@@ -26,6 +26,7 @@ from resilient.checkpoint.persister import Persister
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, verify_files
 from resilient.config import AnomalyConfig, CheckpointConfig
 from resilient.rundir import RunDir
+from resilient.rundir.layout import CONTROL, SPEC_FILE
 
 REPLICA_S = 3.0  # a replication's deadline: this, plus its bytes at REPLICA_BYTES_PER_S
 REPLICA_BYTES_PER_S = 100e6
@@ -129,10 +130,10 @@ class NodeAgent:
     def check_storage(self) -> str | None:
         """Whether this node can read and write the run directory (its credentials, endpoint and
         network): None, or what failed. A probe object is written and removed."""
-        rundir, probe = self.persister.store.rundir, f"control/probe-{self.node_id[:12]}"
+        rundir, probe = self.persister.store.rundir, f"{CONTROL}/probe-{self.node_id[:12]}"
         step = "read"
         try:
-            rundir.read_bytes("spec.json")
+            rundir.read_bytes(SPEC_FILE)
             step = "write"
             rundir.write_bytes(probe, b"ok")
             rundir.remove(probe)

@@ -272,11 +272,10 @@ class ScriptedGroup:
         for r in ranks:
             self.pids.pop(r, None)
 
-    def write_off(self, node: str, why: str) -> list[int]:
-        ranks = [r for r in range(self.size) if self.node_of(r) == node]
-        for r in ranks:
-            self.dead.setdefault(r, why)
-        return ranks
+    def write_off(self, node: str, why: str) -> None:
+        for r in range(self.size):
+            if self.node_of(r) == node:
+                self.dead.setdefault(r, why)
 
     def leave(self, timeout: float) -> dict[int, str]:
         return {}

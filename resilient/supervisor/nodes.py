@@ -27,7 +27,7 @@ from resilient.agents.reservation import Reservation, assign, capacity
 from resilient.checkpoint.source import TIER_ORDER, Lookup, RestoreSource
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
 from resilient.config import JobSpec
-from resilient.supervisor.health import REFUSED, probe
+from resilient.supervisor.health import PROBE_TIMEOUT_S, REFUSED, probe
 
 AGENT_CALL_S = 3.0  # deadline of a call to a node agent (an unreachable node must not stall us)
 VERIFY_BYTES_PER_S = 200e6  # a verification's deadline grows with the checkpoint it hashes
@@ -56,7 +56,6 @@ class Nodes:
         self._last_events = 0.0
         self._answered: dict[str, float] = {}  # when each agent last answered
         self._addresses: dict[str, tuple[str, int]] = {}  # each node's raylet
-        self._sizes: dict[int, int] = {}  # bytes of each step the last lookup found in memory
         self.writers = 0  # the checkpoint writers' generation (storage.generation_fence)
         self.reservation = Reservation(spec) if spec is not None else None
 
@@ -213,7 +212,7 @@ class Nodes:
             nid
             for nid in list(self.agents)
             if not by_id.get(nid, {}).get("Alive")
-            or probe(self.address_of(nid), AGENT_CALL_S / 3) == REFUSED
+            or probe(self.address_of(nid), PROBE_TIMEOUT_S) == REFUSED
         ]
         for nid in gone:
             self.drop(nid)
@@ -262,15 +261,15 @@ class Nodes:
     def node_at(self, index: int) -> str | None:
         return self.order[index] if 0 <= index < len(self.order) else None
 
-    def _in_memory(self, fingerprint: str) -> list[tuple[int, str, str | None, object]]:
-        """(step, tier, node, agent) of every snapshot the agents hold for this spec; asked of
-        every agent at once, each given AGENT_CALL_S (an agent that does not answer is skipped:
-        a node cut off must not stall the lookup)."""
+    def _in_memory(self, fingerprint: str) -> list[tuple[int, str, str | None, object, int]]:
+        """(step, tier, node, agent, bytes) of every snapshot the agents hold for this spec; asked
+        of every agent at once, each given AGENT_CALL_S (an agent that does not answer is
+        skipped: a node cut off must not stall the lookup)."""
         refs = {nid: a.inventory.remote() for nid, a in list(self.agents.items())}
         if not refs:
             return []
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=AGENT_CALL_S)
-        cands, self._sizes = [], {}
+        cands = []
         for nid, ref in refs.items():
             if ref not in ready:
                 continue
@@ -280,9 +279,10 @@ class Nodes:
                 self.drop(nid)
                 continue
             agent = self.agents[nid]
-            self._sizes.update({e["step"]: e["bytes"] for e in inv})
             cands += [
-                (e["step"], e["role"], nid, agent) for e in inv if e["fingerprint"] == fingerprint
+                (e["step"], e["role"], nid, agent, e["bytes"])
+                for e in inv
+                if e["fingerprint"] == fingerprint
             ]
         return cands
 
@@ -292,19 +292,18 @@ class Nodes:
         cands, skipped, storage_error = self._in_memory(fingerprint), [], None
         damaged: set[int] = set()
         try:
-            cands += [(s, "storage", None, None) for s in store.steps()]
+            cands += [(s, "storage", None, None, 0) for s in store.steps()]
         except Exception as e:  # an outage, not "no checkpoint": memory copies still count
             storage_error = f"cannot list ({type(e).__name__}: {e})"[:300]
             skipped.append(f"storage: {storage_error}")
         if at_most is not None:  # a rollback: only states from before the anomaly
             cands = [c for c in cands if c[0] <= at_most]
         cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
-        for step, tier, nid, agent in cands:
+        for step, tier, nid, agent, nbytes in cands:
             try:
-                if agent is not None:
-                    reason = ray.get(
-                        agent.verify.remote(step, fingerprint), timeout=self._verify_s(step)
-                    )
+                if agent is not None:  # a deadline of AGENT_CALL_S plus its hashing time
+                    deadline = AGENT_CALL_S + nbytes / VERIFY_BYTES_PER_S
+                    reason = ray.get(agent.verify.remote(step, fingerprint), timeout=deadline)
                     if reason:
                         raise CheckpointInvalid(reason)
                 else:
@@ -322,10 +321,6 @@ class Nodes:
             source = RestoreSource(step, tier, nid, agent)
             return Lookup(source, skipped, storage_error, frozenset(damaged))
         return Lookup(None, skipped, storage_error, frozenset(damaged))
-
-    def _verify_s(self, step: int) -> float:
-        """An agent's verification of `step` is given AGENT_CALL_S plus its hashing time."""
-        return AGENT_CALL_S + self._sizes.get(step, 0) / VERIFY_BYTES_PER_S
 
     def protect(self, steps: set[int]) -> None:
         """No agent's retention deletes these steps (the one a group is restoring)."""

@@ -157,7 +157,7 @@ def _node_decision(fault: Fault, cfg: SupervisorConfig, delay: float) -> Decisio
     """A lost or unreachable node: never placed on again in this run (cordoned), its ranks
     replaced; the ranks on other nodes keep their processes (unless keep_survivors is off)."""
     what = "lost" if fault.kind == FaultKind.NODE_LOSS else "unreachable (partitioned)"
-    keep = cfg.keep_survivors and fault.rank is not None
+    keep = cfg.keep_survivors and keeps_survivors(fault)
     return Decision(
         Action.RESTART,
         f"{describe(fault)}: node {fault.node[:12]} is {what}: cordon it for the rest of the run "

@@ -67,7 +67,6 @@ class Supervisor:
         self.nodes, self.chaos = parts.nodes, parts.chaos
         self.clock = parts.clock
         self.intake = Intake(journal, parts.monitor, parts.nodes, RankLogs(rundir))
-        self.records_at_start = records
         self.intake.learn(records)
         self.book = book = RunBook(spec, journal, parts.control, records, on_progress)
         self.budget = Budget(spec.supervisor, records)
@@ -123,7 +122,7 @@ class Supervisor:
                 "step": self.book.step,
                 "restarts": self.book.restarts,
             }
-            return fold(self.records_at_start) | known
+            return self.book.status_at_start | known
 
     def _close(self) -> None:
         self.sizing.drop_kept()

@@ -131,7 +131,7 @@ class Watch:
         # the same error on every rank before any trained: the next start would meet it again
         firsts = {(e or "").split("\n", 1)[0] for e in errors.values()}
         same = not self.running and len(errors) == self.world and len(firsts) == 1
-        return replace(fault, everywhere=same) if same else fault
+        return replace(fault, everywhere=same)
 
     def _our_time(self, hb: Heartbeat, t: float | None) -> float:
         """A rank's timestamp `t` on this clock (its clock may be skewed): the heartbeat's age at

@@ -208,15 +208,8 @@ class NetCluster:
         self._in_ns(k, list(cmd))
 
     def launch(self, *args: str, log: Path) -> subprocess.Popen:
-        """`resilient launch ARGS` on the head, as a user would (output to `log`)."""
-        out = open(log, "w")  # noqa: SIM115 (closed by the caller's wait, via the process)
-        return subprocess.Popen(
-            ["ip", "netns", "exec", f"{NS}0", self.resilient, *args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+        """`resilient ARGS` (a launch) on the head, as a user would (output to `log`)."""
+        return self.launch_cmd([self.resilient, *args], log)
 
     def spawn(self, k: int, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
         """A long-running process on node `k` (its network; the host's filesystem but /etc/hosts,
