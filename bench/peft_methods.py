@@ -27,8 +27,9 @@ from precision import world_of_one  # noqa: E402
 
 from resilient.config import validate_tree  # noqa: E402
 from resilient.training.corpus import write_corpus  # noqa: E402
-from resilient.training.data import BYTE_VOCAB, ByteTokenizer, tokenize_corpus  # noqa: E402
+from resilient.training.data import BYTE_VOCAB, ByteTokenizer, StagedData  # noqa: E402
 from resilient.training.model import build_tiny_llama, load_base, trainable_state  # noqa: E402
+from resilient.training.prep import prepare  # noqa: E402
 from resilient.training.trainer import Trainer, write_adapter  # noqa: E402
 
 QV = {"target_modules": ["q_proj", "v_proj"]}
@@ -60,7 +61,12 @@ def quickstart_work(work: str) -> torch.Tensor:
     write_corpus(f"{work}/c.txt")
     build_tiny_llama(f"{work}/base", BYTE_VOCAB)
     write_corpus(f"{work}/eval.txt", lines=400, seed=1)
-    return tokenize_corpus(f"{work}/eval.txt", ByteTokenizer(), 64)[:128]
+    spec = validate_tree({"name": "eval", "data": {"path": f"{work}/eval.txt", "seq_len": 64}})
+    prepare(spec, ByteTokenizer(), f"{work}/eval-data", f"{work}/eval-tmp")
+    rows = StagedData(f"{work}/eval-data").train
+    return torch.stack(
+        [torch.from_numpy(rows.get("input_ids", i).astype("int64")) for i in range(128)]
+    )
 
 
 def trainer(work: str, device, peft: dict, train: dict, steps: int) -> Trainer:

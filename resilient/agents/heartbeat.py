@@ -40,6 +40,7 @@ class Heartbeat:
     mean_loss: float | None = None  # the job-wide mean loss of its last step
     tokens_per_s: float | None = None
     logs: tuple[str, ...] = ()  # lines the process wrote since the previous answer (agents.output)
+    evals: tuple[dict, ...] = ()  # rank 0: evaluations finished since then (training.evaluation)
 
     @property
     def past_start(self) -> bool:
@@ -64,4 +65,5 @@ def step_record(r, rank: int, step: int, data_step: int, attempt: int) -> dict:
         "attempt": attempt,
         "tokens_per_s": r.tokens / max(r.step_time + r.data_wait, 1e-9),
         "overflow": r.overflow,
+        "lr": r.lr,
     }

@@ -56,6 +56,7 @@ class NodeAgent:
             CheckpointStore(RunDir(run_uri, cfg.storage_options)),
             keep=cfg.keep,
             keep_every=cfg.keep_every,
+            keep_best=cfg.keep_best,
             may_write=self.lease.valid,
             generation=lambda: self.generation,
         )

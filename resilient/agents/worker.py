@@ -66,6 +66,7 @@ class TrainWorker(ChaosDamage):
         self._data_step = 0  # the data step of the last step trained
         self._agreed_pause = False  # every rank agreed to pause after the last step
         self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
+        self.evals: list[dict] = []  # rank 0: one record per evaluation, drained likewise
         self.engine = None
         self.slow = 1.0
         self._injected: list[tuple[str, dict, bool]] = []  # faults met at the next step
@@ -160,7 +161,7 @@ class TrainWorker(ChaosDamage):
         self.slow, self._injected = 1.0, []  # chaos of the previous life ends with it
         with self._lock:  # a new life: nothing of the previous one is reported again
             self.status = {"rank": self.rank, "pid": os.getpid(), "phase": "created"}
-            self.metrics = []
+            self.metrics, self.evals = [], []
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
         if self.rank == 0:  # a new rendezvous, served before the others start (the group)
@@ -188,7 +189,9 @@ class TrainWorker(ChaosDamage):
         with self._lock:
             status = dict(self.status)
             metrics, self.metrics = self.metrics, []
+            evals, self.evals = self.evals, []
         return Heartbeat(
+            evals=tuple(evals),
             **status,
             now=time.time(),
             metrics=tuple(metrics),
@@ -363,17 +366,37 @@ class TrainWorker(ChaosDamage):
             )
             if step == restored + 1:
                 self._set(first_step_done_at=now)
-            final = step == total or r.stop
-            if step % every == 0 or final:
-                self.engine.save(trainer, step, data_step, final)
+            evaluated = self._evaluate(trainer, step)
+            final = step == total or r.stop or trainer.evals.stop is not None
+            if step % every == 0 or final or evaluated:
+                # an evaluated step is persisted where the best are kept, so the best can be had
+                keep = evaluated and self.spec.checkpoint.keep_best > 0
+                self.engine.save(trainer, step, data_step, final or keep)
             if self.engine.error:
                 raise RuntimeError(self.engine.error)
-            if r.stop:  # a stop wins over a pause
+            if r.stop or trainer.evals.stop:  # a stop (or an early stop) wins over a pause
                 break
             if r.pause and step < total:
                 self._agreed_pause = True
                 break
         return step
+
+    def _evaluate(self, trainer, step: int) -> bool:
+        """Evaluate after `step` when it is due (every rank: the sums are job-wide); rank 0
+        reports it. Whether it was."""
+        if not self.spec.eval.due(step, self.spec.train.steps):
+            return False
+        t0 = time.perf_counter()
+        metrics = trainer.evaluate(step)
+        if metrics is None:
+            return False
+        if self.rank == 0:
+            rec = {**metrics, "seconds": time.perf_counter() - t0, "attempt": self.attempt}
+            if trainer.evals.stop:
+                rec["early_stop"] = trainer.evals.stop
+            with self._lock:
+                self.evals.append(rec)
+        return True
 
     def _record(self, step: int, data_step: int, r) -> None:
         rec = step_record(r, self.rank, step, data_step, self.attempt)
@@ -387,14 +410,14 @@ class TrainWorker(ChaosDamage):
         from resilient.rundir.layout import FINAL
         from resilient.training.trainer import export_to
 
-        total = self.spec.train.steps
+        done = step == self.spec.train.steps or trainer.evals.stop is not None
         if self.rank == 0:
             self._set(phase="persisting")
             self.engine.drain()
             if self.engine.handed_step < step:  # resumed at its last step: nothing was handed
                 self.engine.save(trainer, step, self._data_step, True)  # (re-persists atomically)
             self.engine.finish(step, self.spec.checkpoint.persist_timeout)
-            if step == total:
+            if done:
                 self._set(phase="exporting")
                 export_to(self.rundir, trainer, FINAL, base_ref)
-        self._set(phase="done" if step == total else "stopped")
+        self._set(phase="done" if done else "stopped")

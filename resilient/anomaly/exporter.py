@@ -8,6 +8,8 @@ unless a person says so). What it serves:
   `resilient_restarts_total`, `resilient_faults_total{kind}`, `resilient_checkpoint_last_step`,
   `resilient_checkpoint_age_seconds` (computed at scrape), `resilient_checkpoint_persisted_step`,
   `resilient_lost_seconds_total{cause}` (fault to training again, by the fault's kind);
+  the newest evaluation: `resilient_eval_loss`, `resilient_eval_perplexity`,
+  `resilient_eval_accuracy`, `resilient_eval_step`;
 - each rank, from its step records (`training`): loss, grad norm, compute and step seconds,
   tokens/s;
 - each GPU, from the node agents' samples (`gpu`), under the DCGM exporter's names and labels
@@ -81,6 +83,10 @@ class Exporter:
         }
         self.gpu_ranks: dict[tuple[str, int], str] = {}  # (node id, GPU index) -> rank
         self._xid: dict[tuple[str, int], float] = {}  # the last XID each GPU reported
+        self.evals = {
+            k: Gauge(f"resilient_eval_{k}", f"Eval {k} of the newest evaluation", registry=r)
+            for k in ("loss", "perplexity", "accuracy", "step")
+        }
         self.events = Counter(
             "resilient_anomaly_events", "Anomaly events by kind", ["kind", "severity"], registry=r
         )
@@ -150,6 +156,9 @@ class Exporter:
             self._ckpt_at = rec["t"]
         elif t == "persisted":
             self.persisted_step.set(rec["step"])
+        elif t == "eval":
+            for k, gauge in self.evals.items():
+                gauge.set(rec.get(k) or 0.0)
         elif t == "ranks":  # which rank uses which GPU (each worker group, once started)
             self.gpu_ranks = {}
             for m in rec.get("ranks", []):

@@ -30,8 +30,9 @@ FLUSH_S = 5.0  # seconds between writes of the buffered rows
 
 
 class AnomalyMonitor:
-    def __init__(self, spec: JobSpec, rundir: RunDir, exporter=None):
-        """`exporter`: the driver's Prometheus exporter (its owner closes it), or None."""
+    def __init__(self, spec: JobSpec, rundir: RunDir, exporter=None, trackers=None):
+        """`exporter`: the driver's Prometheus exporter (its owner closes it), or None;
+        `trackers`: what feeds TensorBoard/MLflow/W&B (`trackers.Feed`), or None."""
         cfg = spec.anomaly
         self.hardware = HardwareDetector(cfg)
         self.straggler = StragglerDetector(cfg, spec.cluster.num_workers)
@@ -43,7 +44,7 @@ class AnomalyMonitor:
             "host": store.ParquetLog(rundir, "metrics/host", store.HOST),
             "events": store.ParquetLog(rundir, "events", store.EVENTS),
         }
-        self.exporter = exporter
+        self.exporter, self.trackers = exporter, trackers
         self.counts: dict[str, int] = {}
         self._closed = threading.Event()
         self._io = threading.Lock()  # one writer at a time: the flush thread or close()
@@ -56,6 +57,8 @@ class AnomalyMonitor:
         for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
             if self.exporter:
                 self.exporter.training(r)
+            if self.trackers:
+                self.trackers.training(r)
             if r.get("overflow"):  # float16's scaler skipped it: expected, lowers the scale
                 continue
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):

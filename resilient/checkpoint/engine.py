@@ -78,7 +78,9 @@ class CheckpointEngine:
         """Hand `snap` to this node's agent; returns the seconds it took."""
         t0 = time.perf_counter()
         files = snap.to_files()
-        manifest = make_manifest(snap.step, files, self.fingerprint)
+        evaluated = (snap.meta.get("evals") or {}).get("eval")
+        extra = {"eval": evaluated} if evaluated else {}  # retention keeps the best by it
+        manifest = make_manifest(snap.step, files, self.fingerprint, **extra)
         deadline = HANDOFF_S + sum(len(b) for b in files.values()) / HANDOFF_BYTES_PER_S
         ray.get(self.agent.put.remote(snap.step, files, manifest, persist), timeout=deadline)
         with self._lock:

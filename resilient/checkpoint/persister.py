@@ -6,8 +6,11 @@ retried with exponential backoff (0.5 s doubling to `max_backoff`) while trainin
 commit, failure and retention deletion becomes an event for the journal (`drain_events`).
 Retention costs no listing per commit: the committed steps are listed once and then kept here
 (again after `protect()`, which a restart calls: another node may have committed meanwhile), and a
-`protect`ed step (the one being restored) is never deleted. `wait_persisted(step, timeout)` blocks
-until that step is in storage.
+`protect`ed step (the one being restored) is never deleted. `keep_best` > 0 keeps that many
+committed steps with the lowest eval loss too, at no request per commit: a committed snapshot's
+loss comes from its own manifest, and a listed step's (another node's, or an earlier process's)
+from its manifest, read once when first listed (`scores`: bounded by the committed steps).
+`wait_persisted(step, timeout)` blocks until that step is in storage.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import time
 
 from resilient.checkpoint.memory import MemoryTier
-from resilient.checkpoint.storage import CheckpointStore, Fenced
+from resilient.checkpoint.storage import CheckpointStore, Fenced, eval_loss
 
 
 class Persister:
@@ -30,8 +33,10 @@ class Persister:
         max_backoff: float = 8.0,
         may_write=lambda: True,
         generation=None,
+        keep_best: int = 0,
     ):
-        """`may_write()`: whether this process still holds its lease; checked before every
+        """`keep_best`: also keep that many committed steps with the lowest eval loss (0: off).
+        `may_write()`: whether this process still holds its lease; checked before every
         storage request (a fenced persister writes and deletes nothing, ever again).
         `generation()`: this writer's generation, checked against the run's fence before a
         commit becomes visible and before retention deletes (`storage.generation_fence`)."""
@@ -42,8 +47,14 @@ class Persister:
             keep_every,
             max_backoff,
         )
+        self.keep_best = keep_best
         self.persisted: set[int] = set()
+        # committed step -> eval loss (None: its manifest has none): each manifest read once
+        self.scores: dict[int, float | None] = {}
         self.committed: list[int] | None = None  # in storage; None: list it at the next retention
+        # Set by protect() (another thread): list again at the next retention. Only the persister
+        # thread touches `committed`, which a protect() in mid-retention must not pull away.
+        self._relist = False
         self.protected: frozenset[int] = frozenset()
         self.outage_until = 0.0
         self.may_write, self.generation = may_write, generation
@@ -101,17 +112,20 @@ class Persister:
                 bytes=size,
                 persisted_at=m["persisted_at"],
             )
-            self._retain(entry.step)
+            self._retain(entry.step, eval_loss(entry.manifest))
 
     def protect(self, steps: set[int]) -> None:
         """Never delete `steps` (being restored); re-list the committed steps at the next
         retention."""
-        self.protected, self.committed = frozenset(steps), None
+        self.protected, self._relist = frozenset(steps), True
 
-    def _retain(self, step: int) -> None:
+    def _retain(self, step: int, loss: float | None) -> None:
         try:
-            if self.committed is None:
+            self.scores[step] = loss  # from the manifest just committed: no request
+            if self.committed is None or self._relist:
+                self._relist = False
                 self.committed = self.store.steps()
+                self._learn_scores(step)
             if step not in self.committed:
                 bisect.insort(self.committed, step)
             deleted = self.store.retain(
@@ -121,13 +135,27 @@ class Persister:
                 self.protected,
                 self.may_write,
                 self.generation,
+                self.keep_best,
+                {s: v for s, v in self.scores.items() if v is not None},
             )
             self.committed = [s for s in self.committed if s not in deleted]
+            for s in deleted:
+                self.scores.pop(s, None)  # (without keep_best, listed steps have no entry)
             if deleted:
                 self.event(event="retention", deleted=deleted)
         except Exception as e:  # tried again after the next commit
             self.committed = None
             self.event(event="retention_error", error=str(e)[:300])
+
+    def _learn_scores(self, fresh: int) -> None:
+        """After a listing: forget steps no longer committed, read the manifests of listed steps
+        not seen yet (only when keeping the best: otherwise no score is needed). `fresh`, just
+        committed here, is known even where the listing does not show it yet."""
+        listed = set(self.committed) | {fresh}
+        self.scores = {s: v for s, v in self.scores.items() if s in listed}
+        if self.keep_best > 0:
+            for s in listed - self.scores.keys():
+                self.scores[s] = self.store.eval_loss(s)
 
     def wait_persisted(self, step: int, timeout: float) -> bool:
         deadline = time.time() + timeout

@@ -3,12 +3,15 @@
 Contract: a checkpoint `checkpoints/step_<step>/` is visible only once its `manifest.json` (sizes
 and sha256 of every file, written last) exists; a writer that dies earlier leaves nothing visible.
 `load(step)` returns the files only if every checksum, the step and (when given) the spec
-fingerprint match; otherwise it raises `CheckpointInvalid` with the reason.
+fingerprint match; otherwise it raises `CheckpointInvalid` with the reason. A manifest may carry
+the step's evaluation (`"eval": {"loss": ...}`): `eval_loss(manifest)` reads it (None without a
+finite one), `store.scores()` maps the committed steps to theirs, and `retain` keeps the best.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any
 
@@ -56,6 +59,14 @@ def make_manifest(step: int, files: dict[str, bytes], fingerprint: str, **extra:
         "files": {n: {"size": len(b), "sha256": sha256(b)} for n, b in files.items()},
         **extra,
     }
+
+
+def eval_loss(manifest: dict) -> float | None:
+    """The eval loss a manifest carries, or None (not evaluated, or not a finite number: a step
+    whose evaluation diverged is never the best)."""
+    loss = (manifest.get("eval") or {}).get("loss")
+    ok = isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
+    return float(loss) if ok else None
 
 
 def verify_files(
@@ -128,6 +139,14 @@ class CheckpointStore:
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointInvalid(f"step {step}: manifest unreadable ({e})") from None
 
+    def eval_loss(self, step: int) -> float | None:
+        """Step `step`'s eval loss from its manifest; None without one or with an unreadable
+        manifest (storage errors other than a missing or damaged manifest propagate)."""
+        try:
+            return eval_loss(self.manifest(step))
+        except CheckpointInvalid:
+            return None
+
     def load(self, step: int, fingerprint: str | None = None) -> dict[str, bytes]:
         """The verified files of checkpoint `step`."""
         m = self.manifest(step)
@@ -143,6 +162,16 @@ class CheckpointStore:
     def verify(self, step: int, fingerprint: str | None = None) -> None:
         self.load(step, fingerprint)
 
+    def scores(self, steps: list[int] | None = None) -> dict[int, float]:
+        """step -> eval loss of the committed checkpoints (of `steps`) that have one: a manifest
+        read each."""
+        out = {}
+        for s in self.steps() if steps is None else steps:
+            loss = self.eval_loss(s)
+            if loss is not None:
+                out[s] = loss
+        return out
+
     def retain(
         self,
         keep: int,
@@ -151,12 +180,15 @@ class CheckpointStore:
         protected: set[int] | frozenset[int] = frozenset(),
         may_write=lambda: True,
         generation=None,
+        keep_best: int = 0,
+        scores: dict[int, float] | None = None,
     ) -> list[int]:
         """Delete what `retention.doomed` dooms among `steps` (default: a listing of the committed
-        ones), never a `protected` step, asking `may_write()` before each. Returns the deleted
-        steps."""
+        ones; `keep_best` of them by `scores` kept), never a `protected` step, asking
+        `may_write()` before each. Returns the deleted steps."""
         committed = self.steps() if steps is None else steps
-        doomed = [s for s in retention.doomed(committed, keep, keep_every) if s not in protected]
+        doomed = retention.doomed(committed, keep, keep_every, keep_best, scores)
+        doomed = [s for s in doomed if s not in protected]
         if doomed and generation is not None:
             generation_fence(self.rundir, generation())
         done = []

@@ -1,5 +1,6 @@
-"""`resilient ckpt list|verify|export|expand`: a run's persisted checkpoints, and adapters from
-them (dense, or ComPEFT-packed and expanded back)."""
+"""`resilient ckpt list|verify|export|expand`: a run's persisted checkpoints (with their eval
+loss), and exports of one (by step, or the best by eval loss): a peft adapter (dense, or
+ComPEFT-packed and expanded back) or the model with the adapter merged in."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ def ckpt() -> None:
 @click.argument("run_dir")
 @user_errors
 def ckpt_list(run_dir) -> None:
-    """Persisted checkpoints: step, tier, size, persisted at, verified."""
-    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
+    """Persisted checkpoints: step, tier, size, persisted at, eval loss, verified."""
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, eval_loss
 
     store = CheckpointStore(open_rundir(run_dir))
     console = Console()
 
-    t = Table("step", "tier", "size", "persisted at", "verified")
+    t = Table("step", "tier", "size", "persisted at", "eval loss", "verified")
     for step in store.steps():
         try:
             m = store.manifest(step)
@@ -39,7 +40,8 @@ def ckpt_list(run_dir) -> None:
             m, ok = None, f"NO: {e}"
         size = f"{sum(f['size'] for f in m['files'].values()) / 1024:.1f} KiB" if m else "-"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])) if m else "-"
-        t.add_row(str(step), "storage", size, when, ok)
+        loss = eval_loss(m) if m else None
+        t.add_row(str(step), "storage", size, when, "-" if loss is None else f"{loss:.4f}", ok)
     console.print(t)
 
 
@@ -74,8 +76,21 @@ def ckpt_verify(run_dir, step) -> None:
 
 @ckpt.command("export")
 @click.argument("run_dir")
-@click.option("--step", type=int, required=True, help="The persisted checkpoint to export.")
+@click.option("--step", type=int, help="The persisted checkpoint to export (or --best).")
+@click.option(
+    "--best",
+    is_flag=True,
+    help="Export the persisted checkpoint with the lowest eval loss (ties: the earlier step; "
+    "the run must have evaluated: [eval]).",
+)
 @click.argument("out")
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Write the adapter merged into the base model: a model directory (safetensors) "
+    "AutoModelForCausalLM.from_pretrained loads alone, with the base's tokenizer files where it "
+    "has any. Not with --compress.",
+)
 @click.option(
     "--compress",
     type=click.Choice(["compeft"]),
@@ -88,19 +103,37 @@ def ckpt_verify(run_dir, step) -> None:
     help="With --compress: the fraction of each tensor's update kept  [default: 0.1]",
 )
 @user_errors
-def ckpt_export(run_dir, step, out, compress, density) -> None:
-    """Write checkpoint STEP as a peft adapter directory OUT."""
+def ckpt_export(run_dir, step, best, out, merge, compress, density) -> None:
+    """Write checkpoint STEP (or --best: the lowest eval loss) as a peft adapter directory OUT,
+    or (--merge) merged into the base model as a full model directory."""
     from resilient.checkpoint.storage import CheckpointInvalid
-    from resilient.training.export import export_compressed, export_step
+    from resilient.training.export import best_step, export_compressed, export_merged, export_step
 
+    if step is not None and best:
+        raise UserError("--step and --best both name a checkpoint: give only one of them")
+    if step is None and not best:
+        raise UserError("name the checkpoint to export: give --step N or --best")
     if density is not None and not compress:
         raise UserError("--density applies to a compressed export: add --compress compeft")
+    if merge and compress:
+        raise UserError("--merge writes a whole model, --compress an adapter update: drop one")
     density = 0.1 if density is None else density
     rd = open_rundir(run_dir)
+    what = f"step {step}"
+    if best:
+        step, loss = best_step(rd)
+        what = f"step {step} (the best: eval loss {loss:.4f})"
     try:
+        if merge:
+            tokenizer = export_merged(rd, step, out)
+            with_tok = (
+                ", with the base's tokenizer" if tokenizer else " (the base has no tokenizer)"
+            )
+            click.echo(f"{what} merged into the base model, written to {out}{with_tok}")
+            return
         if not compress:
             export_step(rd, step, out)
-            click.echo(f"adapter of step {step} written to {out}")
+            click.echo(f"adapter of {what} written to {out}")
             return
         dense, packed = export_compressed(rd, step, out, density)
     except CheckpointInvalid as e:
@@ -108,7 +141,7 @@ def ckpt_export(run_dir, step, out, compress, density) -> None:
             f"--step {step}: {e}; `resilient ckpt list {run_dir}` shows the checkpoints"
         ) from None
     click.echo(
-        f"ComPEFT adapter of step {step} (density {density:g}) written to {out}: {packed:,} "
+        f"ComPEFT adapter of {what} (density {density:g}) written to {out}: {packed:,} "
         f"bytes, {dense / packed:.1f}x smaller than the dense adapter ({dense:,} bytes)"
     )
 

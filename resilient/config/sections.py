@@ -115,8 +115,11 @@ class ModelConfig(_Section):
         description="A Hugging Face model directory: a local path or an fsspec URI "
         "(s3://bucket/llama); staged into the run directory at launch.",
     )
-    builtin: Literal["", "tiny-llama"] = Field(
-        "", description='"tiny-llama": a small Llama model built from a config (no download).'
+    builtin: Literal["", "tiny-llama", "tiny-llama-chat"] = Field(
+        "",
+        description='"tiny-llama": a small Llama model on UTF-8 bytes, built from a config (no '
+        'download); "tiny-llama-chat": the same with a BPE tokenizer trained on a generated '
+        "corpus and a chat template (for chat fine-tunes without a download).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -139,22 +142,6 @@ class ModelConfig(_Section):
     @classmethod
     def _absolute(cls, v: str) -> str:
         return str(Path(v).expanduser().absolute()) if v and "://" not in v else v
-
-
-class DataConfig(_Section):
-    """The training corpus."""
-
-    path: str = Field(
-        ..., description="A text file (one document per line) or JSONL with a `text` field."
-    )
-    seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sample.")
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        # Existence is the launcher's check (`launcher.inputs`): the data is staged into the run
-        # directory at launch, and workers, which validate this spec too, never read this path.
-        return str(Path(v).expanduser().absolute())
 
 
 class CheckpointConfig(_Section):
@@ -193,6 +180,13 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, ge=1, description="Newest persisted checkpoints kept in storage.")
     keep_every: int = Field(
         0, ge=0, description="Also keep every persisted step that is a multiple of this (0 = off)."
+    )
+    keep_best: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="Also keep the N persisted checkpoints with the lowest eval loss (with "
+        "[eval]: every evaluated step is persisted); 0 = off.",
     )
 
     @field_validator("storage")

@@ -17,11 +17,11 @@ from pydantic import Field, field_validator, model_validator
 from resilient.catalogue import GPU
 from resilient.config.adapter import is_lora, peft_config
 from resilient.config.chaos import ChaosConfig
+from resilient.config.data import DataConfig, EvalConfig, LoggingConfig
 from resilient.config.sections import (
     AnomalyConfig,
     CheckpointConfig,
     ClusterConfig,
-    DataConfig,
     ModelConfig,
     SupervisorConfig,
     _Section,
@@ -47,6 +47,8 @@ class JobSpec(_Section):
         description="Passed to peft; `method` names the peft type (lora, ia3, ...).",
     )
     data: DataConfig
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
@@ -86,7 +88,7 @@ class JobSpec(_Section):
                     f"chaos[{i}].rank {c.rank} does not exist; ranks are "
                     f"0..{self.cluster.num_workers - 1}"
                 )
-            if c.at_step is not None and c.at_step > self.train.steps:
+            if c.at_step is not None and c.at_step > self.train.steps and not self.train.epochs:
                 raise ValueError(
                     f"chaos[{i}].at_step {c.at_step} is past train.steps {self.train.steps}"
                 )
@@ -103,17 +105,19 @@ class JobSpec(_Section):
         keep = {
             "model": self.model.model_dump(),
             "peft": self.peft,
-            "data": self.data.model_dump(),
+            "data": self.data.fingerprinted(),
             # The global batch, not the world size: a checkpoint restores at any number of ranks.
             "train": self.train.model_dump(exclude=self._not_fingerprinted()),
             "global_batch": self.global_batch(),
         }
+        if self.eval.split:  # held-out samples are not trained on
+            keep["eval_split"] = self.eval.split
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def _not_fingerprinted(self) -> set[str]:
         # The per-rank split of the global batch may change between attempts; LoRA+ off is left
         # out so that runs from before the key existed keep their fingerprint.
-        keys = {"steps", "batch_size", "grad_accum_steps"}
+        keys = {"steps", "batch_size", "grad_accum_steps", "epochs"}
         return keys | ({"loraplus_lr_ratio"} if not self.train.loraplus_lr_ratio else set())
 
     def global_batch(self) -> int:

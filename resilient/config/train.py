@@ -32,6 +32,13 @@ class TrainConfig(_Section):
     """The optimisation."""
 
     steps: int = Field(100, ge=1, le=10**9, description="Optimizer steps in total.")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        le=10**6,
+        description="Train this many passes over the data instead: train.steps is then derived "
+        "at launch (sequences x epochs / global batch, rounded up).",
+    )
     batch_size: int = Field(4, ge=1, le=65_536, description="Samples per worker per step.")
     lr: float = Field(
         1e-3, gt=0, le=10, description="Peak learning rate (AdamW, shaped by `lr_scheduler`)."

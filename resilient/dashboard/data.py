@@ -87,7 +87,8 @@ def timeline(rd: RunReader) -> dict:
 
 
 def metrics(rd: RunReader, last: int = 2000) -> dict:
-    """Per-rank training series and per-GPU series (the newest `last` points of each)."""
+    """Per-rank training series, per-GPU series and the evaluations (the newest `last` points of
+    each)."""
     train, gpu = rd.rows("metrics/train"), rd.rows("metrics/gpu")
     ranks: dict[str, dict[str, list]] = {}
     for r in sorted(train, key=lambda r: r["t"]):
@@ -105,10 +106,15 @@ def metrics(rd: RunReader, last: int = 2000) -> dict:
         )
         for k in d:
             d[k].append(r[k])
-    for series in list(ranks.values()) + list(gpus.values()):
+    ev = {k: [] for k in ("t", "step", "loss", "perplexity", "accuracy")}
+    for r in rd.records():
+        if r["type"] == "eval":
+            for k in ev:
+                ev[k].append(r.get(k))
+    for series in [*ranks.values(), *gpus.values(), ev]:
         for k in series:
             series[k] = series[k][-last:]
-    return {"ranks": ranks, "gpus": gpus}
+    return {"ranks": ranks, "gpus": gpus, "eval": ev}
 
 
 def events(rd: RunReader, kind: str | None = None) -> list[dict]:

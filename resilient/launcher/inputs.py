@@ -8,9 +8,10 @@ Contract:
   storage field's mistake.
 - `check_writable(rundir, field)`: storage takes a write (credentials, endpoint, bucket); it leaves
   nothing behind but the run directory itself.
-- `check_data(spec, model_dir)`: the data file exists, is text (or JSONL with a `text` field) and
-  holds at least one sample of `data.seq_len` tokens of the job's own tokenizer (the one in
-  `model_dir`); returns the tokenised samples, which launch stages for the workers.
+- `check_data(spec, model_dir, tmp)`: `data.path` (and `eval.path`) can be read, have rows of
+  `data.format` that can be trained on and, as text chunks, at least one sequence of
+  `data.seq_len` tokens of the job's own tokenizer (the one in `model_dir`); returns the folder of
+  the prepared sets (`training.prep`), which launch stages for the workers, and their stats.
 - `check_adapter(spec, model_dir)`: the peft table applies to the model (its target modules
   exist: tried on a weightless copy on the meta device), and a sample, with the virtual tokens
   prompt-learning methods (prefix, prompt, P-tuning) put before it, fits the model's
@@ -19,7 +20,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -71,15 +71,12 @@ def check_writable(rundir: RunDir, field: str) -> None:
         raise storage_error(field, rundir.uri, e) from None
 
 
-def _tokenizer(spec: JobSpec, model_dir: str):
-    from resilient.training.data import ByteTokenizer
-
-    if spec.model.builtin:
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
+def tokenizer_of(spec: JobSpec, model_dir: str):
+    """The job's tokenizer, or SpecError naming model.path."""
+    from resilient.training.encode import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return load_tokenizer(spec.model.builtin, model_dir)
     except Exception as e:  # a model directory without a tokenizer, or a damaged one
         raise SpecError(
             f"model.path {spec.model.path!r} holds no tokenizer transformers can load "
@@ -87,29 +84,18 @@ def _tokenizer(spec: JobSpec, model_dir: str):
         ) from None
 
 
-def check_data(spec: JobSpec, model_dir: str):
-    from resilient.training.data import tokenize_corpus
+def check_data(spec: JobSpec, model_dir: str, tmp: str) -> tuple[str, dict]:
+    """The training (and evaluation) sets read, tokenised and laid out in `<tmp>/data`
+    (`training.prep`); (that folder, its stats)."""
+    import shutil
 
-    path = spec.data.path
-    if not os.path.isfile(path):
-        raise SpecError(f"data.path {path!r} does not exist; give the path of a text or JSONL file")
+    from resilient.training.prep import prepare
+
+    out, work = os.path.join(tmp, "data"), os.path.join(tmp, "prep")
     try:
-        samples = tokenize_corpus(path, _tokenizer(spec, model_dir), spec.data.seq_len)
-    except UnicodeDecodeError:
-        raise SpecError(
-            f"data.path {path!r} is not UTF-8 text; give a text file (one document per line) or "
-            "JSONL with a `text` field"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SpecError(
-            f"data.path {path!r}: a .jsonl/.json corpus needs one JSON object with a `text` field "
-            "per line"
-        ) from None
-    except ValueError as e:  # fewer tokens than one sample
-        raise SpecError(f"{e}; give more text or lower data.seq_len") from None
-    if len(samples) == 0:
-        raise SpecError(f"data.path {path!r} holds no sample; give more text")
-    return samples
+        return out, prepare(spec, tokenizer_of(spec, model_dir), out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the readers' caches: as big as the data
 
 
 def check_adapter(spec: JobSpec, model_dir: str) -> None:

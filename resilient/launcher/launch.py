@@ -64,7 +64,8 @@ def launch(
         )
     with tempfile.TemporaryDirectory(prefix="resilient-inputs-") as tmp:
         model = staging.model_dir(spec, tmp)
-        samples = inputs.check_data(spec, model)
+        data, stats = inputs.check_data(spec, model, tmp)
+        spec = _with_epochs(spec, stats)
         inputs.check_adapter(spec, model)
         existed = rundir.is_local and os.path.isdir(rundir.local_path())
         inputs.check_writable(rundir, "checkpoint.storage")
@@ -76,9 +77,21 @@ def launch(
             fresh=True,
             dashboard_port=dashboard_port,
             made_dir=rundir.is_local and not existed,
-            stage=lambda: staging.stage(rundir, spec, tmp, model, samples),
+            stage=lambda: staging.stage(rundir, spec, tmp, model, data),
             captured=captured,
+            data_stats=stats,
         )
+
+
+def _with_epochs(spec: JobSpec, stats: dict) -> JobSpec:
+    """The spec with train.steps derived from train.epochs (when set) and the prepared data."""
+    if not spec.train.epochs:
+        return spec
+    from resilient.training.prep import steps_for
+
+    tree = spec.model_dump(mode="json")
+    tree["train"]["steps"] = steps_for(spec, stats)
+    return validate_tree(tree)
 
 
 def _read_spec(rundir: RunDir, console: Console) -> dict:
@@ -204,6 +217,25 @@ def _exporter(spec: JobSpec, journal: Journal, records: list[dict], console: Con
     return exporter
 
 
+def _trackers(spec: JobSpec, journal: Journal, records: list[dict]):
+    """The experiment trackers' feed (`logging`), fed every record appended from now on; None
+    when no tracker is configured. A resumed run reopens its tracker runs (their ids journalled)
+    and logs no step they hold already."""
+    if not spec.logging.any:
+        return None
+    from resilient.anomaly.trackers import Feed, from_spec
+
+    first = next(r for r in records if r["type"] == "job")
+    ids = next((r["ids"] for r in reversed(records) if r["type"] == "trackers"), None)
+    done = fold(records)
+    last_eval = max((e["step"] for e in done["eval"]), default=0)
+    trackers = from_spec(spec, first["run_id"], ids, done["step"], last_eval)
+    feed = Feed(trackers)
+    journal.listeners.append(feed.record)
+    journal.append("trackers", ids=trackers.ids)  # W&B's id now; MLflow's at the end
+    return feed
+
+
 def _supervise(
     spec: JobSpec,
     rundir: RunDir,
@@ -220,10 +252,13 @@ def _supervise(
     from resilient.supervisor.supervisor import Supervisor
 
     exporter = _exporter(spec, journal, records, console)  # first: a taken port starts nothing
+    feed = _trackers(spec, journal, records)
     requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
     chaos = ChaosController(spec, rundir, journal, requests)
-    parts = ray_parts(spec, rundir, base_ref(rundir, spec.model.path), requests, chaos, exporter)
+    ref = base_ref(rundir, spec.model.path)
+    parts = ray_parts(spec, rundir, ref, requests, chaos, exporter, feed)
     notes = RayNotes(captured, rundir, journal) if captured is not None else None
+    status: dict = {}
     try:
         with ProgressLine(console) as progress:
             sup = Supervisor(spec, rundir, journal, parts, records, on_progress=progress.update)
@@ -231,6 +266,10 @@ def _supervise(
     finally:
         if exporter:
             exporter.close()
+        if feed:
+            ok = status.get("state") in ("SUCCEEDED", "STOPPED")
+            feed.trackers.close("FINISHED" if ok else "FAILED")
+            journal.append("trackers", ids=feed.trackers.ids)
         if notes:
             notes.close()
             journal.flush(timeout=10)
@@ -275,7 +314,9 @@ def _run(
     made_dir: bool = False,
     stage=None,
     captured: LineBuffer | None = None,
+    data_stats: dict | None = None,
 ) -> dict:
+    """`data_stats`: the prepared data's (a new run), journalled and printed."""
     conn = _start(spec, rundir, fresh, made_dir)
     preemption = Preemption(spec.supervisor.grace_s).install()  # after Ray: it has its own
     try:
@@ -286,6 +327,11 @@ def _run(
             highlight=False,
             soft_wrap=True,
         )
+        if data_stats:
+            from resilient.training.prep import summary
+
+            journal.append("data", **data_stats)
+            console.print(summary(data_stats), highlight=False, soft_wrap=True)
         patiently("stage the inputs", stage, console)
         dash = None
         if dashboard_port:

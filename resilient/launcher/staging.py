@@ -3,8 +3,9 @@
 Contract: `model_dir(spec, tmp)` is a local directory holding the base model: the built-in model
 built into `tmp`, `model.path` itself when local (UserError naming the field when it is not a
 directory), or `model.path`'s files fetched through fsspec into `tmp` when it is a URI.
-`stage(rundir, spec, tmp, model=None, samples=None)` publishes into the run directory what it does
-not hold yet: the base model (`base_model/`) and the tokenised corpus (`data/`), each with a
+`stage(rundir, spec, tmp, model=None, data=None)` publishes into the run directory what it does
+not hold yet: the base model (`base_model/`) and the prepared sets (`data/`: `data` is the folder
+`inputs.check_data` made, prepared now when None), each with a
 manifest written last (`rundir.staged`). It is idempotent: a resumed run whose staged inputs are
 whole reads nothing of the user's, so its input files may be gone.
 """
@@ -24,10 +25,14 @@ def model_dir(spec: JobSpec, tmp: str) -> str:
     if spec.model.builtin:
         from resilient.training.data import BYTE_VOCAB
         from resilient.training.model import build_tiny_llama
+        from resilient.training.tiny_chat import build_tiny_chat_model
 
         out = os.path.join(tmp, "base")
         if not os.path.isdir(out):
-            build_tiny_llama(out, BYTE_VOCAB)
+            if spec.model.builtin == "tiny-llama-chat":
+                build_tiny_chat_model(out)
+            else:
+                build_tiny_llama(out, BYTE_VOCAB)
         return out
     if "://" not in path:
         if not os.path.isdir(path):
@@ -57,17 +62,13 @@ def _download(uri: str, out: str) -> str:
     return out
 
 
-def stage(rundir: RunDir, spec: JobSpec, tmp: str, model: str | None = None, samples=None) -> None:
+def stage(rundir: RunDir, spec: JobSpec, tmp: str, model: str | None = None, data=None) -> None:
     if not staged.published(rundir, BASE_MODEL):
         model = model or model_dir(spec, tmp)
         staged.publish(rundir, model, BASE_MODEL)
     if not staged.published(rundir, DATA):
         from resilient.launcher.inputs import check_data
-        from resilient.training.data import save_samples
 
-        if samples is None:
-            samples = check_data(spec, model or staged.local_dir(rundir, BASE_MODEL))
-        out = os.path.join(tmp, "data")
-        os.makedirs(out, exist_ok=True)
-        save_samples(samples, out)
-        staged.publish(rundir, out, DATA)
+        if data is None:
+            data, _ = check_data(spec, model or staged.local_dir(rundir, BASE_MODEL), tmp)
+        staged.publish(rundir, data, DATA)

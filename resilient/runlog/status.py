@@ -7,7 +7,9 @@ Contract: `fold(records)` is pure. Its keys are a public format (README, "status
 `skipped_batches`, `reason`), `events` (anomaly events counted by kind), `world_size` (ranks of
 the newest worker group), `resizes` (each with `step`, `from`, `to`, `reason`) and `ranks` (each
 with `rank`, `pid`, `node`, `started_at`, `restarts`: how often that rank's process was replaced),
-plus extras.
+`data` (the staged sets: `rows`, `used`, `bad_rows`, `bad` by reason, `truncated`, `sequences`,
+`tokens`, `trained_tokens`, ...) and `eval` (each evaluation, by step: `step`, `loss`,
+`perplexity`, `accuracy`, `tokens`), plus extras.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def _empty() -> dict[str, Any]:
         "world_size": None,
         "resizes": [],
         "ranks": [],
+        "data": {},
+        "eval": [],
     }
 
 
@@ -134,6 +138,16 @@ def _anomaly(s: dict, r: dict) -> None:
     s["events"][r["kind"]] = s["events"].get(r["kind"], 0) + 1
 
 
+EVAL_KEYS = ("step", "loss", "perplexity", "accuracy", "tokens")
+
+
+def _eval(s: dict, r: dict) -> None:
+    ev = {k: r.get(k) for k in EVAL_KEYS}
+    if s["eval"] and s["eval"][-1]["step"] >= ev["step"]:  # a step evaluated again: the newest
+        s["eval"] = [e for e in s["eval"] if e["step"] < ev["step"]]
+    s["eval"].append(ev)
+
+
 FOLDS = {
     "job": _job,
     "resume": _resume,
@@ -153,6 +167,8 @@ FOLDS = {
     "checkpoint": _checkpoint,
     "ranks": _ranks,
     "resize": _resize,
+    "data": lambda s, r: s.update(data={k: v for k, v in r.items() if k not in ("t", "type")}),
+    "eval": _eval,
 }
 
 

@@ -3,6 +3,8 @@
 Contract: `Intake(journal, monitor, nodes, logs)` records, and decides nothing. `heartbeats(hbs)`
 journals the snapshots the ranks handed over (and gives their output lines to `logs`) and returns
 which data steps each step trained on;
+evaluations (`eval` records, each step once: a replayed step's evaluation is not journalled
+again; `early_stop` holds the reason when the ranks stopped early);
 `events(metrics)` feeds the per-step metrics and the node agents' samples to the anomaly monitor
 (journalling the agents' checkpoint events) and returns the events raised; `anomaly(e, decision)`
 journals an event with what the policy made of it; `keep(metrics)` stores a torn-down group's
@@ -24,11 +26,15 @@ class Intake:
         """`logs`: where the ranks' output goes (a `RankLogs`), or None."""
         self.journal, self.monitor, self.nodes, self.logs = journal, monitor, nodes, logs
         self.persisted: set[int] = set()  # steps in storage, as the journal tells (retention too)
+        self.evaluated = 0  # the newest step whose evaluation is journalled
+        self.early_stop: str | None = None
 
     def learn(self, records: Iterable[dict]) -> None:
         """What earlier lives of the run persisted (and retention deleted)."""
         for r in records:
             self._persistence(r["type"], r)
+            if r["type"] == "eval":
+                self.evaluated = max(self.evaluated, r["step"])
 
     def newest_persisted(self, at_most: int | None = None) -> int | None:
         return max((s for s in self.persisted if at_most is None or s <= at_most), default=None)
@@ -47,6 +53,11 @@ class Intake:
                 self.logs.append(hb.rank, hb.logs)
             for rec in hb.checkpoints:
                 self.journal.append("checkpoint", rank=hb.rank, tier="memory", **rec)
+            for ev in hb.evals:
+                self.early_stop = ev.get("early_stop") or self.early_stop
+                if ev["step"] > self.evaluated:
+                    self.evaluated = ev["step"]
+                    self.journal.append("eval", **ev)
             trained += [(m["step"], m["data_step"]) for m in hb.metrics]
         return trained
 

@@ -46,9 +46,11 @@ def ray_parts(
     control: Any,
     chaos: ChaosHooks | None = None,
     exporter: Any = None,
+    trackers: Any = None,
 ) -> Parts:
     """The real collaborators (Ray must be connected); `base_ref` is what the final adapter names
-    as its base model; `exporter` the Prometheus exporter the monitor feeds, if any."""
+    as its base model; `exporter` the Prometheus exporter the monitor feeds, if any; `trackers`
+    the experiment trackers' feed (`anomaly.trackers.Feed`), if any."""
     nodes = Nodes(spec, rundir.uri)
     spares = SparePool(spec, rundir.uri, nodes.reservation) if spares_wanted(spec) else None
 
@@ -69,7 +71,7 @@ def ray_parts(
         CheckpointStore(rundir),
         nodes,
         new_group,
-        AnomalyMonitor(spec, rundir, exporter),
+        AnomalyMonitor(spec, rundir, exporter, trackers),
         control,
         chaos or NoChaos(),
         spares,

@@ -281,9 +281,8 @@ class Supervisor:
                 "persisted",
             )
             return
-        self.book.to(
-            JobState.SUCCEEDED, f"all {self.spec.train.steps} steps done; final adapter written"
-        )
+        done = self.intake.early_stop or f"all {self.spec.train.steps} steps done"
+        self.book.to(JobState.SUCCEEDED, f"{done}; final adapter written")
 
     # -- acting on a fault -------------------------------------------------------------------------
     def _handle(self, fault: Fault, group) -> None:

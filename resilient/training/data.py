@@ -1,4 +1,4 @@
-"""Tokenised corpus and a deterministic, resumable data order.
+"""The staged training data and a deterministic, resumable data order.
 
 Contract: a data step's samples are a pure function of (seed, number of samples, global batch,
 data step) alone: `microbatches(data_step)` cuts them into the same microbatches at every world
@@ -10,66 +10,53 @@ A run resumes its data order by restoring `data_step` alone.
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
-BYTE_VOCAB = 258  # 256 byte values, BOS, EOS
+from resilient.training.encode import BYTE_VOCAB, ByteTokenizer  # noqa: F401 (re-exported)
+from resilient.training.prep import EVAL_FILE, STATS_FILE, TRAIN_FILE
+from resilient.training.rows import RowTable, collate, open_rows
+
+LEGACY_FILE = "samples.safetensors"  # what runs staged before the Arrow layout
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: the built-in model's tokenizer (needs no files, no download)."""
+class StagedData:
+    """The staged sets of a run (`prep.prepare`'s folder), memory-mapped: `train` and `eval`
+    (None without evaluation) are `RowTable`s, `batch(table, indices)` a microbatch of the model's
+    keyword arguments, `tokens(indices)` the training tokens of those sequences."""
 
-    vocab_size = BYTE_VOCAB
-    bos_token_id = BYTE_VOCAB - 2
-    eos_token_id = BYTE_VOCAB - 1
+    def __init__(self, folder: str):
+        if not os.path.exists(os.path.join(folder, TRAIN_FILE)):
+            self.train, self.eval, self.stats = _legacy(folder), None, {"mode": "chunks"}
+        else:
+            self.train = open_rows(os.path.join(folder, TRAIN_FILE))
+            path = os.path.join(folder, EVAL_FILE)
+            self.eval = open_rows(path) if os.path.exists(path) else None
+            with open(os.path.join(folder, STATS_FILE)) as f:
+                self.stats = json.load(f)
+        self.mode, self.pad = self.stats["mode"], int(self.stats.get("pad_id", 0))
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def batch(self, table: RowTable, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate([table.row(i) for i in indices], self.mode, self.pad)
 
-
-def read_documents(path: str) -> list[str]:
-    """Documents of a text file (one per non-empty line) or JSONL (the `text` field of each
-    line)."""
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith((".jsonl", ".json")):
-                line = json.loads(line)["text"]
-            docs.append(line)
-    return docs
+    def tokens(self, indices) -> int:
+        return sum(len(self.train.get("input_ids", i)) for i in indices)
 
 
-def tokenize_corpus(path: str, tokenizer, seq_len: int) -> torch.Tensor:
-    """All documents, each ended by EOS, concatenated and cut into [n, seq_len] samples."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in read_documents(path):
-        ids.extend(tokenizer.encode(doc))
-        ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"data.path {path!r} holds fewer than data.seq_len={seq_len} tokens")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-SAMPLES_FILE = "samples.safetensors"
-
-
-def save_samples(samples: torch.Tensor, out_dir: str) -> None:
-    """The tokenised corpus as safetensors (int32: half the bytes, every vocabulary fits)."""
-    from safetensors.torch import save_file
-
-    save_file({"samples": samples.to(torch.int32).contiguous()}, f"{out_dir}/{SAMPLES_FILE}")
-
-
-def load_samples(in_dir: str) -> torch.Tensor:
-    """What `save_samples` wrote, as the [n, seq_len] long tensor `tokenize_corpus` returns."""
+def _legacy(folder: str) -> RowTable:
+    """A run staged before the Arrow layout: its [n, seq_len] samples, trained on every token."""
+    import pyarrow as pa
     from safetensors.torch import load_file
 
-    return load_file(f"{in_dir}/{SAMPLES_FILE}")["samples"].to(torch.long)
+    samples = load_file(os.path.join(folder, LEGACY_FILE))["samples"].numpy()
+    n, width = samples.shape
+    offsets = pa.array(range(0, (n + 1) * width, width), type=pa.int32())
+    col = pa.ListArray.from_arrays(offsets, pa.array(samples.reshape(-1)))
+    lengths = pa.ListArray.from_arrays(
+        pa.array(range(n + 1), type=pa.int32()), pa.array([width] * n, type=pa.int32())
+    )
+    return RowTable(pa.table({"input_ids": col, "labels": col, "lengths": lengths}))
 
 
 class DataOrder:

@@ -1,11 +1,18 @@
-"""Export any verified checkpoint of a run as a peft adapter directory, dense or ComPEFT-packed.
+"""Export any verified checkpoint of a run as a peft adapter directory (dense or ComPEFT-packed)
+or merged into its base model.
 
 Contract: `export_step(rundir, step, out_dir)` rebuilds the run's model with its adapter from
 `spec.json`, loads the checkpoint's adapter tensors (checksums verified, safetensors only) and
 saves a directory `PeftModel.from_pretrained` loads, naming the run's base model. It raises
-`CheckpointInvalid` when the checkpoint is missing or damaged. `export_compressed(..., density)`
-writes the same adapter as a ComPEFT update of its initial state instead (`compeft.safetensors`,
-`compeft.json`, peft's `adapter_config.json`) and returns (dense bytes, packed bytes);
+`CheckpointInvalid` when the checkpoint is missing or damaged. `export_merged(rundir, step,
+out_dir)` writes the adapter merged into the base (peft's `merge_and_unload`) as a model
+directory `AutoModelForCausalLM.from_pretrained` loads alone (safetensors), with the staged base's
+tokenizer files where it has any (UserError for a prompt-learning method: nothing to merge).
+`best_step(rundir)` is the persisted step with the lowest eval loss in its manifest (ties: the
+earlier), or UserError naming [eval] when none has one.
+`export_compressed(..., density)` writes the same adapter as a ComPEFT update of its initial
+state instead (`compeft.safetensors`, `compeft.json`, peft's `adapter_config.json`) and returns
+(dense bytes, packed bytes);
 `expand_dir(in_dir, out_dir, base)` rebuilds the initial state from the base model (the one the
 adapter config names, or `base`) and writes the dense adapter back, or raises `UserError` when
 the directory is not a ComPEFT export or the base gives another initial state.
@@ -30,12 +37,67 @@ from resilient.training.trainer import write_adapter
 
 ADAPTER, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PACKED, PACKED_META, FORMAT = "compeft.safetensors", "compeft.json", "resilient-compeft/1"
+# What a base model directory may hold of its tokenizer (besides tokenizer*, *.tiktoken).
+TOKENIZER_FILES = frozenset(
+    {
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    }
+)
 
 
 def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
     _new_dir(out_dir)
     spec, model, _ = _trained(rundir, step)
     write_adapter(model, out_dir, base_ref(rundir, spec.model.path))
+
+
+def export_merged(rundir: RunDir, step: int, out_dir: str) -> list[str]:
+    """Write the model with checkpoint `step`'s adapter merged in; returns the base model
+    directory's tokenizer files copied beside it (none: the base had no tokenizer)."""
+    _new_dir(out_dir)
+    spec, model, _ = _trained(rundir, step)
+    if model.active_peft_config.is_prompt_learning:
+        raise UserError(
+            f"--merge: peft method {spec.peft.get('method', 'lora')!r} learns virtual tokens, not "
+            "weight updates, so nothing merges into the base; export the adapter without --merge"
+        )
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True  # training turned it off; the export is for generating
+    merged.save_pretrained(out_dir)  # safetensors
+    base_dir = staged.local_dir(rundir, BASE_MODEL)
+    # Copied, not loaded and saved: the user's tokenizer, byte for byte, even one this
+    # environment could not load (a sentencepiece model without sentencepiece installed).
+    names = sorted(n for n in os.listdir(base_dir) if _is_tokenizer_file(n))
+    for name in names:
+        shutil.copyfile(os.path.join(base_dir, name), os.path.join(out_dir, name))
+    return names
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in TOKENIZER_FILES or name.endswith(".tiktoken")
+
+
+def best_step(rundir: RunDir) -> tuple[int, float]:
+    """(step, eval loss) of the persisted checkpoint with the lowest eval loss in its manifest
+    (ties: the earlier step); UserError when none has one."""
+    from resilient.checkpoint.retention import best
+
+    scores = CheckpointStore(rundir).scores()
+    step = best(scores)
+    if step is None:
+        raise UserError(
+            f"--best: no persisted checkpoint of {rundir.uri} has an eval loss; configure [eval] "
+            "(eval.split or eval.path) so that training evaluates, or export one with --step N"
+        )
+    return step, scores[step]
 
 
 def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -> tuple[int, int]:

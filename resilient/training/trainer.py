@@ -33,13 +33,8 @@ import torch.distributed as dist
 
 from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
 from resilient.config import JobSpec
-from resilient.training.data import (
-    ByteTokenizer,
-    DataOrder,
-    load_samples,
-    share,
-    tokenize_corpus,
-)
+from resilient.training.data import DataOrder, StagedData, share
+from resilient.training.evaluation import EvalState, evaluate
 from resilient.training.model import (
     apply_adapter,
     load_base,
@@ -65,6 +60,7 @@ class StepResult:
     nonfinite: bool  # some rank's loss or grad norm was NaN/Inf
     overflow: bool = False  # float16: the gradient scaler skipped this update (not a fault)
     pause: bool = False  # some rank asked to pause after this step (a resize)
+    lr: float = 0.0  # the learning rate this update used
 
 
 class Trainer:
@@ -79,7 +75,7 @@ class Trainer:
         device: torch.device,
         data_dir: str | None = None,
     ):
-        """`data_dir`: the staged, tokenised corpus (workers); None tokenises `data.path` here
+        """`data_dir`: the staged, tokenised sets (workers); None prepares `data.path` here
         (benchmarks and tools on the driver's machine)."""
         self.spec, self.rank, self.world, self.base_dir, self.device = (
             spec,
@@ -99,22 +95,24 @@ class Trainer:
         does it before it has a rank, so none of it sits on the recovery path."""
         spec = self.spec
         deterministic(self.device)  # before the probe below first starts cuBLAS
-        if self.data_dir:
-            self.samples = load_samples(self.data_dir)
-        else:
-            self.samples = tokenize_corpus(spec.data.path, self._tokenizer(), spec.data.seq_len)
+        self.data = StagedData(self.data_dir or self._prepare_here())
+        self.evals = EvalState()
         base = load_base(self.base_dir, spec.model.dtype, spec.train.gradient_checkpointing)
         self.model = apply_adapter(base.to(self.device), spec.peft, spec.train.seed)
         # DDP must be told of adapter parameters some forward pass leaves out (it would hang or
         # fail in the next step otherwise); looking once costs one short forward and backward.
-        self.unused = unused_parameters(self.model, self.samples[0][:8].to(self.device))
+        first = torch.from_numpy(self.data.train.get("input_ids", 0)[:8].astype("int64"))
+        self.unused = unused_parameters(self.model, first.to(self.device))
 
-    def _tokenizer(self):
-        if self.spec.model.builtin:
-            return ByteTokenizer()
-        from transformers import AutoTokenizer
+    def _prepare_here(self) -> str:
+        from resilient.training.encode import load_tokenizer
+        from resilient.training.prep import prepare
 
-        return AutoTokenizer.from_pretrained(self.base_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix="resilient-data-")
+        out = os.path.join(self._tmp.name, "data")
+        tokenizer = load_tokenizer(self.spec.model.builtin, self.base_dir)
+        prepare(self.spec, tokenizer, out, self._tmp.name)
+        return out
 
     def connect(self) -> None:
         """The rank's part: data order, DDP over the initialised process group, optimizer,
@@ -124,7 +122,7 @@ class Trainer:
         spec, t = self.spec, self.spec.train
         deterministic(self.device)
         # A step is the global batch of the nominal world (num_workers), whatever the world now.
-        self.order = DataOrder(len(self.samples), spec.global_batch(), t.batch_size, t.seed)
+        self.order = DataOrder(len(self.data.train), spec.global_batch(), t.batch_size, t.seed)
         if self.world > self.order.count:  # a rank without a microbatch would skip the all-reduce
             raise ValueError(
                 f"{self.world} ranks for {self.order.count} microbatches a step: at most "
@@ -173,7 +171,8 @@ class Trainer:
         job-wide."""
         t0 = time.perf_counter()
         mine = share(self.order.count, self.rank, self.world)
-        micro = [self.samples[self.order.microbatch(data_step, i)].to(self.device) for i in mine]
+        micro = [self._batch(self.order.microbatch(data_step, i)) for i in mine]
+        lr = float(self.scheduler.get_last_lr()[0])
         t1 = time.perf_counter()
         loss_sum, compute = self._backward(data_step, mine, micro, poison, slow)
         self.scaler.unscale_(self.optimizer)
@@ -204,12 +203,37 @@ class Trainer:
             step_time=t2 - t1,
             compute_s=compute,
             data_wait=t1 - t0,
-            tokens=self.order.batch * self.spec.data.seq_len,  # the global batch, every rank's
+            tokens=self._step_tokens(data_step),  # the global batch's, every rank's
             stop=bool(stats[2] > 0),
             nonfinite=nonfinite,
             overflow=overflow,
             pause=bool(stats[4] > 0),
+            lr=lr,
         )
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in self.data.batch(self.data.train, indices).items()}
+
+    def _step_tokens(self, data_step: int) -> int:
+        """Tokens (padding not counted) of every microbatch of `data_step`."""
+        return sum(
+            self.data.tokens(self.order.microbatch(data_step, i)) for i in range(self.order.count)
+        )
+
+    def evaluate(self, step: int) -> dict | None:
+        """Evaluate on the staged evaluation set (every rank a share, summed job-wide; no
+        gradient, no random draw: training goes on as if it had not happened) and update the
+        early-stopping state; the metrics (`evaluation.evaluate`), or None without a set."""
+        if self.data.eval is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            metrics = evaluate(self, step)
+        finally:
+            self.model.train(was_training)
+        self.evals.observe(step, metrics, self.spec.eval)
+        return metrics
 
     def _backward(
         self, data_step: int, mine: list[int], micro: list[torch.Tensor], poison: bool, slow: float
@@ -230,7 +254,7 @@ class Trainer:
                 with torch.autocast(
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
-                    part = self.ddp(input_ids=batch, labels=batch).loss.float()
+                    part = self.ddp(**batch).loss.float()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 if slow > 1.0:
@@ -253,6 +277,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "fingerprint": fingerprint,
             "world_size": self.world,
+            "evals": self.evals.to_meta(step),
         }
         return Snapshot(step=step, data_step=data_step, shared=host_copy(tensors), meta=meta)
 
@@ -263,6 +288,7 @@ class Trainer:
         self.scheduler.load_state_dict(snap.meta["scheduler"])
         if snap.meta.get("scaler"):
             self.scaler.load_state_dict(snap.meta["scaler"])
+        self.evals = EvalState.from_meta(snap.meta.get("evals"))
 
 
 def deterministic(device: torch.device) -> None:

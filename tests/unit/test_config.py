@@ -144,7 +144,7 @@ def test_spec_checks_no_file_but_the_launcher_does(tmp_path):
 
     spec = load_spec(write_job(tmp_path), ['data.path="/no/such/file"'])
     with pytest.raises(SpecError, match="data.path"):
-        inputs.check_data(spec, str(tmp_path))
+        inputs.check_data(spec, str(tmp_path), str(tmp_path / "tmp"))
     spec = load_spec(write_job(tmp_path), ['model.path="/no/such/model"', 'model.builtin=""'])
     with pytest.raises(UserError, match="model.path"):
         staging.model_dir(spec, str(tmp_path))

@@ -1,6 +1,10 @@
 import pytest
 
-from resilient.training.data import ByteTokenizer, DataOrder, share, tokenize_corpus
+from resilient.config import validate_tree
+from resilient.errors import SpecError
+from resilient.training.data import ByteTokenizer, DataOrder, share
+from resilient.training.prep import prepare
+from resilient.training.rows import open_rows
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,12 +34,24 @@ def test_a_step_is_the_same_samples_at_every_world_size():
     assert share(6, 1, 4) == [1, 5]
 
 
-def test_tokenize_text_and_jsonl(tmp_path):
+def test_text_and_jsonl_give_the_same_chunks(tmp_path):
+    """Text without packing: documents (one per non-empty line, or a `text` field) each ended by
+    EOS, concatenated and cut into seq_len sequences that carry loss on every token."""
     t = tmp_path / "a.txt"
     t.write_text("hello world\n\nsecond line\n")
     j = tmp_path / "a.jsonl"
     j.write_text('{"text": "hello world"}\n{"text": "second line"}\n')
-    x, y = tokenize_corpus(str(t), ByteTokenizer(), 8), tokenize_corpus(str(j), ByteTokenizer(), 8)
-    assert x.shape == y.shape == (3, 8)
-    with pytest.raises(ValueError, match="fewer than"):
-        tokenize_corpus(str(t), ByteTokenizer(), 1000)
+    got = []
+    for path in (t, j):
+        spec = validate_tree({"name": "t", "data": {"path": str(path), "seq_len": 8}})
+        stats = prepare(spec, ByteTokenizer(), str(tmp_path / f"out-{path.suffix}"), str(tmp_path))
+        rows = open_rows(str(tmp_path / f"out-{path.suffix}" / "train.arrow"))
+        got.append([rows.get("input_ids", i).tolist() for i in range(len(rows))])
+        assert stats["mode"] == "chunks" and stats["sequences"] == 3
+        assert all((rows.get("labels", i) == rows.get("input_ids", i)).all() for i in range(3))
+    eos = ByteTokenizer.eos_token_id
+    stream = list(b"hello world") + [eos] + list(b"second line") + [eos]
+    assert got[0] == got[1] == [stream[k : k + 8] for k in (0, 8, 16)]
+    spec = validate_tree({"name": "t", "data": {"path": str(t), "seq_len": 1000}})
+    with pytest.raises(SpecError, match="fewer than data.seq_len"):
+        prepare(spec, ByteTokenizer(), str(tmp_path / "x"), str(tmp_path))

@@ -11,7 +11,7 @@ from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, DATA
 from resilient.runlog.ranklogs import LogReader, RankLogs, log_url, ranks
 from resilient.training.corpus import write_corpus
-from resilient.training.data import BYTE_VOCAB, load_samples
+from resilient.training.data import BYTE_VOCAB, StagedData
 from resilient.training.model import build_tiny_llama
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,11 +35,13 @@ def test_stage_publishes_model_and_samples_once(tmp_path, where):
     rd, spec = RunDir(uri), _spec(tmp_path)
     staging.stage(rd, spec, str(tmp_path / "tmp"))
     assert staged.published(rd, BASE_MODEL) and staged.published(rd, DATA)
-    samples = load_samples(staged.local_dir(rd, DATA))
-    assert samples.shape[1] == 16 and len(samples) > 0
+    rows = StagedData(staged.local_dir(rd, DATA)).train
+    samples = [rows.get("input_ids", i).tolist() for i in range(len(rows))]
+    assert len(samples[0]) == 16 and len(samples) > 0
     (tmp_path / "c.txt").unlink()  # staged: the user's file is not read again
     staging.stage(rd, spec, str(tmp_path / "tmp2"))
-    assert (load_samples(staged.local_dir(rd, DATA)) == samples).all()
+    again = StagedData(staged.local_dir(rd, DATA)).train
+    assert [again.get("input_ids", i).tolist() for i in range(len(again))] == samples
 
 
 def test_model_path_may_be_an_fsspec_uri(tmp_path):

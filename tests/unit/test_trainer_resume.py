@@ -3,6 +3,7 @@ the same adapter, bit for bit, as training k steps, taking a snapshot, restoring
 trainer and training the rest (float16's gradient scaler and the scheduler's state included).
 A one-rank gloo group, no Ray."""
 
+import json
 import os
 import socket
 from types import SimpleNamespace
@@ -40,13 +41,16 @@ def work(tmp_path_factory):
     return d
 
 
-def _trainer(work, model: dict, train: dict, peft: dict | None = None) -> Trainer:
+def _trainer(
+    work, model: dict, train: dict, peft: dict | None = None, data: dict | None = None, **extra
+) -> Trainer:
     spec = validate_tree(
         {
             "name": "t",
             "model": {"builtin": "tiny-llama", **model},
             **({"peft": peft} if peft else {}),
-            "data": {"path": str(work / "c.txt"), "seq_len": 32},
+            **extra,
+            "data": {"path": str(work / "c.txt"), "seq_len": 32, **(data or {})},
             "train": {"steps": 8, "batch_size": 2, "seed": 3, **train},
             "checkpoint": {"storage": str(work / "runs")},
         }
@@ -85,6 +89,49 @@ def test_snapshot_restore_is_exact(world, work, model, train):
     assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
     if model.get("dtype") == "float16":
         assert resumed.scaler.get_scale() == straight.scaler.get_scale()
+
+
+CHAT = {
+    "format": "chat",
+    "packing": True,
+    "seq_len": 96,
+    "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}",
+}
+
+
+def test_packed_chat_with_evaluations_resumes_exactly(world, work):
+    """Loss masks, packing and evaluations (which must not perturb training) between steps: the
+    same adapter, bit for bit, straight or resumed; the early-stopping state travels too."""
+    chat = work / "chat.jsonl"
+    with open(chat, "w") as f:
+        for i in range(120):
+            msgs = [
+                {"role": "user", "content": f"what is {i} plus 2?"},
+                {"role": "assistant", "content": f"{i} plus 2 is {i + 2}."},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    data = {**CHAT, "path": str(chat)}
+    ev = {"eval": {"split": 0.1, "every": 2}}
+
+    def run(steps, start=None, evaluate=True):
+        t = _trainer(work, {}, {}, None, data, **ev)
+        if start:
+            t.restore(start)
+        first = start.step + 1 if start else 1
+        for s in range(first, first + steps):
+            t.step(s)
+            if evaluate and s % 2 == 0:
+                t.evaluate(s)
+        return t
+
+    straight, quiet = run(8), run(8, evaluate=False)
+    snap = Snapshot.from_files(run(4).snapshot(4, 4, "fp").to_files())
+    resumed = run(4, snap)
+    a, b, c = (trainable_state(t.model) for t in (straight, resumed, quiet))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert straight.evals.best == resumed.evals.best and straight.evals.best_step
+    m = straight.evaluate(9)
+    assert 0 < m["accuracy"] < 1 and m["tokens"] > 0 and m["perplexity"] > 1
 
 
 QV = {"target_modules": ["q_proj", "v_proj"]}
