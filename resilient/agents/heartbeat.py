@@ -2,11 +2,12 @@
 
 Contract: a TrainWorker answers every heartbeat (on a thread of its own, in every phase) with a
 `Heartbeat`: its phase and progress, and what it did since the previous answer (per-step metrics,
-snapshots handed over), each reported once. Phases: created -> rendezvous -> loading -> restoring ->
-training -> [rank 0: persisting -> exporting] -> done | stopped; or pausing -> paused (a resize at
-an agreed step); or error (with `error` and `error_at`) or nonfinite (a NaN/Inf step that no rank
-applied). A survivor that starts again goes through the same phases from created.
-`step_record()` is the per-step record a heartbeat carries in `metrics`.
+snapshots handed over), each reported once. Phases: created -> rendezvous -> loading -> restoring
+-> training (<-> evaluating, after a due step) -> [rank 0: persisting -> exporting] -> done |
+stopped; or pausing -> paused (a resize at an agreed step); or error (with `error` and
+`error_at`) or nonfinite (a NaN/Inf step that no rank applied). A survivor that starts again
+goes through the same phases from created. `step_record()` is the per-step record a heartbeat
+carries in `metrics`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 # past the start
 TRAINING = frozenset(
-    {"training", "persisting", "exporting", "done", "stopped", "pausing", "paused"}
+    {"training", "evaluating", "persisting", "exporting", "done", "stopped", "pausing", "paused"}
 )
 
 

@@ -27,22 +27,22 @@ import ray
 
 from resilient.agents import rendezvous as rdv
 from resilient.agents.chaos_damage import ChaosDamage
-from resilient.agents.heartbeat import Heartbeat, step_record
+from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.lease import Lease
 from resilient.agents.output import capture
+from resilient.agents.reports import Reports
 from resilient.agents.store import KeyValue, on_worker, ray_store
-from resilient.agents.warmup import lower_this_thread, warm_imports
+from resilient.agents.trainers import TrainerSource
+from resilient.agents.warmup import warm_imports
 from resilient.catalogue import PlannedFault
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import JobSpec
-from resilient.rundir import RunDir, staged
-from resilient.rundir.layout import BASE_MODEL, DATA
+from resilient.rundir import RunDir
 
 if TYPE_CHECKING:  # torch comes with it: a spare imports that on its idle-priority thread
     from resilient.checkpoint.source import RestoreSource
 
 log = logging.getLogger(__name__)
-METRICS_CAP = 5000  # per-step records kept while nobody drains them (the newest win)
 
 
 @ray.remote(max_concurrency=4, concurrency_groups={"lease": 1, "store": 16})
@@ -61,49 +61,24 @@ class TrainWorker(ChaosDamage):
         self._stop = threading.Event()
         self._pause = threading.Event()
         self._thread: threading.Thread | None = None
-        self._kept = None  # a survivor's trainer, reused by the next start()
         self._trainer_now = None  # the trainer of the running life, once connected
         self._data_step = 0  # the data step of the last step trained
         self._agreed_pause = False  # every rank agreed to pause after the last step
-        self.metrics: list[dict] = []  # one record per step, drained by the heartbeat
-        self.evals: list[dict] = []  # rank 0: one record per evaluation, drained likewise
+        self.reports = Reports()  # per-step records and evaluations, drained by the heartbeat
         self.engine = None
         self.slow = 1.0
         self._injected: list[tuple[str, dict, bool]] = []  # faults met at the next step
         self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created"}
-        self._prepared = None
         self._kv = None  # rank 0: the rendezvous store of the current life
-        self._warm = threading.Event()
+        self.trainers = TrainerSource(spec, self.rundir)
         # cut off from the supervisor for fence_s: replaced already, so end (see agents.lease)
         self.lease = Lease(spec.supervisor.fence_s, lambda: os._exit(1))
-        if rank < 0:  # a spare warms up on a thread of its own, at low priority (see _warm_up)
-            threading.Thread(target=self._warm_up, daemon=True, name="spare-warm-up").start()
+        if rank < 0:  # a spare warms up on a thread of its own, at low priority
+            warm = self.trainers.warm_up
+            threading.Thread(target=warm, daemon=True, name="spare-warm-up").start()
         else:
-            self._warm.set()
-
-    def _warm_up(self) -> None:
-        """Imports, data and model of a spare, on this thread only, at idle priority: it runs on
-        CPU time the ranks leave unused (and at full speed in a restart, when the ranks are
-        gone)."""
-        lower_this_thread()
-        t0 = time.perf_counter()
-        try:
-            warm_imports()
-            self._prepared = self._prepare()
-            log.info("spare warm in %.1fs (imports, data, model)", time.perf_counter() - t0)
-        except Exception:  # the rank builds its own when promoted; nothing is lost
-            log.exception("spare warm-up failed; a promotion builds the model then")
-            self._prepared = None
-        finally:
-            self._warm.set()
-
-    def _prepare(self):
-        """A spare builds its model and data now, on the device its slot holds (a GPU spare loads
-        onto its GPU), so a promotion only connects them."""
-        trainer = self._trainer(-1, rdv.device_of(self.spec.cluster))
-        trainer.prepare()
-        return trainer
+            self.trainers.ready.set()
 
     @ray.method(concurrency_group="lease")  # a thread of its own: never queued behind work
     def renew(self, sent_at: float) -> bool:
@@ -116,14 +91,14 @@ class TrainWorker(ChaosDamage):
 
     def ping(self) -> int:
         """Answers once this worker is warm (a spare: imports, data and model ready)."""
-        self._warm.wait()
+        self.trainers.ready.wait()
         return os.getpid()
 
     def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
         """Where this worker runs (and a free port for rank 0's rendezvous); a spare takes its
         rank here."""
         if rank is not None:
-            self._warm.wait()  # a spare promoted before it is warm finishes warming first
+            self.trainers.ready.wait()  # a spare promoted before it is warm finishes warming
             self.rank, self.attempt = rank, attempt
             self._set(rank=rank)
         ip = rdv.node_ip()
@@ -161,7 +136,7 @@ class TrainWorker(ChaosDamage):
         self.slow, self._injected = 1.0, []  # chaos of the previous life ends with it
         with self._lock:  # a new life: nothing of the previous one is reported again
             self.status = {"rank": self.rank, "pid": os.getpid(), "phase": "created"}
-            self.metrics, self.evals = [], []
+        self.reports.clear()
         if agent is not None:
             agent.register.remote(self.rank, os.getpid())
         if self.rank == 0:  # a new rendezvous, served before the others start (the group)
@@ -188,13 +163,12 @@ class TrainWorker(ChaosDamage):
         engine = self.engine
         with self._lock:
             status = dict(self.status)
-            metrics, self.metrics = self.metrics, []
-            evals, self.evals = self.evals, []
+        metrics, evals = self.reports.drain()
         return Heartbeat(
-            evals=tuple(evals),
             **status,
             now=time.time(),
-            metrics=tuple(metrics),
+            metrics=metrics,
+            evals=evals,
             checkpoints=tuple(engine.drain_records()) if engine else (),
             snapshot_step=engine.latest.step if engine and engine.latest else None,
             logs=self.output.drain(),
@@ -238,7 +212,7 @@ class TrainWorker(ChaosDamage):
         trainer, self._trainer_now = self._trainer_now, None
         if trainer is not None:
             trainer.ddp = None  # DDP's reducer holds the group: let it go with it
-            self._kept = trainer
+            self.trainers.keep(trainer)
         try:
             broken = self.status.get("phase") == "error"
             leave_process_group(rdv.backend_of(self.spec.cluster), broken=broken)
@@ -257,14 +231,6 @@ class TrainWorker(ChaosDamage):
             self.engine.drain()
             self.engine.flush()
         self._set(phase="paused")
-
-    def _trainer(self, rank: int, device):
-        """A rank's trainer over the inputs staged in the run directory: workers never read the
-        driver's disk (nor the user's input files, which may be gone by now)."""
-        from resilient.training.trainer import Trainer
-
-        base, data = staged.local_dir(self.rundir, BASE_MODEL), staged.local_dir(self.rundir, DATA)
-        return Trainer(self.spec, rank, self.world, base, device, data_dir=data)
 
     def _timeout(self) -> float:
         return self.spec.supervisor.collective_timeout
@@ -288,7 +254,7 @@ class TrainWorker(ChaosDamage):
         )
         self._set(phase="loading")
         t_load = time.perf_counter()
-        trainer, warm = self._take_trainer(restore)
+        trainer, warm = self.trainers.take(restore, self.rank, self.world, device)
         trainer.rank, trainer.world, trainer.device = self.rank, self.world, device
         trainer.connect()
         self._trainer_now = trainer
@@ -321,20 +287,6 @@ class TrainWorker(ChaosDamage):
         self._set(phase="training", step=step, training_at=time.time())
         return trainer, step, data_step
 
-    def _take_trainer(self, restore: RestoreSource | None):
-        """(the trainer, how it was had): a survivor's own (unless it must start from scratch: its
-        weights moved on), a warm spare's, or one built now."""
-        kept, self._kept = self._kept, None
-        if kept is not None and restore is not None:
-            return kept, "survivor, model kept"
-        del kept  # a from-scratch start: never two models in memory at once
-        trainer, self._prepared = self._prepared, None
-        if trainer is not None:
-            return trainer, "warm spare"
-        trainer = self._trainer(self.rank, rdv.device_of(self.spec.cluster))
-        trainer.prepare()
-        return trainer, "model built now"
-
     def _train(self, trainer, step: int, data_step: int) -> int | None:
         """Steps until the last one or an agreed stop or pause (`_agreed_pause`: every rank
         pauses after the same step, none finishes); the step reached (None: a NaN step)."""
@@ -352,7 +304,7 @@ class TrainWorker(ChaosDamage):
                 slow=self.slow,
                 pause=self._pause.is_set(),
             )
-            self._record(step + 1, next_data, r)
+            self.reports.step(r, self.rank, step + 1, next_data, self.attempt)
             if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips it
                 self._set(phase="nonfinite")
                 return None
@@ -387,23 +339,19 @@ class TrainWorker(ChaosDamage):
         if not self.spec.eval.due(step, self.spec.train.steps):
             return False
         t0 = time.perf_counter()
-        metrics = trainer.evaluate(step)
+        self._set(phase="evaluating")  # not a stall: the watch gives the next step a full limit
+        try:
+            metrics = trainer.evaluate(step)
+        finally:
+            self._set(phase="training")
         if metrics is None:
             return False
         if self.rank == 0:
             rec = {**metrics, "seconds": time.perf_counter() - t0, "attempt": self.attempt}
             if trainer.evals.stop:
                 rec["early_stop"] = trainer.evals.stop
-            with self._lock:
-                self.evals.append(rec)
+            self.reports.evaluation(rec)
         return True
-
-    def _record(self, step: int, data_step: int, r) -> None:
-        rec = step_record(r, self.rank, step, data_step, self.attempt)
-        with self._lock:
-            self.metrics.append(rec)
-            if len(self.metrics) > METRICS_CAP:  # nobody is draining them: keep the newest
-                del self.metrics[:-METRICS_CAP]
 
     def _finish(self, trainer, step: int, base_ref: str) -> None:
         """Rank 0 makes the last step durable (and exports the adapter) before the job may end."""

@@ -10,8 +10,8 @@ short grace, since a dead peer shows up in survivors as collective errors first;
 failed first is blamed), a rank silent for `hang_timeout` (HANG; before
 its first answer, `start_timeout`), a group not training `start_timeout` after it was started
 although its ranks answer (START_TIMEOUT: stuck in rendezvous, loading or restoring), no step
-finished for `hang_timeout` while any rank trains and none has failed (HANG). Only the supervisor
-changes state.
+finished for `hang_timeout` while any rank trains and none has failed (HANG; a rank that is
+evaluating counts as progress). Only the supervisor changes state.
 """
 
 from __future__ import annotations
@@ -207,6 +207,9 @@ class Watch:
         # any rank, not every: a rank left training while its peers finished is stuck all the same;
         # a rank's error is the error path's (its peers wait in a collective meanwhile)
         phases = [h.phase for h in latest.values()]
+        if "evaluating" in phases:  # an evaluation is progress: the next step gets a full limit
+            self.last_progress = now
+            return None
         busy = "training" in phases or "pausing" in phases
         training = len(latest) == self.world and busy and "error" not in phases
         if self.running and training and now - self.last_progress > self.cfg.hang_timeout:

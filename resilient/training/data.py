@@ -1,9 +1,10 @@
 """The staged training data and a deterministic, resumable data order.
 
-Contract: a data step's samples are a pure function of (seed, number of samples, global batch,
-data step) alone: `microbatches(data_step)` cuts them into the same microbatches at every world
-size, and `share(count, rank, world)` says which of them a rank trains on (rank r takes microbatch
-r, r + world, ...), so a job that shrinks or grows sums exactly the same microbatches per step.
+Contract: `StagedData(folder)` opens what `prep.prepare` wrote (memory-mapped). A data step's
+sequences are a pure function of (seed, number of sequences, global batch, data step) alone:
+`microbatch(data_step, i)` cuts them into the same microbatches at every world size, and
+`share(count, rank, world)` says which of them a rank trains on (rank r takes microbatch r,
+r + world, ...), so a job that shrinks or grows sums exactly the same microbatches per step.
 A run resumes its data order by restoring `data_step` alone.
 """
 

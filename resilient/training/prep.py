@@ -62,6 +62,8 @@ def load_source(path: str, field: str, cache: str):
                 return _one_split(datasets.load_from_disk(path), field)
             files = [f for f in fs.find(root) if os.path.splitext(f)[1] in KINDS]
         elif fs.isfile(root):
+            if not fs.size(root):
+                raise SpecError(f"{field} {path!r} is empty; give a file with rows")
             files = [root]
         else:
             raise SpecError(f"{field} {path!r} does not exist; give a data file or folder")
@@ -81,9 +83,12 @@ def load_source(path: str, field: str, cache: str):
     except SpecError:
         raise
     except Exception as e:  # any reader's or filesystem's refusal, spelled its own way
+        if type(e).__name__ == "DatasetGenerationError" and e.__cause__:  # says only "an error"
+            e = e.__cause__
         raise SpecError(
             f"{field} {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); give a "
-            f"jsonl/json/parquet/csv/arrow/txt file, a folder of them or a save_to_disk folder"
+            f"jsonl/json/parquet/csv/arrow/txt file (UTF-8), a folder of them or a save_to_disk "
+            "folder"
         ) from None
 
 

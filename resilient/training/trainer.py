@@ -14,7 +14,10 @@ process group (a survivor rejoining, possibly at another world size): it builds 
 optimizer and scheduler around the same model. The optimizer is `optim.build_optimizer`'s (AdamW,
 or LoRA+'s parameter groups); the learning rate follows `transformers.get_scheduler(
 train.lr_scheduler)`. Any peft method works: `prepare()` finds adapter parameters a forward pass
-leaves without a gradient, and DDP is then told to look for unused parameters.
+leaves without a gradient, and DDP is then told to look for unused parameters. A microbatch is the
+staged sequences' `collate` (labels -100 where no loss; packed rows with their position ids and
+block mask). `evaluate(step)` runs `evaluation.evaluate` between steps (same numbers on every
+rank) and updates the early-stopping state, which `snapshot()` carries.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished run with a restart (kill) and a straggler event (slow rank)."""
+    """A finished run with a restart (kill), a straggler event (slow rank) and evaluations."""
     d = tmp_path_factory.mktemp("dash")
     extra = (
         '\n[anomaly]\ngpu = "simulated"\n'
+        "\n[eval]\nsplit = 0.1\nevery = 20\n"
         '\n[[chaos]]\nat_step = 5\nfault = "slow"\nfactor = 2.5\nrank = 1\n'
         '\n[[chaos]]\nat_step = 40\nfault = "kill"\nrank = 0\n'
     )
@@ -103,6 +104,7 @@ def test_json_api(server):
     m = fetch(base + "/api/metrics")
     assert set(m["ranks"]) == {"0", "1"} and m["gpus"]
     assert set(m["ranks"]["0"]["step"]) | set(m["ranks"]["1"]["step"]) == set(range(1, 61))
+    assert m["eval"]["step"] == [20, 40, 60] and all(0 < v for v in m["eval"]["loss"])
     ev = fetch(base + "/api/events")
     kinds = {e["kind"] for e in ev}
     assert {"straggler", "crash"} <= kinds

@@ -268,3 +268,50 @@ def test_epochs_give_the_steps_of_that_many_passes(tmp_path):
 
     spec = _spec(tmp_path / "x.jsonl", train={"epochs": 1.5, "batch_size": 4})
     assert steps_for(spec, {"sequences": 100}) == 19  # 150 sequences / 8 a step, rounded up
+
+
+def test_a_separate_eval_set_is_read_alike_and_counted_apart(tmp_path):
+    train = _chat_file(tmp_path / "train.jsonl", 40)
+    held = _chat_file(tmp_path / "eval.jsonl", 12, [{"messages": [{"role": "bot"}]}])
+    spec = _spec(train, format="chat", chat_template=TEMPLATE, eval={"path": str(held)})
+    stats = prepare(spec, ByteTokenizer(), str(tmp_path / "o"), str(tmp_path / "t"))
+    assert stats["used"] == 40 and stats["eval_samples"] == 12 and stats["eval_bad_rows"] == 1
+    data = StagedData(str(tmp_path / "o"))
+    assert len(data.eval) == 12 and data.mode == "padded"
+    assert (data.eval.get("labels", 0) != IGNORE).sum() > 0
+
+
+def test_an_fsspec_uri_is_read_like_a_local_path(tmp_path):
+    """A file or a folder behind an fsspec URI (memory:// here; s3:// alike)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"/sft-{tmp_path.name}/pc.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n")
+    for uri in (f"memory://sft-{tmp_path.name}/pc.jsonl", f"memory://sft-{tmp_path.name}"):
+        out = tmp_path / f"o{len(uri)}"
+        stats = prepare(_spec(uri, format="prompt_completion"), ByteTokenizer(), str(out), str(out))
+        assert (stats["rows"], stats["used"]) == (30, 30)
+
+
+def test_alpaca_rows_train_on_the_output_only(tmp_path):
+    rows = [{"instruction": "Add one.", "input": str(i), "output": str(i + 1)} for i in range(20)]
+    rows.append({"instruction": "Say hi.", "output": "hi"})  # no input: the shorter prompt
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = _spec(path, format="alpaca", seq_len=256)
+    stats = prepare(spec, ByteTokenizer(), str(tmp_path / "o"), str(tmp_path / "t"))
+    t = StagedData(str(tmp_path / "o")).train
+    assert stats["used"] == 21 and len(t) == 21
+    trained = [bytes(x for x in t.get("labels", i) if 0 <= x < 256) for i in range(len(t))]
+    assert b"hi" in trained and all(b"Instruction" not in x for x in trained)
+
+
+def test_launch_derives_steps_from_epochs(tmp_path):
+    from resilient.launcher.launch import _with_epochs
+
+    spec = _spec(tmp_path / "x.jsonl", train={"epochs": 2, "batch_size": 4})
+    assert _with_epochs(spec, {"sequences": 40}).train.steps == 10  # 80 sequences, 8 a step
+    plain = _spec(tmp_path / "x.jsonl")
+    assert _with_epochs(plain, {"sequences": 40}) is plain

@@ -125,3 +125,22 @@ def test_the_same_error_on_every_rank_before_training_is_marked(errors, everywhe
         assert d.action == Action.RESTART
     outage = f.__class__(**{**f.__dict__, "evidence": "ConnectionError: Connection refused"})
     assert policy.decide(outage, History(), CFG).action == Action.RESTART  # an outage passes
+
+
+def test_a_long_evaluation_is_progress_not_a_hang():
+    """Ranks evaluating for longer than hang_timeout are not stuck, and the next step gets a
+    whole hang_timeout after the evaluation ends."""
+    from resilient.agents.heartbeat import Heartbeat
+
+    w, _, clock = watch(Scenario())
+    until(w, lambda s: s.ready)
+    beats = {
+        r: lambda phase, r=r: Heartbeat(rank=r, pid=r, phase=phase, now=clock()) for r in (0, 1)
+    }
+    t0 = clock()
+    evaluating = {r: beats[r]("evaluating") for r in beats}
+    assert w._stalled(t0 + 3 * CFG.hang_timeout, evaluating) is None
+    training = {r: beats[r]("training") for r in beats}
+    assert w._stalled(t0 + 3 * CFG.hang_timeout + CFG.hang_timeout / 2, training) is None
+    f = w._stalled(t0 + 4 * CFG.hang_timeout + 0.1, training)
+    assert f is not None and f.kind == FaultKind.HANG
