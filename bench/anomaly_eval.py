@@ -36,7 +36,7 @@ from resilient.config import AnomalyConfig, SupervisorConfig  # noqa: E402
 from resilient.supervisor.watch import Watch  # noqa: E402
 
 CFG = AnomalyConfig()
-SUP = SupervisorConfig()
+SUP = SupervisorConfig(hang_timeout=10.0)  # the fixed limit its figures were taken with
 STEP_S, WORLD = 0.5, 4
 
 

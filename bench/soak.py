@@ -1,11 +1,13 @@
 """Soak: a long S3 run under random chaos, and what it costs per hour and per day.
 
 One `resilient launch` of an endless job (the built-in tiny model, 2 workers) against moto's S3
-server on loopback, which logs every request; random chaos (kill, exit, hang, slow; `--mtbf`);
+server on loopback, which logs every request; random chaos (kill, exit, hang, slow, bitflip;
+`--mtbf`), with the default health settings (adaptive hang limits, stragglers replaced, replica
+digests at every persisted step);
 after `--minutes` the job is preempted with SIGTERM (the preemption path is part of the soak).
 Reported: faults, recovered, recovery p50/p95/max and per kind, goodput, storage requests and
 bytes uploaded per hour (and per day), journal bytes uploaded vs stored, objects per prefix at the
-end, and the driver's RSS over time (a leak shows as growth).
+end, and the driver's and node agents' RSS over time (a leak shows as growth).
 Usage: python bench/soak.py [--minutes 30] [--mtbf 60s] [--json OUT]
 """
 
@@ -67,8 +69,6 @@ batch_size = 4
 storage = "s3://soak/runs"
 every = 1
 persist_every = 20
-[supervisor]
-hang_timeout = 10.0
 """
     with open(f"{work}/job.toml", "w") as f:
         f.write(spec)
@@ -88,7 +88,7 @@ def run(args, work: str, env: dict) -> tuple[int, list[tuple[float, float]], flo
         "--chaos-mtbf",
         args.mtbf,
         "--chaos-faults",
-        "kill,exit,hang,slow",
+        "kill,exit,hang,slow,bitflip",
         "--chaos-seed",
         str(args.seed),
     ]
@@ -103,7 +103,7 @@ def run(args, work: str, env: dict) -> tuple[int, list[tuple[float, float]], flo
     rss, proc = [], psutil.Process(p.pid)
     while p.poll() is None and time.time() - t0 < args.minutes * 60:
         try:
-            rss.append((time.time() - t0, proc.memory_info().rss / 2**20))
+            rss.append((time.time() - t0, proc.memory_info().rss / 2**20, agents_rss()))
         except psutil.Error:
             break
         time.sleep(10)
@@ -115,6 +115,18 @@ def run(args, work: str, env: dict) -> tuple[int, list[tuple[float, float]], flo
         os.killpg(p.pid, signal.SIGKILL)
         rc = p.wait()
     return rc, rss, time.time() - t0
+
+
+def agents_rss() -> float:
+    """The node agents' RSS together, in MiB (Ray titles their processes ray::NodeAgent)."""
+    total = 0
+    for q in psutil.process_iter(["cmdline"]):
+        try:
+            if any("NodeAgent" in part for part in q.info["cmdline"] or ()):
+                total += q.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
 
 
 def storage(log_path: str, hours: float) -> dict:
@@ -244,7 +256,8 @@ def report(rc, rss, wall, log, endpoint, work, env) -> dict:
     st = storage(log, hours)
     objs = objects(endpoint)
     journal_stored = objs.get("journal", {}).get("bytes", 0)
-    settled = [(t, m) for t, m in rss if t >= 60]  # after the start-up imports
+    settled = [(t, m) for t, m, _ in rss if t >= 60]  # after the start-up imports
+    agents = [(t, a) for t, _, a in rss if t >= 60 and a]
     return {
         "wall_s": round(wall),
         "exit_code": rc,
@@ -256,6 +269,7 @@ def report(rc, rss, wall, log, endpoint, work, env) -> dict:
         if journal_stored
         else None,
         "driver_rss_mb": rss_summary(settled),
+        "agents_rss_mb": rss_summary(agents),
     }
 
 
@@ -310,11 +324,12 @@ def print_result(r: dict) -> None:
             for k, v in sorted(r["objects"].items())
         )
     )
-    m = r["driver_rss_mb"]
-    print(
-        f"driver RSS: {m.get('at_1min')} MiB after a minute, {m.get('last')} at the end, max "
-        f"{m.get('max')}; growth {m.get('growth_mib_per_hour')} MiB/h (2nd quarter -> last)"
-    )
+    for who, key in (("driver", "driver_rss_mb"), ("node agents", "agents_rss_mb")):
+        m = r[key]
+        print(
+            f"{who} RSS: {m.get('at_1min')} MiB after a minute, {m.get('last')} at the end, max "
+            f"{m.get('max')}; growth {m.get('growth_mib_per_hour')} MiB/h (2nd quarter -> last)"
+        )
 
 
 if __name__ == "__main__":

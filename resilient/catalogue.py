@@ -30,6 +30,19 @@ FAULTS = {
         FaultType("slow", "rank", "worker", "the rank's compute takes `factor` times longer"),
         FaultType("nan", "rank", "worker", "the rank's loss becomes NaN at that step"),
         FaultType(
+            "bitflip",
+            "rank",
+            "worker",
+            "one low bit of one trainable parameter of the rank flips (silent corruption)",
+        ),
+        FaultType(
+            "bad_compute",
+            "node",
+            "worker",
+            "from its step on, the node (`node`, or the one `rank` runs on) computes subtly "
+            "wrong: its preflight check fails and its ranks' gradients are off by a part in 2^10",
+        ),
+        FaultType(
             "node_loss",
             "rank",
             "worker",
@@ -64,7 +77,10 @@ FAULTS = {
 PROCESS = tuple(n for n, f in FAULTS.items() if f.by == "worker")  # done by the rank's process
 GPU = ("gpu_xid", "gpu_lost", "ecc", "thermal")  # set on a node's simulated GPU
 JOB = tuple(n for n, f in FAULTS.items() if f.target == "job")  # carried out by the supervisor side
-RANDOM = tuple(n for n, f in FAULTS.items() if f.target == "rank" and n != "node_loss")
+RANDOM = tuple(n for n, f in FAULTS.items() if f.target == "rank" and n != "node_loss") + (
+    "bad_compute",  # drawn for a rank: its node goes bad
+)
+NODE_OR_RANK = ("bad_compute",)  # node faults that may also be aimed as "the node of `rank`"
 RANDOM_DEFAULT = ("kill", "exit", "hang")  # what `--chaos-mtbf` draws unless told otherwise
 PARAMS = ("factor", "xid", "count", "temperature", "seconds")  # a fault's parameters, by name
 

@@ -10,6 +10,7 @@ node's simulated GPU, a NaN loss, a slower step); job-wide faults are the superv
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -17,6 +18,8 @@ import ray
 from resilient.agents.sabotage import PROCESS_DAMAGE, damage
 from resilient.catalogue import GPU
 from resilient.rundir import markers
+
+log = logging.getLogger(__name__)
 
 
 class ChaosDamage:
@@ -27,6 +30,8 @@ class ChaosDamage:
             damage(fault)
         elif fault == "slow":
             self.slow = params.get("factor", 2.0)
+        elif fault == "bad_compute":
+            self.bad_compute = True
         else:
             self._injected.append((fault, params, fatal))
 
@@ -73,6 +78,11 @@ class ChaosDamage:
             return True
         if fault == "slow":
             self.slow = params.get("factor", 2.0)
+        elif fault == "bitflip":
+            what = self._trainer_now.flip_bit(self._data_step) if self._trainer_now else "nothing"
+            log.warning("chaos bitflip: flipped one %s", what)
+        elif fault == "bad_compute":  # the node's: it stays bad for every later life here
+            self.bad_compute = True
         elif fault in GPU:
             ray.get(self.agent.gpu_fault.remote(fault, params))
             if fatal:  # the CUDA context would be gone: this rank's step fails

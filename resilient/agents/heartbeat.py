@@ -5,9 +5,10 @@ Contract: a TrainWorker answers every heartbeat (on a thread of its own, in ever
 snapshots handed over), each reported once. Phases: created -> rendezvous -> loading -> restoring
 -> training (<-> evaluating, after a due step) -> [rank 0: persisting -> exporting] -> done |
 stopped; or pausing -> paused (a resize at an agreed step); or error (with `error` and
-`error_at`) or nonfinite (a NaN/Inf step that no rank applied). A survivor that starts again
-goes through the same phases from created. `step_record()` is the per-step record a heartbeat
-carries in `metrics`.
+`error_at`) or nonfinite (a NaN/Inf step that no rank applied) or sdc (replica digests or a
+compute audit disagreed after a step, which no rank snapshotted; with `sdc`). A survivor that
+starts again goes through the same phases from created. `step_record()` is the per-step record a
+heartbeat carries in `metrics`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Heartbeat:
     tokens_per_s: float | None = None
     logs: tuple[str, ...] = ()  # lines the process wrote since the previous answer (agents.output)
     evals: tuple[dict, ...] = ()  # rank 0: evaluations finished since then (training.evaluation)
+    sdc: dict | None = None  # phase "sdc": the replicas' disagreement (agents.verify's report)
 
     @property
     def past_start(self) -> bool:

@@ -177,6 +177,10 @@ class NodeAgent:
     def inventory(self) -> list[dict]:
         return self.tier.inventory()
 
+    def forget_after(self, step: int) -> list[int]:
+        """Drop the unpersisted snapshots newer than `step` (see MemoryTier.forget_after)."""
+        return self.tier.forget_after(step)
+
     def fetch(self, step: int, names: list[str] | None, fingerprint: str) -> dict:
         """Verified files of `step` (all, or `names`) and the manifest; raises CheckpointInvalid."""
         e = self.tier.get(step)

@@ -67,6 +67,7 @@ class TrainWorker(ChaosDamage):
         self.reports = Reports()  # per-step records and evaluations, drained by the heartbeat
         self.engine = None
         self.slow = 1.0
+        self.bad_compute = False  # chaos bad_compute: this node computes wrong (for good)
         self._injected: list[tuple[str, dict, bool]] = []  # faults met at the next step
         self._chaos_ack = threading.Event()
         self.status: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "phase": "created"}
@@ -287,26 +288,45 @@ class TrainWorker(ChaosDamage):
         self._set(phase="training", step=step, training_at=time.time())
         return trainer, step, data_step
 
+    def _next_data(self, data_step: int) -> int:
+        """The data step after `data_step`, past those rollbacks took out."""
+        data_step += 1
+        while data_step in self.skip:
+            data_step += 1
+        return data_step
+
     def _train(self, trainer, step: int, data_step: int) -> int | None:
         """Steps until the last one or an agreed stop or pause (`_agreed_pause`: every rank
-        pauses after the same step, none finishes); the step reached (None: a NaN step)."""
+        pauses after the same step, none finishes); the step reached (None: a NaN step, or
+        replicas that disagree: phase sdc, with the report)."""
+        from resilient.agents.verify import Verifier  # torch: not in a spare's actor module
+
         restored, total, every = step, self.spec.train.steps, self.spec.checkpoint.every
         self._agreed_pause = False
+        verifier = Verifier(self.spec, self.world, self._next_data)
+        verifier.restored(step)
+        per_rank = trainer.order.count / self.world
         while step < total:
             poison = self._faults_at(step + 1)
-            next_data = data_step + 1
-            while next_data in self.skip:
-                next_data += 1
+            trainer.corrupt = self.bad_compute
+            next_data = self._next_data(data_step)
+            check, audit = verifier.wants(step + 1, per_rank)
             r = trainer.step(
                 next_data,
                 stop=self._stop.is_set(),
                 poison=poison,
                 slow=self.slow,
                 pause=self._pause.is_set(),
+                check=check,
+                audit=audit,
             )
             self.reports.step(r, self.rank, step + 1, next_data, self.attempt)
             if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips it
                 self._set(phase="nonfinite")
+                return None
+            sdc = verifier.after(trainer, step + 1, r.digests, audit) if check else None
+            if sdc:  # never snapshotted, never persisted: the supervisor rolls back
+                self._set(phase="sdc", sdc=sdc)
                 return None
             step, data_step, now = step + 1, next_data, time.time()
             self._data_step = data_step
@@ -323,7 +343,12 @@ class TrainWorker(ChaosDamage):
             if step % every == 0 or final or evaluated:
                 # an evaluated step is persisted where the best are kept, so the best can be had
                 keep = evaluated and self.spec.checkpoint.keep_best > 0
-                self.engine.save(trainer, step, data_step, final or keep)
+                sdc = verifier.before_persist(trainer, step) if final or keep else None
+                if sdc:
+                    self._set(phase="sdc", sdc=sdc)
+                    return None
+                self.engine.save(trainer, step, data_step, final or keep, verifier.meta(step))
+                verifier.saved(self.engine.latest)
             if self.engine.error:
                 raise RuntimeError(self.engine.error)
             if r.stop or trainer.evals.stop:  # a stop (or an early stop) wins over a pause

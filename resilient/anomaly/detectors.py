@@ -11,7 +11,7 @@ import math
 import statistics
 from collections import defaultdict, deque
 
-from resilient.anomaly.events import CORDON, RESTART, ROLLBACK, WARN, AnomalyEvent
+from resilient.anomaly.events import CORDON, REPLACE, RESTART, ROLLBACK, WARN, AnomalyEvent
 from resilient.config import AnomalyConfig
 
 # XID classes (NVIDIA's XID catalogue) -> what to do. Unknown XIDs are warnings.
@@ -204,14 +204,21 @@ def _retired_pages(s: dict, prev: dict) -> list[tuple[str, str, str, dict]]:
     return []
 
 
+WARMUP_STEPS = 20  # steps after a (re)start the straggler detector does not judge
+
+
 class StragglerDetector:
     """A rank whose compute time stays above its peers' median by `straggler_factor` over a
     confirmation window: the median, over the last `straggler_window` steps, of its per-step
     ratio to the median of its peers (a median, so one noisy step neither makes nor breaks a
     streak). Comparing with peers at the same step makes a job-wide slowdown invisible by
     construction; the rank must also be slower than its own healthy history, so a rank that was
-    always a little slower is not flagged on noise. It fires once, and again only after a whole
-    calm window."""
+    always a little slower is not flagged on noise, and it must have stayed slow for
+    `straggler_window_s` seconds too (at 20 ms steps a window of steps is a blip: a restart's
+    spare warming beside it). A new attempt (a restart) starts its windows afresh, after
+    WARMUP_STEPS steps: a promoted spare's first steps, and a replacement warming beside them,
+    are slower for reasons that pass (the first group's workers all warmed before its first
+    step). It fires once, and again only after a whole calm window."""
 
     def __init__(self, cfg: AnomalyConfig, world: int):
         self.cfg, self.world = cfg, world
@@ -219,8 +226,19 @@ class StragglerDetector:
         self.ratios: dict[int, deque] = defaultdict(lambda: deque(maxlen=cfg.straggler_window))
         self.history: dict[int, deque] = defaultdict(lambda: deque(maxlen=200))
         self.flagged: set[int] = set()
+        self.slow_since: dict[int, float] = {}  # when each rank's window first turned slow
+        self.attempt, self.since = 0, 0  # the group's attempt and the step it started after
 
-    def observe(self, t: float, rank: int, step: int, compute_s: float) -> list[AnomalyEvent]:
+    def observe(
+        self, t: float, rank: int, step: int, compute_s: float, attempt: int = 0
+    ) -> list[AnomalyEvent]:
+        if attempt != self.attempt:  # a new group: its first steps say nothing of its speed
+            self.attempt, self.since = attempt, step
+            self.steps.clear()
+            self.ratios.clear()
+            self.slow_since.clear()
+        if self.attempt and step <= self.since + WARMUP_STEPS:
+            return []
         row = self.steps[step]
         row[rank] = compute_s
         if len(row) < self.world or self.world < 2:
@@ -241,14 +259,16 @@ class StragglerDetector:
             if ratio <= self.cfg.straggler_factor:
                 self.history[r].append(x)
             slow = typical > self.cfg.straggler_factor and x >= self.cfg.straggler_min_s and x > own
-            if slow and r not in self.flagged:
+            since = self.slow_since.setdefault(r, t) if slow else self.slow_since.pop(r, None)
+            lasting = slow and t - since >= self.cfg.straggler_window_s
+            if lasting and r not in self.flagged:
                 self.flagged.add(r)
                 ev.append(
                     AnomalyEvent(
                         t,
                         "straggler",
                         "warning",
-                        WARN,
+                        REPLACE if self.cfg.straggler_action == "replace" else WARN,
                         rank=r,
                         step=step,
                         evidence={

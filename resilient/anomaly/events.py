@@ -6,7 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # Suggested actions, in increasing severity. The supervisor's policy maps them to decisions.
-WARN, RESTART, ROLLBACK, CORDON = "warn", "restart", "rollback", "cordon"
+# REPLACE: the rank alone is replaced (a straggler), its peers keep their processes.
+WARN, REPLACE, RESTART, ROLLBACK, CORDON = "warn", "replace", "restart", "rollback", "cordon"
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class AnomalyEvent:
     # nan, loss_spike, rss_leak, thermal, power_throttle, pcie_replay
     kind: str
     severity: str  # "warning" or "critical"
-    action: str  # warn, restart, rollback, cordon
+    action: str  # warn, replace, restart, rollback, cordon
     node: str | None = None
     rank: int | None = None
     step: int | None = None

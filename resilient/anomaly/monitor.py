@@ -68,7 +68,9 @@ class AnomalyMonitor:
                 continue
             if r["rank"] == 0 and r.get("mean_loss") is not None:
                 ev += self.numerics.observe(r["t"], r["step"], r["mean_loss"], r["grad_norm"])
-            ev += self.straggler.observe(r["t"], r["rank"], r["step"], r["compute_s"])
+            ev += self.straggler.observe(
+                r["t"], r["rank"], r["step"], r["compute_s"], r.get("attempt", 0)
+            )
         return ev
 
     def node(self, node_id: str, sample: dict) -> list[AnomalyEvent]:

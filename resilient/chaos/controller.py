@@ -37,6 +37,7 @@ EXPLAINS = {  # which injected faults show up as which kind of fault
     FaultKind.ERROR: ("gpu_xid", "gpu_lost", "ecc", "node_loss", "kill", "exit"),
     FaultKind.NODE_LOSS: ("node_loss", "kill", "exit"),
     FaultKind.PARTITION: ("node_loss", "hang"),
+    FaultKind.SDC: ("bitflip", "bad_compute"),
 }
 
 
@@ -52,6 +53,12 @@ def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
         f = fired[0]
         step = fault.step if fault.anomaly in ("nan", "loss_spike") else (f.step or fault.step)
         return replace(fault, injected_at=f.injected_at, step=step, chaos_key=f.key)
+    if fault.kind == FaultKind.SDC:  # found at a later check, maybe blaming another rank
+        fired = [f for f in fired if f.fault in EXPLAINS[FaultKind.SDC]]
+        if not fired:
+            return fault
+        f = fired[0]
+        return replace(fault, injected_at=f.injected_at, chaos_key=f.key)
     match = [f for f in fired if fault.rank is None or f.rank == fault.rank]
     explaining = [f for f in match if f.fault in EXPLAINS.get(fault.kind, ())]
     if not (explaining or match):
@@ -92,6 +99,29 @@ class ChaosController:
             if found:
                 self.mine[key] = found
         return dict(self.mine)
+
+    def preflight(self, nodes) -> set[str]:
+        """`bad_compute` entries planned for step 1: in place before the nodes are checked (a
+        node by index, or the node `rank`'s slot is on); the node ids, each recorded."""
+        bad = set()
+        for i, c in enumerate(self.spec.chaos.plan):
+            if c.fault != "bad_compute" or c.at_step != 1 or planned_key(i) in self.done:
+                continue
+            placement = nodes.reservation.placement() if nodes.reservation else []
+            rank = c.rank or 0
+            nid = nodes.node_at(c.node) if c.node is not None else None
+            if c.node is None and rank < len(placement):
+                nid = placement[rank]
+            if nid is None:
+                continue
+            self.done.add(planned_key(i))
+            self._record(
+                FiredFault(
+                    planned_key(i), c.fault, time.time(), step=1, rank=c.rank, node=nid, index=i
+                )
+            )
+            bad.add(nid)
+        return bad
 
     def plan(self) -> tuple[PlannedFault, ...]:
         fired = self._fired()

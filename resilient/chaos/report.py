@@ -22,6 +22,8 @@ from resilient.runlog.status import fold
 
 NOTICED_BY = {
     "slow": ("straggler",),
+    "bitflip": ("sdc",),
+    "bad_compute": ("sdc", "cordon"),
     "thermal": ("thermal",),
     "storage_outage": ("persist_error",),
     "corrupt_checkpoint": ("restore",),
@@ -34,6 +36,8 @@ def _noticed(records: list[dict], m: FiredFault) -> dict | None:
     for r in records:
         if r["t"] < m.injected_at:
             continue
+        if r["type"] == "cordon" and m.node and r.get("node") != m.node:
+            continue  # another node's
         if r["type"] == "anomaly" and r["kind"] in kinds:
             return r
         if r["type"] in kinds and (r["type"] != "restore" or r.get("skipped")):
@@ -57,7 +61,9 @@ def _unacted(records: list[dict], progress: list[tuple], m: FiredFault) -> dict:
         "injected_at": m.injected_at,
         "detected_at": seen["t"] if seen else None,
         "detected_by": by,
-        "decision": (seen or {}).get("decision", "none: training went on"),
+        "decision": (seen or {}).get("decision")
+        or (f"cordon: {seen['reason']}" if seen and seen["type"] == "cordon" else None)
+        or "none: training went on",
         "recovered_at": after,
         "recovery_s": round(after - m.injected_at, 3) if after else None,
         "steps_replayed": 0,

@@ -61,9 +61,15 @@ class CheckpointEngine:
     def should_persist(self, step: int, final: bool) -> bool:
         return final or (step // self.every) % self.persist_every == 0
 
-    def save(self, trainer, step: int, data_step: int, final: bool) -> float:
+    def save(
+        self, trainer, step: int, data_step: int, final: bool, integrity: dict | None = None
+    ) -> float:
+        """Snapshot `step` (and hand it over, rank 0); `integrity`: how the replicas' agreement on
+        it was checked, for the manifest."""
         t0 = time.perf_counter()
         snap = trainer.snapshot(step, data_step, self.fingerprint)
+        if integrity:
+            snap.meta["integrity"] = integrity
         blocking = time.perf_counter() - t0
         self.latest = snap
         if self.rank == 0:
@@ -80,6 +86,8 @@ class CheckpointEngine:
         files = snap.to_files()
         evaluated = (snap.meta.get("evals") or {}).get("eval")
         extra = {"eval": evaluated} if evaluated else {}  # retention keeps the best by it
+        if snap.meta.get("integrity"):  # `ckpt list` shows it; a rollback trusts it
+            extra["integrity"] = snap.meta["integrity"]
         manifest = make_manifest(snap.step, files, self.fingerprint, **extra)
         deadline = HANDOFF_S + sum(len(b) for b in files.values()) / HANDOFF_BYTES_PER_S
         ray.get(self.agent.put.remote(snap.step, files, manifest, persist), timeout=deadline)

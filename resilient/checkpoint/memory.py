@@ -80,6 +80,15 @@ class MemoryTier:
             self._evict()
             self.lock.notify_all()
 
+    def forget_after(self, step: int) -> list[int]:
+        """Drop every snapshot newer than `step` that does not wait for storage (a rollback past
+        replicas that disagreed: nothing newer may be restored); the steps dropped."""
+        with self.lock:
+            gone = [s for s, e in self.entries.items() if s > step and not e.persist]
+            for s in gone:
+                del self.entries[s]
+            return sorted(gone)
+
     def get(self, step: int) -> Entry | None:
         with self.lock:
             return self.entries.get(step)

@@ -10,7 +10,8 @@ Retention costs no listing per commit: the committed steps are listed once and t
 committed steps with the lowest eval loss too, at no request per commit: a committed snapshot's
 loss comes from its own manifest, and a listed step's (another node's, or an earlier process's)
 from its manifest, read once when first listed (`scores`: bounded by the committed steps).
-`wait_persisted(step, timeout)` blocks until that step is in storage.
+`wait_persisted(step, timeout)` blocks until that step is in storage (the steps known persisted
+are those retention keeps: bounded, whatever the run's length; it is asked for the newest).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Persister:
             self.committed = [s for s in self.committed if s not in deleted]
             for s in deleted:
                 self.scores.pop(s, None)  # (without keep_best, listed steps have no entry)
+                self.persisted.discard(s)  # bounded by retention, not by the run's length
             if deleted:
                 self.event(event="retention", deleted=deleted)
         except Exception as e:  # tried again after the next commit

@@ -6,7 +6,7 @@ code 2 (no traceback). A job that ends SUCCEEDED or STOPPED exits 0, FAILED exit
 whose final state storage does not hold yet), one stopped by SIGTERM or SIGINT 143 or 130.
 """
 
-from resilient.cli import chaos, ckpt, data, logs, run, scale  # noqa: F401 (each registers its commands)
+from resilient.cli import chaos, ckpt, data, logs, preflight, run, scale  # noqa: F401 (each registers its commands)
 from resilient.cli.base import cli
 
 

@@ -23,6 +23,11 @@ def user_errors(fn):
     return wrapper
 
 
+def set_option(help: str = "Override a spec key, as `resilient launch --set` does."):
+    """The `--set KEY=VALUE` option (repeatable) of every command that reads a spec."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help)
+
+
 def open_rundir(uri: str):
     from resilient.rundir import RunDir
     from resilient.runlog.journal import journal_exists

@@ -24,13 +24,14 @@ def ckpt() -> None:
 @click.argument("run_dir")
 @user_errors
 def ckpt_list(run_dir) -> None:
-    """Persisted checkpoints: step, tier, size, persisted at, eval loss, verified."""
+    """Persisted checkpoints: step, tier, size, persisted at, eval loss, replicas (whether the
+    ranks' digests agreed on it, and whether it passed a compute audit), verified."""
     from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, eval_loss
 
     store = CheckpointStore(open_rundir(run_dir))
     console = Console()
 
-    t = Table("step", "tier", "size", "persisted at", "eval loss", "verified")
+    t = Table("step", "tier", "size", "persisted at", "eval loss", "replicas", "verified")
     for step in store.steps():
         try:
             m = store.manifest(step)
@@ -41,8 +42,25 @@ def ckpt_list(run_dir) -> None:
         size = f"{sum(f['size'] for f in m['files'].values()) / 1024:.1f} KiB" if m else "-"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["persisted_at"])) if m else "-"
         loss = eval_loss(m) if m else None
-        t.add_row(str(step), "storage", size, when, "-" if loss is None else f"{loss:.4f}", ok)
+        t.add_row(
+            str(step),
+            "storage",
+            size,
+            when,
+            "-" if loss is None else f"{loss:.4f}",
+            replicas(m),
+            ok,
+        )
     console.print(t)
+
+
+def replicas(manifest: dict | None) -> str:
+    """What the manifest says of the ranks' agreement on the step: "agreed (N)", "agreed +
+    audit (N)", or "-" (one rank, or a step persisted before digests were compared)."""
+    i = (manifest or {}).get("integrity")
+    if not i:
+        return "-"
+    return f"agreed{' + audit' if i.get('audited') else ''} ({i.get('ranks')})"
 
 
 @ckpt.command("verify")

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from resilient.cli.base import cli, user_errors
+from resilient.cli.base import cli, set_option, user_errors
 
 
 @cli.group()
@@ -27,13 +27,7 @@ def data() -> None:
     help="Sequences to show, in the order training takes them.",
 )
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of the sequences.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a spec key, as `resilient launch --set` does.",
-)
+@set_option()
 @user_errors
 def inspect(spec, n, as_json, overrides) -> None:
     """Prepare SPEC's data as `launch` would (nothing is written) and show its first sequences:

@@ -9,20 +9,14 @@ import time
 import click
 
 from resilient.catalogue import RANDOM, RANDOM_DEFAULT
-from resilient.cli.base import cli, open_rundir, user_errors
+from resilient.cli.base import cli, open_rundir, set_option, user_errors
 from resilient.errors import Abort, UserError
 from resilient.runlog.states import TERMINAL
 
 
 @cli.command()
 @click.argument("spec", required=False)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a spec key, e.g. train.steps=40.",
-)
+@set_option("Override a spec key, e.g. train.steps=40.")
 @click.option(
     "--run-id", help="Name of the run directory below <storage>/<name>/ (default: a timestamp)."
 )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from resilient.catalogue import FAULTS, GPU, PARAMS, RANDOM, RANDOM_DEFAULT
+from resilient.catalogue import FAULTS, GPU, NODE_OR_RANK, PARAMS, RANDOM, RANDOM_DEFAULT
 from resilient.config.sections import DAY, WEEK, _Section
 
 CHAOS_FAULTS = tuple(FAULTS)
@@ -28,7 +28,10 @@ class ChaosEntry(_Section):
         None, ge=0, description="The rank hit (default 0 unless `node` is given)."
     )
     node: int | None = Field(
-        None, ge=0, description="GPU faults: the node hit, by index in the journal's node list."
+        None,
+        ge=0,
+        description="GPU faults and bad_compute: the node hit, by index in the journal's node "
+        "list (bad_compute may give `rank` instead: the node that rank runs on).",
     )
     factor: float = Field(
         2.0, gt=1.0, le=1000, description="slow: the rank's compute takes this many times longer."
@@ -46,9 +49,10 @@ class ChaosEntry(_Section):
     def _target(self) -> ChaosEntry:
         if (self.at_step is None) == (self.at_time is None):
             raise ValueError("give exactly one trigger: at_step or at_time")
-        if self.node is not None and self.fault not in GPU:
+        if self.node is not None and self.fault not in GPU + NODE_OR_RANK:
             raise ValueError(
-                f"fault {self.fault!r} is aimed at a rank; `node` only goes with {', '.join(GPU)}"
+                f"fault {self.fault!r} is aimed at a rank; `node` only goes with "
+                f"{', '.join(GPU + NODE_OR_RANK)}"
             )
         if self.node is not None and self.rank is not None:
             raise ValueError("give `rank` or `node`, not both")

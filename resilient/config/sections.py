@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DAY, WEEK = 86_400.0, 7 * 86_400.0
 MAX_LOCAL_NODES = max(8, os.cpu_count() or 1)  # each simulated node is a raylet on this machine
@@ -144,6 +144,9 @@ class ModelConfig(_Section):
         return str(Path(v).expanduser().absolute()) if v and "://" not in v else v
 
 
+AUDIT_SHARE = 1 / 0.015  # steps of work one recomputed microbatch may cost 1.5% of, by default
+
+
 class CheckpointConfig(_Section):
     """Where and how often state is saved."""
 
@@ -188,6 +191,42 @@ class CheckpointConfig(_Section):
         description="Also keep the N persisted checkpoints with the lowest eval loss (with "
         "[eval]: every evaluated step is persisted); 0 = off.",
     )
+    verify_every: int | None = Field(
+        None,
+        ge=0,
+        le=10**9,
+        description="Every this many steps the ranks compare a digest of their trainable "
+        "parameters and optimizer state (one small all-gather); a mismatch is an `sdc` fault. "
+        "Default: every persisted step. Persisted steps (and a stop's or the last) are always "
+        "compared: a step is persisted only after its digests agreed. 0 = off.",
+    )
+    audit_every: int | None = Field(
+        None,
+        ge=0,
+        le=10**9,
+        description="At compared steps that are multiples of this, each rank also recomputes one "
+        "microbatch of the next rank's work and compares gradient digests (a node whose work "
+        "does not reproduce is an `sdc` fault). Default: the first multiple of the compared "
+        "interval that keeps the recomputation under 1.5% of training. 0 = off.",
+    )
+
+    def checked(self, step: int) -> bool:
+        """Whether the ranks compare digests after `step` (persisted steps always are)."""
+        if self.verify_every == 0:
+            return False
+        persisted = self.every * self.persist_every
+        return step % persisted == 0 or step % (self.verify_every or persisted) == 0
+
+    def audited(self, step: int, microbatches_per_rank: float) -> bool:
+        """Whether `step`'s check includes the compute audit."""
+        if self.verify_every == 0 or self.audit_every == 0 or not self.checked(step):
+            return False
+        interval = self.audit_every
+        if interval is None:  # one microbatch recomputed per audit: <= 1.5% of the work between
+            base = self.verify_every or self.every * self.persist_every  # (2% with the digests)
+            need = AUDIT_SHARE / max(microbatches_per_rank, 1e-9)
+            interval = base * max(1, -(-int(need) // base))
+        return step % interval == 0
 
     @field_validator("storage")
     @classmethod
@@ -222,8 +261,12 @@ class SupervisorConfig(_Section):
     heartbeat_interval: float = Field(
         1.0, gt=0, le=3600, description="Seconds between heartbeats to every rank."
     )
-    hang_timeout: float = Field(
-        10.0, gt=0, le=DAY, description="A rank silent or without progress this long is hung."
+    hang_timeout: Annotated[float, Field(gt=0, le=DAY)] | Literal["auto"] = Field(
+        "auto",
+        description='A rank silent, or the job without a finished step, this long is hung. "auto": '
+        "learnt from the job's own step and heartbeat gaps (5x the longest seen, plus one "
+        "heartbeat interval, at least two intervals; 10 s until 20 steps were seen), journalled "
+        "as hang_limits; a number in seconds sets both fixed.",
     )
     collective_timeout: float = Field(
         120.0, gt=0, le=DAY, description="torch.distributed collective timeout in seconds."
@@ -272,7 +315,8 @@ class SupervisorConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> SupervisorConfig:
-        if not self.heartbeat_interval < self.hang_timeout < self.collective_timeout:
+        hang = 2 * self.heartbeat_interval if self.hang_timeout == "auto" else self.hang_timeout
+        if not self.heartbeat_interval < hang < self.collective_timeout:
             raise ValueError(
                 "timeouts must be ordered heartbeat_interval < hang_timeout < collective_timeout "
                 f"(got {self.heartbeat_interval} < {self.hang_timeout} < {self.collective_timeout})"
@@ -292,10 +336,26 @@ class AnomalyConfig(_Section):
         "GPU per node.",
     )
     straggler_factor: float = Field(
-        1.3, gt=1.0, le=100, description="A rank this much slower than its peers' median..."
+        2.0,
+        gt=1.0,
+        le=100,
+        validation_alias=AliasChoices("straggler_factor", "straggler_ratio"),
+        description="A rank this much slower than its peers' median... (also `straggler_ratio`)",
     )
     straggler_window: int = Field(
         10, ge=3, le=100_000, description="...for this many consecutive steps is a straggler."
+    )
+    straggler_window_s: float = Field(
+        5.0,
+        ge=0,
+        le=DAY,
+        description="...and for at least this many seconds (a blip of fast steps is not one).",
+    )
+    straggler_action: Literal["replace", "warn"] = Field(
+        "replace",
+        description='"replace": a straggler rank is replaced (from a warm spare, on another node '
+        'where there is one) and a node whose ranks straggle twice is cordoned; "warn": journalled '
+        "only, the job goes on at the straggler's pace.",
     )
     straggler_min_s: float = Field(
         0.002, ge=0, le=3600, description="Ignore ranks whose compute time is below this."

@@ -52,6 +52,8 @@ def state(rd: RunReader) -> dict:
         "events": s["events"],
         "restores": s["restores"],
         "faults": acc["faults"],
+        "preflight": s["preflight"],
+        "hang_limits": s["hang_limits"],
     }
 
 
@@ -66,6 +68,7 @@ LABELS = {  # how each kind of journal record is marked on the timeline
     "chaos": lambda r: f"chaos: {r.get('fault')}",
     "resize": lambda r: f"resize {r.get('from')} -> {r.get('to')} ranks",
     "survivors": lambda r: f"kept ranks {r.get('kept')}, replaced {r.get('replaced')}",
+    "preflight": lambda r: f"preflight node {r.get('index')}: {'ok' if r.get('ok') else 'FAIL'}",
 }
 
 

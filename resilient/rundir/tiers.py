@@ -10,7 +10,10 @@ it into one (the end of a job). So each item is uploaded at most `len(fanout) + 
 Names carry the level and the first and last item number (`L1-000000000016-000000000031.jsonl`);
 `covering(names)` picks the segments that hold every item exactly once, so a reader is right while
 a merged segment and its sources coexist, and a gap (a lost segment) is an error, never a silence.
-Segments found at open (a resumed run) are read back only when a merge needs them.
+Segments found at open (a resumed run) are read back only when a merge needs them, and so is
+every merged segment: the writer keeps the bytes of the level-0 segments only (at most
+`fanout[0]` of them), so its memory is bounded by one merge, not by the top level's span (one
+read per merged segment when it is merged in turn: `fanout[1]` reads per top-level segment).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Tiers:
         self.rundir, self.prefix, self.ext = rundir, prefix, ext
         self.merge, self.fanout, self.top = merge, fanout, len(fanout)
         self.next: int | None = None  # the next item's number; None until the log is listed
-        # per level below the top: [segment, its bytes or None (not read yet)]
+        # per level below the top: [segment, its bytes (level 0) or None (read when merged)]
         self.levels: list[list[tuple[Segment, bytes | None]]] = [[] for _ in fanout]
 
     def open(self) -> None:
@@ -117,10 +120,10 @@ class Tiers:
             self.levels = [[] for _ in self.fanout]
 
     def _merge(self, level: int, into: int) -> None:
-        merged = self._write_merged(self.levels[level], into)
+        seg, _ = self._write_merged(self.levels[level], into)
         self.levels[level] = []
-        if into < self.top:
-            self.levels[into].append(merged)
+        if into < self.top:  # its bytes are not kept: read back when it is merged in turn
+            self.levels[into].append((seg, None))
 
     def _write_merged(
         self, group: list[tuple[Segment, bytes | None]], into: int

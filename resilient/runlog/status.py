@@ -9,7 +9,9 @@ the newest worker group), `resizes` (each with `step`, `from`, `to`, `reason`) a
 with `rank`, `pid`, `node`, `started_at`, `restarts`: how often that rank's process was replaced),
 `data` (the staged sets: `rows`, `used`, `bad_rows`, `bad` by reason, `truncated`, `sequences`,
 `tokens`, `trained_tokens`, ...) and `eval` (each evaluation, by step: `step`, `loss`,
-`perplexity`, `accuracy`, `tokens`), plus extras.
+`perplexity`, `accuracy`, `tokens`), `preflight` (each node's newest check: `node`, `index`, `ip`,
+`ok`, `reasons`, `compute_s`, `allreduce_s`, `storage_s`, `mem_free_gb`, `disk_free_gb`) and
+`hang_limits` (the newest learnt: `silence_s`, `stall_s`), plus extras.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def _empty() -> dict[str, Any]:
         "ranks": [],
         "data": {},
         "eval": [],
+        "preflight": [],
+        "hang_limits": None,
     }
 
 
@@ -138,6 +142,16 @@ def _anomaly(s: dict, r: dict) -> None:
     s["events"][r["kind"]] = s["events"].get(r["kind"], 0) + 1
 
 
+PREFLIGHT_KEYS = ("node", "index", "ip", "ok", "reasons", "compute_s", "allreduce_s", "storage_s",
+                  "mem_free_gb", "disk_free_gb", "t")  # fmt: skip
+
+
+def _preflight(s: dict, r: dict) -> None:
+    """A node's newest check replaces its older one (a resumed run checks again)."""
+    s["preflight"] = [p for p in s["preflight"] if p["node"] != r["node"]]
+    s["preflight"].append({k: r.get(k) for k in PREFLIGHT_KEYS})
+
+
 EVAL_KEYS = ("step", "loss", "perplexity", "accuracy", "tokens")
 
 
@@ -169,6 +183,10 @@ FOLDS = {
     "resize": _resize,
     "data": lambda s, r: s.update(data={k: v for k, v in r.items() if k not in ("t", "type")}),
     "eval": _eval,
+    "preflight": _preflight,
+    "hang_limits": lambda s, r: s.update(
+        hang_limits={"silence_s": r["silence_s"], "stall_s": r["stall_s"]}
+    ),
 }
 
 

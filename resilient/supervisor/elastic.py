@@ -9,8 +9,8 @@ Contract: pure functions of their arguments (no clock, no I/O).
   next step and re-form it: growing when more ranks fit (up to `target`), shrinking when `target`
   was lowered.
 - `keeps_survivors(fault)`: whether a fault replaces only its rank (and any dead one), the other
-  ranks keeping their processes and their models (crashes, errors and silent ranks); anomalies
-  restart the group (a cordon or a rollback changes more than one rank).
+  ranks keeping their processes and their models (crashes, errors, silent ranks and stragglers);
+  other anomalies restart the group (a cordon or a rollback changes more than one rank).
 """
 
 from __future__ import annotations
@@ -64,4 +64,5 @@ def wants_resize(world: int, target: int, capacity: int, least: int) -> int | No
 
 
 def keeps_survivors(fault: Fault) -> bool:
-    return fault.kind in KEEPS_SURVIVORS and fault.rank is not None
+    replace_one = fault.kind == FaultKind.ANOMALY and fault.suggested == "replace"
+    return (fault.kind in KEEPS_SURVIVORS or replace_one) and fault.rank is not None

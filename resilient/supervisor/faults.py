@@ -20,6 +20,8 @@ class FaultKind(StrEnum):
     ANOMALY = "anomaly"  # the anomaly detector raised an actionable event (hardware, NaN, spike)
     NODE_LOSS = "node_loss"  # a node's processes are gone (its raylet refuses): every rank on it
     PARTITION = "partition"  # a node answers nothing (its raylet unreachable): every rank on it
+    SDC = "sdc"  # silent data corruption: replicas' digests differ, or a rank's work does not
+    # reproduce elsewhere (the compute audit)
 
 
 NODE_FAULTS = (FaultKind.NODE_LOSS, FaultKind.PARTITION)
@@ -65,6 +67,9 @@ class History:
     stopping: bool = False  # a stop was requested and is under way
     rollback_streak: int = 0  # NaN/spike rollbacks in a row, the same way
     last_hour: int = 0  # restarts within the last hour (supervisor.max_restarts_per_hour)
+    node_offences: int = 0  # earlier faults of this fault's kind (straggler, sdc) on its node
+    other_nodes: int = 1  # healthy nodes besides the fault's (a straggler's node is cordoned
+    # only where the job can go on elsewhere)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from resilient.agents.lease import LeaseKeeper
+from resilient.agents.preflight import run_preflight
 from resilient.config import JobSpec
 from resilient.rundir.layout import FENCE
 from resilient.runlog.journal import Journal
@@ -48,6 +49,21 @@ class Fleet:
         """Leases renewed from now on, the agents up; the job's node list for the journal."""
         self.leases.start()
         return self.nodes.start()
+
+    def preflight(self, bad: set[str]) -> list[dict]:
+        """Every schedulable node not cordoned or lost checked at once (`agents.preflight`; `bad`:
+        chaos made them compute wrong), each journalled (`preflight`); a node that fails is
+        cordoned before any rank trains there. The records."""
+        nodes = [n for n in self.nodes.every_node() if n[1] not in self.excluded()]
+        if not nodes:
+            return []
+        results = run_preflight(nodes, self.rundir.uri, self.rundir.storage_options, bad)
+        for r in results:
+            self.journal.append("preflight", **r)
+        for r in results:
+            if not r["ok"]:
+                self.cordon(r["node"], "preflight: " + "; ".join(r["reasons"]))
+        return results
 
     def _leased(self) -> list:
         out = list(self.nodes.agents.values())

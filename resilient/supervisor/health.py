@@ -25,6 +25,7 @@ from resilient.supervisor.faults import Fault, FaultKind
 NODE_SILENT_S = 2.5  # nothing from a node (ranks, agent) for this long: probe its raylet
 PROBE_TIMEOUT_S = 1.0  # a raylet that does not accept a connection this fast is unreachable
 EXPLAIN_TIMEOUT_S = 0.5  # the probe behind a rank's death (a dead node refuses at once)
+AGENT_QUIET_S = 1.5  # an agent (asked every second) silent this long at a rank's hang: probe
 OK, REFUSED, UNREACHABLE = "ok", "refused", "unreachable"
 
 
@@ -106,14 +107,26 @@ class NodeHealth:
         return p.result
 
     def explain(self, fault: Fault, group) -> Fault:
-        """A rank's death, or the loss of its node when the node's raylet refuses connections."""
-        if fault.kind != FaultKind.CRASH or fault.rank is None:
+        """A rank's death, or the loss of its node when the node's raylet refuses connections; a
+        rank's hang, or its node's loss or partition when the node's agent went silent too (a
+        hang limit learnt from fast steps may come before `silent_s`: the node decides)."""
+        if fault.kind not in (FaultKind.CRASH, FaultKind.HANG) or fault.rank is None:
             return fault
         node = fault.node or group.node_of(fault.rank)
         if node is None:
             return fault
-        result = self.prober(self.nodes.address_of(node), EXPLAIN_TIMEOUT_S)
-        if result != REFUSED:
+        if fault.kind == FaultKind.HANG:
+            agent = self.nodes.answered_at(node)
+            if agent is None or fault.detected_at - agent <= AGENT_QUIET_S:
+                return fault  # the node answers: a stuck rank
+            result = self.prober(self.nodes.address_of(node), PROBE_TIMEOUT_S)
+            if result == OK:
+                return fault
+        else:
+            result = self.prober(self.nodes.address_of(node), EXPLAIN_TIMEOUT_S)
+        if result not in (REFUSED, UNREACHABLE) or (
+            fault.kind == FaultKind.CRASH and result != REFUSED
+        ):
             return fault
         ranks = [r for r in range(group.size) if group.node_of(r) == node]
         lost = self._fault(node, ranks, result, 0.0, fault.step, fault.detected_at)

@@ -1,6 +1,8 @@
 """The chaos port: the narrow interface through which the supervisor lets chaos into a job.
 
-Contract: the supervisor calls a `ChaosHooks` at three named points and nowhere else: `plan()` when
+Contract: the supervisor calls a `ChaosHooks` at four named points and nowhere else:
+`preflight(nodes)` before the nodes are checked (node faults planned for the first step are put in
+place; the node ids it returns compute wrong from now on), `plan()` when
 an attempt starts (the planned faults its workers must still fire), `tick(view)` at every poll of
 the running group (timed and random chaos, `resilient chaos inject` requests, job-wide faults rank
 0 holds for, GPU faults on nodes without ranks), and `attribute(fault)` before it acts on a fault
@@ -34,6 +36,8 @@ class JobView:
 
 
 class ChaosHooks(Protocol):
+    def preflight(self, nodes: Any) -> set[str]: ...
+
     def plan(self) -> tuple[PlannedFault, ...]: ...
 
     def tick(self, view: JobView) -> None: ...
@@ -43,6 +47,9 @@ class ChaosHooks(Protocol):
 
 class NoChaos:
     """A job without chaos."""
+
+    def preflight(self, nodes: Any) -> set[str]:
+        return set()
 
     def plan(self) -> tuple[PlannedFault, ...]:
         return ()

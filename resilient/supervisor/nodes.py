@@ -128,6 +128,19 @@ class Nodes:
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()
 
+    def every_node(self) -> list[tuple[int, str, str | None]]:
+        """(index, node id, ip) of every schedulable node, lost ones aside; nodes not yet in
+        `order` join it (so chaos `node = i` and preflight name the same node)."""
+        for n in schedulable_nodes():
+            if n["NodeID"] not in self.order:
+                self.order.append(n["NodeID"])
+            self._learn([n])
+        return [
+            (i, nid, self._addresses.get(nid, (None, 0))[0])
+            for i, nid in enumerate(self.order)
+            if nid not in self._lost
+        ]
+
     def _learn(self, nodes: list[dict]) -> None:
         for n in nodes:
             self._addresses[n["NodeID"]] = (n["NodeManagerAddress"], n["NodeManagerPort"])
@@ -321,6 +334,13 @@ class Nodes:
             source = RestoreSource(step, tier, nid, agent)
             return Lookup(source, skipped, storage_error, frozenset(damaged))
         return Lookup(None, skipped, storage_error, frozenset(damaged))
+
+    def forget_after(self, step: int) -> None:
+        """Every agent drops its unpersisted snapshots newer than `step` (an sdc rollback: they
+        were never compared, and may hold the corruption); each asked within AGENT_CALL_S."""
+        refs = [a.forget_after.remote(step) for a in self.agents.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=AGENT_CALL_S)
 
     def protect(self, steps: set[int]) -> None:
         """No agent's retention deletes these steps (the one a group is restoring)."""

@@ -7,10 +7,12 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   data batch, a loss spike (after `anomaly.spike_patience`) rolls back before the first spike and
   skips every spiked batch, hardware faults cordon their node, the rest restart.
 - `decide(fault, history, cfg)`: a crash, hang or error of a rank replaces that rank, the others
-  keeping their processes (`elastic.keeps_survivors`); a lost or partitioned node is cordoned and
-  its ranks replaced, the ranks elsewhere kept; a hang of no rank restarts the group; an
-  anomaly restarts
-  it the way `judge` said (cordon the node, roll back and skip, or plain restart). The first
+  keeping their processes (`elastic.keeps_survivors`), and so does a straggler (unless its node's
+  ranks straggled before: then the node is cordoned); a lost or partitioned node is cordoned and
+  its ranks replaced, the ranks elsewhere kept; a hang of no rank restarts the group; silent
+  corruption (`sdc`) rolls back to the newest step that agreed, cordoning a node whose work did not
+  reproduce (or whose replica diverged before); an anomaly restarts it the way `judge` said
+  (cordon the node, roll back and skip, or plain restart). The first
   restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
   back off exponentially from `backoff_base` up to `backoff_max`. The job gives up, naming the rule
   that fired, at once when every rank failed the same way before training (not an outage), when
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from resilient.anomaly.events import CORDON, ROLLBACK, WARN, AnomalyEvent
+from resilient.anomaly.events import CORDON, REPLACE, ROLLBACK, WARN, AnomalyEvent
 from resilient.config import SupervisorConfig
 from resilient.supervisor.elastic import keeps_survivors
 from resilient.supervisor.faults import (
@@ -129,6 +131,17 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
         )
     if fault.kind in NODE_FAULTS and fault.node:
         return _node_decision(fault, cfg, delay)
+    if fault.kind == FaultKind.SDC:
+        return _sdc_decision(fault, history, delay)
+    repeated = history.node_offences >= 1 and fault.node and history.other_nodes > 0
+    if fault.suggested == REPLACE and repeated:
+        return Decision(
+            Action.CORDON,
+            f"{describe(fault)}: the ranks of node {fault.node[:12]} straggled "
+            f"{history.node_offences + 1} times: cordon it and restart without it",
+            delay_s=delay,
+            exclude_nodes=(fault.node,),
+        )
     if is_rollback(fault):
         return Decision(
             Action.ROLLBACK,
@@ -150,6 +163,30 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
         Action.RESTART,
         f"{describe(fault)}: restart the worker group from the newest checkpoint",
         delay_s=delay,
+    )
+
+
+def _sdc_decision(fault: Fault, history: History, delay: float) -> Decision:
+    """Silent corruption: roll back to the newest step whose replicas agreed (and passed their
+    audit), replacing every rank. A node whose work did not reproduce (`suggested` cordon) is
+    cordoned at once; a rank whose replica diverged is cordoned on its node's second offence,
+    where other nodes remain."""
+    node = fault.node
+    # a replica that diverged again is its node's second offence; cordoned where the job can go
+    # on elsewhere (one machine: replaced again, the job goes on)
+    again = history.node_offences >= 1 and history.other_nodes > 0
+    cordon = bool(node) and (fault.suggested == CORDON or again)
+    why = f"{describe(fault)}: roll back to step <= {fault.rollback_to}, the newest that agreed"
+    if cordon:
+        why += f"; cordon node {node[:12]}" + (
+            f" (offence {history.node_offences + 1})" if fault.suggested != CORDON else ""
+        )
+    return Decision(
+        Action.ROLLBACK,
+        why + " and restart the ranks from there",
+        delay_s=delay,
+        exclude_nodes=(node,) if cordon else (),
+        rollback_to=fault.rollback_to,
     )
 
 
@@ -222,6 +259,9 @@ def judge(
     if e.action == WARN:
         return Verdict(WARN)
     rank = e.rank if e.rank is not None else (on_node[0] if on_node else None)
+    node = e.node
+    if node is None and e.action == REPLACE and rank is not None and rank < len(placement):
+        node = placement[rank]  # a straggler's node: a second offence there cordons it
     at = e.step or step + 1
     rollback_to, skip = rollback_point(e, at, data_steps)
     fault = Fault(
@@ -230,7 +270,7 @@ def judge(
         at,
         now,
         f"{e.kind}: {e.evidence}"[:500],
-        node=e.node,
+        node=node,
         anomaly=e.kind,
         suggested=e.action,
         rollback_to=rollback_to,

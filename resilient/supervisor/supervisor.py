@@ -19,6 +19,7 @@ survivors kept.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -43,6 +44,7 @@ from resilient.supervisor.faults import (
     PendingRollback,
 )
 from resilient.supervisor.fleet import Fleet
+from resilient.supervisor.hang_limits import HangLimits
 from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.nodes import PreflightFailed
@@ -78,6 +80,12 @@ class Supervisor:
         groups = lambda: (self.group, self.sizing.kept)  # noqa: E731
         self.fleet = Fleet(spec, parts, journal, cordoned, groups, writers)
         self.sizing = Sizing(spec, book, self.fleet, parts)
+        learnt = [r for r in records if r["type"] == "hang_limits"]
+        self.hang_limits = HangLimits(spec.supervisor, learnt[-1] if learnt else None)
+        # (kind, node) -> faults so far: a node's second straggler or sdc fault cordons it
+        self.offences = Counter(
+            (r["kind"], r["node"]) for r in records if r["type"] == "fault" and r.get("node")
+        )
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -110,6 +118,7 @@ class Supervisor:
             self.journal.append("nodes", nodes=self.fleet.start())
         except PreflightFailed as e:
             return self.book.to(JobState.FAILED, f"preflight: {e}")
+        self.fleet.preflight(self.chaos.preflight(self.nodes))
         self.fleet.warm(self.sizing.world)
         self.book.to(JobState.STARTING, "preflight passed: node agents up")
 
@@ -214,9 +223,13 @@ class Supervisor:
 
     def _follow(self, group, restored: int) -> Fault | str:
         """Poll until the group ends ("done" or "stopped") or a fault must be acted on."""
-        watch = Watch(group, restored, group.size, self.spec.supervisor, self.clock)
+        cfg = self.spec.supervisor
+        watch = Watch(group, restored, group.size, cfg, self.clock, self.hang_limits)
         while True:
             seen = watch.poll()
+            limits = self.hang_limits.changed()
+            if limits:
+                self.journal.append("hang_limits", **limits)
             if self.book.state in (JobState.RUNNING, JobState.STOPPING):
                 self.book.training_s += seen.trained_s
             self._check_stop(group)
@@ -238,8 +251,8 @@ class Supervisor:
             if seen.step is not None:
                 self.book.progressed(seen)
             self.sizing.check_size(group)
-            if seen.fault:
-                return self.chaos.attribute(seen.fault)
+            if seen.fault:  # a hang of a node that went silent whole is the node's
+                return self.chaos.attribute(self.fleet.explain(seen.fault, group))
             if seen.ended:
                 return seen.ended
 
@@ -293,6 +306,13 @@ class Supervisor:
         self.journal.append("fault", **fault.to_record(), **log)
         idx, self.book.fault_index = self.book.fault_index, self.book.fault_index + 1
         history = self.budget.history(self.book.step - self.book.restored, stopping, time.time())
+        kind = fault.anomaly or fault.kind.value
+        others = [n for n in self.nodes.order if n != fault.node and n not in self.fleet.excluded()]
+        history = replace(
+            history, node_offences=self.offences[kind, fault.node], other_nodes=len(others)
+        )
+        if fault.node:
+            self.offences[kind, fault.node] += 1
         decision = policy.decide(fault, history, self.spec.supervisor)
         self.journal.append("decision", fault_index=idx, **decision.to_record())
         if decision.action == Action.GIVE_UP:
@@ -313,6 +333,9 @@ class Supervisor:
         self.sizing.resize_cause = policy.describe(fault)  # if the next attempt has another size
         counts = self.budget.restarted(fault, time.time())
         self._teardown(group, idx, decision.delay_s, counts, fault if keep else None)
+        if fault.kind == FaultKind.SDC:
+            # the snapshots after the agreed step were never compared: none may be restored
+            self.nodes.forget_after(decision.rollback_to or 0)
         self.book.pending_recoveries.append(PendingRecovery(idx, fault))
         self.book.to(JobState.STARTING, f"restart {self.book.restarts}")
 

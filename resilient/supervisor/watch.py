@@ -7,15 +7,19 @@ what they add up to: the group became ready (every rank training), the job-wide 
 group ended ("done", "stopped", or "paused" for a resize), or a fault. Faults, in order of
 precedence: a rank's death (CRASH, within one tick), a rank's training error (ERROR, after a
 short grace, since a dead peer shows up in survivors as collective errors first; the rank that
-failed first is blamed), a rank silent for `hang_timeout` (HANG; before
+failed first is blamed), a rank silent for the silence limit (HANG; before
 its first answer, `start_timeout`), a group not training `start_timeout` after it was started
 although its ranks answer (START_TIMEOUT: stuck in rendezvous, loading or restoring), no step
-finished for `hang_timeout` while any rank trains and none has failed (HANG; a rank that is
-evaluating counts as progress). Only the supervisor changes state.
+finished for the no-step limit while any rank trains and none has failed (HANG, blaming a rank that
+went silent while its peers answer, if one did; a rank that is evaluating counts as progress).
+The limits are `HangLimits`' (`supervisor.hang_timeout`, or learnt from the job's pace with
+"auto"); the Watch feeds it what it sees. A step's time is when its slowest rank finished it, on
+this clock (the rank's own report, not the heartbeat's arrival). Only the supervisor changes state.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import deque
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from resilient.agents.heartbeat import Heartbeat
 from resilient.config import SupervisorConfig
 from resilient.supervisor.faults import Fault, FaultKind
+from resilient.supervisor.hang_limits import HangLimits
 
 TICK = 0.1  # seconds between polls: bounds crash-detection latency, costs ~nothing
 ERROR_GRACE = 2.0  # seconds an error waits for a peer's death to explain it
@@ -61,7 +66,9 @@ class Watch:
         world: int,
         cfg: SupervisorConfig,
         clock: Callable[[], float] = time.time,
+        limits: HangLimits | None = None,
     ):
+        """`limits`: the job's hang limits, kept across attempts (a new one: learnt afresh)."""
         self.group, self.restored, self.world, self.cfg, self.clock = (
             group,
             restored,
@@ -69,6 +76,9 @@ class Watch:
             cfg,
             clock,
         )
+        self.limits = limits or HangLimits(cfg)
+        self.limits.new_attempt()
+        self._answered: dict[int, float] = {}
         self.last_step = restored
         self.started = self.last_poll = self.last_progress = clock()
         self.running = False
@@ -82,9 +92,11 @@ class Watch:
         self.last_poll = now
         metrics = tuple(m for hb in fresh for m in hb.metrics)
         self.step_times.extend(m["step_time"] + m["data_wait"] for m in metrics)
+        self._learn(fresh, metrics)
         latest = dict(self.group.latest)
         fault = (
             self._dead(now)
+            or self._corrupt(now, latest)
             or self._erred(now, latest)
             or self._silent(now, latest)
             or self._slow_start(now, latest)
@@ -107,6 +119,19 @@ class Watch:
             metrics,
         )
 
+    def _learn(self, fresh: tuple[Heartbeat, ...], metrics: tuple[dict, ...]) -> None:
+        """Feed the limits the pace of a running group (a start or a restore says nothing of it)."""
+        if not self.running:
+            return
+        self.limits.observe_steps(metrics)
+        for hb in fresh:
+            at = self.group.last_answer.get(hb.rank)
+            before = self._answered.get(hb.rank)
+            if at is not None and before is not None and at > before:
+                self.limits.observe_answer(at - before)
+            if at is not None:
+                self._answered[hb.rank] = at
+
     def _fault(self, kind: FaultKind, rank: int | None, evidence: str, now: float) -> Fault:
         node = self.group.node_of(rank) if rank is not None else None
         return Fault(kind, rank, self.last_step + 1, now, evidence, node=node)
@@ -116,6 +141,35 @@ class Watch:
             return None
         rank = min(self.group.dead)
         return self._fault(FaultKind.CRASH, rank, self.group.dead[rank], now)
+
+    def _corrupt(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
+        """Replicas that disagreed (every rank has the same report: the first one will do)."""
+        report = next((h.sdc for h in latest.values() if h.phase == "sdc" and h.sdc), None)
+        if report is None:
+            return None
+        rank = report.get("rank")
+        audit = bool(report.get("failed_audits"))
+        if audit:
+            what = (
+                f"the work of rank {rank} did not reproduce on another rank"
+                if rank is not None
+                else "a compute audit failed and no rank could be named"
+            )
+        else:
+            odd = report.get("odd") or []
+            what = f"replica digests differ (odd: rank {odd})" if odd else "replica digests differ"
+        fault = self._fault(
+            FaultKind.SDC,
+            rank,
+            f"step {report['step']}: {what}; {json.dumps(report, sort_keys=True)}"[:900],
+            now,
+        )
+        return replace(
+            fault,
+            step=report["step"],
+            suggested="cordon" if audit and rank is not None else "replace",
+            rollback_to=report.get("rollback_to"),
+        )
 
     def _erred(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
         errors = {r: h.error for r, h in latest.items() if h.phase == "error"}
@@ -144,7 +198,9 @@ class Watch:
         # The heartbeat is answered by its own thread in every phase, so once a rank has answered,
         # silence means the process is stuck; before that it may still be starting.
         for rank, seen in self.group.last_answer.items():
-            limit = self.cfg.hang_timeout if rank in latest else self.cfg.start_timeout
+            limit = self.limits.silence_s if rank in latest else self.cfg.start_timeout
+            if rank in latest and not self.running:  # starting: restores, loads, imports
+                limit = max(limit, self.limits.unlearnt_s)
             if rank in self.group.pending and now - seen > limit:
                 phase = latest[rank].phase if rank in latest else "created"
                 return self._fault(
@@ -200,8 +256,18 @@ class Watch:
         step = min(h.step for h in latest.values())
         if step <= self.last_step and not ended:
             return None, None
-        self.last_step, self.last_progress = max(step, self.last_step), now
+        if step > self.last_step:
+            self.last_progress = self._done_at(step, latest, now)
+        self.last_step = max(step, self.last_step)
         return self.last_step, ended
+
+    def _done_at(self, step: int, latest: Mapping[int, Heartbeat], now: float) -> float:
+        """When (on this clock) the slowest rank finished `step`: from its own report, so the
+        no-step limit runs from the step, not from the heartbeat that brought the news."""
+        slowest = [h for h in latest.values() if h.step == step and h.step_done_at is not None]
+        if not slowest:
+            return now
+        return min(now, max(self._our_time(h, h.step_done_at) for h in slowest))
 
     def _stalled(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
         # any rank, not every: a rank left training while its peers finished is stuck all the same;
@@ -212,11 +278,33 @@ class Watch:
             return None
         busy = "training" in phases or "pausing" in phases
         training = len(latest) == self.world and busy and "error" not in phases
-        if self.running and training and now - self.last_progress > self.cfg.hang_timeout:
+        # a resize's pause hands a snapshot over: room for that, as for a start
+        limit = self.limits.stall_s
+        if "pausing" in phases:
+            limit = max(limit, self.limits.unlearnt_s)
+        if self.running and training and now - self.last_progress > limit:
+            quiet = self._quietest(now)
             return self._fault(
                 FaultKind.HANG,
-                None,
-                f"no rank finished a step for {now - self.last_progress:.1f}s",
+                quiet,
+                f"no rank finished a step for {now - self.last_progress:.1f}s (limit {limit:.1f}s)"
+                + (
+                    f"; rank {quiet} answered no heartbeat for "
+                    f"{now - self.group.last_answer[quiet]:.1f}s"
+                    if quiet is not None
+                    else ""
+                ),
                 now,
             )
         return None
+
+    def _quietest(self, now: float) -> int | None:
+        """The rank silent for more than 1.5 heartbeat intervals while every other rank answered
+        within one: the stalled job's cause (its peers wait for it in a collective)."""
+        interval = self.cfg.heartbeat_interval
+        ages = {r: now - t for r, t in self.group.last_answer.items() if r not in self.group.dead}
+        silent = [r for r, a in ages.items() if a > 1.5 * interval]
+        if len(silent) != 1 or len(ages) < 2:
+            return None
+        others = [a for r, a in ages.items() if r != silent[0]]
+        return silent[0] if max(others, default=0.0) <= interval + 0.5 else None

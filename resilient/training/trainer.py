@@ -38,6 +38,7 @@ from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, 
 from resilient.config import JobSpec
 from resilient.training.data import DataOrder, StagedData, share
 from resilient.training.evaluation import EvalState, evaluate
+from resilient.training.integrity import audit_target, digest
 from resilient.training.model import (
     apply_adapter,
     load_base,
@@ -64,6 +65,8 @@ class StepResult:
     overflow: bool = False  # float16: the gradient scaler skipped this update (not a fault)
     pause: bool = False  # some rank asked to pause after this step (a resize)
     lr: float = 0.0  # the learning rate this update used
+    digests: tuple[tuple[int, int, int], ...] = ()  # a checked step: every rank's (state, own
+    # gradient, audit) digests, as `integrity.judge` takes them
 
 
 class Trainer:
@@ -88,6 +91,21 @@ class Trainer:
             device,
         )
         self.data_dir = data_dir
+        self.corrupt = False  # chaos `bad_compute`: this rank's node computes subtly wrong
+
+    def _seed(self, data_step: int, index: int) -> None:
+        # Random draws (dropout) are a function of (seed, data step, microbatch) alone: no RNG
+        # state to checkpoint, and the same draws at any world size.
+        torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + index)
+
+    def _loss(self, module, batch: dict) -> torch.Tensor:
+        """A microbatch's loss under autocast; a bad_compute node's is off by a part in 2^10
+        (which the loss curve does not show and the gradients carry)."""
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            loss = module(**batch).loss.float()
+        return loss * (1 + 2**-10) if self.corrupt else loss
 
     def setup(self) -> None:
         self.prepare()
@@ -168,16 +186,24 @@ class Trainer:
         poison: bool = False,
         slow: float = 1.0,
         pause: bool = False,
+        check: bool = False,
+        audit: bool = False,
     ) -> StepResult:
         """One optimizer update. `poison` makes this rank's loss NaN (chaos `nan`); `slow` stretches
         this rank's forward pass by that factor (chaos `slow`); `stop` and `pause` are agreed on
-        job-wide."""
+        job-wide. `check` (every rank alike): the gradients are all-reduced here rather than by
+        DDP, so this rank's own gradient of its first microbatch can be digested, and after the
+        update every rank's digests are all-gathered into `digests`; `audit`: this rank also
+        recomputes the first microbatch of `integrity.audit_target`'s share and digests it."""
         t0 = time.perf_counter()
         mine = share(self.order.count, self.rank, self.world)
         micro = [self._batch(self.order.microbatch(data_step, i)) for i in mine]
         lr = float(self.scheduler.get_last_lr()[0])
         t1 = time.perf_counter()
-        loss_sum, compute = self._backward(data_step, mine, micro, poison, slow)
+        loss_sum, compute, own = self._backward(data_step, mine, micro, poison, slow, check)
+        audited = self._audit(data_step) if check and audit else 0
+        if check:
+            self._all_reduce_grads()
         self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -198,6 +224,7 @@ class Trainer:
             self.scheduler.step()
         self.scaler.update()  # (a no-op without scaling) ends this step's unscale_
         self.optimizer.zero_grad(set_to_none=True)  # a poisoned update is never applied
+        digests = self.gather_digests(own, audited) if check else ()
         t2 = time.perf_counter()
         return StepResult(
             loss=loss_sum / max(1, len(mine)),
@@ -212,7 +239,58 @@ class Trainer:
             overflow=overflow,
             pause=bool(stats[4] > 0),
             lr=lr,
+            digests=digests,
         )
+
+    def state_digest(self) -> int:
+        """The replica's trainable parameters and optimizer state, as one number."""
+        state = [p for _, p in sorted(trainable_state(self.model).items())]
+        for p in self.params:  # parameter order: the optimizer's own is insertion order
+            held = self.optimizer.state.get(p, {})
+            state.extend(v for _, v in sorted(held.items()) if torch.is_tensor(v))
+        return digest(state)
+
+    def flip_bit(self, step: int) -> str:
+        """Chaos `bitflip`: one low mantissa bit of one nonzero trainable value flips (a change of
+        about 2^-15 of it: the loss does not show it); which value follows from `step`."""
+        p = next(p for p in self.params if bool(p.detach().ne(0).any()))
+        flat = p.detach().view(-1)
+        nonzero = flat.ne(0).nonzero().view(-1)
+        i = int(nonzero[step % len(nonzero)])
+        ints = flat.view(torch.int32 if flat.element_size() == 4 else torch.int16)
+        ints[i] ^= 1 << (8 if flat.element_size() == 4 else 0)
+        return f"bit of element {i} of a {tuple(p.shape)} parameter"
+
+    def gather_digests(self, own: int = 0, audited: int = 0) -> tuple[tuple[int, int, int], ...]:
+        """Every rank's (state digest, `own`, `audited`), all-gathered (a collective)."""
+        row = torch.tensor([self.state_digest(), own, audited], dtype=torch.int64)
+        rows = [torch.zeros(3, dtype=torch.int64) for _ in range(self.world)]
+        if self.device.type == "cuda":  # nccl gathers device tensors
+            row, rows = row.to(self.device), [r.to(self.device) for r in rows]
+        dist.all_gather(rows, row)
+        return tuple(tuple(int(x) for x in r.cpu()) for r in rows)
+
+    def _all_reduce_grads(self) -> None:
+        """What DDP's default hook does (divide by the world, sum), over one flat tensor."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world)
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def _audit(self, data_step: int) -> int:
+        """The gradient digest of the first microbatch of the audit target's share, recomputed
+        here on the plain model (autograd.grad: no DDP hook fires, .grad is untouched)."""
+        target = audit_target(self.rank, self.world)
+        index = share(self.order.count, target, self.world)[0]
+        batch = self._batch(self.order.microbatch(data_step, index))
+        self._seed(data_step, index)
+        loss = self._loss(self.model, batch)
+        scaled = self.scaler.scale(loss * (self.world / self.order.count))
+        grads = torch.autograd.grad(scaled, self.params, allow_unused=True)
+        return digest(grads)
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in self.data.batch(self.data.train, indices).items()}
@@ -239,25 +317,28 @@ class Trainer:
         return metrics
 
     def _backward(
-        self, data_step: int, mine: list[int], micro: list[torch.Tensor], poison: bool, slow: float
-    ) -> tuple[float, float]:
+        self,
+        data_step: int,
+        mine: list[int],
+        micro: list[torch.Tensor],
+        poison: bool,
+        slow: float,
+        local: bool = False,
+    ) -> tuple[float, float, int]:
         """Forward and backward over this rank's microbatches (indices `mine`, samples `micro`);
-        (the sum of their losses, seconds of this rank's own forward passes)."""
+        (the sum of their losses, seconds of this rank's own forward passes, and with `local` the
+        digest of the first microbatch's gradient: DDP then all-reduces nothing)."""
         # world / count: the all-reduce averages over ranks, so the gradient is the mean over every
         # microbatch of the step however many ranks share them.
         scale = self.world / self.order.count
-        total, compute = 0.0, 0.0
+        total, compute, own = 0.0, 0.0, 0
         for n, (index, batch) in enumerate(zip(mine, micro, strict=True)):
-            # Random draws (dropout) are a function of (seed, data step, microbatch) alone: no RNG
-            # state to checkpoint, and the same draws at any world size.
-            torch.manual_seed((self.spec.train.seed * 1_000_003 + data_step) * 65_537 + index)
+            self._seed(data_step, index)
             # Gradients are all-reduced once, in the last microbatch's backward pass.
-            with contextlib.nullcontext() if n == len(mine) - 1 else self.ddp.no_sync():
+            last = n == len(mine) - 1 and not local
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
                 tf = time.perf_counter()
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-                ):
-                    part = self.ddp(**batch).loss.float()
+                part = self._loss(self.ddp, batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 if slow > 1.0:
@@ -266,8 +347,10 @@ class Trainer:
                 if poison and n == 0:
                     part = part * float("nan")
                 self.scaler.scale(part * scale).backward()
+            if local and n == 0:
+                own = digest(p.grad for p in self.params)
             total += float(part.detach())
-        return total, compute
+        return total, compute, own
 
     def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot:
         """The full state after `step` in host memory. Local: DDP keeps it equal on every rank."""

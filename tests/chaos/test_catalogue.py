@@ -61,6 +61,10 @@ CASES = {
     # dies at 17, known bad in every copy: the job goes on from step 0 (and says so)
     "corrupt_checkpoint": entry("corrupt_checkpoint", 12) + entry("kill", 17),
     "supervisor_kill": entry("supervisor_kill", 10),
+    # caught at the next compared step (persisted every 3), rolled back to the one before
+    "bitflip": entry("bitflip", 10),
+    # node 1 computes wrong from step 10: the audit (every compared step here) finds it
+    "bad_compute": entry("bad_compute", 10),
 }
 assert set(CASES) == set(FAULTS), "every fault of the catalogue has a case"
 
@@ -81,6 +85,8 @@ def test_fault_is_survived(clean, fault):
     every = (
         ["--set", "checkpoint.every=10", "--set", "checkpoint.persist_every=1"]
         if fault == "corrupt_checkpoint"
+        else ["--set", "checkpoint.audit_every=3"]
+        if fault == "bad_compute"
         else []
     )
     r = resilient_cli("launch", str(spec), "--run-id", "c", *NODES, *every)
@@ -112,8 +118,12 @@ def test_fault_is_survived(clean, fault):
         assert fault.split("_")[0] in " ".join(kinds) or "crash" in kinds or "hang" in kinds
     if fault in ("gpu_xid", "gpu_lost", "ecc"):
         assert s["cordoned_nodes"]
-    if fault in ("slow", "thermal"):
+    if fault == "thermal":
         assert s["restarts"] == 0 and s["events"]
+    if fault == "slow":  # replaced (anomaly.straggler_action = "replace")
+        assert "straggler" in kinds and s["restarts"] >= 1
+    if fault == "bitflip":
+        assert "sdc" in kinds and s["rollbacks"]
     if fault == "storage_outage":
         assert any(r["type"] == "persist_error" for r in read_journal(run))
     if fault == "corrupt_checkpoint":

@@ -29,10 +29,12 @@ def finished_run(tmp_path_factory):
     """A finished run with a restart (kill), a straggler event (slow rank) and evaluations."""
     d = tmp_path_factory.mktemp("dash")
     extra = (
-        '\n[anomaly]\ngpu = "simulated"\n'
+        '\n[anomaly]\ngpu = "simulated"\nstraggler_action = "warn"\nstraggler_window_s = 0\n'
         "\n[eval]\nsplit = 0.1\nevery = 20\n"
         '\n[[chaos]]\nat_step = 5\nfault = "slow"\nfactor = 2.5\nrank = 1\n'
-        '\n[[chaos]]\nat_step = 40\nfault = "kill"\nrank = 0\n'
+        # rank 1: rank 0 survives and reports every evaluation (a killed rank 0's last
+        # heartbeat interval, with an evaluation in it, would be lost)
+        '\n[[chaos]]\nat_step = 40\nfault = "kill"\nrank = 1\n'
     )
     r = resilient_cli("launch", str(write_job(d, steps=60, extra=extra)), "--run-id", "dash")
     assert r.returncode == 0, r.stdout

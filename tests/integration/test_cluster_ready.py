@@ -62,7 +62,7 @@ def test_staged_inputs_gpu_ready_keys_logs_and_metrics(tmp_path):
     port = _free_port()
     extra = (
         f"\n[anomaly]\nprometheus_port = {port}\n"
-        '\n[[chaos]]\nat_step = 22\nfault = "kill"\nrank = 1\n'
+        '\n[[chaos]]\nat_step = 10\nfault = "kill"\nrank = 1\n'
     )
     run = work / "runs" / "g" / "staged"
     with background_launch(_spec(work, str(doomed), extra), "--run-id", "staged") as proc:

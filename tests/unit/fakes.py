@@ -38,6 +38,12 @@ class FakeNodes:
     def start(self) -> list[dict]:
         return [{"index": i, "node_id": nid} for i, nid in enumerate(self.order)]
 
+    def every_node(self) -> list:
+        return []  # no preflight without Ray
+
+    def forget_after(self, step: int) -> None:
+        self.snapshots_after = step  # an sdc rollback's
+
     def placement(
         self, excluded: set[str], world=None, timeout=None, stand_ins=0
     ) -> list[str] | None:

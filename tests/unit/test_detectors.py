@@ -36,10 +36,11 @@ def test_straggler_fires_within_window_and_not_on_noise():
     events = []
     for t, rank, step, x in healthy_steps(200):
         if rank == 1 and step > 100:
-            x *= 2.0
+            x *= 3.0
         events += det.observe(t, rank, step, x)
     assert len(events) == 1 and events[0].rank == 1 and events[0].kind == "straggler"
-    assert events[0].step <= 100 + CFG.straggler_window + 1
+    # a full window of steps, and straggler_window_s of them (a step is 0.1 s here)
+    assert events[0].step <= 100 + CFG.straggler_window + CFG.straggler_window_s / 0.1 + 1
 
 
 def test_job_wide_slowdown_is_not_a_straggler():

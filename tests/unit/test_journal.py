@@ -69,6 +69,18 @@ def test_tiers_merge_and_each_item_is_uploaded_a_bounded_number_of_times():
     assert len(rd.listdir("log")) <= 100 // 16 + 1
 
 
+def test_a_tiers_writer_keeps_only_unmerged_level0_bytes_in_memory():
+    """Memory bounded by one merge, not by the log: merged segments are read back when merged."""
+    rd = RunDir(f"memory://tiers-{uuid.uuid4().hex}")
+    t = Tiers(rd, "log", ".txt", b"".join, (4, 4))
+    for i in range(100):
+        t.put(f"{i}\n".encode(), 1)
+        assert sum(1 for level in t.levels for _, data in level if data is not None) <= 4
+        assert all(data is None for _, data in t.levels[1])
+    stored = b"".join(d for _, d in read_segments(rd, "log"))
+    assert stored.decode() == "".join(f"{i}\n" for i in range(100))
+
+
 def test_remote_journal_is_segments_flushed_in_the_background():
     rd = RunDir(f"memory://journal-{uuid.uuid4().hex}")
     j = Journal(rd)
