@@ -18,7 +18,17 @@ from dataclasses import dataclass
 
 # past the start
 TRAINING = frozenset(
-    {"training", "evaluating", "persisting", "exporting", "done", "stopped", "pausing", "paused"}
+    {
+        "training",
+        "evaluating",
+        "verifying",
+        "persisting",
+        "exporting",
+        "done",
+        "stopped",
+        "pausing",
+        "paused",
+    }
 )
 
 

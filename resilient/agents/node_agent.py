@@ -18,6 +18,7 @@ from collections import deque
 import psutil
 import ray
 
+from resilient import heap
 from resilient.agents.lease import Lease
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
@@ -74,8 +75,11 @@ class NodeAgent:
 
     # -- metrics (TEE collectors) ------------------------------------------------------------------
     def _sample_loop(self) -> None:
+        heap.limit_arenas()
+        trimmer = heap.Trimmer()  # freed memory back to the system once a minute: flat RSS
         while True:
             t0 = time.perf_counter()
+            trimmer.maybe()
             self._sample_once()
             self._wake.wait(max(0.0, self.anomaly.interval - (time.perf_counter() - t0)))
             self._wake.clear()
@@ -178,7 +182,7 @@ class NodeAgent:
         return self.tier.inventory()
 
     def forget_after(self, step: int) -> list[int]:
-        """Drop the unpersisted snapshots newer than `step` (see MemoryTier.forget_after)."""
+        """Drop every snapshot newer than `step` (a rollback's; see MemoryTier.forget_after)."""
         return self.tier.forget_after(step)
 
     def fetch(self, step: int, names: list[str] | None, fingerprint: str) -> dict:

@@ -8,8 +8,11 @@ among the nodes' probes (gloo, through a Ray-served store: `agents.store`), time
 checked, a write/read/remove of a probe object in `storage_uri`, and the free memory and disk.
 `judge(records)` marks each record `ok` with its `reasons`: a wrong result, a failed all-reduce or
 storage, less than MIN_FREE_GB of memory or disk, or a compute time (the fastest of REPEATS) over
-SLOW_FACTOR times the nodes' median and SLOW_MIN_S above it. `bad` (node ids): chaos
-`bad_compute` already in place there. Everything ends within CHECK_S; the probes are killed after.
+SLOW_FACTOR times the nodes' median and SLOW_MIN_S above it. An all-reduce is the nodes' shared
+act: where it failed on every node that answered, no node is blamed for it (one node that did not
+answer, or a network for all, breaks it everywhere), and each record says so in `warnings`.
+`bad` (node ids): chaos `bad_compute` already in place there. Everything ends within CHECK_S; the
+probes are killed after. A probe asks for no GPU but sees the node's (Ray would hide them).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ SLOW_FACTOR = 3.0  # a node this many times slower than the median computes too 
 ALLREDUCE_MB = 4
 REPEATS = 5  # timed compute runs per node; the fastest counts
 SLOW_MIN_S = 0.05  # and a node must be this much slower than the median, too
+# The check is of every device of the node, without reserving them (that would wait for a rank
+# to let go); Ray versions that hide GPUs from an actor that asks for none (CUDA_VISIBLE_DEVICES
+# set empty) are told not to
+SEE_GPUS = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
@@ -135,7 +142,8 @@ def run_preflight(
     t0 = time.time()
     probes = [
         Probe.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False),
+            runtime_env=SEE_GPUS,
         ).remote()
         for _, nid, _ in nodes
     ]
@@ -159,9 +167,11 @@ def judge(records: list[dict], seconds: float = 0.0) -> list[dict]:
     """Each record with `ok` and `reasons` (pure)."""
     times = [r["compute_s"] for r in records if r.get("compute_ok")]
     median = statistics.median(times) if times else None
+    answered = [r for r in records if not r.get("error")]
+    shared = len(records) > 1 and not any(r.get("allreduce_ok") for r in answered)
     out = []
     for r in records:
-        why = []
+        why, warnings = [], []
         if r.get("error"):
             why.append(f"no answer ({r['error']})")
         if r.get("compute_ok") is False:
@@ -170,11 +180,17 @@ def judge(records: list[dict], seconds: float = 0.0) -> list[dict]:
         if median and len(times) > 1 and slow:
             why.append(f"compute {r['compute_s']:.3f}s, over {SLOW_FACTOR:g}x the median")
         if r.get("allreduce_ok") is False:
-            why.append(f"all-reduce failed ({r.get('allreduce_error', 'wrong sum')})")
+            failed = f"all-reduce failed ({r.get('allreduce_error', 'wrong sum')})"
+            if shared:  # everywhere: not this node's fault alone
+                warnings.append(failed + " on every node that answered")
+            else:
+                why.append(failed)
         if r.get("storage_ok") is False:
             why.append(f"storage: {r.get('storage_error', 'read back different bytes')}")
         for key, what in (("mem_free_gb", "memory"), ("disk_free_gb", "disk")):
             if r.get(key) is not None and r[key] < MIN_FREE_GB:
                 why.append(f"{r[key]:.2f} GiB of {what} free (< {MIN_FREE_GB:g})")
-        out.append({**r, "ok": not why, "reasons": why, "seconds": round(seconds, 3)})
+        out.append(
+            {**r, "ok": not why, "reasons": why, "warnings": warnings, "seconds": round(seconds, 3)}
+        )
     return out

@@ -12,8 +12,9 @@ all-gathered digests, which every rank has alike).
   this step, and the replica that differs from the recomputation is the odd one. When audits fail
   and the ring does not name the rank whose work is wrong (two ranks), every rank runs the
   known-answer test and those that fail it are.
-- `before_persist(trainer, step)`: a step about to be persisted that was not checked (a stop, the
-  last step, a kept evaluation) is checked now, digests only; the same report on a mismatch.
+- `before_persist(trainer, step)`: a step about to be persisted or handed over that was not
+  checked (a stop, the last step, a kept evaluation, a resize's pause) is checked now, digests
+  only; the same report on a mismatch.
 - `meta(step)`: what the manifest records of the step's check (`integrity`: agreed, audited).
 - `saved(snapshot)`: the snapshot taken after an agreed step is kept as the recomputation's start.
 - `restored(step)`: a new life starts from a verified state.
@@ -31,8 +32,16 @@ from resilient.training.integrity import Check, culprit_of, judge, known_answer
 
 
 class Verifier:
-    def __init__(self, spec: JobSpec, world: int, next_data: Callable[[int], int]):
-        self.cfg, self.world, self.next_data = spec.checkpoint, world, next_data
+    def __init__(
+        self,
+        spec: JobSpec,
+        world: int,
+        next_data: Callable[[int], int],
+        phase: Callable[[str], None] = lambda phase: None,
+    ):
+        """`phase(name)`: the rank's phase while it recomputes ("verifying": progress to the
+        supervisor's watch, not a stall) and after ("training")."""
+        self.cfg, self.world, self.next_data, self.phase = spec.checkpoint, world, next_data, phase
         self.agreed = self.audited = 0  # newest steps whose digests agreed / passed an audit
         self._snap = None  # the snapshot of an agreed step (a recomputation's start)
         self._checked = 0  # the newest step compared
@@ -95,6 +104,13 @@ class Verifier:
         replica that differs from the recomputed state (nothing, if no snapshot or they differ
         again). A corrupted replica's gradients were averaged into the other's updates, so both
         may differ from it: then the odd one is the one farther from it where the two differ."""
+        self.phase("verifying")
+        try:
+            return self._replay(trainer, check)
+        finally:
+            self.phase("training")
+
+    def _replay(self, trainer, check: Check) -> tuple[int, ...]:
         ok = self._snap is not None
         flags = [0] * self.world
         dist.all_gather_object(flags, ok)

@@ -303,7 +303,7 @@ class TrainWorker(ChaosDamage):
 
         restored, total, every = step, self.spec.train.steps, self.spec.checkpoint.every
         self._agreed_pause = False
-        verifier = Verifier(self.spec, self.world, self._next_data)
+        verifier = Verifier(self.spec, self.world, self._next_data, lambda p: self._set(phase=p))
         verifier.restored(step)
         per_rank = trainer.order.count / self.world
         while step < total:
@@ -340,13 +340,15 @@ class TrainWorker(ChaosDamage):
                 self._set(first_step_done_at=now)
             evaluated = self._evaluate(trainer, step)
             final = step == total or r.stop or trainer.evals.stop is not None
+            # an evaluated step is persisted where the best are kept, so the best can be had
+            keep = evaluated and self.spec.checkpoint.keep_best > 0
+            # a state that leaves the group (persisted for good, a pause's hand-over): compared
+            leaves = final or keep or (r.pause and step < total)
+            sdc = verifier.before_persist(trainer, step) if leaves else None
+            if sdc:
+                self._set(phase="sdc", sdc=sdc)
+                return None
             if step % every == 0 or final or evaluated:
-                # an evaluated step is persisted where the best are kept, so the best can be had
-                keep = evaluated and self.spec.checkpoint.keep_best > 0
-                sdc = verifier.before_persist(trainer, step) if final or keep else None
-                if sdc:
-                    self._set(phase="sdc", sdc=sdc)
-                    return None
                 self.engine.save(trainer, step, data_step, final or keep, verifier.meta(step))
                 verifier.saved(self.engine.latest)
             if self.engine.error:

@@ -237,6 +237,7 @@ class StragglerDetector:
             self.steps.clear()
             self.ratios.clear()
             self.slow_since.clear()
+            self.flagged.clear()  # a rank of the new group may straggle again and must be seen
         if self.attempt and step <= self.since + WARMUP_STEPS:
             return []
         row = self.steps[step]

@@ -67,6 +67,25 @@ def attribute_to(fault: Fault, fired: list[FiredFault]) -> Fault:
     return replace(fault, injected_at=f.injected_at, step=f.step or fault.step, chaos_key=f.key)
 
 
+def preflight_targets(plan, nodes) -> list[tuple[int, str]]:
+    """(plan index, node id) of each `bad_compute` planned for step 1: the node `node` names (its
+    place in `nodes.order`, as `chaos node = i` everywhere), else the node rank `rank`'s slot is
+    on in `nodes`' reservation; entries whose node is not there are left out. One mapping for a
+    launch and for `resilient preflight`."""
+    placement = nodes.reservation.placement() if nodes.reservation else []
+    out = []
+    for i, c in enumerate(plan):
+        if c.fault != "bad_compute" or c.at_step != 1:
+            continue
+        rank = c.rank or 0
+        nid = nodes.node_at(c.node) if c.node is not None else None
+        if c.node is None and rank < len(placement):
+            nid = placement[rank]
+        if nid is not None:
+            out.append((i, nid))
+    return out
+
+
 class ChaosController:
     def __init__(self, spec: JobSpec, rundir: RunDir, journal: Journal, control=None):
         self.spec, self.rundir, self.journal, self.control = spec, rundir, journal, control
@@ -104,17 +123,11 @@ class ChaosController:
         """`bad_compute` entries planned for step 1: in place before the nodes are checked (a
         node by index, or the node `rank`'s slot is on); the node ids, each recorded."""
         bad = set()
-        for i, c in enumerate(self.spec.chaos.plan):
-            if c.fault != "bad_compute" or c.at_step != 1 or planned_key(i) in self.done:
-                continue
-            placement = nodes.reservation.placement() if nodes.reservation else []
-            rank = c.rank or 0
-            nid = nodes.node_at(c.node) if c.node is not None else None
-            if c.node is None and rank < len(placement):
-                nid = placement[rank]
-            if nid is None:
+        for i, nid in preflight_targets(self.spec.chaos.plan, nodes):
+            if planned_key(i) in self.done:
                 continue
             self.done.add(planned_key(i))
+            c = self.spec.chaos.plan[i]
             self._record(
                 FiredFault(
                     planned_key(i), c.fault, time.time(), step=1, rank=c.rank, node=nid, index=i

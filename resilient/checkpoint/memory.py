@@ -81,10 +81,11 @@ class MemoryTier:
             self.lock.notify_all()
 
     def forget_after(self, step: int) -> list[int]:
-        """Drop every snapshot newer than `step` that does not wait for storage (a rollback past
-        replicas that disagreed: nothing newer may be restored); the steps dropped."""
+        """Drop every snapshot newer than `step`, primaries and replicas, waiting for storage or
+        not (a rollback abandoned them: nothing newer may be restored or persisted; an upload
+        already under way is undone by the persister); the steps dropped."""
         with self.lock:
-            gone = [s for s, e in self.entries.items() if s > step and not e.persist]
+            gone = [s for s in self.entries if s > step]
             for s in gone:
                 del self.entries[s]
             return sorted(gone)

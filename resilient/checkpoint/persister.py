@@ -103,8 +103,13 @@ class Persister:
                 continue
             delay = 0.5
             with self.tier.lock:
-                self.persisted.add(entry.step)
-                self.tier.mark_persisted(entry.step)
+                forgotten = self.tier.get(entry.step) is not entry
+                if not forgotten:
+                    self.persisted.add(entry.step)
+                    self.tier.mark_persisted(entry.step)
+            if forgotten:  # a rollback abandoned it during the upload: it must not stay
+                self._undo(entry.step)
+                continue
             size = sum(f["size"] for f in m["files"].values())
             self.event(
                 event="persisted",
@@ -114,6 +119,13 @@ class Persister:
                 persisted_at=m["persisted_at"],
             )
             self._retain(entry.step, eval_loss(entry.manifest))
+
+    def _undo(self, step: int) -> None:
+        try:
+            self.store.discard(step)
+            self.event(event="abandoned", step=step)
+        except Exception as e:  # the supervisor's abandon_after finds it in the listing
+            self.event(event="abandoned", step=step, error=f"{type(e).__name__}: {e}"[:300])
 
     def protect(self, steps: set[int]) -> None:
         """Never delete `steps` (being restored); re-list the committed steps at the next

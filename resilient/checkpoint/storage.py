@@ -172,6 +172,12 @@ class CheckpointStore:
                 out[s] = loss
         return out
 
+    def discard(self, step: int) -> None:
+        """Make checkpoint `step` invisible (its manifest first), then delete its files: a state
+        from a timeline a rollback abandoned. Storage errors propagate."""
+        self.rundir.remove(f"{ckpt_dir(step)}/{MANIFEST}")
+        self.rundir.remove(ckpt_dir(step))
+
     def retain(
         self,
         keep: int,

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from resilient.cli.base import cli, set_option, user_errors
 
+PLACE_S = 30.0  # how long the check waits for room for the job's slots
+
 
 @cli.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
@@ -23,26 +25,27 @@ def preflight(spec, overrides, as_json) -> None:
     of checkpoint.storage, free memory and disk. One row per node; exit 1 if a node fails.
     A `bad_compute` entry planned for step 1 (`--set chaos=[...]`) is in place first."""
     from resilient.agents.preflight import run_preflight
+    from resilient.chaos.controller import preflight_targets
     from resilient.config import load_spec
     from resilient.launcher.cluster import connect
     from resilient.launcher.terminal import Terminal
-    from resilient.supervisor.nodes import schedulable_nodes
+    from resilient.supervisor.nodes import Nodes
 
     job = load_spec(spec, list(overrides))
     with Terminal() as term:
         conn = connect(job.cluster)
+        uri = f"{job.checkpoint.storage.rstrip('/')}/{job.name}"
+        nodes = Nodes(job, uri)
         try:
-            nodes = [
-                (i, n["NodeID"], n["NodeManagerAddress"]) for i, n in enumerate(schedulable_nodes())
-            ]
-            bad = {
-                nodes[(c.node if c.node is not None else c.rank or 0) % len(nodes)][1]
-                for c in job.chaos.plan
-                if c.fault == "bad_compute" and c.at_step == 1
-            }
-            uri = f"{job.checkpoint.storage.rstrip('/')}/{job.name}"
-            results = run_preflight(nodes, uri, job.checkpoint.storage_options, bad)
+            # the job's slots reserved as a launch reserves them, so the nodes are numbered as
+            # the launch numbers them (chaos `node = i`, the rank a `bad_compute` names); where
+            # the job does not fit now, every node is still checked, in Ray's order
+            nodes.number_as_launch(PLACE_S)
+            every = nodes.every_node()
+            bad = {nid for _, nid in preflight_targets(job.chaos.plan, nodes)}
+            results = run_preflight(every, uri, job.checkpoint.storage_options, bad)
         finally:
+            nodes.shutdown()
             conn.close()
         wide = None if term.out.isatty() else 160  # a log keeps whole rows
         out = Console(file=term.out, width=wide)
@@ -77,7 +80,7 @@ def table(results: list[dict]) -> Table:
             _secs(r, "storage"),
             f"{r['mem_free_gb']:.1f} GiB" if "mem_free_gb" in r else "?",
             f"{r['disk_free_gb']:.1f} GiB" if "disk_free_gb" in r else "?",
-            "; ".join(r["reasons"]),
+            "; ".join([*r["reasons"], *(f"[yellow]{w}[/]" for w in r.get("warnings", ()))]),
         )
     return t
 

@@ -77,6 +77,9 @@ def launch(
     """Run the job described by SPEC (TOML or YAML)."""
     from rich.console import Console
 
+    from resilient import heap
+
+    heap.limit_arenas()  # before Ray's threads: the driver lives for weeks
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
     from resilient.launcher import resume as do_resume

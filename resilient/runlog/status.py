@@ -4,9 +4,10 @@ Contract: `fold(records)` is pure. Its keys are a public format (README, "status
 `state`, `step`, `total_steps`, `restarts`, `faults` (each with `kind`, `rank`, `step`,
 `detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`),
 `cordoned_nodes` (each with `node`, `reason`), `rollbacks` (each with `from_step`, `to_step`,
-`skipped_batches`, `reason`), `events` (anomaly events counted by kind), `world_size` (ranks of
-the newest worker group), `resizes` (each with `step`, `from`, `to`, `reason`) and `ranks` (each
-with `rank`, `pid`, `node`, `started_at`, `restarts`: how often that rank's process was replaced),
+`skipped_batches`, `reason`, `abandoned`), `events` (anomaly events counted by kind),
+`world_size` (ranks of the newest worker group), `resizes` (each with `step`, `from`, `to`,
+`reason`) and `ranks` (each with `rank`, `pid`, `node`, `started_at`, `restarts`: how often that
+rank's process was replaced),
 `data` (the staged sets: `rows`, `used`, `bad_rows`, `bad` by reason, `truncated`, `sequences`,
 `tokens`, `trained_tokens`, ...) and `eval` (each evaluation, by step: `step`, `loss`,
 `perplexity`, `accuracy`, `tokens`), `preflight` (each node's newest check: `node`, `index`, `ip`,
@@ -31,7 +32,7 @@ FAULT_KEYS = (
     "chaos_key",
     "log",
 )
-ROLLBACK_KEYS = ("from_step", "to_step", "skipped_batches", "reason")
+ROLLBACK_KEYS = ("from_step", "to_step", "skipped_batches", "reason", "abandoned")
 
 
 def _empty() -> dict[str, Any]:

@@ -10,10 +10,13 @@ off for the rest of the run (cordon, agent, spares; journalled as `nodes_lost` w
 checkpoint writers' generation, whose fence `layout.FENCE` it then writes: a zombie of the node
 commits and deletes nothing); `check()` and
 `explain()` are `NodeHealth`'s (None/unchanged without one). Every cordon is journalled once.
+`preflight(bad)` checks every node at the start; a node that joins later is checked (alone) before
+the first placement that could put a rank on it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,8 @@ from resilient.rundir.layout import FENCE
 from resilient.runlog.journal import Journal
 from resilient.supervisor.faults import Fault
 from resilient.supervisor.parts import Parts
+
+log = logging.getLogger(__name__)
 
 
 class Fleet:
@@ -44,6 +49,7 @@ class Fleet:
         self.nodes.writers = writers
         self.cordoned = dict(cordoned)
         self.leases = LeaseKeeper(self._leased, min(1.0, spec.supervisor.fence_s / 4))
+        self.checked: set[str] = set()  # nodes that passed or failed a preflight
 
     def start(self) -> list[dict]:
         """Leases renewed from now on, the agents up; the job's node list for the journal."""
@@ -54,10 +60,26 @@ class Fleet:
         """Every schedulable node not cordoned or lost checked at once (`agents.preflight`; `bad`:
         chaos made them compute wrong), each journalled (`preflight`); a node that fails is
         cordoned before any rank trains there. The records."""
-        nodes = [n for n in self.nodes.every_node() if n[1] not in self.excluded()]
+        return self._check(self.nodes.every_node(), bad)
+
+    def _check_joined(self) -> None:
+        """Nodes not checked yet, with one that passed as their reference (an all-reduce needs a
+        peer, a compute time a median). A check that cannot run is tried again next time."""
+        every = [n for n in self.nodes.every_node() if n[1] not in self.excluded()]
+        joined = [n for n in every if n[1] not in self.checked]
+        if not joined:
+            return
+        try:
+            self._check([n for n in every if n[1] in self.checked][:1] + joined, set())
+        except Exception as e:  # Ray could not place a probe: no verdict on the node yet
+            log.warning("preflight of joined nodes failed to run: %s", e)
+
+    def _check(self, nodes: list, bad: set[str]) -> list[dict]:
+        nodes = [n for n in nodes if n[1] not in self.excluded()]
         if not nodes:
             return []
         results = run_preflight(nodes, self.rundir.uri, self.rundir.storage_options, bad)
+        self.checked |= {n[1] for n in nodes}
         for r in results:
             self.journal.append("preflight", **r)
         for r in results:
@@ -85,6 +107,8 @@ class Fleet:
         """The node of each rank's slot (None: Ray did not place them within `timeout`, default
         `supervisor.start_timeout`)."""
         stand_ins = self.spares.available() if self.spares else 0
+        if self.checked:  # nodes that joined since: checked before a rank may land there
+            self._check_joined()
         return self.nodes.placement(self.excluded(), world, timeout, stand_ins)
 
     def warm(self, world: int) -> None:

@@ -14,8 +14,10 @@ longest observed interval, kept across restarts). Progress is known through the 
 so the no-step limit is one interval (the news may be that old) plus the larger of an interval and
 5x the longest gap between two steps seen (persists, evaluations and audits are in those gaps).
 Until `WARM` gaps have been seen, the limits stay at `UNLEARNT_S`: the first steps of a job
-(compilation, caches) say nothing about the later ones. Windows are bounded deques: O(1) memory
-over weeks, and a slow phase long past ages out.
+(compilation, caches) say nothing about the later ones, and the first `SETTLE` gaps of each rank
+in each attempt are not learnt from at all (they would lift the limit for the whole run), and
+until every reporting rank is past them (`settled`) the Watch allows `UNLEARNT_S` for a step.
+Windows are bounded deques: O(1) memory over weeks, and a slow phase long past ages out.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ UNLEARNT_S = 10.0  # both limits until the job's own pace is known
 WARM = 20  # step gaps seen before the limits follow them
 WINDOW = 2000  # the newest gaps (steps, answers) the longest is taken over
 FACTOR = 5.0  # the longest observed gap, times this
+SETTLE = 3  # a rank's first gaps in an attempt: warming up, not its pace
 
 
 class HangLimits:
@@ -40,6 +43,7 @@ class HangLimits:
         self.step_gaps: deque[float] = deque(maxlen=WINDOW)
         self.answer_excess: deque[float] = deque(maxlen=WINDOW)
         self._last_t: dict[int, float] = {}
+        self._seen: dict[int, int] = {}  # gaps seen per rank this attempt
         self._reported: tuple[float, float] | None = None
         self._carried = learnt if self.auto and learnt else None
 
@@ -55,6 +59,12 @@ class HangLimits:
     def new_attempt(self) -> None:
         """A new group: its first step follows a restore, not the previous step."""
         self._last_t = {}
+        self._seen = {}
+
+    @property
+    def settled(self) -> bool:
+        """Every rank that reported in this attempt is past its first SETTLE gaps."""
+        return bool(self._seen) and min(self._seen.values()) > SETTLE
 
     def observe_steps(self, records: Iterable[dict]) -> None:
         if not self.auto:
@@ -62,7 +72,10 @@ class HangLimits:
         for r in records:
             last = self._last_t.get(r["rank"])
             self._last_t[r["rank"]] = r["t"]
-            if last is not None and r["t"] >= last:
+            if last is None or r["t"] < last:
+                continue
+            seen = self._seen[r["rank"]] = self._seen.get(r["rank"], 0) + 1
+            if seen > SETTLE:
                 self.step_gaps.append(r["t"] - last)
 
     def observe_answer(self, gap: float) -> None:

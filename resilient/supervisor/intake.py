@@ -26,6 +26,9 @@ class Intake:
         """`logs`: where the ranks' output goes (a `RankLogs`), or None."""
         self.journal, self.monitor, self.nodes, self.logs = journal, monitor, nodes, logs
         self.persisted: set[int] = set()  # steps in storage, as the journal tells (retention too)
+        # persisted steps of a timeline a rollback abandoned and not yet deleted: never restored
+        self.abandoned: set[int] = set()
+        self._rolled_back_at = 0.0  # when the newest rollback was journalled
         self.evaluated = 0  # the newest step whose evaluation is journalled
         self.early_stop: str | None = None
 
@@ -41,9 +44,19 @@ class Intake:
 
     def _persistence(self, kind: str, e: dict) -> None:
         if kind == "persisted":
+            if e["step"] in self.abandoned and e.get("persisted_at", 1e300) < self._rolled_back_at:
+                return  # the old timeline's commit, reported after the rollback: still abandoned
             self.persisted.add(e["step"])
+            self.abandoned.discard(e["step"])  # the new timeline wrote that step again
         elif kind == "retention":
             self.persisted -= set(e.get("deleted", ()))
+        elif kind == "rollback":  # the steps after its restore point belong to the old timeline
+            gone = {s for s in self.persisted if s > e["to_step"]} | set(e.get("abandoned", ()))
+            self.persisted -= gone
+            self.abandoned |= gone
+            self._rolled_back_at = e.get("t", 0.0)
+        elif kind == "discarded":  # abandoned steps deleted from storage
+            self.abandoned -= set(e.get("steps", ()))
 
     def heartbeats(self, hbs: Iterable[Heartbeat]) -> list[tuple[int, int]]:
         """Journal the handed-over snapshots; (step, data step) of every step reported."""

@@ -128,6 +128,15 @@ class Nodes:
         self._ensure_agents(self.reservation.nodes())
         return self.reservation.placement()
 
+    def number_as_launch(self, timeout: float) -> bool:
+        """Reserve the job's slots as a launch does, without starting agents, so `order` numbers
+        the nodes as a launch would (chaos `node = i`, a rank's node); False where they do not
+        fit within `timeout` (then `every_node` numbers them in Ray's order)."""
+        if not self.reservation.reserve(set(), timeout):
+            return False
+        self.order += [nid for nid in self.reservation.nodes() if nid not in self.order]
+        return True
+
     def every_node(self) -> list[tuple[int, str, str | None]]:
         """(index, node id, ip) of every schedulable node, lost ones aside; nodes not yet in
         `order` join it (so chaos `node = i` and preflight name the same node)."""
@@ -300,8 +309,14 @@ class Nodes:
         return cands
 
     def restore_source(
-        self, store: CheckpointStore, fingerprint: str, at_most: int | None = None
+        self,
+        store: CheckpointStore,
+        fingerprint: str,
+        at_most: int | None = None,
+        exclude: frozenset[int] = frozenset(),
     ) -> Lookup:
+        """The freshest verified copy (of a step <= `at_most`; none of the persisted steps in
+        `exclude`: a rollback abandoned them)."""
         cands, skipped, storage_error = self._in_memory(fingerprint), [], None
         damaged: set[int] = set()
         try:
@@ -311,6 +326,7 @@ class Nodes:
             skipped.append(f"storage: {storage_error}")
         if at_most is not None:  # a rollback: only states from before the anomaly
             cands = [c for c in cands if c[0] <= at_most]
+        cands = [c for c in cands if c[0] not in exclude]  # memory copies too
         cands.sort(key=lambda c: (-c[0], TIER_ORDER[c[1]]))
         for step, tier, nid, agent, nbytes in cands:
             try:
@@ -336,8 +352,9 @@ class Nodes:
         return Lookup(None, skipped, storage_error, frozenset(damaged))
 
     def forget_after(self, step: int) -> None:
-        """Every agent drops its unpersisted snapshots newer than `step` (an sdc rollback: they
-        were never compared, and may hold the corruption); each asked within AGENT_CALL_S."""
+        """Every agent drops its snapshots newer than `step` (a rollback: they belong to the
+        timeline it abandoned; an sdc's may hold the corruption), those still waiting for storage
+        too; each asked within AGENT_CALL_S."""
         refs = [a.forget_after.remote(step) for a in self.agents.values()]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=AGENT_CALL_S)

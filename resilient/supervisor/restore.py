@@ -9,8 +9,9 @@ start), keeps looking every `RETRY_S` while storage cannot be read and nothing f
 a reason a person can act on when the wait passes `timeout` or when storage answers without the
 checkpoints the journal says it holds. A persisted checkpoint whose every copy was read and failed
 verification is known lost: the group goes on from the newest older copy (or from step 0), logged
-as a warning and journalled with `lost_steps`. Every lookup that found or skipped something is
-journalled as `restore`.
+as a warning and journalled with `lost_steps`. `exclude`: persisted steps a rollback abandoned.
+`abandon_after(...)`: after a rollback, drops the abandoned timeline's states. Every lookup that
+found or skipped something is journalled as `restore`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def find_restore_point(
     journal,
     timeout: float,
     on_wait: Callable[[str], None] = lambda note: None,
+    exclude: frozenset[int] = frozenset(),
 ) -> RestoreSource | None:
     deadline, waiting = time.time() + timeout, False
     while True:
@@ -46,7 +48,7 @@ def find_restore_point(
         if gone:
             journal.append("nodes_lost", nodes=gone)
         t0 = time.time()
-        found = nodes.restore_source(store, fingerprint, at_most)
+        found = nodes.restore_source(store, fingerprint, at_most, exclude)
         source = found.source
         plan = policy.restore_plan(
             source.step if source else None, found.storage_error, persisted, found.damaged
@@ -97,3 +99,32 @@ def _journal_restore(journal, found: Lookup, persisted: int | None, lookup_s: fl
             lookup_s=round(lookup_s, 4),
             **({"lost_steps": lost} if lost else {}),
         )
+
+
+def abandon_after(restored: int, nodes, intake, store, journal, rollback: dict) -> None:
+    """A rollback to `restored` leaves a timeline: its states after that step (in the agents'
+    memory, in storage) are never restored again. The agents drop theirs first (an upload under
+    way is undone by its persister). The `rollback` record (`rollback`'s fields, and the
+    `abandoned` persisted steps: the journal's and the listing's) is written before anything is
+    deleted, so a supervisor that dies midway still knows them; then they are deleted (an earlier
+    rollback's leftovers too), journalled as `discarded`. Any an outage keeps stay excluded
+    through `intake.abandoned`, which those records rebuild on a resume."""
+    nodes.forget_after(restored)
+    try:  # committed but not yet reported: the listing knows
+        listed = {s for s in store.steps() if s > restored}
+    except Exception:  # an outage: the journal's view (a later rollback lists again)
+        listed = set()
+    known = {s for s in intake.persisted if s > restored}
+    intake.learn(
+        [journal.append("rollback", to_step=restored, abandoned=sorted(known | listed), **rollback)]
+    )
+    deleted = []
+    for step in sorted(s for s in intake.abandoned if s > restored):
+        try:
+            store.discard(step)
+        except Exception as e:  # excluded from restores; deleted on a later rollback
+            log.warning("could not delete abandoned checkpoint of step %d: %s", step, e)
+            continue
+        deleted.append(step)
+    if deleted:
+        intake.learn([journal.append("discarded", steps=deleted, after_rollback_to=restored)])

@@ -27,6 +27,7 @@ from resilient.agents.group import GroupStartError, ranks_of
 from resilient.checkpoint.source import RestoreSource
 from resilient.config import JobSpec
 from resilient.errors import Abort
+from resilient.heap import Trimmer
 from resilient.rundir import RunDir
 from resilient.rundir.layout import FINAL
 from resilient.runlog.journal import Journal, read_records
@@ -49,7 +50,7 @@ from resilient.supervisor.hooks import JobView
 from resilient.supervisor.intake import Intake
 from resilient.supervisor.nodes import PreflightFailed
 from resilient.supervisor.parts import Parts
-from resilient.supervisor.restore import RestoreImpossible, find_restore_point
+from resilient.supervisor.restore import RestoreImpossible, abandon_after, find_restore_point
 from resilient.supervisor.sizing import GROW_PLACE_S, Sizing
 from resilient.supervisor.state import TERMINAL, JobState
 from resilient.supervisor.watch import Watch
@@ -81,6 +82,7 @@ class Supervisor:
         self.fleet = Fleet(spec, parts, journal, cordoned, groups, writers)
         self.sizing = Sizing(spec, book, self.fleet, parts)
         learnt = [r for r in records if r["type"] == "hang_limits"]
+        self.heap = Trimmer()  # freed memory back to the system once a minute: flat RSS
         self.hang_limits = HangLimits(spec.supervisor, learnt[-1] if learnt else None)
         # (kind, node) -> faults so far: a node's second straggler or sdc fault cordons it
         self.offences = Counter(
@@ -182,13 +184,12 @@ class Supervisor:
         restored = source.step if source else 0
         if rollback:
             self.book.skip = sorted(set(self.book.skip) | set(rollback.skip_batches))
-            self.journal.append(
-                "rollback",
-                from_step=rollback.from_step,
-                to_step=restored,
-                skipped_batches=list(rollback.skip_batches),
-                reason=rollback.reason,
-            )
+            why = {
+                "from_step": rollback.from_step,
+                "skipped_batches": list(rollback.skip_batches),
+                "reason": rollback.reason,
+            }
+            abandon_after(restored, self.nodes, self.intake, self.parts.store, self.journal, why)
         self.book.pending_recoveries = [
             replace(p, restored_step=restored) for p in self.book.pending_recoveries
         ]
@@ -205,6 +206,7 @@ class Supervisor:
             self.journal,
             self.spec.supervisor.start_timeout,
             on_wait=self._waiting,
+            exclude=frozenset(self.intake.abandoned),
         )
 
     def _waiting(self, note: str) -> None:
@@ -226,6 +228,7 @@ class Supervisor:
         cfg = self.spec.supervisor
         watch = Watch(group, restored, group.size, cfg, self.clock, self.hang_limits)
         while True:
+            self.heap.maybe()
             seen = watch.poll()
             limits = self.hang_limits.changed()
             if limits:
@@ -333,9 +336,6 @@ class Supervisor:
         self.sizing.resize_cause = policy.describe(fault)  # if the next attempt has another size
         counts = self.budget.restarted(fault, time.time())
         self._teardown(group, idx, decision.delay_s, counts, fault if keep else None)
-        if fault.kind == FaultKind.SDC:
-            # the snapshots after the agreed step were never compared: none may be restored
-            self.nodes.forget_after(decision.rollback_to or 0)
         self.book.pending_recoveries.append(PendingRecovery(idx, fault))
         self.book.to(JobState.STARTING, f"restart {self.book.restarts}")
 

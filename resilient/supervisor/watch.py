@@ -11,7 +11,7 @@ failed first is blamed), a rank silent for the silence limit (HANG; before
 its first answer, `start_timeout`), a group not training `start_timeout` after it was started
 although its ranks answer (START_TIMEOUT: stuck in rendezvous, loading or restoring), no step
 finished for the no-step limit while any rank trains and none has failed (HANG, blaming a rank that
-went silent while its peers answer, if one did; a rank that is evaluating counts as progress).
+went silent while its peers answer, if one did; a rank evaluating or verifying is progress).
 The limits are `HangLimits`' (`supervisor.hang_timeout`, or learnt from the job's pace with
 "auto"); the Watch feeds it what it sees. A step's time is when its slowest rank finished it, on
 this clock (the rank's own report, not the heartbeat's arrival). Only the supervisor changes state.
@@ -273,14 +273,17 @@ class Watch:
         # any rank, not every: a rank left training while its peers finished is stuck all the same;
         # a rank's error is the error path's (its peers wait in a collective meanwhile)
         phases = [h.phase for h in latest.values()]
-        if "evaluating" in phases:  # an evaluation is progress: the next step gets a full limit
+        if "evaluating" in phases or "verifying" in phases:
+            # an evaluation, a recomputation of disagreeing replicas: progress, and the next
+            # step gets a full limit
             self.last_progress = now
             return None
         busy = "training" in phases or "pausing" in phases
         training = len(latest) == self.world and busy and "error" not in phases
-        # a resize's pause hands a snapshot over: room for that, as for a start
+        # a resize's pause hands a snapshot over: room for that, as for a start; and for an
+        # attempt's first, warming steps
         limit = self.limits.stall_s
-        if "pausing" in phases:
+        if "pausing" in phases or (self.limits.auto and not self.limits.settled):
             limit = max(limit, self.limits.unlearnt_s)
         if self.running and training and now - self.last_progress > limit:
             quiet = self._quietest(now)

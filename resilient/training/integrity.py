@@ -9,7 +9,9 @@ Contract (pure but for `digest`, which reads tensors):
   digest)` row, as the all-gather gives them (the same on every rank): whether the replicas agree,
   which ranks' replicas differ from the majority (3+ ranks; with 2 nobody is outvoted), and which
   audits failed (the auditor's recomputation of its target's first microbatch does not match the
-  target's own gradient). `Check` is the answer, the same on every rank.
+  target's own gradient). Audits are judged only where the replicas agree: an auditor whose
+  weights differ recomputes a different gradient, which says nothing of the target's compute.
+  `Check` is the answer, the same on every rank.
 - `culprit_of(failed, world)`: the rank whose work is wrong, when the failed audits name one: a bad
   rank fails both the audit of its work and its own audit of the next rank's (with 3+ ranks, the
   one rank common to both); with 2 ranks both audits fail and the known-answer test decides.
@@ -71,7 +73,7 @@ def judge(rows: Sequence[Sequence[int]], step: int, audited: bool) -> Check:
     agreed = len(counts) == 1
     odd = tuple(r for r, d in enumerate(states) if d != top) if n * 2 > world else ()
     failed = ()
-    if audited and world > 1:
+    if audited and agreed and world > 1:
         failed = tuple(
             (a, audit_target(a, world))
             for a in range(world)

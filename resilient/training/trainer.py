@@ -38,6 +38,7 @@ from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, 
 from resilient.config import JobSpec
 from resilient.training.data import DataOrder, StagedData, share
 from resilient.training.evaluation import EvalState, evaluate
+from resilient.training.grad_capture import GradCapture
 from resilient.training.integrity import audit_target, digest
 from resilient.training.model import (
     apply_adapter,
@@ -167,6 +168,8 @@ class Trainer:
             find_unused_parameters=bool(self.unused),
             **no_sync,
         )
+        unused = {id(p) for n, p in self.model.named_parameters() if n in set(self.unused)}
+        self.capture = GradCapture(self.ddp, self.params, unused)
         self.optimizer = build_optimizer(self.model, self.params, t)
         self.scheduler = get_scheduler(
             t.lr_scheduler,
@@ -202,8 +205,6 @@ class Trainer:
         t1 = time.perf_counter()
         loss_sum, compute, own = self._backward(data_step, mine, micro, poison, slow, check)
         audited = self._audit(data_step) if check and audit else 0
-        if check:
-            self._all_reduce_grads()
         self.scaler.unscale_(self.optimizer)
         clip = self.spec.train.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -270,15 +271,8 @@ class Trainer:
         dist.all_gather(rows, row)
         return tuple(tuple(int(x) for x in r.cpu()) for r in rows)
 
-    def _all_reduce_grads(self) -> None:
-        """What DDP's default hook does (divide by the world, sum), over one flat tensor."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world)
-        dist.all_reduce(flat)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(part.view_as(g))
+    def _own_digest(self) -> int:
+        return digest(None if id(p) in self.capture.unused else p.grad for p in self.params)
 
     def _audit(self, data_step: int) -> int:
         """The gradient digest of the first microbatch of the audit target's share, recomputed
@@ -327,7 +321,7 @@ class Trainer:
     ) -> tuple[float, float, int]:
         """Forward and backward over this rank's microbatches (indices `mine`, samples `micro`);
         (the sum of their losses, seconds of this rank's own forward passes, and with `local` the
-        digest of the first microbatch's gradient: DDP then all-reduces nothing)."""
+        digest of the first microbatch's local gradient)."""
         # world / count: the all-reduce averages over ranks, so the gradient is the mean over every
         # microbatch of the step however many ranks share them.
         scale = self.world / self.order.count
@@ -335,7 +329,9 @@ class Trainer:
         for n, (index, batch) in enumerate(zip(mine, micro, strict=True)):
             self._seed(data_step, index)
             # Gradients are all-reduced once, in the last microbatch's backward pass.
-            last = n == len(mine) - 1 and not local
+            last = n == len(mine) - 1
+            # the first microbatch's own gradient: local under no_sync, else seen by the hook
+            self.capture.armed = local and n == 0 and last
             with contextlib.nullcontext() if last else self.ddp.no_sync():
                 tf = time.perf_counter()
                 part = self._loss(self.ddp, batch)
@@ -348,7 +344,7 @@ class Trainer:
                     part = part * float("nan")
                 self.scaler.scale(part * scale).backward()
             if local and n == 0:
-                own = digest(p.grad for p in self.params)
+                own = self.capture.digest() if last else self._own_digest()
             total += float(part.detach())
         return total, compute, own
 

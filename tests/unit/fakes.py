@@ -68,7 +68,7 @@ class FakeNodes:
         self.writers = getattr(self, "writers", 0) + 1
         return self.writers
 
-    def restore_source(self, store, fingerprint, at_most=None):
+    def restore_source(self, store, fingerprint, at_most=None, exclude=frozenset()):
         if self.storage_down:
             self.storage_down -= 1
             return Lookup(None, ["storage: cannot list"], "ConnectionError: down")

@@ -82,6 +82,59 @@ def test_checksum_mismatch_falls_back_to_older(store):
     assert "checksum" in found.skipped[0] and found.storage_error is None
 
 
+def test_a_rollback_abandons_the_later_timeline_in_storage_and_in_the_journal(store):
+    """States persisted after a rollback's restore point (trained on a corrupted state, or on
+    data the rollback skips) are journalled as abandoned, then deleted, or, while storage cannot
+    delete them, never restored; a resumed supervisor knows it from the journal."""
+    import time
+
+    from resilient.supervisor.intake import Intake
+    from resilient.supervisor.nodes import Nodes
+    from resilient.supervisor.restore import abandon_after
+
+    class Journal:
+        def __init__(self):
+            self.records = []
+
+        def append(self, kind, **fields):
+            self.records.append({"t": time.time(), "type": kind, **fields})
+            return self.records[-1]
+
+    for s in (100, 110, 120, 130):
+        commit(store, s)  # 130: committed, its `persisted` event not yet in the journal
+    nodes, journal = Nodes(None, ""), Journal()
+    intake = Intake(journal, None, nodes)
+    intake.learn([{"type": "persisted", "step": s, "persisted_at": 1.0} for s in (100, 110, 120)])
+
+    class Down:  # storage that lists but cannot delete
+        def steps(self):
+            return store.steps()
+
+        def discard(self, step):
+            raise OSError("503 Slow Down")
+
+    abandon_after(100, nodes, intake, Down(), journal, {"from_step": 125, "reason": "sdc"})
+    (rollback,) = journal.records
+    assert rollback["abandoned"] == [110, 120, 130] and rollback["reason"] == "sdc"
+    assert intake.newest_persisted() == 100 and intake.abandoned == {110, 120, 130}
+    found = nodes.restore_source(store, "fp", None, frozenset(intake.abandoned))
+    assert found.source.step == 100
+    late = {"type": "persisted", "step": 130, "persisted_at": 2.0}  # the old timeline's, late
+    intake.learn([late])
+    assert 130 in intake.abandoned and intake.newest_persisted() == 100
+    abandon_after(100, nodes, intake, store, journal, {"from_step": 101, "reason": "nan"})
+    assert journal.records[-1]["type"] == "discarded" and journal.records[-1]["steps"] == [
+        110,
+        120,
+        130,
+    ]
+    assert store.steps() == [100] and not intake.abandoned
+    resumed = Intake(None, None, nodes)  # a new supervisor reads the same journal
+    again = {"type": "persisted", "step": 110, "persisted_at": time.time() + 1}  # the new timeline
+    resumed.learn([late, *journal.records[:1], again])
+    assert resumed.newest_persisted() == 110 and resumed.abandoned == {120, 130}
+
+
 def test_fingerprint_mismatch_is_refused(store):
     commit(store, 5)
     with pytest.raises(CheckpointInvalid, match="different spec"):

@@ -43,6 +43,18 @@ def test_straggler_fires_within_window_and_not_on_noise():
     assert events[0].step <= 100 + CFG.straggler_window + CFG.straggler_window_s / 0.1 + 1
 
 
+def test_a_rank_that_straggles_again_after_a_restart_is_seen_again():
+    det = StragglerDetector(CFG, world=2)
+    events = []
+    for attempt in (0, 1):  # the restart kept rank 1 on the same slow node
+        for t, rank, step, x in healthy_steps(200):
+            slow = rank == 1 and (step > 50 or attempt)  # slow from the restart's first step
+            events += det.observe(
+                t + 100 * attempt, rank, step, x * (3.0 if slow else 1.0), attempt
+            )
+    assert [(e.kind, e.rank) for e in events] == [("straggler", 1)] * 2
+
+
 def test_job_wide_slowdown_is_not_a_straggler():
     det = StragglerDetector(CFG, world=2)
     events = []

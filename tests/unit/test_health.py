@@ -12,7 +12,7 @@ from resilient.config import SupervisorConfig
 from resilient.config.sections import CheckpointConfig
 from resilient.supervisor import policy
 from resilient.supervisor.faults import Action, Fault, FaultKind, History
-from resilient.supervisor.hang_limits import UNLEARNT_S, WARM, HangLimits
+from resilient.supervisor.hang_limits import SETTLE, UNLEARNT_S, WARM, HangLimits
 from resilient.supervisor.watch import Watch
 
 pytestmark = pytest.mark.timeout(30)
@@ -30,7 +30,7 @@ def steps(limits: HangLimits, gaps: list[float], rank: int = 0) -> None:
 def test_auto_limits_follow_the_observed_pace_and_are_reported_when_they_move():
     limits = HangLimits(SupervisorConfig())
     assert limits.silence_s == limits.stall_s == UNLEARNT_S  # nothing seen yet
-    steps(limits, [0.05] * WARM)
+    steps(limits, [3.0] * SETTLE + [0.05] * WARM)  # a warming start is not the job's pace
     # one heartbeat interval of news, plus the larger of an interval and 5x the longest gap
     assert limits.stall_s == pytest.approx(2.0) and limits.silence_s == pytest.approx(2.0)
     first = limits.changed()
@@ -39,6 +39,9 @@ def test_auto_limits_follow_the_observed_pace_and_are_reported_when_they_move():
     assert limits.stall_s == pytest.approx(1.0 + 5 * 0.6) and limits.changed()["stall_s"] == 4.0
     limits.observe_answer(1.0 + 0.4)  # a heartbeat answered 0.4 s late
     assert limits.silence_s == pytest.approx(1.0 + 5 * 0.4)
+    limits.new_attempt()  # a restart warms up again: its first gaps teach nothing
+    steps(limits, [3.0] * SETTLE)
+    assert limits.stall_s == pytest.approx(4.0)
 
 
 def test_a_number_is_fixed_and_a_resumed_supervisor_starts_from_its_journal():
@@ -123,6 +126,20 @@ def test_preflight_fails_a_wrong_result_a_slow_node_and_a_full_disk():
     assert "median" in out["c"]["reasons"][0] and "disk" in out["d"]["reasons"][0]
 
 
+def test_preflight_blames_no_node_for_an_all_reduce_that_failed_everywhere():
+    good = {"compute_ok": True, "compute_s": 0.1, "storage_ok": True}
+    cut = {"allreduce_ok": False, "allreduce_error": "Timeout"}
+    out = preflight_judge(
+        [{"node": "a", **good, **cut}, {"node": "b", **good, **cut}, {"node": "c", "error": "died"}]
+    )
+    assert [r["ok"] for r in out] == [True, True, False]  # the node that did not answer fails
+    assert "every node" in out[0]["warnings"][0]
+    one = preflight_judge(
+        [{"node": "a", **good, "allreduce_ok": True}, {"node": "b", **good, **cut}]
+    )
+    assert [r["ok"] for r in one] == [True, False]  # a sum wrong on one node is that node's
+
+
 def test_checks_cover_every_persisted_step_and_audits_stay_under_two_percent():
     c = CheckpointConfig(persist_every=10)
     assert all(c.checked(s) for s in range(10, 200, 10)) and not c.checked(5)
@@ -139,3 +156,70 @@ def test_an_sdc_rollback_leaves_no_uncompared_snapshot_in_memory():
         tier.put(Entry(s, {}, {}, role="memory", persist=s == 120))
     assert tier.forget_after(120) == [130, 139]
     assert [e["step"] for e in tier.inventory()] == [120]
+
+
+def test_a_node_that_joins_is_checked_before_a_rank_may_land_there(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from resilient.agents.preflight import judge as preflight_judge
+    from resilient.checkpoint.storage import CheckpointStore
+    from resilient.config import validate_tree
+    from resilient.rundir import RunDir
+    from resilient.supervisor import fleet as fleet_mod
+
+    checked = []
+
+    def run_preflight(nodes, uri, options, bad):
+        checked.append([n[1] for n in nodes])
+        rows = [{"node": nid, "index": i, "compute_ok": nid != "bad", "compute_s": 0.01}
+                for i, nid, _ in nodes]  # fmt: skip
+        return preflight_judge(rows)
+
+    monkeypatch.setattr(fleet_mod, "run_preflight", run_preflight)
+    joined = [(0, "a", None)]
+
+    class Nodes:
+        writers = 0
+
+        def every_node(self):
+            return list(joined)
+
+        def lost(self):
+            return set()
+
+        def placement(self, excluded, world, timeout, stand_ins):
+            self.excluded = set(excluded)
+            return ["a"]
+
+    class Journal:
+        def __init__(self):
+            self.records = []
+
+        def append(self, kind, **fields):
+            self.records.append((kind, fields))
+
+    spec = validate_tree({"name": "j", "data": {"path": "x"}, "checkpoint": {"storage": "s"}})
+    store = CheckpointStore(RunDir(str(tmp_path)))
+    parts = SimpleNamespace(nodes=Nodes(), spares=None, health=None, store=store)
+    f = fleet_mod.Fleet(spec, parts, Journal(), {}, lambda: ())
+    f.preflight(set())
+    f.placement(2)
+    assert checked == [["a"]]  # nothing new: no second check
+    joined += [(1, "b", None), (2, "bad", None)]
+    f.placement(2)
+    # checked beside one that passed (an all-reduce needs a peer, a compute time a median)
+    assert checked[1] == ["a", "b", "bad"] and "bad" in parts.nodes.excluded
+    f.placement(2)
+    assert len(checked) == 2  # each node once
+
+
+def test_freed_heap_goes_back_at_most_once_a_minute():
+    from resilient import heap
+
+    now = [0.0]
+    trimmer = heap.Trimmer(60.0, clock=lambda: now[0])
+    assert not trimmer.maybe()
+    now[0] = 61.0
+    assert trimmer.maybe() and not trimmer.maybe()
+    heap.limit_arenas()  # glibc here: both are real calls, and harmless
+    heap.trim()

@@ -127,9 +127,10 @@ def test_the_same_error_on_every_rank_before_training_is_marked(errors, everywhe
     assert policy.decide(outage, History(), CFG).action == Action.RESTART  # an outage passes
 
 
-def test_a_long_evaluation_is_progress_not_a_hang():
-    """Ranks evaluating for longer than hang_timeout are not stuck, and the next step gets a
-    whole hang_timeout after the evaluation ends."""
+@pytest.mark.parametrize("busy", ["evaluating", "verifying"])
+def test_a_long_evaluation_is_progress_not_a_hang(busy):
+    """Ranks evaluating (or recomputing steps to find an odd replica) for longer than
+    hang_timeout are not stuck, and the next step gets a whole hang_timeout after that ends."""
     from resilient.agents.heartbeat import Heartbeat
 
     w, _, clock = watch(Scenario())
@@ -138,7 +139,7 @@ def test_a_long_evaluation_is_progress_not_a_hang():
         r: lambda phase, r=r: Heartbeat(rank=r, pid=r, phase=phase, now=clock()) for r in (0, 1)
     }
     t0 = clock()
-    evaluating = {r: beats[r]("evaluating") for r in beats}
+    evaluating = {r: beats[r](busy) for r in beats}
     assert w._stalled(t0 + 3 * CFG.hang_timeout, evaluating) is None
     training = {r: beats[r]("training") for r in beats}
     assert w._stalled(t0 + 3 * CFG.hang_timeout + CFG.hang_timeout / 2, training) is None
