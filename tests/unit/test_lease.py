@@ -83,6 +83,33 @@ def test_a_persister_whose_lease_ran_out_stops(tmp_path):
     assert store.steps() == [1]
 
 
+def test_an_upload_a_rollback_abandoned_midway_is_undone(tmp_path):
+    """The agent forgets a snapshot (a rollback) while the persister commits it: the commit is
+    deleted again and reported `abandoned`, never `persisted`."""
+    tier = MemoryTier(keep=4, max_pending=4)
+    store = CheckpointStore(RunDir(str(tmp_path / "run")))
+    committing, forgotten = threading.Event(), threading.Event()
+    real = store.commit
+
+    def slow_commit(*args, **kwargs):
+        committing.set()
+        assert forgotten.wait(10)
+        return real(*args, **kwargs)
+
+    store.commit = slow_commit
+    persister = Persister(tier, store, keep=10, keep_every=0)
+    tier.put(_entry(1))
+    assert committing.wait(10)
+    assert tier.forget_after(0) == [1]  # the rollback, mid-upload
+    forgotten.set()
+    deadline = time.time() + 10
+    while not any(e["event"] == "abandoned" for e in persister._events) and time.time() < deadline:
+        time.sleep(0.05)
+    kinds = [e["event"] for e in persister.drain_events()]
+    assert "abandoned" in kinds and "persisted" not in kinds
+    assert store.steps() == [] and not persister.wait_persisted(1, 0.1)
+
+
 def test_object_store_sockets_give_up_on_a_dead_link():
     sock = storage_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 1)))
     try:
