@@ -78,13 +78,13 @@ def launch(
     from rich.console import Console
 
     from resilient import heap
-
-    heap.limit_arenas()  # before Ray's threads: the driver lives for weeks
     from resilient.config import load_spec
     from resilient.launcher import launch as do_launch
     from resilient.launcher import resume as do_resume
     from resilient.launcher.patience import StorageUnavailable
     from resilient.launcher.terminal import Terminal
+
+    heap.limit_arenas()  # before Ray's threads: the driver lives for weeks
 
     dash = None
     if with_dashboard or dashboard_port:

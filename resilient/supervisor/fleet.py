@@ -10,8 +10,8 @@ off for the rest of the run (cordon, agent, spares; journalled as `nodes_lost` w
 checkpoint writers' generation, whose fence `layout.FENCE` it then writes: a zombie of the node
 commits and deletes nothing); `check()` and
 `explain()` are `NodeHealth`'s (None/unchanged without one). Every cordon is journalled once.
-`preflight(bad)` checks every node at the start; a node that joins later is checked (alone) before
-the first placement that could put a rank on it.
+`preflight(bad)` checks every node at the start; a node that joins later is checked (beside one
+that passed) before the first placement that could put a rank on it.
 """
 
 from __future__ import annotations
