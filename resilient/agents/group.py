@@ -50,6 +50,7 @@ class Handoff:
     rank: int
     step: int | None
     seconds: float
+    bytes: int | None = None
 
 
 class WorkerGroup:
@@ -275,10 +276,12 @@ class WorkerGroup:
                 continue
             t0 = time.time()
             try:
-                step = ray.get(self.workers[rank].flush.remote(), timeout=max(0.1, deadline - t0))
+                step, size = ray.get(
+                    self.workers[rank].flush.remote(), timeout=max(0.1, deadline - t0)
+                )
             except Exception:  # died or stuck meanwhile: the next survivor
                 continue
-            return Handoff(rank, step, round(time.time() - t0, 4))
+            return Handoff(rank, step, round(time.time() - t0, 4), size)
         return None
 
     def request_stop(self) -> None:

@@ -80,6 +80,11 @@ class SparePool:
                 pass
             self.reservation.release_slot(entry[2])
 
+    def nodes(self) -> list[str | None]:
+        """The node of each spare of the current reservation (None: not known yet)."""
+        self._current()
+        return [self.reservation.node_of(e[2]) for e in self.spares]
+
     def available(self) -> int:
         """Spares of the current reservation on nodes not lost (warm or warming)."""
         self._current()

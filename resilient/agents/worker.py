@@ -175,9 +175,12 @@ class TrainWorker(ChaosDamage):
             logs=self.output.drain(),
         )
 
-    def flush(self) -> int | None:
-        """Hand this rank's newest snapshot to its node agent now (a survivor, before a restart)."""
-        return self.engine.flush() if self.engine else None
+    def flush(self) -> tuple[int | None, int | None]:
+        """Hand this rank's newest snapshot to its node agent now (a survivor, before a restart);
+        (its step, its size in bytes), (None, None) without one."""
+        snap = self.engine.latest if self.engine else None
+        step = self.engine.flush() if self.engine else None
+        return step, (snap.nbytes if snap is not None and snap.step == step else None)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -2,7 +2,8 @@
 
 Contract: off unless `anomaly.prometheus_port` is set; then served on
 `anomaly.prometheus_host:prometheus_port` (127.0.0.1 by default: nothing listens beyond loopback
-unless a person says so). What it serves:
+unless a person says so), answering only requests whose Host header names that address (or one
+of `anomaly.prometheus_allow_hosts`; `resilient.hostcheck`). What it serves:
 - the job, from every journal record (`record`, fed by the journal's listeners, O(1) each):
   `resilient_job_state{state}` (1 for the current state, 0 for the others), `resilient_step`,
   `resilient_restarts_total`, `resilient_faults_total{kind}`, `resilient_checkpoint_last_step`,
@@ -20,10 +21,15 @@ unless a person says so). What it serves:
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from resilient import hostcheck
 from resilient.runlog.states import JobState
 
 # DCGM exporter field -> (the GPU sample's key, scale to DCGM's unit, help)
@@ -53,8 +59,35 @@ DCGM = {
 DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname", "rank"]
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # a scrape every few seconds is not news
+        pass
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str, allow_hosts=()):
+    """prometheus-client's WSGI app behind the Host header check (`resilient.hostcheck`), on a
+    daemon thread; the server."""
+    app, names = make_wsgi_app(registry), hostcheck.allowed(addr, allow_hosts)
+
+    def checked(environ, start_response):
+        refused = hostcheck.check(environ.get("HTTP_HOST"), names)
+        if refused:
+            start_response("400 Bad Request", [("Content-Type", "text/plain; charset=utf-8")])
+            return [refused.replace("--allow-host NAME", "anomaly.prometheus_allow_hosts").encode()]
+        return app(environ, start_response)
+
+    cls = _Server6 if ":" in addr else ThreadingWSGIServer
+    server = make_server(addr, port, checked, cls, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True, name="prometheus").start()
+    return server
+
+
 class Exporter:
-    def __init__(self, port: int, addr: str = "127.0.0.1"):
+    def __init__(self, port: int, addr: str = "127.0.0.1", allow_hosts=()):
         self.registry = r = CollectorRegistry()
         self._job(r)
         rank = ["rank"]
@@ -90,7 +123,7 @@ class Exporter:
         self.events = Counter(
             "resilient_anomaly_events", "Anomaly events by kind", ["kind", "severity"], registry=r
         )
-        self.server, self.thread = start_http_server(port, addr=addr, registry=r)
+        self.server = serve(r, port, addr, allow_hosts)
 
     def _job(self, r: CollectorRegistry) -> None:
         self.state = Gauge(

@@ -46,6 +46,11 @@ def decode_rows(segment, data: bytes) -> list[dict]:
     return _from_bytes(data).to_pylist()
 
 
+def decode_table(segment, data: bytes) -> list[pa.Table]:
+    """One stored segment as a one-entry list holding its table (a `SegmentCache` of columns)."""
+    return [_from_bytes(data)]
+
+
 def read_table(rundir: RunDir, name: str, columns: list[str] | None = None) -> list[dict]:
     """Every row of the dataset `name`, once, in order."""
     return [

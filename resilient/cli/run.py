@@ -204,7 +204,7 @@ def stop(run_dir, wait, timeout) -> None:
 
 
 @cli.command()
-@click.argument("run_dir")
+@click.argument("run_dirs", metavar="RUN_DIR [RUN_DIR ...]", nargs=-1, required=True)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -219,13 +219,23 @@ def stop(run_dir, wait, timeout) -> None:
     envvar="RESILIENT_DASHBOARD_TOKEN",
     help="Every request must carry it (env RESILIENT_DASHBOARD_TOKEN).",
 )
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A Host header name to answer besides the bound address (a proxy's, a tunnel's); "
+    "repeatable. Any other is refused (a defence against DNS rebinding).",
+)
 @user_errors
-def dashboard(run_dir, host, port, token) -> None:
-    """Serve the live anomaly dashboard of a run (running or finished)."""
+def dashboard(run_dirs, host, port, token, allow_hosts) -> None:
+    """Serve the live dashboard of a run (running or finished); given several, it overlays them
+    (a clean run beside a chaos run: loss by step and lost time side by side)."""
     from resilient.dashboard.app import check_bind, pick_port, serve, url
 
     check_bind(host, token)
-    rd = open_rundir(run_dir)
+    rds = [open_rundir(r) for r in run_dirs]
     port = pick_port(host, port)
-    click.echo(f"dashboard of {rd.uri}: {url(host, port, token)}  (Ctrl-C to stop)")
-    serve(rd, host, port, token)
+    which = rds[0].uri if len(rds) == 1 else f"{len(rds)} runs"
+    click.echo(f"dashboard of {which}: {url(host, port, token)}  (Ctrl-C to stop)")
+    serve(rds, host, port, token, allow_hosts=tuple(allow_hosts))

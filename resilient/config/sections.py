@@ -386,6 +386,11 @@ class AnomalyConfig(_Section):
     prometheus_port: int = Field(
         0, ge=0, le=65535, description="Serve Prometheus metrics on prometheus_host:PORT (0 = off)."
     )
+    prometheus_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names the metrics server answers to besides its address (a "
+        "proxy's); any other is refused (400), a defence against DNS rebinding.",
+    )
     pcie_replay_per_min: float = Field(
         8.0,
         gt=0,

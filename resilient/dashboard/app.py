@@ -1,10 +1,14 @@
 """The dashboard server: FastAPI, the page, Plotly's own bundled script, and the JSON API.
 
-Contract: `make_app(rundir, token)` serves `/` (the page), `/static/plotly.min.js` (from the
-installed plotly package: the page works offline), and `/api/state`, `/api/timeline`,
-`/api/metrics`, `/api/events`, `/api/checkpoints`. With a token every request must carry it
-(`?token=`, `Authorization: Bearer`, or the cookie the page sets). `serve()` binds 127.0.0.1 unless
-told otherwise, and refuses another address without a token.
+Contract: `make_app(rundirs, token, host, allow_hosts)` serves `/` (the page),
+`/static/plotly.min.js` (from the installed plotly package: the page works offline), `/api/runs`
+(the runs it shows: one, or several to compare), and per run (`?run=N`, default 0) `/api/state`,
+`/api/timeline`, `/api/metrics`, `/api/events`, `/api/checkpoints`, `/api/cluster`,
+`/api/fault/{i}`; `/api/compare` (every run's loss by step and lost time). Every request's Host
+header must name the bound address (`resilient.hostcheck`, or one of `allow_hosts`): 400
+otherwise. With a token every request must carry it (`?token=`, `Authorization: Bearer`, or the
+cookie the page sets). `serve()` binds 127.0.0.1 unless told otherwise, and refuses another
+address without a token.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from importlib import resources
 
 import plotly
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
+from resilient import hostcheck
 from resilient.dashboard import data
 from resilient.dashboard.reader import RunReader
 from resilient.errors import UserError
@@ -29,13 +34,28 @@ TOKEN_ENV = "RESILIENT_DASHBOARD_TOKEN"
 PLOTLY_JS = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
 
 
-def make_app(rundir: RunDir, token: str | None = None) -> FastAPI:
-    rd = RunReader(rundir)  # shared by every request: each byte of the run read once
+def make_app(
+    rundirs: RunDir | list[RunDir],
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    allow_hosts: tuple[str, ...] = (),
+) -> FastAPI:
+    runs = rundirs if isinstance(rundirs, list) else [rundirs]
+    readers = [RunReader(rd) for rd in runs]  # shared by every request: each byte read once
+    names = hostcheck.allowed(host, allow_hosts)
     app = FastAPI(title="resilient dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("resilient.dashboard").joinpath("page.html").read_text()
 
+    def reader(run: int) -> RunReader:
+        if not 0 <= run < len(readers):
+            raise HTTPException(404, f"run {run}: this dashboard shows runs 0..{len(readers) - 1}")
+        return readers[run]
+
     @app.middleware("http")
-    async def require_token(request: Request, call_next):
+    async def require_host_and_token(request: Request, call_next):
+        refused = hostcheck.check(request.headers.get("host"), names)
+        if refused:
+            return JSONResponse({"error": refused}, status_code=400)
         if token:
             given = (
                 request.query_params.get("token")
@@ -60,25 +80,46 @@ def make_app(rundir: RunDir, token: str | None = None) -> FastAPI:
     def plotly_js() -> FileResponse:
         return FileResponse(PLOTLY_JS, media_type="application/javascript")
 
+    @app.get("/api/runs")
+    def api_runs() -> list:
+        return [data.run_info(i, rd) for i, rd in enumerate(readers)]
+
+    @app.get("/api/compare")
+    def api_compare() -> list:
+        return [data.compare(rd) for rd in readers]
+
     @app.get("/api/state")
-    def api_state() -> dict:
-        return data.state(rd)
+    def api_state(run: int = 0) -> dict:
+        return data.state(reader(run))
 
     @app.get("/api/timeline")
-    def api_timeline() -> dict:
-        return data.timeline(rd)
+    def api_timeline(run: int = 0) -> dict:
+        return data.timeline(reader(run))
 
     @app.get("/api/metrics")
-    def api_metrics(last: int = 2000) -> dict:
-        return data.metrics(rd, last)
+    def api_metrics(
+        run: int = 0, last: int = data.MAX_POINTS, since: float | None = None, ranks: str = "auto"
+    ) -> dict:
+        return data.metrics(reader(run), last, since, ranks)
 
     @app.get("/api/events")
-    def api_events(kind: str | None = None) -> list:
-        return data.events(rd, kind)
+    def api_events(run: int = 0, kind: str | None = None) -> list:
+        return data.events(reader(run), kind)
 
     @app.get("/api/checkpoints")
-    def api_checkpoints() -> list:
-        return data.checkpoints(rd)
+    def api_checkpoints(run: int = 0) -> list:
+        return data.checkpoints(reader(run))
+
+    @app.get("/api/cluster")
+    def api_cluster(run: int = 0) -> list:
+        return data.cluster(reader(run))
+
+    @app.get("/api/fault/{index}")
+    def api_fault(index: int, run: int = 0) -> dict:
+        found = data.fault(reader(run), index)
+        if found is None:
+            raise HTTPException(404, f"fault {index}: the run has no such fault")
+        return found
 
     return app
 
@@ -115,17 +156,17 @@ def url(host: str, port: int, token: str | None) -> str:
 
 
 def serve(
-    rd: RunDir,
+    rd: RunDir | list[RunDir],
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     token: str | None = None,
     background: bool = False,
+    allow_hosts: tuple[str, ...] = (),
 ) -> uvicorn.Server:
     """Run the server (in a daemon thread when `background`)."""
     check_bind(host, token)
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(rd, token), host=host, port=port, log_level="warning")
-    )
+    app = make_app(rd, token, host, allow_hosts)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     if background:
         threading.Thread(target=server.run, daemon=True, name="dashboard").start()
     else:

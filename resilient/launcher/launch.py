@@ -202,7 +202,7 @@ def _exporter(spec: JobSpec, journal: Journal, records: list[dict], console: Con
     from resilient.anomaly.exporter import Exporter
 
     try:
-        exporter = Exporter(a.prometheus_port, a.prometheus_host)
+        exporter = Exporter(a.prometheus_port, a.prometheus_host, a.prometheus_allow_hosts)
     except OSError as e:
         raise UserError(
             f"anomaly.prometheus_port {a.prometheus_port} on {a.prometheus_host}: cannot serve "

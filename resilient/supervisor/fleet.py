@@ -50,6 +50,7 @@ class Fleet:
         self.cordoned = dict(cordoned)
         self.leases = LeaseKeeper(self._leased, min(1.0, spec.supervisor.fence_s / 4))
         self.checked: set[str] = set()  # nodes that passed or failed a preflight
+        self._spares_at: list[str] | None = None  # the spares' nodes, as last journalled
 
     def start(self) -> list[dict]:
         """Leases renewed from now on, the agents up; the job's node list for the journal."""
@@ -123,9 +124,14 @@ class Fleet:
         self.journal.append("workers_warm", workers=warm, seconds=round(time.time() - t0, 3))
 
     def refill(self) -> None:
-        """Replacements for the next restart, in the slots left free."""
+        """Replacements for the next restart, in the slots left free; a `spares` record (the node
+        of each) whenever where they are changed (the dashboard's cluster panel)."""
         if self.spares:
             self.spares.fill()
+            where = sorted(n for n in self.spares.nodes() if n)
+            if where != self._spares_at:
+                self._spares_at = where
+                self.journal.append("spares", nodes=where)
 
     def lose(self, node: str) -> None:
         """A lost or cut-off node: never placed on again, its agent and spares written off, and a

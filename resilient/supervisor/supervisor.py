@@ -352,6 +352,7 @@ class Supervisor:
                 rank=flushed.rank,
                 tier="memory",
                 step=flushed.step,
+                bytes=flushed.bytes,
                 handoff_s=flushed.seconds,
                 flush=True,
                 fault_index=idx,

@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory):
 def server(finished_run):
     procs = []
 
-    def start(*extra, env=None):
+    def start(*extra, env=None, runs=()):
         port = free_port()
         p = subprocess.Popen(
             [
@@ -54,6 +54,7 @@ def server(finished_run):
                 "resilient.cli",
                 "dashboard",
                 str(finished_run),
+                *map(str, runs),
                 "--port",
                 str(port),
                 *extra,
@@ -89,7 +90,7 @@ def fetch(url: str, token: str | None = None):
         return json.loads(r.read())
 
 
-def test_json_api(server):
+def test_json_api(server, finished_run):
     base = server()
     s = fetch(base + "/api/state")
     assert (
@@ -103,18 +104,56 @@ def test_json_api(server):
     assert [m for m in tl["marks"] if m["type"] == "restart"] and tl["spans"][-1][
         "state"
     ] == "SUCCEEDED"
+    starting = next(sp["start"] for sp in tl["spans"] if sp["state"] == "STARTING")
+    assert tl["view"]["start"] > tl["spans"][0]["start"] and tl["view"]["start"] < starting
     m = fetch(base + "/api/metrics")
-    assert set(m["ranks"]) == {"0", "1"} and m["gpus"]
-    assert set(m["ranks"]["0"]["step"]) | set(m["ranks"]["1"]["step"]) == set(range(1, 61))
+    assert set(m["ranks"]) == {"0", "1"} and m["gpus"] and m["hosts"] and m["world"] == 2
+    seen = {x for r in m["ranks"].values() for x in r["step"] if x is not None}
+    assert seen == set(range(1, 61))
+    assert m["median"]["step"].count(None) == 1 and len(m["breaks"]) == 1  # the restart
     assert m["eval"]["step"] == [20, 40, 60] and all(0 < v for v in m["eval"]["loss"])
+    newer = fetch(base + f"/api/metrics?since={m['cursor']}")
+    assert newer["median"]["step"] == [] and newer["breaks"] == []  # nothing new: nothing sent
     ev = fetch(base + "/api/events")
     kinds = {e["kind"] for e in ev}
     assert {"straggler", "crash"} <= kinds
     assert [e for e in fetch(base + "/api/events?kind=straggler")] and all(
         e["kind"] == "straggler" for e in fetch(base + "/api/events?kind=straggler")
     )
+    (crash,) = [e for e in ev if e["kind"] == "crash"]
+    f = fetch(base + f"/api/fault/{crash['fault']}")
+    assert f["fault"]["kind"] == "crash" and f["rank"] == 1
+    assert any(r["type"] == "decision" for r in f["records"])
+    log = (finished_run / "logs" / "rank-1.log").read_text().splitlines()
+    assert f["log"]["lines"] and set(f["log"]["lines"]) <= set(log)
+    (node,) = fetch(base + "/api/cluster")
+    assert node["ranks"] == [0, 1] and node["faults"] >= 1 and node["state"] == "healthy"
     ck = fetch(base + "/api/checkpoints")
     assert ck[0]["step"] == 60 and ck[0]["tier"] == "storage"
+    assert all(c["bytes"] for c in ck), [c for c in ck if not c["bytes"]]
+
+
+def test_a_foreign_host_header_is_refused(server):
+    base = server("--allow-host", "dash.example")
+    for host, code in (("rebind.example:80", 400), ("dash.example", 200), ("localhost", 200)):
+        req = urllib.request.Request(base + "/api/state", headers={"Host": host})
+        try:
+            got = urllib.request.urlopen(req, timeout=10).status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        assert got == code, host
+
+
+def test_two_runs_side_by_side(server, finished_run):
+    base = server(runs=[finished_run])  # the same run twice: the comparison is of runs given
+    runs = fetch(base + "/api/runs")
+    assert [r["run"] for r in runs] == [0, 1] and {r["run_id"] for r in runs} == {"dash"}
+    a, b = fetch(base + "/api/compare")
+    assert a["loss"] == b["loss"] and a["loss"]["step"].count(None) == 1
+    assert fetch(base + "/api/state?run=1")["step"] == 60
+    with pytest.raises(urllib.error.HTTPError) as e:
+        fetch(base + "/api/state?run=2")
+    assert e.value.code == 404
 
 
 def test_non_loopback_needs_a_token_and_every_request_carries_it(server, finished_run):
@@ -154,24 +193,44 @@ def test_page_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(base + "/")
         page.wait_for_function(
-            "document.querySelector('#events tbody tr td') && "
+            "document.querySelector('#faults tbody tr[data-fault]') && "
             "document.querySelector('#state').textContent === 'SUCCEEDED'",
             timeout=30_000,
         )
         page.wait_for_selector("#steptime .main-svg", timeout=30_000)
         header = page.inner_text("header")
         events = page.inner_text("#events")
+        legend = page.inner_text("#legend")
         timeline = page.inner_text("#marks")
+        cluster = page.inner_text("#cluster")
         traces = page.evaluate(
-            "['steptime','loss_chart','grad','heatmap','gpu_util','timeline','lost']"
-            ".map(id => document.getElementById(id).data?.length || 0)"
+            "['steptime','loss_chart','grad','tps_chart','heatmap','gpu_util','host_cpu',"
+            "'timeline','lost'].map(id => document.getElementById(id).data?.length || 0)"
         )
+        page.click("#faults tbody tr[data-fault]")
+        page.wait_for_selector("tr.evidence pre", timeout=10_000)
+        shown = page.inner_text("tr.evidence")
+        page.click("#xaxis button[data-v=time]")
+        on_time = page.evaluate("document.getElementById('loss_chart').layout.xaxis.type")
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        narrow = browser.new_page(viewport={"width": 800, "height": 900})
+        narrow.goto(base + "/")
+        narrow.wait_for_selector("#steptime .main-svg", timeout=30_000)
+        widths = narrow.evaluate(
+            "[...document.querySelectorAll('main > section:not([hidden])')]"
+            ".map(s => s.getBoundingClientRect().right)"
+        )
         browser.close()
     assert (
         "SUCCEEDED" in header and "60 / 60" in header and "restarts\n1" in header.replace("\r", "")
     )
     assert "straggler" in events and "crash" in events
+    assert {"starting", "running", "succeeded", "fault", "restart"} <= set(legend.split())
     assert "restart 1" in timeline
+    assert "rank 0, rank 1" in cluster and "healthy" in cluster
     assert all(n > 0 for n in traces), traces
+    log = (finished_run / "logs" / "rank-1.log").read_text().splitlines()
+    assert any(line.strip() and line.strip() in shown for line in log), shown[-500:]
+    assert on_time == "date"
+    assert max(widths) <= 800  # one column: nothing runs off an 800 px screen
     assert (tmp_path / "dashboard.png").stat().st_size > 20_000
