@@ -9,7 +9,7 @@ after `--minutes` the job is preempted with SIGTERM (the preemption path is part
 Reported: faults, recovered, recovery p50/p95/max and per kind, goodput, storage requests and
 bytes uploaded per hour (and per day), journal bytes uploaded vs stored, objects per prefix at the
 end, and the driver's and node agents' RSS over time (a leak shows as growth).
-Usage: python bench/soak.py [--minutes 30] [--mtbf 60s | --mtbf off] [--json OUT]
+Usage: python bench/soak.py [--minutes 30] [--mtbf 60s | --mtbf off] [--json OUT] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--mtbf", default="60s")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--keep", metavar="DIR", help="copy the run directory here at the end")
     ap.add_argument("--serve", nargs=2, metavar=("PORT", "LOG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -241,6 +242,10 @@ def main() -> None:
         write_job(work, port)
         rc, rss, wall = run(args, work, env)
         result = report(rc, rss, wall, log, endpoint, work, env)
+        if args.keep:  # the run directory, for what reads one (bench/dashboard_load.py)
+            import fsspec
+
+            fsspec.filesystem("s3").get("soak/runs/soak/r", args.keep, recursive=True)
     finally:
         server.terminate()
     print_result(result)

@@ -148,13 +148,20 @@ class TrainWorker(ChaosDamage):
         )
         self._thread.start()
 
-    def leave(self, timeout: float) -> bool:
+    def leave(self, timeout: float, drain: bool = False) -> bool:
         """Wait up to `timeout` for the training thread to end (a dead peer makes its collective
-        fail); True when it did, so this worker can start again on a new rendezvous."""
+        fail); True when it did, so this worker can start again on a new rendezvous. `drain` (a
+        rollback follows): also wait, within `timeout`, until every snapshot this rank queued is
+        handed over, so none of the abandoned timeline lands after the rollback forgot it."""
+        deadline = time.monotonic() + timeout
         t = self._thread
         if t is not None:
             t.join(timeout)
-        return t is None or not t.is_alive()
+        if t is not None and t.is_alive():
+            return False
+        if drain and self.engine is not None:
+            return self.engine.drain(max(0.0, deadline - time.monotonic()))
+        return True
 
     def request_pause(self) -> None:
         """End training at the next agreed step boundary, its snapshot handed over (a resize)."""
@@ -273,6 +280,7 @@ class TrainWorker(ChaosDamage):
                 snap = own
             else:
                 snap = load(restore, self.store, spec.fingerprint())
+                self.engine.rewind()  # a rollback survived: its newer snapshot is abandoned
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
