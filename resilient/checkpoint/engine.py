@@ -138,15 +138,9 @@ class CheckpointEngine:
     def drain(self, timeout: float | None = None) -> bool:
         """Wait (up to `timeout`; None: as long as it takes) until every snapshot queued so far is
         in the node agent's memory; whether it is."""
-        if timeout is None:
-            self._queue.join()
-            return True
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        done = self._queue.all_tasks_done  # the condition Queue.join() itself waits on
+        with done:
+            return done.wait_for(lambda: not self._queue.unfinished_tasks, timeout)
 
     def rewind(self) -> None:
         """The rank's state went back (a rollback it survived): its newer snapshot is of an
