@@ -26,11 +26,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from precision import world_of_one  # noqa: E402
 
 from resilient.config import validate_tree  # noqa: E402
+from resilient.training.adapter_io import write_adapter  # noqa: E402
 from resilient.training.corpus import write_corpus  # noqa: E402
 from resilient.training.data import BYTE_VOCAB, ByteTokenizer, StagedData  # noqa: E402
 from resilient.training.model import build_tiny_llama, load_base, trainable_state  # noqa: E402
 from resilient.training.prep import prepare  # noqa: E402
-from resilient.training.trainer import Trainer, write_adapter  # noqa: E402
+from resilient.training.trainer import Trainer  # noqa: E402
 
 QV = {"target_modules": ["q_proj", "v_proj"]}
 METHODS = {  # name: (peft table, train keys); the spec keys the README's methods table shows

@@ -165,10 +165,13 @@ class WorkerGroup:
             if self.node_of(r) == node:
                 self.dead.setdefault(r, why)
 
-    def leave(self, timeout: float) -> dict[int, str]:
-        """Have every remaining rank leave the broken process group; {rank: why} of those that
-        could not within `timeout` (still blocked in a collective, or gone)."""
-        refs = {r: w.leave.remote(timeout) for r, w in enumerate(self.workers) if w is not None}
+    def leave(self, timeout: float, drain: bool = False) -> dict[int, str]:
+        """Have every remaining rank leave the broken process group (`drain`: with every snapshot
+        it queued handed over, before a rollback); {rank: why} of those that could not within
+        `timeout` (still blocked in a collective, or gone)."""
+        refs = {
+            r: w.leave.remote(timeout, drain) for r, w in enumerate(self.workers) if w is not None
+        }
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout + 5)
         stuck = {}
         for rank, ref in refs.items():

@@ -277,7 +277,7 @@ class ScriptedGroup:
             if self.node_of(r) == node:
                 self.dead.setdefault(r, why)
 
-    def leave(self, timeout: float) -> dict[int, str]:
+    def leave(self, timeout: float, drain: bool = False) -> dict[int, str]:
         return {}
 
     def inject(self, rank: int, fault: str, params: dict, fatal: bool = False) -> None:

@@ -2,7 +2,8 @@
 
 Contract: `start()` returns at once and trains in a background thread, so `heartbeat()` is answered
 while a step runs (the actor is threaded); the `Heartbeat` is the supervisor's only window into the
-rank. Chaos (planned faults at their step, `inject()` from outside) is `chaos_damage.ChaosDamage`.
+rank. Chaos (planned faults at their step, `inject()` from outside) is `chaos_damage.ChaosDamage`;
+the step loop, snapshots and the end of a life are `training_loop.TrainingLoop`.
 
 Survivors: when its training thread ends on an error (a dead peer breaks every collective), the
 worker leaves the process group (destroying it, which frees peers blocked on this rank) and keeps
@@ -33,6 +34,7 @@ from resilient.agents.output import capture
 from resilient.agents.reports import Reports
 from resilient.agents.store import KeyValue, on_worker, ray_store
 from resilient.agents.trainers import TrainerSource
+from resilient.agents.training_loop import TrainingLoop
 from resilient.agents.warmup import warm_imports
 from resilient.catalogue import PlannedFault
 from resilient.checkpoint.storage import CheckpointStore
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(max_concurrency=4, concurrency_groups={"lease": 1, "store": 16})
-class TrainWorker(ChaosDamage):
+class TrainWorker(ChaosDamage, TrainingLoop):
     def __init__(self, spec: JobSpec, rank: int, run_uri: str, attempt: int):
         """`rank = -1` makes a warm spare: it prepares, then waits for `info(rank, attempt)`.
         `spec` comes validated (validating it again would import peft here, at full priority)."""
@@ -148,13 +150,20 @@ class TrainWorker(ChaosDamage):
         )
         self._thread.start()
 
-    def leave(self, timeout: float) -> bool:
+    def leave(self, timeout: float, drain: bool = False) -> bool:
         """Wait up to `timeout` for the training thread to end (a dead peer makes its collective
-        fail); True when it did, so this worker can start again on a new rendezvous."""
+        fail); True when it did, so this worker can start again on a new rendezvous. `drain` (a
+        rollback follows): also wait, within `timeout`, until every snapshot this rank queued is
+        handed over, so none of the abandoned timeline lands after the rollback forgot it."""
+        deadline = time.monotonic() + timeout
         t = self._thread
         if t is not None:
             t.join(timeout)
-        return t is None or not t.is_alive()
+        if t is not None and t.is_alive():
+            return False
+        if drain and self.engine is not None:
+            return self.engine.drain(max(0.0, deadline - time.monotonic()))
+        return True
 
     def request_pause(self) -> None:
         """End training at the next agreed step boundary, its snapshot handed over (a resize)."""
@@ -224,18 +233,6 @@ class TrainWorker(ChaosDamage):
             log.warning("rank %s: process group teardown failed", self.rank, exc_info=True)
         gc.collect()
 
-    def _paused(self, trainer, step: int) -> None:
-        """A resize: this step's snapshot (every rank keeps it) in rank 0's node agent's memory,
-        then stop."""
-        self._set(phase="pausing")
-        latest = self.engine.latest
-        if latest is None or latest.step != step:
-            self.engine.save(trainer, step, self._data_step, False)
-        if self.rank == 0:
-            self.engine.drain()
-            self.engine.flush()
-        self._set(phase="paused")
-
     def _timeout(self) -> float:
         return self.spec.supervisor.collective_timeout
 
@@ -276,6 +273,7 @@ class TrainWorker(ChaosDamage):
                 snap = own
             else:
                 snap = load(restore, self.store, spec.fingerprint())
+                self.engine.rewind()  # a rollback survived: its newer snapshot is abandoned
             trainer.restore(snap)
             step, data_step = snap.step, snap.data_step
             self._set(restore_s=time.perf_counter() - t0)
@@ -290,112 +288,3 @@ class TrainWorker(ChaosDamage):
         self._data_step = data_step
         self._set(phase="training", step=step, training_at=time.time())
         return trainer, step, data_step
-
-    def _next_data(self, data_step: int) -> int:
-        """The data step after `data_step`, past those rollbacks took out."""
-        data_step += 1
-        while data_step in self.skip:
-            data_step += 1
-        return data_step
-
-    def _train(self, trainer, step: int, data_step: int) -> int | None:
-        """Steps until the last one or an agreed stop or pause (`_agreed_pause`: every rank
-        pauses after the same step, none finishes); the step reached (None: a NaN step, or
-        replicas that disagree: phase sdc, with the report)."""
-        from resilient.agents.verify import Verifier  # torch: not in a spare's actor module
-
-        restored, total, every = step, self.spec.train.steps, self.spec.checkpoint.every
-        self._agreed_pause = False
-        verifier = Verifier(self.spec, self.world, self._next_data, lambda p: self._set(phase=p))
-        verifier.restored(step)
-        per_rank = trainer.order.count / self.world
-        while step < total:
-            poison = self._faults_at(step + 1)
-            trainer.corrupt = self.bad_compute
-            next_data = self._next_data(data_step)
-            check, audit = verifier.wants(step + 1, per_rank)
-            r = trainer.step(
-                next_data,
-                stop=self._stop.is_set(),
-                poison=poison,
-                slow=self.slow,
-                pause=self._pause.is_set(),
-                check=check,
-                audit=audit,
-            )
-            self.reports.step(r, self.rank, step + 1, next_data, self.attempt)
-            if r.nonfinite:  # no rank applied this update; the supervisor rolls back and skips it
-                self._set(phase="nonfinite")
-                return None
-            sdc = verifier.after(trainer, step + 1, r.digests, audit) if check else None
-            if sdc:  # never snapshotted, never persisted: the supervisor rolls back
-                self._set(phase="sdc", sdc=sdc)
-                return None
-            step, data_step, now = step + 1, next_data, time.time()
-            self._data_step = data_step
-            self._set(
-                step=step,
-                mean_loss=r.mean_loss,
-                step_done_at=now,
-                tokens_per_s=r.tokens / max(r.step_time + r.data_wait, 1e-9),
-            )
-            if step == restored + 1:
-                self._set(first_step_done_at=now)
-            evaluated = self._evaluate(trainer, step)
-            final = step == total or r.stop or trainer.evals.stop is not None
-            # an evaluated step is persisted where the best are kept, so the best can be had
-            keep = evaluated and self.spec.checkpoint.keep_best > 0
-            # a state that leaves the group (persisted for good, a pause's hand-over): compared
-            leaves = final or keep or (r.pause and step < total)
-            sdc = verifier.before_persist(trainer, step) if leaves else None
-            if sdc:
-                self._set(phase="sdc", sdc=sdc)
-                return None
-            if step % every == 0 or final or evaluated:
-                self.engine.save(trainer, step, data_step, final or keep, verifier.meta(step))
-                verifier.saved(self.engine.latest)
-            if self.engine.error:
-                raise RuntimeError(self.engine.error)
-            if r.stop or trainer.evals.stop:  # a stop (or an early stop) wins over a pause
-                break
-            if r.pause and step < total:
-                self._agreed_pause = True
-                break
-        return step
-
-    def _evaluate(self, trainer, step: int) -> bool:
-        """Evaluate after `step` when it is due (every rank: the sums are job-wide); rank 0
-        reports it. Whether it was."""
-        if not self.spec.eval.due(step, self.spec.train.steps):
-            return False
-        t0 = time.perf_counter()
-        self._set(phase="evaluating")  # not a stall: the watch gives the next step a full limit
-        try:
-            metrics = trainer.evaluate(step)
-        finally:
-            self._set(phase="training")
-        if metrics is None:
-            return False
-        if self.rank == 0:
-            rec = {**metrics, "seconds": time.perf_counter() - t0, "attempt": self.attempt}
-            if trainer.evals.stop:
-                rec["early_stop"] = trainer.evals.stop
-            self.reports.evaluation(rec)
-        return True
-
-    def _finish(self, trainer, step: int, base_ref: str) -> None:
-        """Rank 0 makes the last step durable (and exports the adapter) before the job may end."""
-        from resilient.rundir.layout import FINAL
-        from resilient.training.trainer import export_to
-
-        done = step == self.spec.train.steps or trainer.evals.stop is not None
-        if self.rank == 0:
-            self._set(phase="persisting")
-            self.engine.drain()
-            if self.engine.handed_step < step:  # resumed at its last step: nothing was handed
-                self.engine.save(trainer, step, self._data_step, True)  # (re-persists atomically)
-            self.engine.finish(step, self.spec.checkpoint.persist_timeout)
-            if done:
-                self._set(phase="exporting")
-                export_to(self.rundir, trainer, FINAL, base_ref)
-        self._set(phase="done" if done else "stopped")

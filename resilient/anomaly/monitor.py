@@ -15,6 +15,7 @@ import json
 import math
 import threading
 
+from resilient import heap
 from resilient.anomaly import store
 from resilient.anomaly.detectors import (
     HardwareDetector,
@@ -38,6 +39,7 @@ class AnomalyMonitor:
         self.straggler = StragglerDetector(cfg, spec.cluster.num_workers)
         self.numerics = NumericsDetector(cfg)
         self.host = HostDetector(cfg)
+        heap.arrow_on_malloc()  # the hourly merges' memory goes back, not kept by mimalloc
         self.logs = {
             "train": store.ParquetLog(rundir, "metrics/train", store.TRAIN),
             "gpu": store.ParquetLog(rundir, "metrics/gpu", store.GPU),

@@ -7,8 +7,9 @@ snapshots to its node's agent on a background thread, in order: every one that m
 `persist_every`-th snapshot and the final one) and, between those, the newest at most every
 `handoff_s` seconds (0 = every snapshot); the agent replicates each to a peer and persists those
 marked. `flush()` hands this rank's newest snapshot to its agent now (the supervisor calls it
-on a survivor before a restart, so a restart replays nothing). `finish(step)` waits until `step` is
-durable in storage.
+on a survivor before a restart, so a restart replays nothing). `drain(timeout)` waits until what
+is queued is handed over (a survivor of a rollback, before the abandoned steps are forgotten);
+`rewind()` forgets the newest snapshot once the rank restored an older step.
 """
 
 from __future__ import annotations
@@ -134,9 +135,19 @@ class CheckpointEngine:
             out, self.records = self.records, []
         return out
 
-    def drain(self) -> None:
-        """Wait until every snapshot queued so far is in the node agent's memory."""
-        self._queue.join()
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait (up to `timeout`; None: as long as it takes) until every snapshot queued so far is
+        in the node agent's memory; whether it is."""
+        done = self._queue.all_tasks_done  # the condition Queue.join() itself waits on
+        with done:
+            return done.wait_for(lambda: not self._queue.unfinished_tasks, timeout)
+
+    def rewind(self) -> None:
+        """The rank's state went back (a rollback it survived): its newer snapshot is of an
+        abandoned timeline, never to be handed over again, and the steps it hands over from now
+        on are new even where their numbers were handed before."""
+        with self._lock:
+            self.latest, self.handed_step = None, -1
 
     def finish(self, step: int, timeout: float) -> None:
         """Wait until every snapshot is handed over and `step` is persisted (rank 0)."""

@@ -293,9 +293,10 @@ class SupervisorConfig(_Section):
     )
     keep_survivors: bool = Field(
         True,
-        description="A crashed, failed or silent rank is replaced alone: the other ranks keep "
-        "their processes and models and rejoin on a new rendezvous. false: every fault restarts "
-        "the whole group.",
+        description="A crashed, failed or silent rank (or one whose replica diverged: sdc) is "
+        "replaced alone: the other ranks keep their processes and models and rejoin on a new "
+        "rendezvous (after an sdc, each loads the agreed step). false: every fault restarts the "
+        "whole group.",
     )
     fence_s: float = Field(
         8.0,

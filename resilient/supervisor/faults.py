@@ -80,7 +80,7 @@ class Decision:
     exclude_nodes: tuple[str, ...] = ()
     rollback_to: int | None = None
     skip_batches: tuple[int, ...] = ()
-    keep_survivors: bool = False  # RESTART: replace only the failed rank, keep the others
+    keep_survivors: bool = False  # RESTART, ROLLBACK: replace only the failed rank, keep the others
 
     def to_record(self) -> dict:
         d = asdict(self)

@@ -10,8 +10,9 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   keeping their processes (`elastic.keeps_survivors`), and so does a straggler (unless its node's
   ranks straggled before: then the node is cordoned); a lost or partitioned node is cordoned and
   its ranks replaced, the ranks elsewhere kept; a hang of no rank restarts the group; silent
-  corruption (`sdc`) rolls back to the newest step that agreed, cordoning a node whose work did not
-  reproduce (or whose replica diverged before); an anomaly restarts it the way `judge` said
+  corruption (`sdc`) rolls back to the newest step that agreed, replacing the diverged rank while
+  the others keep their processes, or cordoning a node whose work did not reproduce (or whose
+  replica diverged before) and restarting the group; an anomaly restarts it the way `judge` said
   (cordon the node, roll back and skip, or plain restart). The first
   restart of a run of faults is immediate (a lost step costs more than a lost second); later ones
   back off exponentially from `backoff_base` up to `backoff_max`. The job gives up, naming the rule
@@ -132,7 +133,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     if fault.kind in NODE_FAULTS and fault.node:
         return _node_decision(fault, cfg, delay)
     if fault.kind == FaultKind.SDC:
-        return _sdc_decision(fault, history, delay)
+        return _sdc_decision(fault, history, delay, cfg.keep_survivors)
     repeated = history.node_offences >= 1 and fault.node and history.other_nodes > 0
     if fault.suggested == REPLACE and repeated:
         return Decision(
@@ -166,16 +167,18 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     )
 
 
-def _sdc_decision(fault: Fault, history: History, delay: float) -> Decision:
+def _sdc_decision(fault: Fault, history: History, delay: float, keep_survivors: bool) -> Decision:
     """Silent corruption: roll back to the newest step whose replicas agreed (and passed their
-    audit), replacing every rank. A node whose work did not reproduce (`suggested` cordon) is
-    cordoned at once; a rank whose replica diverged is cordoned on its node's second offence,
-    where other nodes remain."""
+    audit). A node whose work did not reproduce (`suggested` cordon) is cordoned at once and the
+    group restarted without it; a rank whose replica diverged is replaced, the others keeping their
+    processes (each loads the agreed step: the rollback costs a restore, not a cold start), and its
+    node is cordoned on a second offence, where other nodes remain (then the group restarts)."""
     node = fault.node
     # a replica that diverged again is its node's second offence; cordoned where the job can go
     # on elsewhere (one machine: replaced again, the job goes on)
     again = history.node_offences >= 1 and history.other_nodes > 0
     cordon = bool(node) and (fault.suggested == CORDON or again)
+    keep = keep_survivors and not cordon and fault.rank is not None
     why = f"{describe(fault)}: roll back to step <= {fault.rollback_to}, the newest that agreed"
     if cordon:
         why += f"; cordon node {node[:12]}" + (
@@ -183,10 +186,16 @@ def _sdc_decision(fault: Fault, history: History, delay: float) -> Decision:
         )
     return Decision(
         Action.ROLLBACK,
-        why + " and restart the ranks from there",
+        why
+        + (
+            f"; replace rank {fault.rank}, the other ranks keep their processes and load that step"
+            if keep
+            else " and restart the ranks from there"
+        ),
         delay_s=delay,
         exclude_nodes=(node,) if cordon else (),
         rollback_to=fault.rollback_to,
+        keep_survivors=keep,
     )
 
 

@@ -161,14 +161,15 @@ class Sizing:
         self._last_size_check = self.clock() + GROW_BACKOFF_S
         return self.fleet.placement(before)
 
-    def keep(self, group, fault) -> None:
+    def keep(self, group, fault, rollback: bool = False) -> None:
         """Replace the fault's rank (every rank on its node, for a lost node) and any dead one;
         the others leave the broken collective and are kept for the next attempt, unless they
-        cannot."""
+        cannot (`rollback`: nor hand over what they queued of the timeline it abandons)."""
         node_fault = fault.kind in NODE_FAULTS  # its ranks are in group.dead (write_off)
         gone = sorted(set(group.dead) | {fault.rank})
         group.replace(gone)
-        stuck = group.leave(NODE_LEAVE_TIMEOUT_S if node_fault else LEAVE_TIMEOUT_S)
+        timeout = NODE_LEAVE_TIMEOUT_S if node_fault else LEAVE_TIMEOUT_S
+        stuck = group.leave(timeout, drain=rollback)
         for rank, why in sorted(stuck.items()):
             self.journal.append("survivor_replaced", rank=rank, reason=why)
         group.replace(sorted(stuck))

@@ -332,14 +332,16 @@ class Supervisor:
                 fault.step, decision.rollback_to, decision.skip_batches, decision.reason
             )
         self.book.to(JobState.ROLLING_BACK if rollback else JobState.RESTARTING, decision.reason)
-        keep = decision.action == Action.RESTART and decision.keep_survivors
+        keep = decision.keep_survivors  # a restart, or a rollback the survivors load
         self.sizing.resize_cause = policy.describe(fault)  # if the next attempt has another size
         counts = self.budget.restarted(fault, time.time())
-        self._teardown(group, idx, decision.delay_s, counts, fault if keep else None)
+        self._teardown(group, idx, decision.delay_s, counts, fault if keep else None, rollback)
         self.book.pending_recoveries.append(PendingRecovery(idx, fault))
         self.book.to(JobState.STARTING, f"restart {self.book.restarts}")
 
-    def _teardown(self, group, idx: int, delay_s: float, counts: dict, keep: Fault | None) -> None:
+    def _teardown(
+        self, group, idx: int, delay_s: float, counts: dict, keep: Fault | None, rollback: bool
+    ) -> None:
         """Save what the survivors did and hold (their newest snapshot goes to memory first), then
         end the group, or (`keep`: the fault that keeps survivors) only the ranks it replaces."""
         t0 = time.time()
@@ -359,7 +361,7 @@ class Supervisor:
             )
         self.intake.keep([m for h in last.values() for m in h.metrics])
         if keep is not None:
-            self.sizing.keep(group, keep)
+            self.sizing.keep(group, keep, rollback)
         else:
             group.shutdown()
         self.book.restarts += 1

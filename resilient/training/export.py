@@ -32,8 +32,8 @@ from resilient.errors import UserError
 from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, SPEC_FILE, base_ref
 from resilient.training import compeft
+from resilient.training.adapter_io import write_adapter
 from resilient.training.model import adapter_tensors, apply_adapter, load_base, load_trainable
-from resilient.training.trainer import write_adapter
 
 ADAPTER, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PACKED, PACKED_META, FORMAT = "compeft.safetensors", "compeft.json", "resilient-compeft/1"

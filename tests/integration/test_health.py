@@ -50,6 +50,8 @@ def test_a_flipped_bit_is_caught_before_any_checkpoint_holds_it(tmp_path):
     (sdc,) = [f for f in s["faults"] if f["kind"] == "sdc"]
     assert sdc["rank"] == 1 and sdc["step"] == 15 and sdc["recovery_s"] is not None
     assert s["rollbacks"][0]["to_step"] == 10
+    # the odd rank was replaced; rank 0 kept its process and loaded the agreed step
+    assert {r["rank"]: r["restarts"] for r in s["ranks"]} == {0: 0, 1: 1}, s["ranks"]
     assert_same_adapter(adapter(runs / "clean"), adapter(runs / "flip"))
     compared = 0
     for d in glob.glob(f"{runs}/flip/checkpoints/*"):

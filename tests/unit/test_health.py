@@ -87,12 +87,20 @@ def test_sdc_rolls_back_to_the_agreed_step_and_cordons_a_node_that_computes_wron
     flip = Fault(FaultKind.SDC, 1, 140, 1.0, "", node="n1", suggested="replace", rollback_to=120)
     d = policy.decide(flip, History(), cfg)
     assert (d.action, d.rollback_to, d.exclude_nodes) == (Action.ROLLBACK, 120, ())
-    assert policy.decide(flip, History(node_offences=1), cfg).exclude_nodes == ("n1",)
+    assert d.keep_survivors and "replace rank 1" in d.reason  # the others load step 120
+    again = policy.decide(flip, History(node_offences=1), cfg)
+    assert again.exclude_nodes == ("n1",) and not again.keep_survivors  # cordon: a new group
     alone = policy.decide(flip, History(node_offences=1, other_nodes=0), cfg)
     assert alone.action == Action.ROLLBACK and alone.exclude_nodes == ()  # one machine: go on
+    assert alone.keep_survivors
+    off = cfg.model_copy(update={"keep_survivors": False})
+    assert not policy.decide(flip, History(), off).keep_survivors
+    nobody = Fault(FaultKind.SDC, None, 140, 1.0, "", node=None, rollback_to=120)
+    assert not policy.decide(nobody, History(), cfg).keep_survivors  # no odd rank: all restart
     bad = Fault(FaultKind.SDC, 1, 120, 1.0, "", node="n1", suggested="cordon", rollback_to=60)
     d = policy.decide(bad, History(), cfg)
     assert (d.action, d.rollback_to, d.exclude_nodes) == (Action.ROLLBACK, 60, ("n1",))
+    assert not d.keep_survivors
 
 
 def test_the_watch_turns_an_sdc_report_into_a_fault_with_its_rollback_point():
@@ -213,7 +221,11 @@ def test_a_node_that_joins_is_checked_before_a_rank_may_land_there(tmp_path, mon
     assert len(checked) == 2  # each node once
 
 
-def test_freed_heap_goes_back_at_most_once_a_minute():
+def test_freed_heap_goes_back_at_most_once_a_minute(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
     from resilient import heap
 
     now = [0.0]
@@ -221,5 +233,15 @@ def test_freed_heap_goes_back_at_most_once_a_minute():
     assert not trimmer.maybe()
     now[0] = 61.0
     assert trimmer.maybe() and not trimmer.maybe()
+    monkeypatch.delenv(heap.ARROW_POOL, raising=False)  # this process's: put back afterwards
     heap.limit_arenas()  # glibc here: both are real calls, and harmless
     heap.trim()
+    # Arrow on malloc (mimalloc keeps what the hourly metrics merge freed): in the launcher, and in
+    # what it starts, before pyarrow is imported
+    code = (
+        "from resilient import heap; heap.limit_arenas(); import pyarrow; "
+        "print(pyarrow.default_memory_pool().backend_name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != heap.ARROW_POOL}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "system", out.stderr[-500:]
