@@ -72,7 +72,7 @@ def main() -> None:
             rows[path] = {"cold_s": round(cold_s, 3), "warm_s": round(warm_s, 3), "bytes": size,
                           "longest_list": longest(body)}  # fmt: skip
         cursor = ask(base + "/api/metrics")[2].get("cursor")
-        poll_s, poll_bytes, _ = ask(f"{base}/api/metrics?since={cursor}")
+        poll_s, poll_bytes, _ = ask(f"{base}/api/metrics?cursor={cursor}")
         page = load_page(base)
     finally:
         server.terminate()

@@ -7,7 +7,8 @@ the bound address itself; for a loopback bind also `localhost`, `127.0.0.1` and 
 wildcard bind (`0.0.0.0`, `::`) this machine's name and addresses; plus `extra` (`--allow-host`,
 `anomaly.prometheus_allow_hosts`: the names a proxy or a tunnel uses). `check(header, names)` is
 None when the request's Host header (port ignored, case-insensitive) names one of them, else the
-message for a 400 answer, which says how to allow the name.
+message for a 400 answer, which says how to allow the name (`allow_with`) and never lists the
+names it answers to.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _this_machine() -> set[str]:
 
 def allowed(bind: str, extra: Iterable[str] = ()) -> frozenset[str]:
     bind = bind.strip("[]").lower()
-    names = {bind} | {e.strip().lower() for e in extra if e.strip()}
+    names = {e.strip().lower() for e in extra if e.strip()}
+    if bind not in WILDCARD:
+        names.add(bind)
     if _is_loopback(bind):
         names |= LOOPBACK
     if bind in WILDCARD:
@@ -60,12 +63,16 @@ def host_of(header: str) -> str:
     return h
 
 
-def check(header: str | None, names: frozenset[str]) -> str | None:
+def check(
+    header: str | None, names: frozenset[str], allow_with: str = "--allow-host NAME"
+) -> str | None:
     if header and host_of(header) in names:
         return None
-    given = host_of(header) if header else "(none)"
+    given = host_of(header)[:100] if header else "(none)"
+    # the names it does answer to are not listed: they would tell a rebinding page this
+    # machine's addresses
     return (
-        f"Host {given!r} is not a name this server answers to ({', '.join(sorted(names))}): "
-        "a page elsewhere may be reaching it through your browser. To reach it by that name "
-        "(a proxy, a tunnel), start it with --allow-host NAME"
+        f"Host {given!r} is not a name this server answers to: a page elsewhere may be reaching "
+        f"it through your browser. To reach it by that name (a proxy, a tunnel), allow it with "
+        f"{allow_with}"
     )

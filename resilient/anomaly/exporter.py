@@ -57,6 +57,7 @@ DCGM = {
     "DCGM_FI_DEV_ROW_REMAP_PENDING": ("remap_pending", 1, "Rows pending remapping."),
 }
 DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname", "rank"]
+ALLOW_WITH = "anomaly.prometheus_allow_hosts in the job spec"
 
 
 class _Quiet(WSGIRequestHandler):
@@ -74,10 +75,10 @@ def serve(registry: CollectorRegistry, port: int, addr: str, allow_hosts=()):
     app, names = make_wsgi_app(registry), hostcheck.allowed(addr, allow_hosts)
 
     def checked(environ, start_response):
-        refused = hostcheck.check(environ.get("HTTP_HOST"), names)
+        refused = hostcheck.check(environ.get("HTTP_HOST"), names, ALLOW_WITH)
         if refused:
             start_response("400 Bad Request", [("Content-Type", "text/plain; charset=utf-8")])
-            return [refused.replace("--allow-host NAME", "anomaly.prometheus_allow_hosts").encode()]
+            return [refused.encode()]
         return app(environ, start_response)
 
     cls = _Server6 if ":" in addr else ThreadingWSGIServer

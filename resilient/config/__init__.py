@@ -7,11 +7,11 @@ the README's spec reference is part of the public contract; unknown keys are err
 """
 
 from resilient.config.adapter import peft_config
+from resilient.config.anomaly import AnomalyConfig
 from resilient.config.chaos import CHAOS_FAULTS, ChaosConfig, ChaosEntry, RandomChaos
 from resilient.config.data import DataConfig, EvalConfig, LoggingConfig, WandbConfig
 from resilient.config.load import apply_overrides, load_spec, parse_value, read_tree, validate_tree
 from resilient.config.sections import (
-    AnomalyConfig,
     CheckpointConfig,
     ClusterConfig,
     ModelConfig,

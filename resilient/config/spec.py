@@ -16,10 +16,10 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient.catalogue import GPU
 from resilient.config.adapter import is_lora, peft_config
+from resilient.config.anomaly import AnomalyConfig
 from resilient.config.chaos import ChaosConfig
 from resilient.config.data import DataConfig, EvalConfig, LoggingConfig
 from resilient.config.sections import (
-    AnomalyConfig,
     CheckpointConfig,
     ClusterConfig,
     ModelConfig,

@@ -25,7 +25,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from resilient import hostcheck
-from resilient.dashboard import data
+from resilient.dashboard import curves, data
 from resilient.dashboard.reader import RunReader
 from resilient.errors import UserError
 from resilient.rundir import RunDir
@@ -42,14 +42,25 @@ def make_app(
 ) -> FastAPI:
     runs = rundirs if isinstance(rundirs, list) else [rundirs]
     readers = [RunReader(rd) for rd in runs]  # shared by every request: each byte read once
-    names = hostcheck.allowed(host, allow_hosts)
     app = FastAPI(title="resilient dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("resilient.dashboard").joinpath("page.html").read_text()
+    _guard(app, hostcheck.allowed(host, allow_hosts), token)
 
-    def reader(run: int) -> RunReader:
-        if not 0 <= run < len(readers):
-            raise HTTPException(404, f"run {run}: this dashboard shows runs 0..{len(readers) - 1}")
-        return readers[run]
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/static/plotly.min.js")
+    def plotly_js() -> FileResponse:
+        return FileResponse(PLOTLY_JS, media_type="application/javascript")
+
+    _api(app, readers)
+    return app
+
+
+def _guard(app: FastAPI, names: frozenset[str], token: str | None) -> None:
+    """Every request: a Host header naming this server (400), and the token where there is one
+    (401); a request that brought the token in its URL gets it as a cookie."""
 
     @app.middleware("http")
     async def require_host_and_token(request: Request, call_next):
@@ -72,13 +83,14 @@ def make_app(
             response.set_cookie("resilient_token", token, httponly=True, samesite="strict")
         return response
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page
 
-    @app.get("/static/plotly.min.js")
-    def plotly_js() -> FileResponse:
-        return FileResponse(PLOTLY_JS, media_type="application/javascript")
+def _api(app: FastAPI, readers: list[RunReader]) -> None:
+    """The JSON API: the runs, their comparison, and each run's views (`?run=N`)."""
+
+    def reader(run: int) -> RunReader:
+        if not 0 <= run < len(readers):
+            raise HTTPException(404, f"run {run}: this dashboard shows runs 0..{len(readers) - 1}")
+        return readers[run]
 
     @app.get("/api/runs")
     def api_runs() -> list:
@@ -98,9 +110,9 @@ def make_app(
 
     @app.get("/api/metrics")
     def api_metrics(
-        run: int = 0, last: int = data.MAX_POINTS, since: float | None = None, ranks: str = "auto"
+        run: int = 0, last: int = curves.MAX_POINTS, cursor: str | None = None, ranks: str = "auto"
     ) -> dict:
-        return data.metrics(reader(run), last, since, ranks)
+        return curves.metrics(reader(run), last, cursor, ranks)
 
     @app.get("/api/events")
     def api_events(run: int = 0, kind: str | None = None) -> list:
@@ -120,8 +132,6 @@ def make_app(
         if found is None:
             raise HTTPException(404, f"fault {index}: the run has no such fault")
         return found
-
-    return app
 
 
 def check_bind(host: str, token: str | None) -> None:

@@ -6,7 +6,8 @@ Contract: `nodes(records)` is pure (journal records in order -> one dict per nod
 lost), `ranks` (the ranks of the newest group on it), `spares` (warm spares on it), `agent` (its
 node agent is up), `preflight` ("ok", "fail" or None), `faults` (how many), `fault_kinds` (count by
 kind)). It follows the run live: a group re-formed after a replacement or a resize moves the ranks,
-a refilled pool the spares, a resumed run starts the placement over (not the history).
+a refilled pool the spares, a resumed run starts the placement over and shows only the nodes of
+its new life (those it kept with their history).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _blank(node: str) -> dict:
 def nodes(records: list[dict]) -> list[dict]:
     out: dict[str, dict] = {}
     placement: dict[int, str] = {}  # rank -> node, of the newest group
+    resumed = False
 
     def node(nid: str) -> dict:
         return out.setdefault(nid, _blank(nid))
@@ -38,6 +40,10 @@ def nodes(records: list[dict]) -> list[dict]:
     for r in records:
         t = r["type"]
         if t == "nodes":
+            if resumed:  # a new life's nodes: those of the previous life are gone
+                listed = {n["node_id"] for n in r.get("nodes", [])}
+                out = {k: e for k, e in out.items() if k in listed}
+                resumed = False
             for n in r.get("nodes", []):
                 e = node(n["node_id"])
                 e.update(index=n.get("index"), ip=n.get("ip"), agent=e["state"] != "lost")
@@ -71,8 +77,8 @@ def nodes(records: list[dict]) -> list[dict]:
                 e = node(nid)
                 e["faults"] += 1
                 e["fault_kinds"][r["kind"]] = e["fault_kinds"].get(r["kind"], 0) + 1
-        elif t == "resume":  # a new life places anew; what happened to each node stays
-            placement = {}
+        elif t == "resume":  # a new life places anew; a node it keeps keeps its history
+            placement, resumed = {}, True
             for e in out.values():
                 e.update(ranks=[], spares=0)
     return sorted(out.values(), key=lambda e: (e["index"] is None, e["index"] or 0, e["node"]))

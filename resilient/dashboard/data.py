@@ -12,28 +12,38 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from resilient.anomaly import store
 from resilient.dashboard import cluster as cluster_view
 from resilient.dashboard import evidence, series
+from resilient.dashboard.curves import column, group_starts
 from resilient.dashboard.reader import RunReader
 from resilient.runlog.accounting import account
 from resilient.runlog.states import TERMINAL
 from resilient.runlog.status import fold
 
+KEPT = 500  # the newest entries of each list /api/state sends (faults, restores, ...)
+
 
 def state(rd: RunReader) -> dict:
-    recs = rd.records()
+    """The header's figures, the lost time by cause, the preflight and the faults (the newest
+    KEPT of each list; each fault with its `index` for `/api/fault/{i}`)."""
+    out = dict(rd.derived("state", _state))
+    now = out["ended_at"] or time.time()
+    out["now"] = now
+    return out
+
+
+def _state(recs: list[dict]) -> dict:
     s = fold(recs)
     acc = account(recs)
-    now = s["ended_at"] or time.time()
-    progress = [r for r in recs if r["type"] == "progress"]
+    progress = [r for r in recs[-2000:] if r["type"] == "progress"]
     eta = None
     if s["state"] == "RUNNING" and len(progress) >= 2 and s["total_steps"]:
         (a, b) = progress[max(0, len(progress) - 10)], progress[-1]
         rate = (b["step"] - a["step"]) / max(b["t"] - a["t"], 1e-9)
         eta = (s["total_steps"] - s["step"]) / rate if rate > 0 else None
+    faults = [{**f, "index": i} for i, f in enumerate(acc["faults"])]
     return {
         "name": s["name"],
         "run_id": s["run_id"],
@@ -45,21 +55,21 @@ def state(rd: RunReader) -> dict:
         "tokens_per_s": s["tokens_per_s"],
         "restarts": s["restarts"],
         "world_size": s["world_size"],
-        "resizes": s["resizes"],
+        "resizes": s["resizes"][-KEPT:],
         "eta_s": eta,
         "goodput": acc["goodput"],
         "lost_s": acc["lost_s"],
         "wall_s": acc["wall_s"],
         "started_at": s["started_at"],
         "ended_at": s["ended_at"],
-        "now": now,
         "reason": s["reason"],
         "cordoned_nodes": s["cordoned_nodes"],
-        "rollbacks": s["rollbacks"],
+        "rollbacks": s["rollbacks"][-KEPT:],
         "events": s["events"],
-        "restores": s["restores"],
-        "faults": acc["faults"],
-        "preflight": s["preflight"],
+        "restores": s["restores"][-KEPT:],
+        "faults": faults[-KEPT:],
+        "faults_total": len(faults),
+        "preflight": s["preflight"][-KEPT:],
         "hang_limits": s["hang_limits"],
     }
 
@@ -91,167 +101,66 @@ def _detail(r: dict) -> str:
     return "<br>".join(lines[:12])
 
 
-MARKS_KEPT = 2000
+MARKS_KEPT = 2000  # the newest marks and the newest state spans the timeline gets
+DRAWN = ("fault", "decision", "restart", "rollback", "cordon", "resize", "survivors", "chaos")
 
 
 def timeline(rd: RunReader) -> dict:
-    """Supervisor states as intervals, the faults, decisions and restarts on them (the newest
-    MARKS_KEPT), and `view`: the span the page opens on (from training's first start, not the
-    start-up)."""
-    recs = rd.records()
+    """Supervisor states as intervals and the faults, decisions and restarts on them (the newest
+    MARKS_KEPT of each), and `view`: the span the page opens on (from training's first start, not
+    the start-up)."""
+    out = dict(rd.derived("timeline", _timeline))
+    spans = out["spans"]
+    if spans and spans[-1]["end"] is None:  # the state now: it lasts until this answer
+        last = dict(spans[-1], end=time.time())
+        out["spans"] = [*spans[:-1], last]
+        out["view"] = _view(out["spans"], out["begun"])
+    return out
+
+
+def _timeline(recs: list[dict]) -> dict:
     spans, marks = [], []
+    begun = None
     for r in recs:
         if r["type"] == "transition":
             if spans:
                 spans[-1]["end"] = r["t"]
             spans.append({"state": r["to"], "start": r["t"], "end": None, "cause": r.get("cause")})
-        elif r["type"] in LABELS:
+            if begun is None and r["to"] not in ("PENDING", "PREFLIGHT"):
+                begun = r["t"]
+        elif r["type"] in DRAWN:
             label = LABELS[r["type"]](r)
             marks.append({"t": r["t"], "type": r["type"], "label": label, "detail": _detail(r)})
-    if spans and spans[-1]["end"] is None:
-        spans[-1]["end"] = time.time() if spans[-1]["state"] not in TERMINAL else spans[-1]["start"]
-    # the start-up (PENDING, PREFLIGHT: agents, checks, spares warming) can outlast a short
-    # run's training many times: the view opens where the first group starts
-    begun = [sp["start"] for sp in spans if sp["state"] not in ("PENDING", "PREFLIGHT")]
-    view = None
-    if spans:
-        start, end = (begun[0] if begun else spans[0]["start"]), spans[-1]["end"]
-        pad = max(0.5, 0.02 * (end - start))
-        view = {"start": start - pad, "end": end + pad}
-    return {"spans": spans, "marks": marks[-MARKS_KEPT:], "view": view}
+    if spans and spans[-1]["state"] in TERMINAL:
+        spans[-1]["end"] = spans[-1]["start"]
+    spans = spans[-MARKS_KEPT:]
+    view = _view(spans, begun)
+    return {"spans": spans, "marks": marks[-MARKS_KEPT:], "view": view, "begun": begun}
 
 
-MAX_POINTS = 1200  # per curve: with its breaks, every list the page gets stays under 2,000
-TRAIN_KEYS = ("loss", "grad_norm", "step_time", "compute_s", "tokens_per_s")
-GPU_KEYS = ("util", "mem_used", "temp", "power_w")
-HOST_KEYS = ("cpu_percent", "mem_percent")
-RANKS_SHOWN = 8  # more ranks than this: the median and its band, each rank on demand
-
-
-def _col(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric column as floats (null: NaN); all NaN where the table lacks it."""
-    if name not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    return table[name].to_numpy(zero_copy_only=False).astype(float)
-
-
-def _newer(table: pa.Table, since: float | None) -> pa.Table:
-    return table if since is None else table.filter(pc.greater(table["t"], since))
-
-
-def group_starts(recs: list[dict]) -> list[float]:
-    """When each worker group started (a restart or a resize): the curves break there."""
-    return [r["t"] for r in recs if r["type"] == "ranks"]
-
-
-def metrics(
-    rd: RunReader,
-    last: int = MAX_POINTS,
-    since: float | None = None,
-    ranks: str = "auto",
-) -> dict:
-    """The training curves (the median over ranks with its band, each rank's where there are
-    few or `ranks="all"`), the host and GPU series per node and the evaluations; each list at
-    most `last` points (capped at MAX_POINTS), broken at every group start. `since`: only rows
-    newer than it (the page's last `cursor`)."""
-    cap = max(10, min(last, MAX_POINTS))
-    recs = rd.records()
-    starts = group_starts(recs)
-    train = _newer(rd.table("metrics/train", store.TRAIN), since)
-    t, step = _col(train, "t"), _col(train, "step").astype(np.int64)
-    group = series.groups(t, starts)
-    values = {k: _col(train, k) for k in TRAIN_KEYS}
-    rank = _col(train, "rank").astype(np.int64)
-    shown = sorted(set(rank.tolist()))
-    if ranks == "none" or (ranks == "auto" and len(shown) > RANKS_SHOWN):
-        shown = []
-    elif ranks not in ("auto", "all"):
-        wanted = {int(r) for r in ranks.split(",") if r.strip().isdigit()}
-        shown = [r for r in shown if r in wanted]
-    per_rank = {}
-    for r in shown:
-        idx = np.flatnonzero(rank == r)
-        idx = idx[np.argsort(t[idx], kind="stable")]
-        per_rank[str(r)] = series.means(
-            {"t": t[idx], "step": step[idx]},
-            {k: v[idx] for k, v in values.items()},
-            group[idx],
-            cap,
-        )
-    return {
-        "ranks": per_rank,
-        "world": len(set(rank.tolist())),
-        "median": series.summary(step, t, group, values, cap),
-        "gpus": _by_source(_newer(rd.table("metrics/gpu", store.GPU), since), "gpu", cap),
-        "hosts": _hosts(_newer(rd.table("metrics/host", store.HOST), since), cap),
-        "eval": _evals(recs, since, cap),
-        "breaks": _breaks(recs, since),
-        "cursor": float(np.nanmax(t)) if len(t) else since,
-    }
-
-
-def _by_source(table: pa.Table, kind: str, cap: int) -> dict[str, dict[str, list]]:
-    """GPU series: one per node and device ("node8/gpuN")."""
-    out = {}
-    if not table.num_rows:
-        return out
-    t, node, dev = _col(table, "t"), table["node"].to_pylist(), _col(table, "gpu")
-    keys = np.array([f"{n[:8]}/gpu{int(d)}" for n, d in zip(node, dev, strict=True)])
-    for name in sorted(set(keys.tolist())):
-        idx = np.flatnonzero(keys == name)
-        idx = idx[np.argsort(t[idx], kind="stable")]
-        cols = {k: _col(table, k)[idx] for k in GPU_KEYS}
-        out[name] = series.means({"t": t[idx]}, cols, np.zeros(len(idx), np.int64), cap)
-    return out
-
-
-def _hosts(table: pa.Table, cap: int) -> dict[str, dict[str, list]]:
-    """Each node's CPU and memory use (percent) and network rates (bytes/s, from its counters)."""
-    out = {}
-    if not table.num_rows:
-        return out
-    t, node = _col(table, "t"), np.array(table["node"].to_pylist())
-    for name in sorted(set(node.tolist())):
-        idx = np.flatnonzero(node == name)
-        idx = idx[np.argsort(t[idx], kind="stable")]
-        cols = {k: _col(table, k)[idx] for k in HOST_KEYS}
-        tt = t[idx]
-        for k in ("net_sent", "net_recv"):
-            c = _col(table, k)[idx]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rate = np.diff(c, prepend=np.nan) / np.diff(tt, prepend=np.nan)
-            cols[f"{k}_per_s"] = np.where(rate >= 0, rate, np.nan)  # a counter reset: no rate
-        out[name[:8]] = series.means({"t": tt}, cols, np.zeros(len(idx), np.int64), cap)
-    return out
-
-
-def _evals(recs: list[dict], since: float | None, cap: int) -> dict[str, list]:
-    ev = [r for r in recs if r["type"] == "eval" and (since is None or r["t"] > since)]
-    ev = ev[-cap:]
-    return {k: [r.get(k) for r in ev] for k in ("t", "step", "loss", "perplexity", "accuracy")}
-
-
-def _breaks(recs: list[dict], since: float | None) -> list[dict]:
-    """Where the curves break: each group start after the first (a restart, or a resize), with
-    the step it went on from."""
-    out, kind, first = [], "restart", True
-    for r in recs:
-        if r["type"] == "resize":
-            kind = "resize"
-        elif r["type"] == "ranks":
-            if not first and (since is None or r["t"] > since):
-                out.append({"t": r["t"], "kind": kind, "step": None})
-            first, kind = False, "restart"
-        elif r["type"] == "group_ready" and out and out[-1]["step"] is None:
-            out[-1]["step"] = r.get("restored_step")
-    return out
+def _view(spans: list[dict], begun: float | None) -> dict | None:
+    """The start-up (PENDING, PREFLIGHT: agents, checks, spares warming) can outlast a short run's
+    training many times: the view opens where the first group starts."""
+    if not spans:
+        return None
+    start, end = max(begun or spans[0]["start"], spans[0]["start"]), spans[-1]["end"]
+    end = end if end is not None else time.time()
+    pad = max(0.5, 0.02 * (end - start))
+    return {"start": start - pad, "end": end + pad}
 
 
 def events(rd: RunReader, kind: str | None = None, limit: int = 1000) -> list[dict]:
     """Anomaly events and faults with the action taken, newest first (optionally of one kind);
     the newest `limit`. A fault carries `fault`, its index (for `/api/fault/{i}`)."""
+    out = rd.derived("events", _events)
+    if kind:
+        out = [e for e in out if e["kind"] == kind]
+    return out[:limit]
+
+
+def _events(recs: list[dict]) -> list[dict]:
     out, index = [], -1
-    for r in rd.records():
+    for r in recs:
         if r["type"] == "anomaly":
             out.append(
                 {
@@ -284,16 +193,18 @@ def events(rd: RunReader, kind: str | None = None, limit: int = 1000) -> list[di
             )
         elif r["type"] == "decision" and out and out[-1]["action"] is None:
             out[-1]["action"] = r["action"]
-    if kind:
-        out = [e for e in out if e["kind"] == kind]
-    return sorted(out, key=lambda e: e["t"], reverse=True)[:limit]
+    return sorted(out, key=lambda e: e["t"], reverse=True)
 
 
 def checkpoints(rd: RunReader, limit: int = 200) -> list[dict]:
     """Snapshots (memory tier) with their size and blocking time, and when each reached storage;
     the newest `limit`."""
+    return rd.derived("checkpoints", _checkpoints)[:limit]
+
+
+def _checkpoints(recs: list[dict]) -> list[dict]:
     out: dict[int, dict] = {}
-    for r in rd.records():
+    for r in recs:
         if r["type"] == "checkpoint":
             # the node agent's `persisted` may be journalled before rank 0's `checkpoint` record of
             # the same step (they come through different polls): never downgrade it to memory
@@ -311,12 +222,12 @@ def checkpoints(rd: RunReader, limit: int = 200) -> list[dict]:
             e.update(tier="storage", persisted_at=r.get("persisted_at"))
             if e.get("bytes") is None:
                 e["bytes"] = r.get("bytes")
-    return sorted(out.values(), key=lambda e: e["step"], reverse=True)[:limit]
+    return sorted(out.values(), key=lambda e: e["step"], reverse=True)
 
 
 def cluster(rd: RunReader) -> list[dict]:
     """Each node: its ranks, spares and agent, healthy/cordoned/lost and why, its faults."""
-    return cluster_view.nodes(rd.records())
+    return rd.derived("cluster", cluster_view.nodes)
 
 
 def fault(rd: RunReader, index: int) -> dict | None:
@@ -341,7 +252,7 @@ def fault(rd: RunReader, index: int) -> dict | None:
 
 
 def run_info(index: int, rd: RunReader) -> dict:
-    s = fold(rd.records())
+    s = rd.derived("fold", fold)
     return {
         "run": index,
         "name": s["name"],
@@ -356,13 +267,16 @@ COMPARE_POINTS = 600
 
 def compare(rd: RunReader) -> dict:
     """One run's side of a comparison: its loss by step (median over ranks, broken at restarts)
-    and its lost time by cause."""
-    recs = rd.records()
-    s, acc = fold(recs), account(recs)
+    and its lost time by cause. Computed again only when the run wrote something."""
     train = rd.table("metrics/train", store.TRAIN)
-    t, step = _col(train, "t"), _col(train, "step").astype(np.int64)
+    return rd.derived("compare", lambda recs: _compare(recs, train), train.num_rows)
+
+
+def _compare(recs: list[dict], train: pa.Table) -> dict:
+    s, acc = fold(recs), account(recs)
+    t, step = column(train, "t"), column(train, "step").astype(np.int64)
     loss = series.summary(
-        step, t, series.groups(t, group_starts(recs)), {"loss": _col(train, "loss")},
+        step, t, series.groups(t, group_starts(recs)), {"loss": column(train, "loss")},
         COMPARE_POINTS,
     )  # fmt: skip
     return {

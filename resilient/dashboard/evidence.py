@@ -6,8 +6,9 @@ in `status --json`). `around(records, index, before, after)` the fault record's 
 journal, skipping the per-step noise (`progress`, `progress_stats`, memory `checkpoint` records).
 `log_excerpt(lines, at, before, after)`: the `before` lines of a rank's log up to time `at` and
 the `after` lines following it, placed in time by the timestamp Python's logging puts at the start
-of a line (`2026-12-05 13:02:41,123`, the worker's local time; a line without one, a traceback's,
-belongs with the line above it); a log without any timestamp gives its last lines. Pure.
+of a line (`2026-12-05 13:02:41,123`, the worker's local time, read in the dashboard's zone: the
+same on one site's cluster; a line without one, a traceback's, belongs with the line above it);
+a log without any timestamp gives its last lines. Pure.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def log_excerpt(lines: list[str], at: float, before: int = 30, after: int = 10) 
         times.append(last)
     if all(t is None for t in times):
         return {"lines": lines[-before:], "cut": min(len(lines), before)}
-    cut = sum(1 for t in times if t is None or t <= at)
+    # the first stamped line after `at` starts the rest (stamps of several threads interleave)
+    cut = next((i for i, t in enumerate(times) if t is not None and t > at), len(lines))
     start = max(0, cut - before)
     return {"lines": lines[start : cut + after], "cut": cut - start}

@@ -84,7 +84,7 @@ class JournalReader:
 
     def read(self) -> list[dict]:
         """Every record so far, in order; [] when there is no journal yet."""
-        if not self.rundir.is_local:
+        if segmented(self.rundir):
             try:
                 return self._segments.entries()
             except SegmentGap as e:
@@ -108,8 +108,16 @@ def read_records(rundir: RunDir) -> list[dict]:
     return JournalReader(rundir).read()
 
 
+def segmented(rundir: RunDir) -> bool:
+    """Whether the run's journal is segments (an object store's layout): a remote run directory,
+    or a local copy of one (`aws s3 sync`), with journal/ and no journal.jsonl."""
+    if not rundir.is_local:
+        return True
+    return not rundir.exists(JOURNAL) and bool(rundir.listdir(JOURNAL_DIR))
+
+
 def journal_exists(rundir: RunDir) -> bool:
-    if rundir.is_local:
+    if not segmented(rundir):
         return rundir.exists(JOURNAL)
     return bool(rundir.listdir(JOURNAL_DIR))
 

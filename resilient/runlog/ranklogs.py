@@ -110,11 +110,17 @@ class LogReader:
     def __init__(self, rundir: RunDir, rank: int | str):
         self.rundir, self.rank, self._offset = rundir, rank, 0
         self._count = 0
-        if not rundir.is_local:
-            self._cache = SegmentCache(rundir, _prefix(rank), _lines)
+        self._cache = SegmentCache(rundir, _prefix(rank), _lines)
+
+    def _segmented(self) -> bool:
+        """An object store's layout: remote, or a local copy of one (segments, no .log file)."""
+        if not self.rundir.is_local:
+            return True
+        here = self.rundir.exists
+        return not here(rank_log(self.rank)) and here(_prefix(self.rank))
 
     def new_lines(self) -> list[str]:
-        if self.rundir.is_local:
+        if not self._segmented():
             try:
                 with open(self.rundir.local_path(rank_log(self.rank)), "rb") as f:
                     f.seek(self._offset)

@@ -112,8 +112,9 @@ def test_json_api(server, finished_run):
     assert seen == set(range(1, 61))
     assert m["median"]["step"].count(None) == 1 and len(m["breaks"]) == 1  # the restart
     assert m["eval"]["step"] == [20, 40, 60] and all(0 < v for v in m["eval"]["loss"])
-    newer = fetch(base + f"/api/metrics?since={m['cursor']}")
-    assert newer["median"]["step"] == [] and newer["breaks"] == []  # nothing new: nothing sent
+    newer = fetch(base + f"/api/metrics?cursor={m['cursor']}")
+    assert not newer["full"] and newer["median"]["step"] == [] and newer["eval"] is None
+    assert newer["hosts"] == {} and newer["gpus"] == {}  # nothing new: nothing sent
     ev = fetch(base + "/api/events")
     kinds = {e["kind"] for e in ev}
     assert {"straggler", "crash"} <= kinds

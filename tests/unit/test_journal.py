@@ -113,3 +113,21 @@ def test_a_failing_store_keeps_records_and_says_so():
     rd.write_bytes = real
     assert j.flush(timeout=10) and j.error is None
     assert [r["step"] for r in read_records(rd)] == [1]
+
+
+@pytest.mark.timeout(30)
+def test_a_local_copy_of_an_object_store_run_reads_as_the_run(tmp_path):
+    """`aws s3 sync s3://bucket/run ./run`: status, logs and the dashboard read its segments."""
+    from resilient.runlog.ranklogs import LogReader
+
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "logs" / "rank-1").mkdir(parents=True)
+    recs = [{"t": 1.0, "type": "job"}, {"t": 2.0, "type": "progress", "step": 1}]
+    body = "".join(json.dumps(r) + "\n" for r in recs)
+    (tmp_path / "journal" / segment_name(0, 0, 1, ".jsonl")).write_text(body)
+    (tmp_path / "logs" / "rank-1" / segment_name(0, 0, 0, ".log")).write_text("a\nb\n")
+    rd = RunDir(str(tmp_path))
+    assert journal_exists(rd) and read_records(rd) == recs
+    assert LogReader(rd, 1).new_lines() == ["a", "b"]
+    (tmp_path / "journal.jsonl").write_text(json.dumps(recs[0]) + "\n")  # a local run's own
+    assert read_records(rd) == recs[:1]
