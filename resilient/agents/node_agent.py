@@ -47,6 +47,9 @@ class NodeAgent:
         """`fence_s`: with no word from the supervisor for that long this agent writes nothing
         more and ends (its node was lost or cut off; see agents.lease). `generation`: the run's
         writer generation it commits under (`set_generation`; storage.generation_fence)."""
+        # before this actor starts its threads (lease, persister, fsspec's, sampler): each that
+        # allocates could otherwise take a malloc arena of its own and keep what it freed
+        heap.limit_arenas()
         self.generation = generation
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
@@ -75,7 +78,6 @@ class NodeAgent:
 
     # -- metrics (TEE collectors) ------------------------------------------------------------------
     def _sample_loop(self) -> None:
-        heap.limit_arenas()
         trimmer = heap.Trimmer()  # freed memory back to the system once a minute: flat RSS
         while True:
             t0 = time.perf_counter()

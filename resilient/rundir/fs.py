@@ -142,6 +142,8 @@ class RunDir:
             found = self.fs.find(self.path(rel), **self._bound())
         except FileNotFoundError:
             return []
+        finally:  # s3fs keeps every folder the listing saw, unbounded; it is never read back
+            self.fs.invalidate_cache(self.path(rel))
         root = self.root + "/"
         return sorted(p[len(root) :] for p in found if p.startswith(root))
 
