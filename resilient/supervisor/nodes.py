@@ -263,18 +263,20 @@ class Nodes:
         return out, samples
 
     def flush_events(self, timeout: float = 10.0) -> list[dict]:
+        """Every agent's events not journalled yet: those of a poll still in flight (the agent
+        handed them over already: dropping its answer would lose them, a step's `persisted`
+        record at the job's end among them), then the rest."""
         out = []
+        pending, self._event_refs = self._event_refs, {}
         for nid, a in list(self.agents.items()):
-            try:
-                out += [
-                    {**e, "node": nid}
-                    for e in ray.get(a.events.remote(), timeout=min(timeout, AGENT_CALL_S))[
-                        "events"
-                    ]
-                ]
-            except Exception:
-                pass
-        self._event_refs.clear()
+            for ref in (pending.get(nid), a.events.remote()):
+                if ref is None:
+                    continue
+                try:
+                    got = ray.get(ref, timeout=min(timeout, AGENT_CALL_S))
+                except Exception:
+                    continue
+                out += [{**e, "node": nid} for e in got["events"]]
         return out
 
     def index_of(self, node_id: str) -> int:
