@@ -168,7 +168,7 @@ def _gpus(table: pa.Table, start: int, cap: int) -> dict[str, dict[str, list]]:
     if not table.num_rows:
         return out
     t, node, dev = column(table, "t"), _strings(table, "node"), column(table, "gpu")
-    for n in sorted(set(np.unique(node).tolist())):
+    for n in np.unique(node).tolist():
         on = node == n
         for d in np.unique(dev[on]):
             idx = np.flatnonzero(on & (dev == d))
@@ -186,7 +186,7 @@ def _hosts(table: pa.Table, start: int, cap: int) -> dict[str, dict[str, list]]:
     if table.num_rows <= start:
         return out
     t, node = column(table, "t"), _strings(table, "node")
-    for name in sorted(set(np.unique(node[start:]).tolist())):
+    for name in np.unique(node[start:]).tolist():
         idx = np.flatnonzero(node == name)
         idx = idx[np.argsort(t[idx], kind="stable")]
         tt = t[idx]

@@ -36,7 +36,7 @@ def state(rd: RunReader) -> dict:
 
 def _state(recs: list[dict]) -> dict:
     s = fold(recs)
-    acc = account(recs)
+    acc = account(recs, s)
     progress = [r for r in recs[-2000:] if r["type"] == "progress"]
     eta = None
     if s["state"] == "RUNNING" and len(progress) >= 2 and s["total_steps"]:
@@ -273,7 +273,8 @@ def compare(rd: RunReader) -> dict:
 
 
 def _compare(recs: list[dict], train: pa.Table) -> dict:
-    s, acc = fold(recs), account(recs)
+    s = fold(recs)
+    acc = account(recs, s)
     t, step = column(train, "t"), column(train, "step").astype(np.int64)
     loss = series.summary(
         step, t, series.groups(t, group_starts(recs)), {"loss": column(train, "loss")},

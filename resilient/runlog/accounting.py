@@ -88,8 +88,9 @@ def _fault_cost(f: dict, a: dict, step_s: float) -> tuple[dict, dict]:
     return entry, lost
 
 
-def account(records: list[dict]) -> dict:
-    s = fold(records)
+def account(records: list[dict], folded: dict | None = None) -> dict:
+    """`folded`: `fold(records)` where the caller has it already (one pass, not two)."""
+    s = folded if folded is not None else fold(records)
     by_fault, step_s = _phases(records)
     costs = [_fault_cost(f, by_fault.get(i, {}), step_s) for i, f in enumerate(s["faults"])]
     faults = [entry for entry, _ in costs]
