@@ -195,7 +195,7 @@ def main() -> None:
         "last; @1 fault/min: 1 - (recovery + replayed steps) / 60 s, from the kill case"
     )
     if a.json:
-        write_json(a.json, {keys[n]: by for n, by in results.items()})
+        write_json(a.json, {keys[n]: by for n, by in results.items()} | {"plain": {"none": plain}})
     if "survivors" in asked or "nodeloss" in asked:
         from bench import elastic
 
@@ -207,8 +207,9 @@ def main() -> None:
 
 def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
     """The table's figures, machine-readable: per system and case, each fault's recovery seconds
-    and replayed steps, the goodput (None when the run failed), whether the run finished and the
-    seconds from launch to the first step."""
+    and replayed steps, the goodput (None when the run failed), whether the run finished, the
+    seconds from launch to the first step, and the wall seconds per step (`step_s`: the whole
+    run; `steady_s`: its second half)."""
     out = {
         system: {
             case: {
@@ -217,6 +218,8 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
                 "goodput": r.get("goodput"),
                 "done": bool(r.get("done")),
                 "start_s": r.get("start_s"),
+                "step_s": r.get("step_s"),
+                "steady_s": r.get("steady_s"),
             }
             for case, r in by.items()
         }

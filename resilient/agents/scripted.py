@@ -9,12 +9,16 @@ of a job in milliseconds and gets the same answer every time. A `Scenario` (shar
 of one job, like the real run directory) says which fault strikes at which step, once: `crash`
 (the rank dies), `hang` (it stops answering, as SIGSTOP does), `error` (its step raises), `nan`
 (its loss is NaN; no rank applies the step), `stall` (every rank answers, none finishes a step: a
-deadlocked collective), `xid` (its node's GPU reports an XID, in the samples `take_samples()` hands
+deadlocked collective), `slow` (the rank computes `slow_factor` times slower until its group
+starts again, and every rank waits for it in the all-reduce: a straggler), `node_loss` (every rank
+on the node dies; `lost` names the node, for a prober that finds its raylet gone; they start again
+on a `standby` node), `xid` (its node's GPU reports an XID, in the samples `take_samples()` hands
 to a fake node inventory). It keeps the steps snapshotted and when each fault struck (`struck`).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from resilient.agents.group import Handoff
@@ -48,9 +52,16 @@ class Scenario:
     error: dict[int, int] = field(default_factory=dict)
     nan: dict[int, int] = field(default_factory=dict)
     stall: dict[int, int] = field(default_factory=dict)
+    slow: dict[int, int] = field(default_factory=dict)
+    slow_factor: float = 4.0
+    node_loss: dict[int, str] = field(default_factory=dict)  # step -> node
+    lost: set[str] = field(default_factory=set)  # nodes whose processes are gone
+    standby: list[str] = field(default_factory=list)  # where a lost node's ranks start again
     xid: dict[int, tuple[str, int]] = field(default_factory=dict)  # step -> (node, xid)
     struck: dict[tuple[str, int], float] = field(default_factory=dict)  # (kind, step) -> when
     snapshots: set[int] = field(default_factory=set)
+    taken: list[int] = field(default_factory=list)  # the snapshots, in the order they were taken
+    ordered: list[int] = field(default_factory=list)  # the snapshots, sorted
     samples: list[tuple[str, dict]] = field(default_factory=list)  # (node, sample) for the nodes
     data: list[tuple[int, int]] = field(default_factory=list)  # (step, data step) trained, in order
     starts: list[tuple[int, int]] = field(default_factory=list)  # (attempt, world) of each start
@@ -62,6 +73,18 @@ class Scenario:
             return None
         self.struck[(kind, step)] = t
         return rank
+
+    def snap(self, step: int) -> None:
+        """A snapshot of `step` is in memory (`snapshots`; `taken`: new ones, in order)."""
+        if step not in self.snapshots:
+            self.snapshots.add(step)
+            self.taken.append(step)
+            bisect.insort(self.ordered, step)
+
+    def newest(self, at_most: int) -> int | None:
+        """The newest snapshot of a step up to `at_most`."""
+        i = bisect.bisect_right(self.ordered, at_most)
+        return self.ordered[i - 1] if i else None
 
     def take_samples(self) -> list[tuple[str, dict]]:
         out, self.samples = self.samples, []
@@ -77,7 +100,7 @@ class ScriptedGroup:
         clock: FakeClock,
         attempt: int = 0,
     ):
-        self.sc, self.placement, self.total, self.clock = scenario, placement, total, clock
+        self.sc, self.placement, self.total, self.clock = scenario, list(placement), total, clock
         self.attempt = attempt
         self.pids = {r: 1000 + r for r in range(self.size)}  # a replaced rank gets a new one
         self._new_life()
@@ -97,6 +120,7 @@ class ScriptedGroup:
         self._metrics: dict[int, list[dict]] = {r: [] for r in range(self.size)}
         self._checkpoints: list[dict] = []
         self.persist_until: float | None = None
+        self.slowed: dict[int, float] = {}  # rank -> its compute's slowdown in this life
         self.step_done_at: float | None = None
         self.first_done_at: float | None = None
 
@@ -113,6 +137,10 @@ class ScriptedGroup:
         return [{"pid": self.pids.get(r), "node_id": n} for r, n in enumerate(self.placement)]
 
     def start(self, restore, plan, skip: list[int]) -> None:
+        for r, node in enumerate(self.placement):  # a kept group's ranks of a lost node
+            if node in self.sc.lost:
+                live = [n for n in self.sc.standby + self.placement if n not in self.sc.lost]
+                self.placement[r] = live[0]
         self._new_life()
         self.sc.starts.append((self.attempt, self.size))
         for r in range(self.size):
@@ -135,7 +163,7 @@ class ScriptedGroup:
             self.phase = {r: "training" for r in range(self.size)}
         while not self.halted and self.phase[0] == "training" and self.next_step_at <= now:
             self._one_step(self.next_step_at)
-            self.next_step_at += self.sc.step_s
+            self.next_step_at += self.sc.step_s * max(self.slowed.values(), default=1.0)
         if self.persist_until is not None and now >= self.persist_until:
             self.persist_until = None
             self.phase[0] = "done" if self.step == self.total else "stopped"
@@ -148,6 +176,10 @@ class ScriptedGroup:
         while data in self.skip:
             data += 1
         nan = self.sc.strikes("nan", s, t)
+        slow = self.sc.strikes("slow", s, t)
+        if slow is not None:
+            self.slowed[slow] = self.sc.slow_factor
+        pace = self.sc.step_s * max(self.slowed.values(), default=1.0)
         for r in range(self.size):
             loss = float("nan") if r == nan else 2.0 - s * 1e-3
             self._metrics[r].append(
@@ -159,8 +191,8 @@ class ScriptedGroup:
                     "loss": loss,
                     "mean_loss": loss,
                     "grad_norm": 1.0,
-                    "step_time": self.sc.step_s,
-                    "compute_s": self.sc.step_s / 2,
+                    "step_time": pace,
+                    "compute_s": self.sc.step_s / 2 * self.slowed.get(r, 1.0),
                     "data_wait": 0.0,
                     "attempt": self.attempt,
                     "tokens_per_s": 1000.0,
@@ -175,11 +207,11 @@ class ScriptedGroup:
         self.first_done_at = self.first_done_at or t
         final = s == self.total or self.stop
         if self.pause and not final:  # a resize: this step's snapshot, then every rank waits
-            self.sc.snapshots.add(s)
+            self.sc.snap(s)
             self.phase = {r: "paused" for r in range(self.size)}
             return
         if s % self.sc.every == 0 or final:
-            self.sc.snapshots.add(s)
+            self.sc.snap(s)
             self._checkpoints.append({"step": s, "blocking_s": 0.0, "persist": final})
         if final:
             self.phase = {r: "done" if s == self.total else "stopped" for r in range(self.size)}
@@ -200,6 +232,14 @@ class ScriptedGroup:
             elif kind == "error":
                 self.phase[rank] = "error"
             return True
+        node = self.sc.strikes("node_loss", s, t)
+        if node is not None:
+            self.sc.lost.add(node)
+            on = [r for r in range(self.size) if self.node_of(r) == node]
+            self.write_off(node, f"the worker process's node {node} is gone")
+            if on:  # a node without ranks of this group takes none of its steps with it
+                self.halted = True
+                return True
         if s in self.sc.xid and self.sc.strikes("xid", s, t) is not None:
             node, code = self.sc.xid[s]
             self.sc.samples.append((node, {"gpus": [{"gpu": 0, "t": t, "xid": code}]}))
@@ -255,7 +295,7 @@ class ScriptedGroup:
         }
 
     def _newest_snapshot(self) -> int | None:
-        return max((s for s in self.sc.snapshots if s <= self.step), default=None)
+        return self.sc.newest(self.step)
 
     def flush_newest(self, answers: dict[int, Heartbeat]) -> Handoff | None:
         """A survivor's newest snapshot is already in `Scenario.snapshots` (the memory tier)."""
@@ -271,6 +311,7 @@ class ScriptedGroup:
     def replace(self, ranks) -> None:
         for r in ranks:
             self.pids.pop(r, None)
+            self.slowed.pop(r, None)
 
     def write_off(self, node: str, why: str) -> None:
         for r in range(self.size):

@@ -7,6 +7,7 @@ threshold comes from `AnomalyConfig` (documented in the README).
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import defaultdict, deque
@@ -207,6 +208,17 @@ def _retired_pages(s: dict, prev: dict) -> list[tuple[str, str, str, dict]]:
 WARMUP_STEPS = 20  # steps after a (re)start the straggler detector does not judge
 
 
+def median_without(ordered: list[float], x: float) -> float:
+    """The median of sorted `ordered` with one value equal to `x` left out."""
+    i = bisect.bisect_left(ordered, x)
+    m = len(ordered) - 1
+
+    def at(k: int) -> float:
+        return ordered[k] if k < i else ordered[k + 1]
+
+    return (at((m - 1) // 2) + at(m // 2)) / 2
+
+
 class StragglerDetector:
     """A rank whose compute time stays above its peers' median by `straggler_factor` over a
     confirmation window: the median, over the last `straggler_window` steps, of its per-step
@@ -248,18 +260,22 @@ class StragglerDetector:
         for old in [s for s in self.steps if s < step - 50]:
             del self.steps[old]
         ev = []
+        ordered = sorted(row.values())  # once per step: each rank's peers' median is O(log n)
         for r, x in row.items():
-            peers = statistics.median(v for k, v in row.items() if k != r)
+            peers = median_without(ordered, x)
             ratio = x / peers if peers > 0 else 1.0
             window = self.ratios[r]
             window.append(ratio)
             if len(window) < window.maxlen:
                 continue
             typical = statistics.median(window)
-            own = statistics.median(self.history[r]) if len(self.history[r]) >= 5 else 0.0
+            slow = typical > self.cfg.straggler_factor and x >= self.cfg.straggler_min_s
+            own = 0.0
+            if slow:  # its own history, only where it matters (a median of 200, per rank)
+                own = statistics.median(self.history[r]) if len(self.history[r]) >= 5 else 0.0
+                slow = x > own
             if ratio <= self.cfg.straggler_factor:
                 self.history[r].append(x)
-            slow = typical > self.cfg.straggler_factor and x >= self.cfg.straggler_min_s and x > own
             since = self.slow_since.setdefault(r, t) if slow else self.slow_since.pop(r, None)
             lasting = slow and t - since >= self.cfg.straggler_window_s
             if lasting and r not in self.flagged:

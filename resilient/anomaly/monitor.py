@@ -4,7 +4,8 @@ Contract: `training(rows)` takes the per-step records the ranks report (through 
 `node(node_id, sample)` the GPU/host samples of a NodeAgent; both return the AnomalyEvents their
 detectors raise. Every row goes to Parquet (`metrics/train`, `metrics/gpu`, `metrics/host`), every
 event to `events/` with the decision taken (`record_event`), and to Prometheus when enabled.
-Rows are written by a thread of the monitor's own every FLUSH_S, never by the caller: the
+Rows are written by a thread of the monitor's own every FLUSH_S (sooner once FLUSH_ROWS training
+rows wait: a thousand ranks report that many in seconds), never by the caller: the
 supervisor's loop must see faults while storage is slow (a write may take OP_TIMEOUT_S). `close()`
 ends that thread and seals every log.
 """
@@ -28,6 +29,7 @@ from resilient.config import JobSpec
 from resilient.rundir import RunDir
 
 FLUSH_S = 5.0  # seconds between writes of the buffered rows
+FLUSH_ROWS = 20_000  # training rows that make the writer write early (memory bounded by rows too)
 
 
 class AnomalyMonitor:
@@ -49,13 +51,15 @@ class AnomalyMonitor:
         self.exporter, self.trackers = exporter, trackers
         self.counts: dict[str, int] = {}
         self._closed = threading.Event()
+        self._full = threading.Event()  # FLUSH_ROWS training rows wait
         self._io = threading.Lock()  # one writer at a time: the flush thread or close()
         self._writer = threading.Thread(target=self._flush_loop, daemon=True, name="metrics-writer")
         self._writer.start()
 
     def training(self, rows: list[dict]) -> list[AnomalyEvent]:
         ev: list[AnomalyEvent] = []
-        self.logs["train"].append(rows)
+        if self.logs["train"].append(rows) >= FLUSH_ROWS:
+            self._full.set()
         for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
             if self.exporter:
                 self.exporter.training(r)
@@ -100,8 +104,14 @@ class AnomalyMonitor:
             self.exporter.event(e.kind, e.severity)
 
     def _flush_loop(self) -> None:
-        while not self._closed.wait(FLUSH_S):
+        while not self._closed.is_set():
+            self._full.wait(FLUSH_S)
+            self._full.clear()
+            if self._closed.is_set():
+                return
             self.flush()
+            if len(self.logs["train"].rows) >= FLUSH_ROWS:  # a failed write: not again at once
+                self._closed.wait(FLUSH_S)
 
     def flush(self) -> None:
         """Write the buffered rows now (rows a failed write kept are retried the next time)."""
@@ -111,6 +121,7 @@ class AnomalyMonitor:
 
     def close(self) -> None:
         self._closed.set()
+        self._full.set()
         with self._io:
             for log in self.logs.values():
                 log.seal()

@@ -65,9 +65,11 @@ class ParquetLog:
         self.tiers = Tiers(rundir, name, ".parquet", concat, FANOUT)
         self.lock = threading.Lock()
 
-    def append(self, rows: list[dict]) -> None:
+    def append(self, rows: list[dict]) -> int:
+        """Buffer `rows`; how many rows wait now."""
         with self.lock:
             self.rows.extend(rows)
+            return len(self.rows)
 
     def flush(self) -> bool:
         with self.lock:

@@ -46,7 +46,8 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
     from resilient.config import parse_value
     from resilient.rundir.control import cancel_inject, write_inject
     from resilient.rundir.layout import SPEC_FILE
-    from resilient.runlog import fold, read_records
+    from resilient.runlog.journal import JournalReader
+    from resilient.runlog.snapshot import read_status
 
     if fault not in FAULTS:
         raise UserError(f"--fault {fault!r} is not in the catalogue: {', '.join(FAULTS)}")
@@ -57,7 +58,7 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
             raise UserError(f"--param {p!r}: expected KEY=VALUE, e.g. --param factor=2")
         kw[k] = parse_value(v)
     rd = open_rundir(run_dir)
-    if fold(read_records(rd))["state"] in TERMINAL:
+    if read_status(rd)["state"] in TERMINAL:
         raise UserError(f"{run_dir} is not running")
     chaos = rd.read_json(SPEC_FILE).get("chaos")
     if not (isinstance(chaos, dict) and chaos.get("allow_inject")):
@@ -67,8 +68,9 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
         )
     req = write_inject(rd, fault, rank, node, kw)
     deadline = time.time() + timeout
+    journal = JournalReader(rd)  # each poll reads what is new (a local journal)
     while time.time() < deadline:
-        for r in read_records(rd):
+        for r in journal.read():
             if r.get("request") == req:
                 if r["type"] == "chaos_refused":
                     raise UserError(f"the job refused {fault}: {r['error']}")

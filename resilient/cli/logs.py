@@ -26,8 +26,8 @@ POLL_S = 1.0
 def logs(run_dir, rank, driver, follow) -> None:
     """Print the ranks' logs of a run (running or finished)."""
     from resilient.rundir.layout import DRIVER_LOG
-    from resilient.runlog import fold, read_records
     from resilient.runlog.ranklogs import FLUSH_S, LogReader, has_driver_log, ranks
+    from resilient.runlog.snapshot import read_status
 
     rd = open_rundir(run_dir)
     found = ranks(rd)
@@ -47,7 +47,7 @@ def logs(run_dir, rank, driver, follow) -> None:
         if ended:
             return
         # The driver writes the last lines after the final state: one more read once it is there.
-        ended = fold(read_records(rd))["state"] in TERMINAL
+        ended = read_status(rd)["state"] in TERMINAL
         time.sleep(POLL_S if not ended else FLUSH_S + POLL_S)
         if only is None:
             for r in ranks(rd):

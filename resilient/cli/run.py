@@ -146,9 +146,9 @@ def random_chaos(mtbf: str, faults: str, seed: int) -> str:
 @user_errors
 def status(run_dir, as_json) -> None:
     """State, progress, restarts and faults of a run (running or finished), from its journal."""
-    from resilient.runlog import fold, read_records
+    from resilient.runlog.snapshot import read_status
 
-    s = fold(read_records(open_rundir(run_dir)))
+    s = read_status(open_rundir(run_dir))
     if as_json:
         click.echo(json.dumps(s, indent=1, default=str))
         return
@@ -180,10 +180,10 @@ def stop(run_dir, wait, timeout) -> None:
     """Stop a running job cleanly: the ranks agree on a step, persist it, and the job ends
     STOPPED."""
     from resilient.rundir.control import request_stop
-    from resilient.runlog import fold, read_records
+    from resilient.runlog.snapshot import read_status
 
     rd = open_rundir(run_dir)
-    s = fold(read_records(rd))
+    s = read_status(rd)
     if s["state"] in TERMINAL:
         click.echo(f"run already ended {s['state']}")
         return
@@ -191,7 +191,7 @@ def stop(run_dir, wait, timeout) -> None:
     click.echo("stop requested")
     deadline = time.time() + timeout
     while wait and time.time() < deadline:
-        s = fold(read_records(rd))
+        s = read_status(rd)
         if s["state"] in TERMINAL:
             click.echo(f"{s['state']} at step {s['step']}")
             return

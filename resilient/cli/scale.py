@@ -23,7 +23,7 @@ def scale(run_dir, workers) -> None:
     holds them (the global batch stays the same). The request stays for later lives of the run."""
     from resilient.rundir.control import request_scale
     from resilient.rundir.layout import SPEC_FILE
-    from resilient.runlog import fold, read_records
+    from resilient.runlog.snapshot import read_status
 
     rd = open_rundir(run_dir)
     cluster = rd.read_json(SPEC_FILE).get("cluster", {})
@@ -35,7 +35,7 @@ def scale(run_dir, workers) -> None:
             "(cluster.min_workers..cluster.num_workers); relaunch with another "
             "cluster.min_workers to go lower"
         )
-    s = fold(read_records(rd))
+    s = read_status(rd)
     if s["state"] in TERMINAL:
         raise UserError(f"the run already ended {s['state']}; nothing to resize")
     request_scale(rd, workers)

@@ -19,6 +19,10 @@ from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
 
 PROBE_S = 5.0  # how long a cluster address gets to accept a connection before the launch gives up
+# An embedded cluster's Ray keeps no per-process metrics or task events (nothing here reads them):
+# each process's reporting threads, and the log monitor (log_to_driver is off), take CPU from the
+# ranks on a small machine.
+QUIET = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
 
 
 @dataclass
@@ -55,7 +59,8 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         return Connection(embedded=False)
     cpus = (os.cpu_count() or 1) + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
     if cfg.local_nodes == 1:
-        ray.init(address="local", num_cpus=cpus, **common)
+        ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
+        _no_log_monitor()
         return Connection(embedded=True)
     from ray.cluster_utils import Cluster
 
@@ -70,13 +75,22 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         "health_check_initial_delay_ms": 1000,
     }
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death}
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death | QUIET}
     )
     for _ in range(cfg.local_nodes):
         cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)
     return Connection(embedded=True, cluster=cluster)
+
+
+def _no_log_monitor() -> None:
+    """End the embedded cluster's log monitor: it tails every worker's log files for a driver that
+    asked for none (log_to_driver=False; the ranks' output reaches logs/ through heartbeats)."""
+    try:
+        ray._private.worker._global_node.kill_log_monitor()
+    except Exception as e:  # Ray's internals moved: the monitor only costs CPU
+        logging.getLogger(__name__).debug("log monitor left running: %s", e)
 
 
 def _reachable(address: str) -> None:

@@ -12,6 +12,7 @@ from resilient.rundir.fs import RunDir
 SPEC_FILE = "spec.json"  # the validated spec the run was launched with (JSON)
 JOURNAL = "journal.jsonl"  # the run journal (runlog), on a local run directory
 JOURNAL_DIR = "journal"  # the run journal's segments, on an object store
+STATUS = "status.json"  # the journal's first records, folded (runlog.snapshot)
 CONTROL = "control"  # requests to the running job (resilient stop, resilient chaos inject)
 STOP_FILE = f"{CONTROL}/stop"
 SCALE_FILE = f"{CONTROL}/scale.json"  # resilient scale: the number of ranks wanted

@@ -13,7 +13,10 @@ waits on remote storage:
   with the journal's size, not with its appends). A storage error keeps the records in memory and
   is retried; `error` says what failed, `durable` whether every record is stored.
 `flush(timeout)` waits until every record is stored and says whether it is. `read_records(rundir)`
-returns the records in order (a torn last line of a local journal is left out).
+returns the records in order (a torn last line of a local journal is left out). Every
+`snapshot.EVERY` stored records (and, for a local journal, at open when the newest snapshot is
+that far behind) the journal stores the status folded so far (`runlog.snapshot`), so `status`
+reads only the tail.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from resilient.errors import UserError
 from resilient.rundir import RunDir
 from resilient.rundir.layout import JOURNAL, JOURNAL_DIR
 from resilient.rundir.tiers import Segment, SegmentCache, SegmentGap, Tiers
+from resilient.runlog import snapshot
 
 FLUSH_S = 1.0  # at most one upload a second: appends in between share it
 FANOUT = (16, 64)  # 16 uploads make a level-1 segment, 64 of those a level-2 one (~17 min)
@@ -122,6 +126,18 @@ def journal_exists(rundir: RunDir) -> bool:
     return bool(rundir.listdir(JOURNAL_DIR))
 
 
+def _opened(rundir: RunDir) -> snapshot.Folder | None:
+    """The status folded over the records stored so far; None (no snapshots) where they do not
+    fold. A storage error is raised (an object store's writer retries it)."""
+    try:
+        return snapshot.opened(rundir)
+    except (OSError, JournalCorrupt):
+        raise
+    except Exception:
+        logging.getLogger(__name__).exception("status snapshots off: the journal did not fold")
+        return None
+
+
 class Journal:
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
@@ -132,8 +148,12 @@ class Journal:
         self._cond = threading.Condition()
         self._pending: list[str] = []  # appended, not yet stored (object stores)
         self._flush = False
+        self._folder: snapshot.Folder | None = None  # the stored records, folded (None: off)
+        self._opened = False  # an object store's folder is read by the writer's first upload
         if rundir.is_local:
             self._repair(rundir.local_path(JOURNAL))
+            self._folder = _opened(rundir)
+            self._fold([])
         else:
             self._tiers = Tiers(rundir, JOURNAL_DIR, ".jsonl", b"".join, FANOUT)
             threading.Thread(target=self._writer, daemon=True, name="journal-writer").start()
@@ -162,11 +182,36 @@ class Journal:
             return rec
         path = self.rundir.local_path(JOURNAL)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with self._cond:
+            with open(path, "ab") as f:
+                data = (line + "\n").encode()
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                offset = f.tell()
+            self._fold([line], data, offset)
         return rec
+
+    def _fold(self, lines: list[str], data: bytes | None = None, offset: int | None = None) -> None:
+        """Fold stored records into the status snapshot, and store one when due. Never raises: a
+        record the fold cannot take ends the snapshots of this journal (status then folds the
+        whole journal, as before them), never the record or the journal's writer."""
+        if self._folder is None:
+            return
+        try:
+            for line in lines:
+                self._folder.add(json.loads(line), data, offset)
+        except Exception:
+            logging.getLogger(__name__).exception("status snapshots off: a record did not fold")
+            self._folder = None
+            return
+        if not self._folder.due():
+            return
+        try:
+            self._folder.write(self.rundir)
+        except Exception as e:  # the next try after another EVERY records (the journal is stored)
+            self._folder.written = self._folder.count
+            logging.getLogger(__name__).warning("status snapshot not stored: %s", e)
 
     @property
     def durable(self) -> bool:
@@ -183,6 +228,8 @@ class Journal:
                     self._cond.wait(FLUSH_S)
                 batch = list(self._pending)
             try:
+                if not self._opened:  # what earlier lives stored (a storage call: here)
+                    self._folder, self._opened = _opened(self.rundir), True
                 self._tiers.put(("\n".join(batch) + "\n").encode(), len(batch))
             except Exception as e:  # storage outage: the records wait in memory
                 with self._cond:
@@ -192,6 +239,7 @@ class Journal:
                 delay = min(delay * 2, 8.0)
                 continue
             delay = 1.0
+            self._fold(batch)  # stored: a snapshot may cover them
             with self._cond:
                 del self._pending[: len(batch)]
                 self.error = None

@@ -1,8 +1,10 @@
 """A run's status, folded from its journal alone (running or finished, local or remote).
 
-Contract: `fold(records)` is pure. Its keys are a public format (README, "status --json"):
-`state`, `step`, `total_steps`, `restarts`, `faults` (each with `kind`, `rank`, `step`,
-`detected_at`, `recovered_at`, `recovery_s`), `restores` (each with `step`, `tier`),
+Contract: `fold(records)` is pure; `fold(records, start)` goes on from `start` (a status folded
+over the records before them, updated in place: `runlog.snapshot`). Its keys are a public format
+(README, "status --json"): `state`, `step`, `total_steps`, `restarts`, `faults` (each with
+`kind`, `rank`, `step`, `detected_at`, `recovered_at`, `recovery_s`), `restores` (each with
+`step`, `tier`),
 `cordoned_nodes` (each with `node`, `reason`), `rollbacks` (each with `from_step`, `to_step`,
 `skipped_batches`, `reason`, `abandoned`), `events` (anomaly events counted by kind),
 `world_size` (ranks of the newest worker group), `resizes` (each with `step`, `from`, `to`,
@@ -191,8 +193,10 @@ FOLDS = {
 }
 
 
-def fold(records: list[dict]) -> dict[str, Any]:
-    s = _empty()
+def fold(records: list[dict], start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status after `records`; from `start` (a status folded over the records before them,
+    updated in place) or from nothing."""
+    s = _empty() if start is None else start
     for r in records:
         step = FOLDS.get(r["type"])
         if step:

@@ -1,14 +1,14 @@
 """The run's bookkeeping: where the job is, one collaborator of the supervisor with its own state.
 
-Contract: `RunBook(spec, journal, control, records, on_progress)` is rebuilt from the journal so far
-(state, step, restarts, faults counted, skipped batches, training time), so a resumed supervisor
-goes on where the dead one stopped. `to(state, cause)` is the one way the job's state changes: it
-checks the transition table (`state.transition`), journals it with its cause and reports progress.
-`ready()` and `progressed()` read what the watch saw: `group_ready` (STARTING -> RUNNING),
-`recovered` (every pending fault's recovery, with the steps replayed), `progress` (at most every
-PROGRESS_EVERY_S) and `progress_stats`. `check_grace()` raises `Abort` once a stop's grace has run
-out. The bookkeeping of one attempt (`restored`, `data_steps`, the pending recoveries and rollback)
-is set by the supervisor, which acts; this object only keeps and reports.
+Contract: `RunBook(spec, journal, control, records, on_progress, clock)` is rebuilt from the
+journal so far (state, step, restarts, faults counted, skipped batches, training time), so a
+resumed supervisor goes on where the dead one stopped. `to(state, cause)` is the one way the job's
+state changes: it checks the transition table (`state.transition`), journals it with its cause and
+reports progress. `ready()` and `progressed()` read what the watch saw: `group_ready` (STARTING ->
+RUNNING), `recovered` (every pending fault's recovery, with the steps replayed), `progress` (at
+most every PROGRESS_EVERY_S of `clock`) and `progress_stats`. `check_grace()` raises `Abort` once
+a stop's grace has run out. The bookkeeping of one attempt (`restored`, `data_steps`, the pending
+recoveries and rollback) is set by the supervisor, which acts; this object only keeps and reports.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class RunBook:
         control,
         records: list[dict],
         on_progress: Callable[[dict], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
-        self.spec, self.journal, self.control = spec, journal, control
+        """`clock`: the supervisor's (a simulation's runs faster than the wall's)."""
+        self.spec, self.journal, self.control, self.clock = spec, journal, control, clock
         self.on_progress = on_progress or (lambda s: None)
         status = fold(records)
         self.status_at_start = status
@@ -97,7 +99,7 @@ class RunBook:
         self._recovered(seen)
         h0 = seen.latest.get(0)
         loss, tps = (h0.mean_loss, h0.tokens_per_s) if h0 else (None, None)
-        now = time.time()
+        now = self.clock()
         if seen.ended or now - self._last_progress_journal >= PROGRESS_EVERY_S:
             self._last_progress_journal = now
             self.journal.append(

@@ -17,7 +17,8 @@ Until `WARM` gaps have been seen, the limits stay at `UNLEARNT_S`: the first ste
 (compilation, caches) say nothing about the later ones, and the first `SETTLE` gaps of each rank
 in each attempt are not learnt from at all (they would lift the limit for the whole run), and
 until every reporting rank is past them (`settled`) the Watch allows `UNLEARNT_S` for a step.
-Windows are bounded deques: O(1) memory over weeks, and a slow phase long past ages out.
+Windows are bounded (`WindowMax`): O(1) memory over weeks, a slow phase long past ages out, and
+the limits cost O(1) to read (the Watch reads them for every rank on every poll).
 """
 
 from __future__ import annotations
@@ -34,14 +35,37 @@ FACTOR = 5.0  # the longest observed gap, times this
 SETTLE = 3  # a rank's first gaps in an attempt: warming up, not its pace
 
 
+class WindowMax:
+    """The newest `n` values' maximum, O(1) amortised per value: a deque of (index, value) whose
+    values fall from the front, each older one dropped once a newer one at least as large came."""
+
+    def __init__(self, n: int):
+        self.n, self.i = n, 0
+        self.q: deque[tuple[int, float]] = deque()
+
+    def append(self, x: float) -> None:
+        while self.q and self.q[-1][1] <= x:
+            self.q.pop()
+        self.q.append((self.i, x))
+        self.i += 1
+        if self.q[0][0] < self.i - self.n:  # one value leaves the window per value that enters
+            self.q.popleft()
+
+    def max(self, default: float = 0.0) -> float:
+        return self.q[0][1] if self.q else default
+
+    def __len__(self) -> int:
+        return min(self.i, self.n)
+
+
 class HangLimits:
     def __init__(self, cfg: SupervisorConfig, learnt: dict | None = None):
         """`learnt`: the newest `hang_limits` journal record (a resumed supervisor starts there)."""
         self.cfg = cfg
         self.auto = cfg.hang_timeout == "auto"
         self.interval = cfg.heartbeat_interval
-        self.step_gaps: deque[float] = deque(maxlen=WINDOW)
-        self.answer_excess: deque[float] = deque(maxlen=WINDOW)
+        self.step_gaps = WindowMax(WINDOW)
+        self.answer_excess = WindowMax(WINDOW)
         self._last_t: dict[int, float] = {}
         self._seen: dict[int, int] = {}  # gaps seen per rank this attempt
         self._reported: tuple[float, float] | None = None
@@ -88,7 +112,7 @@ class HangLimits:
             return float(self.cfg.hang_timeout)
         if not self.learnt:
             return UNLEARNT_S
-        excess = max(self.answer_excess, default=0.0)
+        excess = self.answer_excess.max()
         if self._carried and len(self.answer_excess) < WARM:
             return self._carried["silence_s"]
         return self._cap(self.interval + max(self.interval, FACTOR * excess))
@@ -99,7 +123,7 @@ class HangLimits:
             return float(self.cfg.hang_timeout)
         if len(self.step_gaps) < WARM:
             return self._carried["stall_s"] if self._carried else UNLEARNT_S
-        return self._cap(self.interval + max(self.interval, FACTOR * max(self.step_gaps)))
+        return self._cap(self.interval + max(self.interval, FACTOR * self.step_gaps.max()))
 
     def _cap(self, limit: float) -> float:
         # a collective times out on its own past collective_timeout: no later than that
@@ -118,7 +142,7 @@ class HangLimits:
         return {
             "silence_s": now[0],
             "stall_s": now[1],
-            "longest_step_gap_s": round(max(self.step_gaps), 4),
-            "longest_answer_excess_s": round(max(self.answer_excess, default=0.0), 4),
+            "longest_step_gap_s": round(self.step_gaps.max(), 4),
+            "longest_answer_excess_s": round(self.answer_excess.max(), 4),
             "steps_seen": len(self.step_gaps),
         }

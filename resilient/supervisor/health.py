@@ -4,9 +4,11 @@ Contract: `NodeHealth(nodes, silent_s, probe)` watches the nodes the running gro
 `check(group, now, step)` returns one Fault for a node, of kind NODE_LOSS (its raylet refuses
 connections: the node's processes are gone) or PARTITION (its raylet does not answer at all: the
 network to it is cut), once nothing on that node has answered for `silent_s`: no heartbeat of any
-of its ranks and no answer of its node agent. Only then is its raylet probed, on a thread of its
-own (the watch loop never waits on a network timeout), and a raylet that answers clears it: a
-stuck rank on a live node is the heartbeat watchdog's (`hang_timeout`). `explain(fault, group)`
+of its ranks and no answer of its node agent (looked for every CHECK_EVERY_S: O(ranks) each;
+a silent node's answers and its probe are read on every call, and its fault is returned once).
+Only then is its raylet probed, on a thread of its own (the watch loop never waits on a network
+timeout), and a raylet that answers clears it: a stuck rank on a live node is the heartbeat
+watchdog's (`hang_timeout`). `explain(fault, group)`
 turns a rank's death into the loss of its node when that node's raylet refuses (probed at once,
 briefly): one fault for the node, covering every rank and the agent on it, not one per rank and
 not a restart placed on the dead node again. Both answer before Ray's own health checks do (tens
@@ -26,6 +28,7 @@ NODE_SILENT_S = 2.5  # nothing from a node (ranks, agent) for this long: probe i
 PROBE_TIMEOUT_S = 1.0  # a raylet that does not accept a connection this fast is unreachable
 EXPLAIN_TIMEOUT_S = 0.5  # the probe behind a rank's death (a dead node refuses at once)
 AGENT_QUIET_S = 1.5  # an agent (asked every second) silent this long at a rank's hang: probe
+CHECK_EVERY_S = 0.5  # silences are looked for this often (they matter past NODE_SILENT_S)
 OK, REFUSED, UNREACHABLE = "ok", "refused", "unreachable"
 
 
@@ -63,6 +66,9 @@ class NodeHealth:
         self.nodes, self.silent_s, self.prober = nodes, silent_s, prober
         self._probes: dict[str, _Probe] = {}
         self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._group = None  # the group last scanned
+        self._quiet: dict[str, list[int]] = {}  # its silent nodes and their ranks, at that scan
 
     def _silent_since(self, node: str, ranks: list[int], group) -> float:
         """When anything on `node` last answered (a rank's heartbeat, the agent)."""
@@ -72,20 +78,39 @@ class NodeHealth:
 
     def check(self, group, now: float, step: int) -> Fault | None:
         """The fault of the first node found lost or cut off (`step`: the step that runs)."""
+        if group is not self._group or not 0 <= now - self._checked < CHECK_EVERY_S:
+            # every rank is looked at: not on every poll (a new group, or a clock that went back,
+            # is looked at now)
+            self._group, self._checked = group, now
+            self._quiet = self._scan(group, now)
+        for node, ranks in list(self._quiet.items()):
+            silent = now - self._silent_since(node, ranks, group)  # answers since the scan count
+            if silent <= self.silent_s:
+                del self._quiet[node]
+                self._probes.pop(node, None)  # it answered: a later silence probes anew
+                continue
+            result = self._probe_async(node, now)
+            if result in (REFUSED, UNREACHABLE):
+                del self._quiet[node]  # acted on: not again from this scan
+                self._probes.pop(node, None)
+                return self._fault(node, ranks, result, silent, step, now)
+        return None
+
+    def _scan(self, group, now: float) -> dict[str, list[int]]:
+        """The nodes silent past `silent_s` (their ranks that answered once); a node that
+        answers has its probe forgotten."""
         by_node: dict[str, list[int]] = {}
         for rank in range(group.size):
             node = group.node_of(rank)
             if node is not None and rank in group.last_answer:
                 by_node.setdefault(node, []).append(rank)
+        quiet = {}
         for node, ranks in by_node.items():
-            silent = now - self._silent_since(node, ranks, group)
-            if silent <= self.silent_s:
-                self._probes.pop(node, None)  # it answered: a later silence probes anew
-                continue
-            result = self._probe_async(node, now)
-            if result in (REFUSED, UNREACHABLE):
-                return self._fault(node, ranks, result, silent, step, now)
-        return None
+            if now - self._silent_since(node, ranks, group) > self.silent_s:
+                quiet[node] = ranks
+            else:
+                self._probes.pop(node, None)
+        return quiet
 
     def _probe_async(self, node: str, now: float) -> str | None:
         """The result of this silence's probe of `node` (None while it runs, or if it said OK:

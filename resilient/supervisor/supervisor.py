@@ -71,7 +71,7 @@ class Supervisor:
         self.clock = parts.clock
         self.intake = Intake(journal, parts.monitor, parts.nodes, RankLogs(rundir))
         self.intake.learn(records)
-        self.book = book = RunBook(spec, journal, parts.control, records, on_progress)
+        self.book = book = RunBook(spec, journal, parts.control, records, on_progress, parts.clock)
         self.budget = Budget(spec.supervisor, records)
         self.group = None  # the current attempt's group
         cordoned = {c["node"]: c["reason"] for c in book.status_at_start["cordoned_nodes"]}

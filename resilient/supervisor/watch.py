@@ -197,11 +197,13 @@ class Watch:
     def _silent(self, now: float, latest: Mapping[int, Heartbeat]) -> Fault | None:
         # The heartbeat is answered by its own thread in every phase, so once a rank has answered,
         # silence means the process is stuck; before that it may still be starting.
+        answered = self.limits.silence_s  # read once: every rank, every poll
+        if not self.running:  # starting: restores, loads, imports
+            answered = max(answered, self.limits.unlearnt_s)
+        pending = self.group.pending
         for rank, seen in self.group.last_answer.items():
-            limit = self.limits.silence_s if rank in latest else self.cfg.start_timeout
-            if rank in latest and not self.running:  # starting: restores, loads, imports
-                limit = max(limit, self.limits.unlearnt_s)
-            if rank in self.group.pending and now - seen > limit:
+            limit = answered if rank in latest else self.cfg.start_timeout
+            if rank in pending and now - seen > limit:
                 phase = latest[rank].phase if rank in latest else "created"
                 return self._fault(
                     FaultKind.HANG,

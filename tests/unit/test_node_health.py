@@ -46,7 +46,9 @@ def settled(health: NodeHealth, group, now: float) -> Fault | None:
     for _ in range(100):
         fault = health.check(group, now, 8)
         probes = list(health._probes.values())
-        if fault or all(p.thread and not p.thread.is_alive() for p in probes):
+        if fault:  # a node's fault is returned once: it is acted on
+            return fault
+        if all(p.thread and not p.thread.is_alive() for p in probes):
             return health.check(group, now, 8)
         time.sleep(0.01)
     raise AssertionError("probe never answered")
@@ -67,6 +69,7 @@ def test_a_silent_node_is_lost_or_cut_off_by_what_its_raylet_says(raylet, kind):
     assert probed == [("b", 1)]  # only the silent node is probed
     assert fault.kind == kind and fault.node == "b" and fault.rank == 1 and fault.step == 8
     assert "ranks [1]" in fault.evidence
+    assert health.check(group, t0 + 3.1, 8) is None  # returned once: it is acted on
 
 
 def test_a_node_whose_raylet_answers_is_not_lost_and_a_rank_that_answers_clears_it():

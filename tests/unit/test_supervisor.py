@@ -201,3 +201,38 @@ def test_a_partitioned_node_is_cordoned_lost_and_its_rank_alone_replaced(tmp_pat
     fence = tmp_path / "runs" / "unit" / "r" / "fence.json"
     await_fence = [fence.exists() or time.sleep(0.05) for _ in range(100)]
     assert any(await_fence) and json.loads(fence.read_text())["generation"] == 1
+
+
+def test_a_scripted_straggler_is_detected_and_replaced_alone(tmp_path):
+    """The scripted group's `slow` fault: the rank computes 4x slower and its peers wait; the
+    straggler detector names it and the policy replaces it (its peers keep their processes)."""
+    job = Job(
+        tmp_path,
+        Scenario(slow={20: 1}),
+        steps=200,
+        spec={"cluster": {"num_workers": 3}, "anomaly": {"straggler_window_s": 1.0}},
+    )
+    job.nodes = FakeNodes(job.scenario, n=3)
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["step"] == 200
+    (f,) = s["faults"]
+    assert (f["kind"], f["rank"]) == ("straggler", 1), f
+    assert f["detected_at"] - job.scenario.struck[("slow", 20)] < 15.0
+    assert [d["action"] for d in job.of("decision")] == ["restart"]
+    assert set(job.groups[-1].pids) == {0, 1, 2} and job.groups[-1].pids[0] == 1000
+
+
+def test_a_scripted_node_loss_is_one_fault_for_the_node(tmp_path):
+    """Every rank on the lost node dies; the probe finds its raylet gone: one `node_loss` fault,
+    the node cordoned and left out of the next placement."""
+    from resilient.supervisor.health import NodeHealth
+
+    sc = Scenario(node_loss={15: "node1"}, standby=["node2"])
+    job = Job(tmp_path, sc, steps=40, spec={"cluster": {"num_workers": 2}})
+    job.nodes = FakeNodes(sc, n=3)
+    job.health = NodeHealth(job.nodes, prober=job.nodes.probe)
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["step"] == 40
+    (f,) = s["faults"]
+    assert (f["kind"], f["node"]) == ("node_loss", "node1"), f
+    assert job.groups[-1].placement == ["node0", "node2"] and "node1" in job.nodes.gone
