@@ -2,8 +2,8 @@
 
 Per rank count, in a process of its own: the real `Supervisor` (its Watch, policy, fleet, sizing,
 run book, journal, anomaly monitor with its detectors and Parquet metrics writer, node health)
-drives a scripted worker group (`agents.scripted`, nodes from `agents.scripted_nodes`) on its fake
-clock through `--hours` simulated hours of a job: `--nodes-per-8` nodes per 8 ranks (8 ranks a
+drives a scripted worker group (`agents.scripted`, nodes from `supervisor.scripted_nodes`) on its
+fake clock through `--hours` simulated hours of a job: `--nodes-per-8` nodes per 8 ranks (8 ranks a
 node) plus `--spare-nodes`, a step every `--step-s`, the default supervisor and checkpoint
 settings (heartbeats every second, adaptive hang limits, a snapshot every step). Faults are drawn
 at `--rank-mtbf-days` per rank (crash, hang, straggler) and `--node-mtbf-days` per node (node
@@ -128,7 +128,6 @@ def _poisson(rng: random.Random, mean: float) -> int:
 def one(args, ranks: int) -> dict:
     """One simulated run at `ranks` ranks (in this process): its figures."""
     from resilient.agents.scripted import FakeClock, ScriptedGroup
-    from resilient.agents.scripted_nodes import ScriptedNodes
     from resilient.anomaly.monitor import AnomalyMonitor
     from resilient.checkpoint.storage import CheckpointStore
     from resilient.config import validate_tree
@@ -136,6 +135,7 @@ def one(args, ranks: int) -> dict:
     from resilient.runlog.journal import Journal, read_records
     from resilient.supervisor.health import NodeHealth
     from resilient.supervisor.parts import Parts
+    from resilient.supervisor.scripted_nodes import ScriptedNodes
     from resilient.supervisor.supervisor import Supervisor
     from resilient.training.corpus import write_corpus
 

@@ -68,7 +68,7 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
         )
     req = write_inject(rd, fault, rank, node, kw)
     deadline = time.time() + timeout
-    journal = JournalReader(rd)  # each poll reads what is new (a local journal)
+    journal = JournalReader(rd)  # each poll reads only the bytes that are new (a local journal)
     while time.time() < deadline:
         for r in journal.read():
             if r.get("request") == req:

@@ -1,6 +1,6 @@
-"""Fakes for driving the Supervisor without Ray: a node inventory (`agents.scripted_nodes`) and a
-control poller that serve a `Scenario` (resilient.agents.scripted), and a harness that runs a
-whole job on them."""
+"""Fakes for driving the Supervisor without Ray: a node inventory (`supervisor.scripted_nodes`)
+and a control poller that serve a `Scenario` (resilient.agents.scripted), and a harness that runs
+a whole job on them."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resilient.agents.scripted import FakeClock, Scenario, ScriptedGroup
-from resilient.agents.scripted_nodes import ScriptedNodes
 from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.checkpoint.storage import CheckpointStore
 from resilient.config import validate_tree
 from resilient.rundir import RunDir
 from resilient.runlog.journal import Journal, read_records
 from resilient.supervisor.parts import Parts
+from resilient.supervisor.scripted_nodes import ScriptedNodes
 from resilient.supervisor.supervisor import Supervisor
 from resilient.training.corpus import write_corpus
 
