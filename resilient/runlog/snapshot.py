@@ -67,12 +67,9 @@ class Folder:
         self.written = self.count
 
 
-def _line(raw: bytes, end: int) -> tuple[int, int] | None:
-    """(length, CRC-32) of the line of `raw` that ends (with its newline) at `end`."""
-    if end <= 0:
-        return None
-    start = raw.rfind(b"\n", 0, end - 1) + 1
-    return end - start, zlib.crc32(raw[start:end])
+def _last(lines: list[bytes]) -> tuple[int, int] | None:
+    """(length, CRC-32) of the last of a local journal's `lines`, with its newline."""
+    return (len(lines[-1]) + 1, zlib.crc32(lines[-1] + b"\n")) if lines else None
 
 
 def _snapshot(rundir: RunDir) -> dict | None:
@@ -133,19 +130,18 @@ def opened(rundir: RunDir) -> Folder:
 
 def _from_snapshot(rundir: RunDir) -> tuple[Folder, bool]:
     """The folder over every record so far, and whether a snapshot served."""
-    from resilient.runlog.journal import _parse, read_records, segmented
+    from resilient.runlog.journal import _local_lines, _parse, read_records, segmented
 
+    local = not segmented(rundir)
     snap = _snapshot(rundir)
     if snap is not None:
         n = snap["records"]
-        if not segmented(rundir):
+        if local:
             tail = _local_tail(rundir, snap)
             if tail is not None:
                 records, lines, offset = tail
                 status = fold(records, _start(snap))
-                last = tuple(snap["last"])
-                if lines:
-                    last = (len(lines[-1]) + 1, zlib.crc32(lines[-1] + b"\n"))
+                last = _last(lines) or tuple(snap["last"])
                 return Folder(status, n + len(records), offset, last, n), True
         else:
             try:
@@ -162,17 +158,14 @@ def _from_snapshot(rundir: RunDir) -> tuple[Folder, bool]:
                     count += len(fresh)
                 return Folder(status, count, None, None, n), True
         log.info("%s does not match the journal; folding the whole journal", rundir.url(STATUS))
-    records = read_records(rundir)
-    offset = last = None
-    if not segmented(rundir):
-        try:
-            with open(rundir.local_path(JOURNAL), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raw = b""
-        offset = raw.rfind(b"\n") + 1
-        last = _line(raw, offset)
-    return Folder(fold(records), len(records), offset, last), False
+    if not local:
+        records = read_records(rundir)
+        return Folder(fold(records), len(records)), False
+    path = rundir.local_path(JOURNAL)
+    lines, _torn = _local_lines(path)  # read once: the records, their length and the last line
+    records = _parse(lines, path)
+    offset = sum(len(x) + 1 for x in lines)
+    return Folder(fold(records), len(records), offset, _last(lines)), False
 
 
 def _start(snap: dict) -> dict:
