@@ -1,14 +1,18 @@
 """Heartbeat fan-in: what the driver pays per rank for heartbeats and leases, with real Ray actors.
 
-What a simulation cannot show: the cost of one Ray call per rank per second (the heartbeat, with
-its per-step records) and one lease renewal per rank per second, at the driver. Light actors (no
-torch: a thread that "trains" a step every `--step-s` and keeps its step records, a heartbeat
-method on a thread of its own, a lease renewal) stand in for the ranks; the driver runs the real
-`WorkerGroup.poll` (each due heartbeat issued, `ray.wait` on every outstanding one, each answer
-fetched), the real `Watch` over it (every 0.1 s tick) and the real `LeaseKeeper`, for `--seconds`
-per actor count. Reported: the driver's CPU seconds per second (all its threads), per rank, and
-the linear extrapolation to 1,024 ranks (fitted over the counts measured: fixed + per-rank cost).
-Usage: python bench/fanin.py [--actors 8,32,64,128] [--seconds 30] [--json OUT]
+What a simulation cannot show: the cost of the Ray calls, at the driver. Light actors (no torch: a
+thread that "trains" a step every `--step-s` and keeps its step records, a heartbeat method on a
+thread of its own, a lease renewal) stand in for the ranks; the driver runs the real
+`WorkerGroup.poll`, the real `Watch` over it (every 0.1 s tick) and the real `LeaseKeeper`, for
+`--seconds` per actor count, in each `--relay` mode:
+- "off": one heartbeat call and one lease renewal per rank per second, from the driver;
+- "on": light node agents (`--per-node` ranks each) hold the real `agents.relay.Relay`: the driver
+  sends one gather and one renewal per node per second, each agent polls and renews its ranks.
+Reported per mode and count: the driver's CPU seconds per second (all its threads), per rank, the
+agents' CPU (the per-rank calls moved there), and the linear extrapolation of the driver's cost to
+1,024 ranks (fitted over the counts measured: fixed + per-rank cost).
+Usage: python bench/fanin.py [--actors 8,32,64,128] [--relay off,on] [--per-node 8]
+       [--seconds 30] [--json OUT]
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import sys
 import threading
 import time
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import ray  # noqa: E402
 
 from resilient.agents.heartbeat import Heartbeat  # noqa: E402
+from resilient.agents.relay import Relay  # noqa: E402
 
 
 @ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1})
@@ -67,26 +74,73 @@ class Light:
         return True
 
 
-def measure(n: int, seconds: float, step_s: float) -> dict:
-    """The driver's cost over `seconds` of the real poll, Watch and LeaseKeeper over `n` actors."""
+@ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1, "relay": 2})
+class LightAgent:
+    """A node agent without a checkpoint tier or sampler: the real Relay, as NodeAgent holds it."""
+
+    def __init__(self):
+        self.relay = Relay()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="lease")
+    def renew(self, sent_at: float) -> bool:
+        self.relay.renew(sent_at)
+        return True
+
+    @ray.method(concurrency_group="relay")
+    def attach(self, seq: int, ranks: dict) -> None:
+        self.relay.attach(seq, ranks)
+
+    @ray.method(concurrency_group="relay")
+    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+        if sent_at:
+            self.relay.renew(sent_at)
+        return self.relay.gather(seq, wait_s, every_s)
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def measure(n: int, seconds: float, step_s: float, relay: str, per_node: int) -> dict:
+    """The driver's cost over `seconds` of the real poll, Watch and LeaseKeeper over `n` actors
+    (`relay` "on": through light node agents of `per_node` ranks each)."""
     from resilient.agents.group import WorkerGroup
     from resilient.agents.lease import LeaseKeeper
+    from resilient.agents.relays import NodeRelays
     from resilient.config import validate_tree
     from resilient.supervisor.watch import Watch
 
-    spec = validate_tree({"name": "fanin", "data": {"path": __file__}})
+    tree = {"name": "fanin", "data": {"path": __file__}, "supervisor": {"heartbeat_relay": relay}}
+    spec = validate_tree(tree)
     actors = [Light.remote(r, step_s) for r in range(n)]
     infos = ray.get([a.pid.remote() for a in actors], timeout=600)
+    nodes = [f"n{r // per_node}" for r in range(n)]
+    agents = {node: LightAgent.remote() for node in dict.fromkeys(nodes)} if relay == "on" else {}
+    agent_pids = ray.get([a.pid.remote() for a in agents.values()], timeout=600)
+    for info, node in zip(infos, nodes, strict=True):
+        info["node_id"] = node
     group = WorkerGroup.__new__(WorkerGroup)  # the real poll, without placement or spares
-    group.spec, group.workers, group.infos, group.placement = spec, actors, infos, ["n"] * n
+    group.spec, group.workers, group.infos, group.placement = spec, actors, infos, nodes
     group.pending, group.issued_at, group.last_answer = {}, {}, {}
     group.latest, group.dead, group._here = {}, {}, set()
+    group.agent_for, group.relays = agents.get, NodeRelays()
+    group._relay()  # as WorkerGroup.start() ends
     watch = Watch(group, 0, n, spec.supervisor)
-    leases = LeaseKeeper(lambda: actors, 1.0).start()
+    renewed = lambda: group.relays.renewing(1.0)  # noqa: E731 (a gather renews its agent)
+    leases = LeaseKeeper(
+        lambda: [a for n, a in agents.items() if n not in renewed()] + group.leased(), 1.0
+    ).start()
     for _ in range(30):  # every rank answered once: the steady state
         watch.poll()
     got = steps = 0
-    cpu0, t0 = time.process_time(), time.time()
+    cpu0, t0, agents0 = time.process_time(), time.time(), _cpu(agent_pids)
     while time.time() - t0 < seconds:
         seen = watch.poll()
         got += len(seen.fresh)
@@ -94,16 +148,30 @@ def measure(n: int, seconds: float, step_s: float) -> dict:
         if seen.fault:
             raise SystemExit(f"{n} actors: {seen.fault}")
     cpu, wall = time.process_time() - cpu0, time.time() - t0
+    agents_cpu = _cpu(agent_pids) - agents0
     leases.close()
-    for a in actors:
+    for a in actors + list(agents.values()):
         ray.kill(a)
     return {
         "actors": n,
+        "relay": relay,
+        "nodes": len(agents),
         "driver_cpu_per_s": cpu / wall,
         "cpu_ms_per_rank_s": cpu / wall / n * 1e3,
+        "agents_cpu_per_s": agents_cpu / wall,
         "heartbeats_per_s": got / wall,
         "records_per_s": steps / wall,
     }
+
+
+def fit(rows: list[dict]) -> tuple[float, float, float]:
+    """Least squares, cpu = fixed + per_rank * n: (fixed, per_rank, at 1,024 ranks)."""
+    xs, ys = [r["actors"] for r in rows], [r["driver_cpu_per_s"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    per = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    fixed = my - per * mx
+    return fixed, per, fixed + per * 1024
 
 
 def main() -> None:
@@ -111,6 +179,8 @@ def main() -> None:
     ap.add_argument("--actors", default="8,32,64,128")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--step-s", type=float, default=1.0, help="each light rank's step")
+    ap.add_argument("--relay", default="off,on", help="the modes measured (off, on)")
+    ap.add_argument("--per-node", type=int, default=8, help="ranks per node agent (relay on)")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     from resilient.launcher.cluster import QUIET
@@ -123,34 +193,31 @@ def main() -> None:
         log_to_driver=False,
         _system_config=QUIET,
     )
-    rows = []
+    rows, fits = [], {}
     try:
-        for n in (int(x) for x in a.actors.split(",")):
-            t0 = time.time()
-            rows.append(r := measure(n, a.seconds, a.step_s))
+        for relay in a.relay.split(","):
+            for n in (int(x) for x in a.actors.split(",")):
+                t0 = time.time()
+                rows.append(r := measure(n, a.seconds, a.step_s, relay, a.per_node))
+                print(
+                    f"relay {relay:3s} {n:5d} actors: driver {r['driver_cpu_per_s']:.4f} CPU-s/s "
+                    f"({r['cpu_ms_per_rank_s']:.3f} ms per rank-second), agents "
+                    f"{r['agents_cpu_per_s']:.3f} CPU-s/s, {r['heartbeats_per_s']:.0f} "
+                    f"heartbeats/s, {r['records_per_s']:.0f} records/s ({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
+            fixed, per, at = fit([r for r in rows if r["relay"] == relay])
+            fits[relay] = {"fixed": fixed, "per_rank": per, "at_1024": at}
             print(
-                f"{n:5d} actors: driver {r['driver_cpu_per_s']:.4f} CPU-s/s "
-                f"({r['cpu_ms_per_rank_s']:.3f} ms per rank-second), "
-                f"{r['heartbeats_per_s']:.0f} heartbeats/s, {r['records_per_s']:.0f} records/s "
-                f"({time.time() - t0:.0f} s)",
+                f"relay {relay}: fit {fixed:.4f} + {per * 1e3:.3f} ms x ranks CPU-s/s -> at 1,024 "
+                f"ranks {at:.3f} of one core (heartbeats and leases, driver side)",
                 flush=True,
             )
     finally:
         ray.shutdown()
-    # least squares: cpu = fixed + per_rank * n
-    xs, ys = [r["actors"] for r in rows], [r["driver_cpu_per_s"] for r in rows]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    per = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
-    fixed = my - per * mx
-    at = fixed + per * 1024
-    print(
-        f"fit: {fixed:.4f} + {per * 1e3:.3f} ms x ranks CPU-s/s -> at 1,024 ranks {at:.3f} of "
-        "one core (heartbeats and leases, driver side)"
-    )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "fixed": fixed, "per_rank": per, "at_1024": at}, f, indent=1)
+            json.dump({"rows": rows, "fits": fits}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ once by the rank's own process: `kill` (SIGKILL of rank 1 at two fixed steps), `
 seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per system: start
 (launch -> first step), recovery time (fault -> next finished step), steps replayed, goodput (steps
 x median step time / wall time from the first to the last step), hang detection time, and the
-no-fault step time vs plain torchrun DDP (no checkpoints). Peers checkpoint every `--every` steps
-with torch.save (the loop a user writes).
+no-fault step time vs plain torchrun DDP (no checkpoints), each the median of `--rounds` no-fault
+runs that alternate the systems (a machine's speed drifts over minutes; alternating puts the same
+drift under each). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
 Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
                                 [--cases none,kill,mtbf,hang[,survivors,nodeloss]]
+                                [--rounds 3] [--set KEY=VALUE ...] (resilient's spec overrides)
 The elastic cases (bench/elastic.py; not in the default) add two tables: what keeping the
 survivors saves (resilient with and without it, with and without warm spares), and a node lost
 with and without spare capacity (resilient vs torchrun's elastic agents, --nnodes 1:2).
@@ -37,6 +39,18 @@ from bench.harness import run_ray_train, run_resilient, run_torchrun  # noqa: E4
 
 
 # -- the table -------------------------------------------------------------------------------------
+def over_rounds(runs: list[dict]) -> dict:
+    """One system's no-fault runs as one: the first run, with the median of the rounds' step_s and
+    steady_s (each round's kept in `rounds_step_s` and `rounds_steady_s`)."""
+    out = dict(runs[0])
+    for key in ("step_s", "steady_s"):
+        got = [r[key] for r in runs if r.get(key)]
+        out[key] = statistics.median(got) if got else None
+        out[f"rounds_{key}"] = got
+    out["done"] = all(r["done"] for r in runs)
+    return out
+
+
 def fmt(xs, unit="s"):
     xs = [x for x in xs if x is not None]
     return "-" if not xs else "/".join(f"{x:.2f}" for x in xs) + unit
@@ -78,6 +92,20 @@ def main() -> None:
         "to OUT "
         "(systems by their --systems names)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="no-fault runs of each system, alternated; the step times are their medians",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a spec override for resilient's runs (repeatable), e.g. to see what a feature "
+        "costs per step: --set checkpoint.audit_every=0",
+    )
     a = ap.parse_args()
     from resilient.training.corpus import write_corpus
     from resilient.training.data import BYTE_VOCAB
@@ -113,20 +141,36 @@ def main() -> None:
         if key in a.systems.split(",")
     }
     t0 = time.time()
-    plain = run_torchrun(work, "plain", [], a, every=0)
-    print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
     results: dict[str, dict[str, dict]] = {}
-    for case, schedule in cases.items():
+
+    def run(case: str, sysname: str, fn, tag: str) -> dict:
+        t_run = time.time()
+        sets = {"sets": a.set} if fn is run_resilient else {}
+        res = fn(work, tag, cases[case], a, **sets)
+        print(
+            f"  {tag:<8} {sysname:<10} {time.time() - t_run:5.0f}s done={res['done']} "
+            f"recovery={fmt(res['recovery'])} "
+            f"replayed={res['replayed']} goodput={res['goodput']}",
+            flush=True,
+        )
+        return res
+
+    # The no-fault step, in rounds that alternate the systems (plain DDP included): on a shared or
+    # throttled machine the speed drifts by 10-20% over minutes, which one run of each would read
+    # as one system's overhead; each system's median over the rounds sees the same drift.
+    plains, nofault = [], {}
+    for i in range(a.rounds):
+        plains.append(run_torchrun(work, f"plain{i}", [], a, every=0))
         for sysname, fn in systems.items():
-            t_run = time.time()
-            res = fn(work, case, schedule, a)
-            results.setdefault(sysname, {})[case] = res
-            print(
-                f"  {case:<5} {sysname:<10} {time.time() - t_run:5.0f}s done={res['done']} "
-                f"recovery={fmt(res['recovery'])} "
-                f"replayed={res['replayed']} goodput={res['goodput']}",
-                flush=True,
-            )
+            nofault.setdefault(sysname, []).append(run("none", sysname, fn, f"none{i}"))
+    plain = over_rounds(plains)
+    print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
+    for sysname, runs in nofault.items():
+        results[sysname] = {"none": over_rounds(runs)}
+    for case in cases:
+        if case != "none":
+            for sysname, fn in systems.items():
+                results[sysname][case] = run(case, sysname, fn, case)
     # goodput against the system's own fault-free step: slow steps after a fault count as lost
     for by in results.values():
         ref = by["none"].get("step_s")
@@ -135,7 +179,8 @@ def main() -> None:
                 r["goodput"] = min(1.0, a.steps * ref / r["span"])
     print(
         f"\nsame workload (DDP, 2 CPU workers, tiny Llama + LoRA, {a.steps} steps), same faults; "
-        f"peers checkpoint every {a.every} steps; wall {time.time() - t0:.0f}s"
+        f"peers checkpoint every {a.every} steps; no-fault step times: the median of {a.rounds} "
+        f"alternated rounds; wall {time.time() - t0:.0f}s"
     )
     head = (
         f"{'system':<10} {'start s':>7} {'step ms':>8} {'overhead':>9} {'steady':>7} | "
@@ -209,7 +254,8 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
     """The table's figures, machine-readable: per system and case, each fault's recovery seconds
     and replayed steps, the goodput (None when the run failed), whether the run finished, the
     seconds from launch to the first step, and the wall seconds per step (`step_s`: the whole
-    run; `steady_s`: its second half)."""
+    run; `steady_s`: its second half; for the no-fault case the medians over `--rounds`, each
+    round's in `rounds_step_s` and `rounds_steady_s`)."""
     out = {
         system: {
             case: {
@@ -221,6 +267,7 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
                 "step_s": r.get("step_s"),
                 "steady_s": r.get("steady_s"),
             }
+            | {k: r[k] for k in ("rounds_step_s", "rounds_steady_s") if k in r}
             for case, r in by.items()
         }
         for system, by in results.items()

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.heartbeat import Heartbeat, merged
+from resilient.agents.relay import local_ips, process_gone
+from resilient.agents.relays import NodeRelays, relayed
 from resilient.agents.reservation import Reservation
 from resilient.agents.spares import SparePool, new_worker
 from resilient.catalogue import PlannedFault
@@ -84,8 +84,9 @@ class WorkerGroup:
         self.last_answer: dict[int, float] = {}
         self.latest: dict[int, Heartbeat] = {}
         self.dead: dict[int, str] = {}
+        self.relays = NodeRelays()  # the ranks polled through their node agents
         # ranks at these addresses run on this machine (pid watch, SIGKILL)
-        self._here = _local_ips()
+        self._here = local_ips()
 
     def start(
         self, restore: RestoreSource | None, plan: tuple[PlannedFault, ...], skip: list[int]
@@ -125,9 +126,22 @@ class WorkerGroup:
         except RayTaskError as e:
             raise GroupStartError(f"rank 0 could not serve the rendezvous: {e}", rank=0) from None
         ray.get([start(rank) for rank in range(1, world)])
+        self._relay()
         now = time.time()
         for rank in range(len(self.workers)):
             self.last_answer[rank] = now
+
+    def _relay(self) -> None:
+        """Have the node agents poll their nodes' ranks (agents.relays), where the job is that
+        large; the ranks of a node without a live agent are polled directly."""
+        by_node: dict[str, tuple[object, dict]] = {}
+        if relayed(self.spec, len(self.workers)):
+            for rank, w in enumerate(self.workers):
+                node = self.infos[rank]["node_id"]
+                agent = self.agent_for(node)
+                if agent is not None:
+                    by_node.setdefault(node, (agent, {}))[1][rank] = (w, self.infos[rank]["pid"])
+        self.relays.attach(by_node)
 
     def _fill(self, rank: int) -> tuple[object, object]:
         """A worker for an empty rank, and its slot: a spare (the first group keeps to the
@@ -147,6 +161,7 @@ class WorkerGroup:
         """Forget what was seen of the previous life (a heartbeat still in flight is dropped)."""
         self.pending, self.issued_at, self.last_answer = {}, {}, {}
         self.latest, self.dead = {}, {}
+        self.relays = NodeRelays()
 
     def replace(self, ranks) -> None:
         """End these ranks' processes and free their slots; `start()` fills them again."""
@@ -195,6 +210,11 @@ class WorkerGroup:
         except Exception:  # already gone
             pass
 
+    def leased(self) -> list:
+        """The ranks' actors whose leases the supervisor renews itself: those not relayed (a
+        relaying agent renews its ranks' leases with its own)."""
+        return [w for r, w in enumerate(self.workers) if w is not None and r not in self.relays]
+
     @property
     def size(self) -> int:
         return len(self.placement)
@@ -207,57 +227,87 @@ class WorkerGroup:
         `latest`), with deaths recorded in `dead`."""
         now = time.time()
         interval = self.spec.supervisor.heartbeat_interval
+        asked, released = self.relays.issue(now, interval)
+        for rank in asked:
+            if rank not in self.dead:
+                self.pending.setdefault(rank, None)  # awaited through its node's agent
+        self._direct(released)
         for rank, w in enumerate(self.workers):
-            if w is None or rank in self.dead or rank in self.pending:
+            if w is None or rank in self.dead or rank in self.pending or rank in self.relays:
                 continue
             if now - self.issued_at.get(rank, 0) >= interval:
                 self.pending[rank] = w.heartbeat.remote()
                 self.issued_at[rank] = now
         # every tick: a SIGKILLed rank is seen within one tick, not one heartbeat
         self._check_local_pids()
-        if not self.pending:
+        by_ref = {ref: rank for rank, ref in self.pending.items() if ref is not None}
+        gathers = self.relays.refs
+        if not by_ref and not gathers:
             time.sleep(wait_s)
             return []
-        by_ref = {ref: rank for rank, ref in self.pending.items()}
-        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=wait_s)
+        waited = list(by_ref) + list(gathers)
+        ready, _ = ray.wait(waited, num_returns=len(waited), timeout=wait_s)
         fresh = []
         for ref in ready:
+            if ref in gathers:
+                fresh += self._gathered(*self.relays.answer(ref, gathers[ref]))
+                continue
             rank = by_ref[ref]
             del self.pending[rank]
             try:
-                self.latest[rank] = hb = ray.get(ref)
-                self.last_answer[rank] = time.time()
-                fresh.append(hb)
+                fresh.append(self._answered(rank, ray.get(ref)))
             except RayActorError as e:
                 self.dead[rank] = str(e).splitlines()[0][:300]
         return fresh
+
+    def _answered(self, rank: int, hb: Heartbeat) -> Heartbeat:
+        self.latest[rank] = hb
+        self.last_answer[rank] = time.time()
+        self.pending.pop(rank, None)
+        return hb
+
+    def _gathered(self, node: str, beats, dead: dict, waiting: list) -> list[Heartbeat]:
+        """A node agent's gather: its heartbeats taken, its deaths recorded; an agent gone leaves
+        its ranks to direct heartbeats."""
+        if beats is None:
+            self._direct(r for r in range(len(self.infos)) if self.node_of(r) == node)
+            return []
+        for rank, why in dead.items():
+            self.dead.setdefault(rank, why)
+        for rank in waiting:
+            self.pending.setdefault(rank, None)
+        return [self._answered(rank, hb) for rank, hb in beats if rank not in self.dead]
+
+    def _direct(self, ranks) -> None:
+        """These ranks are no longer asked through their node agent: direct heartbeats."""
+        for rank in ranks:
+            if rank in self.pending and self.pending[rank] is None:
+                del self.pending[rank]
 
     def _check_local_pids(self) -> None:
         """A rank on this machine whose process is gone is dead now; Ray takes ~0.5 s to say so."""
         for rank, info in enumerate(self.infos):
             if rank in self.dead or info["ip"] not in self._here:
                 continue
-            try:
-                gone = psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:
+            if process_gone(info["pid"]):
                 self.dead[rank] = f"the worker process {info['pid']} of rank {rank} is gone"
 
     def final_heartbeats(self, timeout: float = 1.0) -> dict[int, Heartbeat]:
         """One last heartbeat from every rank still answering (before a teardown), so what the
         survivors did since the previous heartbeat (metrics, checkpoints) is not lost."""
+        beats, dead = self.relays.final(timeout) if self.relays.agents else ([], {})
+        for rank, why in dead.items():
+            self.dead.setdefault(rank, why)
         refs = {
             rank: (self.pending.pop(rank, None) or w.heartbeat.remote())
             for rank, w in enumerate(self.workers)
-            if rank not in self.dead and w is not None
+            if rank not in self.dead and w is not None and rank not in self.relays
         }
-        ready, _ = (
-            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
-            if refs
-            else ([], [])
-        )
-        out = {}
+        wait = list(refs.values())
+        ready = ray.wait(wait, num_returns=len(wait), timeout=timeout)[0] if wait else []
+        out: dict[int, Heartbeat] = {}
+        for rank, hb in beats:  # a rank may answer twice (a gather in flight, the last): in order
+            out[rank] = merged(out[rank], hb) if rank in out else hb
         for rank, ref in refs.items():
             if ref in ready:
                 try:
@@ -329,27 +379,9 @@ class WorkerGroup:
         self.slots = []
 
 
-def ranks_of(group) -> list[dict]:
-    """Where each rank of a started group runs: pid, node and the GPUs Ray gave it ([] for a
-    group without workers' infos, such as a scripted one)."""
-    return [
-        {"rank": i, "pid": x.get("pid"), "node": x.get("node_id"), "gpus": x.get("gpus", [])}
-        for i, x in enumerate(getattr(group, "infos", None) or [])
-    ]
-
-
 def _failed(ref) -> bool:
     try:
         ray.get(ref, timeout=0)
         return False
     except Exception:
         return True
-
-
-def _local_ips() -> set[str]:
-    return {
-        a.address
-        for addrs in psutil.net_if_addrs().values()
-        for a in addrs
-        if a.family == socket.AF_INET
-    }

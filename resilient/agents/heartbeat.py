@@ -8,13 +8,14 @@ stopped; or pausing -> paused (a resize at an agreed step); or error (with `erro
 `error_at`) or nonfinite (a NaN/Inf step that no rank applied) or sdc (replica digests or a
 compute audit disagreed after a step, which no rank snapshotted; with `sdc`). A survivor that
 starts again goes through the same phases from created. `step_record()` is the per-step record a
-heartbeat carries in `metrics`.
+heartbeat carries in `metrics`; `merged(a, b)` is one heartbeat for two answers of a rank, `b` the
+later one.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # past the start
 TRAINING = frozenset(
@@ -80,3 +81,14 @@ def step_record(r, rank: int, step: int, data_step: int, attempt: int) -> dict:
         "overflow": r.overflow,
         "lr": r.lr,
     }
+
+
+def merged(a: Heartbeat, b: Heartbeat) -> Heartbeat:
+    """`b` (the later answer), carrying what `a` reported too, in order."""
+    return replace(
+        b,
+        metrics=a.metrics + b.metrics,
+        checkpoints=a.checkpoints + b.checkpoints,
+        logs=a.logs + b.logs,
+        evals=a.evals + b.evals,
+    )

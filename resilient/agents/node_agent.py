@@ -5,7 +5,8 @@ holds the node's memory tier of checkpoints (primary copies from the ranks on th
 from a peer node), forwards each primary copy to its peer agent, and persists primaries to storage
 in the background. `inventory()` says what it holds, `fetch()` hands out verified files, `events()`
 drains what happened (persisted, persist errors, drops, replications) for the journal. It never
-unpickles anything from storage.
+unpickles anything from storage. For a large job it relays its ranks' heartbeats and lease renewals
+(`attach`, `gather`; agents.relay), on two threads of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ray
 
 from resilient import heap
 from resilient.agents.lease import Lease
+from resilient.agents.relay import Relay
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
 from resilient.checkpoint.memory import Entry, MemoryTier
@@ -33,7 +35,7 @@ REPLICA_S = 3.0  # a replication's deadline: this, plus its bytes at REPLICA_BYT
 REPLICA_BYTES_PER_S = 100e6
 
 
-@ray.remote(num_cpus=0, max_concurrency=16, concurrency_groups={"lease": 1})
+@ray.remote(num_cpus=0, max_concurrency=16, concurrency_groups={"lease": 1, "relay": 2})
 class NodeAgent:
     def __init__(
         self,
@@ -54,6 +56,7 @@ class NodeAgent:
         cfg = CheckpointConfig.model_validate(ckpt)
         self.node_id = node_id
         self.lease = Lease(fence_s, lambda: os._exit(1))
+        self.relay = Relay()
         self.tier = MemoryTier(keep=cfg.memory_keep, max_pending=cfg.max_pending)
         self.persister = Persister(
             self.tier,
@@ -150,8 +153,25 @@ class NodeAgent:
 
     @ray.method(concurrency_group="lease")
     def renew(self, sent_at: float) -> bool:
-        """The supervisor's lease renewal (a thread of its own: never queued behind work)."""
-        return self.lease.renew(sent_at)
+        """The supervisor's lease renewal (a thread of its own: never queued behind work), passed
+        on to the ranks this agent relays when it holds (a stale one renews nothing)."""
+        ok = self.lease.renew(sent_at)
+        if ok:
+            self.relay.renew(sent_at)
+        return ok
+
+    @ray.method(concurrency_group="relay")
+    def attach(self, seq: int, ranks: dict) -> None:
+        """The ranks on this node whose heartbeats this agent relays (agents.relay)."""
+        self.relay.attach(seq, ranks)
+
+    @ray.method(concurrency_group="relay")
+    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+        """The relayed ranks' heartbeats and deaths since the last gather (agents.relay); it
+        carries the supervisor's lease renewal `sent_at` too (0: none)."""
+        if sent_at:
+            self.renew(sent_at)
+        return self.relay.gather(seq, wait_s, every_s)
 
     def set_peer(self, peer) -> None:
         self.peer = peer

@@ -19,7 +19,8 @@ spare too (so spares never oversubscribe a shared cluster, and a GPU spare holds
 first; a spare's group's slots first for a spare, the ranks' for a rank), `release_slot(slot)`
 frees it; `node_of(slot)` is
 where Ray placed it, `strategy(slot)` the scheduling strategy that puts a worker there.
-`placement()` is the node of each rank slot.
+`placement()` is the node of each rank slot. `ranks_of(group)` says where each rank of a started
+group runs (the journal's `ranks` record).
 """
 
 from __future__ import annotations
@@ -302,3 +303,20 @@ class Reservation:
         self._ready.clear()
         self.held.clear()
         self._nodes.clear()
+
+
+def ranks_of(group) -> list[dict]:
+    """Where each rank of a started group runs: pid, node, the GPUs Ray gave it and whether its
+    node agent relays its heartbeats ([] for a group without workers' infos, such as a scripted
+    one)."""
+    relays = getattr(group, "relays", ())
+    return [
+        {
+            "rank": i,
+            "pid": x.get("pid"),
+            "node": x.get("node_id"),
+            "gpus": x.get("gpus", []),
+            "relayed": i in relays,
+        }
+        for i, x in enumerate(getattr(group, "infos", None) or [])
+    ]

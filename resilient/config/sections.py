@@ -261,6 +261,12 @@ class SupervisorConfig(_Section):
     heartbeat_interval: float = Field(
         1.0, gt=0, le=3600, description="Seconds between heartbeats to every rank."
     )
+    heartbeat_relay: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description='Who asks the ranks for heartbeats and renews their leases: "on": each node\'s '
+        "agent, for the ranks on its node (the driver makes one call per node per interval); "
+        '"off": the driver, one call per rank; "auto": the agents from 16 ranks on.',
+    )
     hang_timeout: Annotated[float, Field(gt=0, le=DAY)] | Literal["auto"] = Field(
         "auto",
         description='A rank silent, or the job without a finished step, this long is hung. "auto": '

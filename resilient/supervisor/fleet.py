@@ -89,9 +89,18 @@ class Fleet:
         return results
 
     def _leased(self) -> list:
-        out = list(self.nodes.agents.values())
-        for g in self.groups():
-            out += [w for w in getattr(g, "workers", None) or [] if w is not None]
+        """What the LeaseKeeper renews: every agent not renewed by a heartbeat gather within the
+        last round (agents.relays), the ranks not relayed, the spares."""
+        groups, renewed = list(self.groups()), set()
+        for g in groups:
+            if hasattr(g, "relays"):
+                renewed |= g.relays.renewing(self.leases.every_s)
+        out = [a for nid, a in list(self.nodes.agents.items()) if nid not in renewed]
+        for g in groups:
+            if hasattr(g, "leased"):
+                out += g.leased()
+            else:
+                out += [w for w in getattr(g, "workers", None) or [] if w is not None]
         if self.spares:
             out += [e[0] for e in self.spares.spares]
         return out

@@ -23,7 +23,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
-from resilient.agents.group import GroupStartError, ranks_of
+from resilient.agents.group import GroupStartError
+from resilient.agents.reservation import ranks_of
 from resilient.checkpoint.source import RestoreSource
 from resilient.config import JobSpec
 from resilient.errors import Abort

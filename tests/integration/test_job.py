@@ -118,3 +118,29 @@ def test_bad_input_exits_2_without_traceback(work):
     assert not (work / "runs" / "big").exists() or not any((work / "runs" / "big").iterdir())
     r = resilient_cli("status", str(work / "nowhere"), timeout=60)
     assert r.returncode == 2 and "RUN_DIR" in r.stdout
+
+
+def test_relayed_heartbeats_see_a_crash_and_a_hang(work, clean_run):
+    """The node agent polls the ranks and renews their leases (supervisor.heartbeat_relay): a
+    SIGKILL and a SIGSTOP are still seen and survived, bit for bit, and no step record is lost."""
+    relay = 'heartbeat_relay = "on"\n'  # BASE_SPEC ends in [supervisor]
+    spec = write_job(work, name="relay", extra=relay + chaos("kill", 6, 1) + chaos("hang", 15, 1))
+    r = resilient_cli("launch", str(spec), "--run-id", "relay")
+    assert r.returncode == 0, r.stdout
+    run = work / "runs" / "relay" / "relay"
+    s = status(run)
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 2, s
+    assert [(f["kind"], f["rank"]) for f in s["faults"]] == [("crash", 1), ("hang", 1)], s
+    hang = s["faults"][1]
+    assert hang["detected_at"] - hang["injected_at"] <= 4.0 + 0.5, hang  # as a direct heartbeat's
+    recs = read_journal(run)
+    (first, *_) = [x for x in recs if x["type"] == "ranks"]
+    assert all(x["relayed"] for x in first["ranks"]), first
+    import pandas as pd
+
+    # the survivor's records of every step reach the metrics, those of the steps it trained
+    # between its last gather and each fault too (handed over before the teardown)
+    train = pd.read_parquet(str(run / "metrics" / "train"))
+    missing = set(range(1, 25)) - set(train[train["rank"] == 0]["step"])
+    assert not missing, f"rank 0's records of steps {sorted(missing)} were lost"
+    assert_same_adapter(adapter(clean_run), adapter(run))

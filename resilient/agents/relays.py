@@ -1,0 +1,134 @@
+"""NodeRelays: the supervisor's side of the node agents' heartbeat relay (agents.relay).
+
+Contract: `relayed(spec, world)` says whether a group of `world` ranks is polled through its node
+agents (`supervisor.heartbeat_relay`: "on", "off", or "auto": from RELAY_FROM ranks on, where the
+driver's per-rank calls begin to cost; below it a direct call per rank is cheaper in all).
+`attach(by_node)` hands each node agent its ranks ({node: (agent, {rank: (actor, pid)})}) under a
+new sequence number and keeps the nodes whose agent took them within ATTACH_S (the others' ranks
+stay polled directly); `rank in relays` says whether a rank is polled through its agent.
+`issue(now, interval)` keeps one gather in flight per node: sent as soon as the previous one came
+back, it holds on the agent until `interval` after the agent's previous round of heartbeats (a
+death on the node ends the hold: it is heard of at once), so each rank is asked once per interval.
+It returns (the ranks now awaited through a gather, the ranks handed back to direct heartbeats:
+those of a node whose gather is STUCK_S overdue, an agent stopped or overloaded, whose ranks must
+not look silent for it). Each gather carries the supervisor's lease renewal (`sent_at`: the agent
+renews its own lease and, if it took it, its ranks'), so `renewing(within_s)` names the nodes the
+`LeaseKeeper` need not renew itself: one call per node per interval in all. `refs` maps the
+gathers in flight to their nodes; `answer(ref, node)` turns a gather's answer into (node, [(rank,
+heartbeat)], deaths, ranks still owing one), heartbeats None when the agent died or failed (its
+ranks are polled directly from then on). `final(timeout)` gathers once more from every node,
+without holding (which ends the held ones), and waits for those and the ones in flight: every
+heartbeat the ranks still owed, before a teardown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+
+log = logging.getLogger(__name__)
+
+RELAY_FROM = 16  # "auto": ranks from which their node agents relay the heartbeats
+AGENT_WAIT_S = 0.25  # a gather waits this long for its node's ranks (the rest are "waiting")
+ATTACH_S = 3.0  # an agent that takes its ranks slower than this is passed over: direct calls
+STUCK_S = 0.75  # a gather this late (past its hold and wait) hands its ranks to direct calls
+
+
+def relayed(spec, world: int) -> bool:
+    mode = spec.supervisor.heartbeat_relay
+    return mode == "on" or (mode == "auto" and world >= RELAY_FROM)
+
+
+class NodeRelays:
+    def __init__(self):
+        self.seq = 0
+        self.agents: dict[str, object] = {}
+        self.ranks: dict[str, list[int]] = {}
+        self.node_of: dict[int, str] = {}
+        self.inflight: dict[str, ray.ObjectRef] = {}
+        self.due: dict[str, float] = {}  # when each gather in flight should be back
+        self.sent_at: dict[str, float] = {}  # when each node's last gather (and renewal) left
+
+    def attach(self, by_node: dict[str, tuple[object, dict[int, tuple[object, int]]]]) -> None:
+        # a sequence that only grows, across groups too: an agent ignores an older group's attach
+        self.seq = max(self.seq + 1, time.time_ns())
+        self.agents, self.ranks, self.node_of, self.inflight = {}, {}, {}, {}
+        refs = {node: a.attach.remote(self.seq, ranks) for node, (a, ranks) in by_node.items()}
+        ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=ATTACH_S)[0]
+        for node, ref in refs.items():
+            if ref not in ready:  # the agent is slow: its ranks are polled directly
+                continue
+            try:
+                ray.get(ref)
+            except Exception:  # the agent died or failed: the same
+                continue
+            agent, ranks = by_node[node]
+            self.agents[node], self.ranks[node] = agent, sorted(ranks)
+            self.node_of.update(dict.fromkeys(ranks, node))
+
+    def __contains__(self, rank: int) -> bool:
+        return rank in self.node_of
+
+    def issue(self, now: float, interval: float) -> tuple[list[int], list[int]]:
+        """Send the gathers due: (the ranks now awaited through one, the ranks handed back)."""
+        asked, released = [], []
+        for node, agent in list(self.agents.items()):
+            if node in self.inflight:
+                if now > self.due[node] + STUCK_S:
+                    log.warning(
+                        "the node agent on %s did not answer its heartbeat gather in time: its "
+                        "ranks are asked directly from now on",
+                        node[:12],
+                    )
+                    released += self.ranks[node]
+                    self.drop(node)
+                continue
+            self.inflight[node] = agent.gather.remote(self.seq, AGENT_WAIT_S, interval, now)
+            self.due[node], self.sent_at[node] = now + interval + AGENT_WAIT_S, now
+            asked += self.ranks[node]
+        return asked, released
+
+    @property
+    def refs(self) -> dict:
+        return {ref: node for node, ref in self.inflight.items()}
+
+    def renewing(self, within_s: float) -> set[str]:
+        """The nodes whose agents were sent a renewal with a gather within the last `within_s`."""
+        now = time.time()
+        return {n for n, t in list(self.sent_at.items()) if now - t < within_s and n in self.agents}
+
+    def answer(self, ref, node: str) -> tuple[str, list | None, dict, list]:
+        """A gather that came back: (node, heartbeats, deaths, ranks still owing one); heartbeats
+        None when the agent is gone (its ranks are then polled directly)."""
+        self.inflight.pop(node, None)
+        try:
+            got = ray.get(ref)
+        except Exception:  # the agent died (or its gather failed): direct heartbeats
+            self.drop(node)
+            return node, None, {}, []
+        if got["seq"] != self.seq:  # the agent has not taken this group's ranks yet
+            return node, [], {}, list(self.ranks.get(node, []))
+        return node, got["beats"], got["dead"], got["waiting"]
+
+    def drop(self, node: str) -> None:
+        self.agents.pop(node, None)
+        self.inflight.pop(node, None)
+        for rank in self.ranks.pop(node, []):
+            self.node_of.pop(rank, None)
+
+    def final(self, timeout: float) -> tuple[list, dict]:
+        """Every heartbeat and death the nodes' ranks still owed (within `timeout`): [(rank,
+        heartbeat)] in the order the ranks answered, {rank: why}."""
+        now = time.time()
+        ask = {a.gather.remote(self.seq, AGENT_WAIT_S, 0.0, now): n for n, a in self.agents.items()}
+        refs = {**self.refs, **ask}
+        self.inflight = {}
+        ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)[0] if refs else []
+        beats, dead = [], {}
+        for ref in ready:
+            _, got, died, _ = self.answer(ref, refs[ref])
+            beats += got or []
+            dead.update(died)
+        return sorted(beats, key=lambda b: b[1].now), dead

@@ -1,0 +1,174 @@
+"""The node agent's heartbeat relay (agents.relay) against real Ray actors: what it hands the
+supervisor (each heartbeat and each death once), and the lease renewals it passes on (never a
+stale one: a node cut off renews none of its ranks)."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.node_agent import NodeAgent
+from resilient.agents.relays import NodeRelays
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1})
+class Rank:
+    """A rank without a model: a step per heartbeat asked, each with one record."""
+
+    def __init__(self, rank: int):
+        self.rank, self.step, self.renewed = rank, 0, []
+        self.lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def heartbeat(self) -> Heartbeat:
+        with self.lock:
+            self.step += 1
+            return Heartbeat(
+                self.rank, os.getpid(), "training", time.time(), self.step,
+                metrics=({"rank": self.rank, "step": self.step},),
+            )  # fmt: skip
+
+    @ray.method(concurrency_group="lease")
+    def renew(self, sent_at: float) -> bool:
+        self.renewed.append(sent_at)
+        return True
+
+    def renewals(self) -> list[float]:
+        return list(self.renewed)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def agent(cluster, tmp_path):
+    a = NodeAgent.remote("node-a", f"file://{tmp_path}/run", {}, None, 600.0)  # no renewals
+    ray.get(a.info.remote())
+    yield a
+    ray.kill(a)
+
+
+def ranks(n: int) -> dict:
+    actors = [Rank.remote(r) for r in range(n)]
+    pids = ray.get([a.pid.remote() for a in actors])
+    return {r: (a, pid) for r, (a, pid) in enumerate(zip(actors, pids, strict=True))}
+
+
+def gather_until(relays: NodeRelays, want, timeout: float = 20.0):
+    """Gathers (one per call of `issue`) until `want(beats, dead)` holds."""
+    beats, dead = [], {}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        relays.issue(time.time(), 0.0)
+        for ref, node in relays.refs.items():
+            _, got, died, _ = relays.answer(ref, node)
+            beats += got or []
+            dead.update(died)
+        if want(beats, dead):
+            return beats, dead
+    raise AssertionError(f"not seen in {timeout}s: {len(beats)} beats, dead {dead}")
+
+
+def test_each_heartbeat_and_each_death_is_handed_over_once(agent):
+    attached = ranks(3)
+    relays = NodeRelays()
+    relays.attach({"node-a": (agent, attached)})
+    assert all(r in relays for r in range(3))
+    beats, _ = gather_until(relays, lambda b, d: len({r for r, _ in b}) == 3)
+    steps = [(r, m["step"]) for r, h in beats for m in h.metrics]
+    assert len(steps) == len(set(steps))  # no record twice
+
+    ray.kill(attached[1][0])
+    _, dead = gather_until(relays, lambda b, d: 1 in d)
+    assert set(dead) == {1}
+    later, dead = gather_until(relays, lambda b, d: {0, 2} <= {r for r, _ in b})
+    assert 1 not in dead and 1 not in {r for r, _ in later}  # reported once, not polled again
+
+
+def test_an_older_group_gets_nothing_and_cannot_take_the_ranks_back(agent):
+    old, new = NodeRelays(), NodeRelays()
+    old.attach({"node-a": (agent, ranks(1))})
+    new.attach({"node-a": (agent, ranks(2))})
+    got = ray.get(agent.gather.remote(old.seq, 0.5))
+    assert got["beats"] == [] and got["seq"] == new.seq
+    ray.get(agent.attach.remote(old.seq, {}))  # a late attach of the older group: ignored
+    beats, _ = gather_until(new, lambda b, d: {r for r, _ in b} == {0, 1})
+
+
+def test_renewals_are_passed_on_but_never_a_stale_one(agent):
+    attached = ranks(2)
+    relays = NodeRelays()
+    relays.attach({"node-a": (agent, attached)})
+
+    def renewals_reach_ranks(n: int, what: str) -> None:
+        deadline = time.time() + 10
+        while not all(
+            len(x) >= n for x in ray.get([a.renewals.remote() for a, _ in attached.values()])
+        ):
+            assert time.time() < deadline, f"{what} never reached the ranks"
+            time.sleep(0.05)
+
+    assert ray.get(agent.renew.remote(time.time())) is True
+    renewals_reach_ranks(1, "the renewal")
+    # a heartbeat gather carries a renewal too (the LeaseKeeper then skips that agent)
+    relays.issue(time.time(), 0.0)
+    ray.get(list(relays.refs))
+    renewals_reach_ranks(2, "the gather's renewal")
+    before = ray.get([a.renewals.remote() for a, _ in attached.values()])
+    # held back by a partition, delivered late: the agent refuses it and passes nothing on
+    assert ray.get(agent.renew.remote(time.time() - 30)) is False
+    time.sleep(0.5)  # what it would have passed on (fire and forget) has landed by now
+    assert ray.get([a.renewals.remote() for a, _ in attached.values()]) == before
+
+
+def test_a_held_gather_answers_at_once_when_a_rank_dies(agent):
+    attached = ranks(2)
+    relays = NodeRelays()
+    relays.attach({"node-a": (agent, attached)})
+    ray.get(agent.gather.remote(relays.seq, 0.25, 0.0))  # a round of heartbeats now
+    held = agent.gather.remote(relays.seq, 0.25, 60.0)  # the next: in a minute, unless a rank dies
+    t0 = time.time()
+    os.kill(attached[1][1], signal.SIGKILL)
+    got = ray.get(held, timeout=20)
+    assert set(got["dead"]) == {1} and time.time() - t0 < 5
+    # a gather that does not hold ends a held one: the last gather before a teardown never waits
+    held = agent.gather.remote(relays.seq, 0.25, 60.0)
+    t0 = time.time()
+    beats, _ = relays.final(timeout=10)
+    assert ray.get(held, timeout=10)["seq"] == relays.seq and time.time() - t0 < 5
+    assert 0 in {r for r, _ in beats} | {r for r, _ in ray.get(held)["beats"]}
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class StuckAgent:
+    """A node agent that takes its ranks, then never answers a gather (stopped, overloaded)."""
+
+    def attach(self, seq: int, ranks: dict) -> None:
+        pass
+
+    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+        time.sleep(60)
+        return {}
+
+
+def test_an_agent_that_does_not_answer_hands_its_ranks_back(cluster):
+    relays = NodeRelays()
+    relays.attach({"node-s": (StuckAgent.remote(), ranks(2))})
+    now = time.time()
+    assert relays.issue(now, 1.0) == ([0, 1], [])
+    assert relays.renewing(1.0) == {"node-s"}  # the gather carried the lease renewal
+    assert relays.issue(now + 1.0, 1.0) == ([], [])  # not overdue yet
+    assert relays.issue(now + 2.1, 1.0) == ([], [0, 1])  # 1 s + 0.25 s to answer + 0.75 s late
+    assert 0 not in relays and 1 not in relays and not relays.inflight
