@@ -107,6 +107,8 @@ def main() -> None:
         "costs per step: --set checkpoint.audit_every=0",
     )
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
     from resilient.training.corpus import write_corpus
     from resilient.training.data import BYTE_VOCAB
     from resilient.training.model import build_tiny_llama

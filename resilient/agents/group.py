@@ -161,10 +161,12 @@ class WorkerGroup:
         """Forget what was seen of the previous life (a heartbeat still in flight is dropped)."""
         self.pending, self.issued_at, self.last_answer = {}, {}, {}
         self.latest, self.dead = {}, {}
+        self.relays.forget(None)  # the agents pass nothing on to the previous life's ranks
         self.relays = NodeRelays()
 
     def replace(self, ranks) -> None:
         """End these ranks' processes and free their slots; `start()` fills them again."""
+        self.relays.forget(ranks)
         for rank in ranks:
             w, slot = self.workers[rank], self.slots[rank]
             if w is None:
@@ -176,6 +178,7 @@ class WorkerGroup:
     def write_off(self, node: str, why: str) -> None:
         """The ranks on `node` (lost or cut off) are dead now: no last heartbeat or flush is
         waited for from them."""
+        self.relays.drop(node)  # its agent is asked and renews nothing more
         for r in range(len(self.infos)):
             if self.node_of(r) == node:
                 self.dead.setdefault(r, why)
@@ -272,11 +275,12 @@ class WorkerGroup:
         if beats is None:
             self._direct(r for r in range(len(self.infos)) if self.node_of(r) == node)
             return []
-        for rank, why in dead.items():
+        fresh = [self._answered(rank, hb) for rank, hb in beats if rank not in self.dead]
+        for rank, why in dead.items():  # after its last heartbeat: what it reported is kept
             self.dead.setdefault(rank, why)
         for rank in waiting:
             self.pending.setdefault(rank, None)
-        return [self._answered(rank, hb) for rank, hb in beats if rank not in self.dead]
+        return fresh
 
     def _direct(self, ranks) -> None:
         """These ranks are no longer asked through their node agent: direct heartbeats."""
@@ -362,6 +366,7 @@ class WorkerGroup:
         # ray.kill asks the worker to exit first, which a SIGSTOPped process never does; where the
         # rank runs on this machine, SIGKILL it directly so teardown does not wait for Ray's
         # fallback.
+        self.relays.forget(None)
         for rank, w in enumerate(self.workers):
             if w is None:
                 continue

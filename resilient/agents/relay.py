@@ -31,7 +31,6 @@ import time
 
 import psutil
 import ray
-from ray.exceptions import RayActorError
 
 WATCH_S = 0.1  # a held gather looks at its ranks' processes this often
 
@@ -82,6 +81,8 @@ class Relay:
     def gather(self, seq: int, wait_s: float, every_s: float = 0.0) -> dict:
         if every_s > 0:
             dead = self._hold(seq, self.round_at + every_s)
+            if dead:  # answered at once: the round waits for the next gather
+                return self._answer(seq, [], dead)
         else:
             self._cut.set()
             dead = {}
@@ -105,9 +106,12 @@ class Relay:
         for rank, ref in taken:
             try:
                 beats.append((rank, ray.get(ref)))
-            except RayActorError as e:
-                dead[rank] = str(e).splitlines()[0][:300]
+            except Exception as e:  # the actor died (or the call failed): the rank is lost
+                dead[rank] = (str(e).splitlines() or [type(e).__name__])[0][:300]
         dead.update(_gone({r: x for r, x in ranks.items() if r not in dead}))
+        return self._answer(seq, beats, dead)
+
+    def _answer(self, seq: int, beats: list, dead: dict[int, str]) -> dict:
         with self._lock:
             if seq != self.seq:  # re-attached meanwhile: these answers belong to no one
                 return _nothing(self.seq)

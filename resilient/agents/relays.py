@@ -15,8 +15,10 @@ not look silent for it). Each gather carries the supervisor's lease renewal (`se
 renews its own lease and, if it took it, its ranks'), so `renewing(within_s)` names the nodes the
 `LeaseKeeper` need not renew itself: one call per node per interval in all. `refs` maps the
 gathers in flight to their nodes; `answer(ref, node)` turns a gather's answer into (node, [(rank,
-heartbeat)], deaths, ranks still owing one), heartbeats None when the agent died or failed (its
-ranks are polled directly from then on). `final(timeout)` gathers once more from every node,
+heartbeat)], deaths, ranks still owing one), heartbeats None when the agent died, failed or was
+attached by someone else since (its ranks are polled directly from then on). `forget(ranks)`
+detaches ranks replaced or ended (None: all) from their agents, so none passes renewals on to
+them. `final(timeout)` gathers once more from every node,
 without holding (which ends the held ones), and waits for those and the ones in flight: every
 heartbeat the ranks still owed, before a teardown.
 """
@@ -31,9 +33,11 @@ import ray
 log = logging.getLogger(__name__)
 
 RELAY_FROM = 16  # "auto": ranks from which their node agents relay the heartbeats
-AGENT_WAIT_S = 0.25  # a gather waits this long for its node's ranks (the rest are "waiting")
+AGENT_WAIT_S = 0.25  # a gather waits this long (at most a quarter interval) for its node's ranks
 ATTACH_S = 3.0  # an agent that takes its ranks slower than this is passed over: direct calls
-STUCK_S = 0.75  # a gather this late (past its hold and wait) hands its ranks to direct calls
+# A gather this late (past its hold and wait; at most a quarter interval) hands its ranks to direct
+# calls: before the Watch's silence limit (two intervals at least) could call them hung.
+STUCK_S = 0.25
 
 
 def relayed(spec, world: int) -> bool:
@@ -50,11 +54,15 @@ class NodeRelays:
         self.inflight: dict[str, ray.ObjectRef] = {}
         self.due: dict[str, float] = {}  # when each gather in flight should be back
         self.sent_at: dict[str, float] = {}  # when each node's last gather (and renewal) left
+        self.members: dict[str, dict[int, tuple[object, int]]] = {}  # what each agent was given
+        self.attached: dict[str, object] = {}  # every agent given ranks, dropped or not
 
     def attach(self, by_node: dict[str, tuple[object, dict[int, tuple[object, int]]]]) -> None:
         # a sequence that only grows, across groups too: an agent ignores an older group's attach
         self.seq = max(self.seq + 1, time.time_ns())
         self.agents, self.ranks, self.node_of, self.inflight = {}, {}, {}, {}
+        self.members = {node: dict(ranks) for node, (_, ranks) in by_node.items()}
+        self.attached = {node: a for node, (a, _) in by_node.items()}
         refs = {node: a.attach.remote(self.seq, ranks) for node, (a, ranks) in by_node.items()}
         ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=ATTACH_S)[0]
         for node, ref in refs.items():
@@ -74,9 +82,10 @@ class NodeRelays:
     def issue(self, now: float, interval: float) -> tuple[list[int], list[int]]:
         """Send the gathers due: (the ranks now awaited through one, the ranks handed back)."""
         asked, released = [], []
+        wait_s, late_s = min(AGENT_WAIT_S, interval / 4), min(STUCK_S, interval / 4)
         for node, agent in list(self.agents.items()):
             if node in self.inflight:
-                if now > self.due[node] + STUCK_S:
+                if now > self.due[node] + late_s:
                     log.warning(
                         "the node agent on %s did not answer its heartbeat gather in time: its "
                         "ranks are asked directly from now on",
@@ -85,8 +94,8 @@ class NodeRelays:
                     released += self.ranks[node]
                     self.drop(node)
                 continue
-            self.inflight[node] = agent.gather.remote(self.seq, AGENT_WAIT_S, interval, now)
-            self.due[node], self.sent_at[node] = now + interval + AGENT_WAIT_S, now
+            self.inflight[node] = agent.gather.remote(self.seq, wait_s, interval, now)
+            self.due[node], self.sent_at[node] = now + interval + wait_s, now
             asked += self.ranks[node]
         return asked, released
 
@@ -108,8 +117,9 @@ class NodeRelays:
         except Exception:  # the agent died (or its gather failed): direct heartbeats
             self.drop(node)
             return node, None, {}, []
-        if got["seq"] != self.seq:  # the agent has not taken this group's ranks yet
-            return node, [], {}, list(self.ranks.get(node, []))
+        if got["seq"] != self.seq:  # re-attached by someone else since: ask its ranks directly
+            self.drop(node)
+            return node, None, {}, []
         return node, got["beats"], got["dead"], got["waiting"]
 
     def drop(self, node: str) -> None:
@@ -118,11 +128,29 @@ class NodeRelays:
         for rank in self.ranks.pop(node, []):
             self.node_of.pop(rank, None)
 
+    def forget(self, ranks) -> None:
+        """These ranks are replaced or ended (all of them: `ranks` None): no agent polls them or
+        passes renewals on to them any more, a dropped node's agent included."""
+        for node, members in self.members.items():
+            gone = set(members) if ranks is None else set(ranks) & set(members)
+            agent = self.attached.get(node)
+            if not gone or agent is None:
+                continue
+            for rank in gone:
+                del members[rank]
+                self.node_of.pop(rank, None)
+                if rank in self.ranks.get(node, []):
+                    self.ranks[node].remove(rank)
+            try:  # the same sequence: the agent keeps what it owes the others
+                agent.attach.remote(self.seq, dict(members))
+            except Exception:  # the agent is gone: it passes nothing on
+                pass
+
     def final(self, timeout: float) -> tuple[list, dict]:
         """Every heartbeat and death the nodes' ranks still owed (within `timeout`): [(rank,
         heartbeat)] in the order the ranks answered, {rank: why}."""
-        now = time.time()
-        ask = {a.gather.remote(self.seq, AGENT_WAIT_S, 0.0, now): n for n, a in self.agents.items()}
+        # no renewal rides on these: a node just written off must not be renewed
+        ask = {a.gather.remote(self.seq, AGENT_WAIT_S, 0.0, 0.0): n for n, a in self.agents.items()}
         refs = {**self.refs, **ask}
         self.inflight = {}
         ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)[0] if refs else []

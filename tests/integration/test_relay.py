@@ -170,5 +170,5 @@ def test_an_agent_that_does_not_answer_hands_its_ranks_back(cluster):
     assert relays.issue(now, 1.0) == ([0, 1], [])
     assert relays.renewing(1.0) == {"node-s"}  # the gather carried the lease renewal
     assert relays.issue(now + 1.0, 1.0) == ([], [])  # not overdue yet
-    assert relays.issue(now + 2.1, 1.0) == ([], [0, 1])  # 1 s + 0.25 s to answer + 0.75 s late
+    assert relays.issue(now + 2.1, 1.0) == ([], [0, 1])  # 1 s + 0.25 s to answer + 0.25 s late
     assert 0 not in relays and 1 not in relays and not relays.inflight
