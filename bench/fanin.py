@@ -94,10 +94,17 @@ class LightAgent:
         self.relay.attach(seq, ranks)
 
     @ray.method(concurrency_group="relay")
-    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+    def gather(
+        self,
+        seq: int,
+        wait_s: float,
+        every_s: float = 0.0,
+        sent_at: float = 0.0,
+        order: int | None = None,
+    ) -> dict:
         if sent_at:
             self.relay.renew(sent_at)
-        return self.relay.gather(seq, wait_s, every_s)
+        return self.relay.gather(seq, wait_s, every_s, order)
 
 
 def _cpu(pids: list[int]) -> float:
@@ -133,10 +140,12 @@ def measure(n: int, seconds: float, step_s: float, relay: str, per_node: int) ->
     group.agent_for, group.relays = agents.get, NodeRelays()
     group._relay()  # as WorkerGroup.start() ends
     watch = Watch(group, 0, n, spec.supervisor)
-    renewed = lambda: group.relays.renewing(1.0)  # noqa: E731 (a gather renews its agent)
-    leases = LeaseKeeper(
-        lambda: [a for n, a in agents.items() if n not in renewed()] + group.leased(), 1.0
-    ).start()
+
+    def unrenewed() -> list:  # as Fleet._leased: the agents no gather renewed, the direct ranks
+        renewed = group.relays.renewing(1.0)
+        return [a for n, a in agents.items() if n not in renewed] + group.leased()
+
+    leases = LeaseKeeper(unrenewed, 1.0).start()
     for _ in range(30):  # every rank answered once: the steady state
         watch.poll()
     got = steps = 0

@@ -40,8 +40,8 @@ from bench.harness import run_ray_train, run_resilient, run_torchrun  # noqa: E4
 
 # -- the table -------------------------------------------------------------------------------------
 def over_rounds(runs: list[dict]) -> dict:
-    """One system's no-fault runs as one: the first run, with the median of the rounds' step_s and
-    steady_s (each round's kept in `rounds_step_s` and `rounds_steady_s`)."""
+    """One system's no-fault runs as one: the first run (its span and goodput), with the median of
+    the rounds' step_s and steady_s (each round's kept in `rounds_step_s` and `rounds_steady_s`)."""
     out = dict(runs[0])
     for key in ("step_s", "steady_s"):
         got = [r[key] for r in runs if r.get(key)]
@@ -160,11 +160,15 @@ def main() -> None:
     # The no-fault step, in rounds that alternate the systems (plain DDP included): on a shared or
     # throttled machine the speed drifts by 10-20% over minutes, which one run of each would read
     # as one system's overhead; each system's median over the rounds sees the same drift.
+    # Odd rounds run in the reverse order: a drift within a round falls on each system alike.
     plains, nofault = [], {}
     for i in range(a.rounds):
-        plains.append(run_torchrun(work, f"plain{i}", [], a, every=0))
-        for sysname, fn in systems.items():
-            nofault.setdefault(sysname, []).append(run("none", sysname, fn, f"none{i}"))
+        order = [("plain", None), *systems.items()]
+        for sysname, fn in order[:: -1 if i % 2 else 1]:
+            if fn is None:
+                plains.append(run_torchrun(work, f"plain{i}", [], a, every=0))
+            else:
+                nofault.setdefault(sysname, []).append(run("none", sysname, fn, f"none{i}"))
     plain = over_rounds(plains)
     print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
     for sysname, runs in nofault.items():

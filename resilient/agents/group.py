@@ -266,7 +266,8 @@ class WorkerGroup:
     def _answered(self, rank: int, hb: Heartbeat) -> Heartbeat:
         self.latest[rank] = hb
         self.last_answer[rank] = time.time()
-        self.pending.pop(rank, None)
+        if rank in self.pending and self.pending[rank] is None:  # a direct call stays in flight
+            del self.pending[rank]
         return hb
 
     def _gathered(self, node: str, beats, dead: dict, waiting: list) -> list[Heartbeat]:
@@ -299,14 +300,14 @@ class WorkerGroup:
     def final_heartbeats(self, timeout: float = 1.0) -> dict[int, Heartbeat]:
         """One last heartbeat from every rank still answering (before a teardown), so what the
         survivors did since the previous heartbeat (metrics, checkpoints) is not lost."""
-        beats, dead = self.relays.final(timeout) if self.relays.agents else ([], {})
-        for rank, why in dead.items():
-            self.dead.setdefault(rank, why)
-        refs = {
+        refs = {  # asked first: they answer while the agents' gathers do
             rank: (self.pending.pop(rank, None) or w.heartbeat.remote())
             for rank, w in enumerate(self.workers)
             if rank not in self.dead and w is not None and rank not in self.relays
         }
+        beats, dead = self.relays.final(timeout)
+        for rank, why in dead.items():
+            self.dead.setdefault(rank, why)
         wait = list(refs.values())
         ready = ray.wait(wait, num_returns=len(wait), timeout=timeout)[0] if wait else []
         out: dict[int, Heartbeat] = {}
@@ -315,9 +316,13 @@ class WorkerGroup:
         for rank, ref in refs.items():
             if ref in ready:
                 try:
-                    out[rank] = ray.get(ref)
+                    hb = ray.get(ref)
                 except RayActorError:
-                    pass
+                    continue
+                # a late gather (agents.relays) may have answered for it too: both, in order
+                out[rank] = (
+                    merged(*sorted((out[rank], hb), key=lambda h: h.now)) if rank in out else hb
+                )
         return out
 
     def flush_newest(self, answers: dict[int, Heartbeat], timeout: float = 5.0) -> Handoff | None:

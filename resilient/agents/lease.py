@@ -3,7 +3,8 @@
 Contract, process side: `Lease(expire_s, on_expiry)` holds from its creation; `renew(sent_at)`
 extends it by `expire_s` unless the renewal is stale (sent more than MAX_AGE_S ago by this
 machine's clock: a renewal held back by a partition and delivered after it must not revive a
-process the job has replaced). A watchdog thread checks it every CHECK_S; once it runs out,
+process the job has replaced). A watchdog thread, at background priority (agents.priority),
+sleeps until the lease's end and then looks again (a renewal moved the end); once it runs out,
 `valid()` is False for good (storage writers check it before every request) and `on_expiry()` runs
 (the worker and the node agent end their process). A partitioned node's processes thus stop
 writing and end `expire_s` after the cut, before the link can come back, so nothing of theirs
@@ -21,9 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from resilient.agents.priority import background
+
 log = logging.getLogger(__name__)
 
-CHECK_S = 0.25  # how often a process looks at its lease
 MAX_AGE_S = 2.0  # a renewal older than this when it arrives is ignored
 
 
@@ -46,8 +48,9 @@ class Lease:
         return not self._expired.is_set() and time.time() <= self._until
 
     def _watch(self) -> None:
-        while time.time() <= self._until:
-            time.sleep(CHECK_S)
+        background()
+        while (left := self._until - time.time()) >= 0:  # one wake-up per lease, not per renewal
+            time.sleep(left + 0.01)
         self._expired.set()
         log.error(
             "no word from the supervisor for %.1fs: this process is fenced and ends (its node "
@@ -68,6 +71,7 @@ class LeaseKeeper:
         return self
 
     def _loop(self) -> None:
+        background()  # a renewal may be late by a fraction of fence_s: the ranks first
         while not self._stop.wait(self.every_s):
             now = time.time()
             try:

@@ -21,6 +21,7 @@ import ray
 
 from resilient import heap
 from resilient.agents.lease import Lease
+from resilient.agents.priority import actor_main_thread, background
 from resilient.agents.relay import Relay
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
@@ -81,6 +82,7 @@ class NodeAgent:
 
     # -- metrics (TEE collectors) ------------------------------------------------------------------
     def _sample_loop(self) -> None:
+        background()  # a sample may be late by a few milliseconds; a rank's step may not
         trimmer = heap.Trimmer()  # freed memory back to the system once a minute: flat RSS
         while True:
             t0 = time.perf_counter()
@@ -131,6 +133,9 @@ class NodeAgent:
         return self.gpu_status
 
     def info(self) -> dict:
+        """Where it runs; the first call of every agent (agents.priority: its method threads exist
+        by now, so lowering its main thread lowers none of them)."""
+        actor_main_thread()
         return {"node_id": self.node_id, "pid": os.getpid()}
 
     def set_generation(self, generation: int) -> None:
@@ -166,12 +171,19 @@ class NodeAgent:
         self.relay.attach(seq, ranks)
 
     @ray.method(concurrency_group="relay")
-    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+    def gather(
+        self,
+        seq: int,
+        wait_s: float,
+        every_s: float = 0.0,
+        sent_at: float = 0.0,
+        order: int | None = None,
+    ) -> dict:
         """The relayed ranks' heartbeats and deaths since the last gather (agents.relay); it
         carries the supervisor's lease renewal `sent_at` too (0: none)."""
         if sent_at:
             self.renew(sent_at)
-        return self.relay.gather(seq, wait_s, every_s)
+        return self.relay.gather(seq, wait_s, every_s, order)
 
     def set_peer(self, peer) -> None:
         self.peer = peer

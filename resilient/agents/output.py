@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+from resilient.agents.priority import background
+
 CAP = 5000  # lines kept while nobody drains (the newest win)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -89,7 +91,9 @@ def _file_of(fd: int) -> str | None:
 
 def tail(path: str, buf: LineBuffer, every_s: float = 0.2, from_end: bool = True) -> None:
     """Every line appended to `path` from now on (`from_end`; else every line in it), into `buf`
-    (a truncated file starts over), until the file is gone."""
+    (a truncated file starts over), until the file is gone. At background priority: the lines
+    may wait (agents.priority)."""
+    background()
     try:
         f = open(path, "rb")
     except OSError:

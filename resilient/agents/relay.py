@@ -8,16 +8,17 @@ per-rank calls are made on each node, by its agent, and cost that node, not the 
 Contract, node side (`Relay`, held by a NodeAgent): `attach(seq, ranks)` names the ranks on this
 node the supervisor's group polls through it ({rank: (actor, pid)}); a newer `seq` replaces them
 (and drops the heartbeats the old ones still owe; its first gather holds not), an older one is
-ignored. `gather(seq, wait_s,
-every_s)` first holds until `every_s` after its previous round of heartbeats began, watching the
-ranks' processes every WATCH_S (a death ends the hold: the supervisor, which keeps one gather in
-flight per node, hears of it at once; a gather with `every_s` 0, which does not hold, or a new
-attach ends it too), then keeps one heartbeat in flight per attached rank, waits up to `wait_s` for
-them and answers {"seq": the attached seq, "beats": [(rank, heartbeat)] of those that arrived,
-"dead": {rank: why} for each rank whose actor died or whose process is gone, "waiting": the ranks
-still owing one}; each heartbeat and each death is handed out once (gathers may run side by side:
-the agent gives them two threads), and a dead rank is no longer polled. A gather for another `seq`
-answers nothing (the caller keeps waiting: its attach is not here yet, or it is an old group's).
+ignored. `gather(seq, wait_s, every_s, order)` first holds until `every_s` after its previous round
+of heartbeats began, watching the ranks' processes every WATCH_S (a death ends the hold: the
+supervisor, which keeps one gather in flight per node, hears of it at once; a new group's attach
+ends it too, and so does a gather with `every_s` 0, which does not hold, sent after it: `order` is
+the sender's numbering of its gathers, None: as they arrive), then keeps one heartbeat in flight
+per attached rank, waits up to `wait_s` for them and answers {"seq": the attached seq, "beats":
+[(rank, heartbeat)] of those that arrived, "dead": {rank: why} for each rank whose actor died or
+whose process is gone, "waiting": the ranks still owing one}; each heartbeat and each death is
+handed out once (gathers may run side by side: the agent gives them two threads), and a dead rank
+is no longer polled. A gather for another `seq` answers nothing (the caller keeps waiting: its
+attach is not here yet, or it is an old group's).
 `renew(sent_at)` forwards the supervisor's lease renewal to every attached rank; the agent calls it
 only when its own lease took the renewal, so a node cut off renews none of its ranks and they end
 `fence_s` after the cut, as if renewed directly (agents.lease).
@@ -56,7 +57,12 @@ def local_ips() -> set[str]:
 class Relay:
     def __init__(self):
         self._lock = threading.Lock()
-        self._cut = threading.Event()  # a gather that does not hold ends the one that does
+        self._changed = threading.Condition(self._lock)  # an attach or a cut wakes a held gather
+        self._arrived = 0  # gathers, numbered as they arrive
+        # the newest gather that did not hold (a cut): (its arrival, the highest `order` of one):
+        # the gathers that arrived before it, or were sent before it (by the sender's `order`:
+        # the agent's two threads may take them in either order), hold no more
+        self._cut: tuple[int, int] = (0, -1)
         self.seq = -1
         self.ranks: dict[int, tuple[object, int]] = {}
         self.inflight: dict[int, ray.ObjectRef] = {}
@@ -68,8 +74,9 @@ class Relay:
                 return
             if seq > self.seq:  # a new group: its first round now, as a direct heartbeat would
                 self.inflight, self.round_at = {}, float("-inf")
+                self._cut = (self._cut[0], -1)  # the new group numbers its gathers anew
             self.seq, self.ranks = seq, dict(ranks)
-        self._cut.set()  # an older group's held gather ends now
+            self._changed.notify_all()  # an older group's held gather ends now
 
     def renew(self, sent_at: float) -> None:
         for actor, _ in list(self.ranks.values()):
@@ -78,14 +85,18 @@ class Relay:
             except Exception:  # a dead actor: nothing to renew
                 pass
 
-    def gather(self, seq: int, wait_s: float, every_s: float = 0.0) -> dict:
-        if every_s > 0:
-            dead = self._hold(seq, self.round_at + every_s)
-            if dead:  # answered at once: the round waits for the next gather
-                return self._answer(seq, [], dead)
-        else:
-            self._cut.set()
-            dead = {}
+    def gather(
+        self, seq: int, wait_s: float, every_s: float = 0.0, order: int | None = None
+    ) -> dict:
+        with self._lock:
+            self._arrived += 1
+            mark = (self._arrived, -1 if order is None else order)
+            if every_s <= 0 and seq == self.seq:
+                self._cut = (mark[0], max(self._cut[1], mark[1]))
+                self._changed.notify_all()
+        dead = self._hold(seq, mark, self.round_at + every_s) if every_s > 0 else {}
+        if dead:  # answered at once: the round waits for the next gather
+            return self._answer(seq, [], dead)
         with self._lock:
             if seq != self.seq:
                 return _nothing(self.seq)
@@ -121,18 +132,22 @@ class Relay:
             waiting = sorted(self.inflight)
         return {"seq": seq, "beats": beats, "dead": dead, "waiting": waiting}
 
-    def _hold(self, seq: int, deadline: float) -> dict[int, str]:
+    def _hold(self, seq: int, mark: tuple[int, int], deadline: float) -> dict[int, str]:
         """Until `deadline` (monotonic) with the ranks' processes watched every WATCH_S: the
-        deaths seen (at once), or {} when the time is up or another gather cut it short."""
-        self._cut.clear()
-        while True:
-            with self._lock:
-                if seq != self.seq:
-                    return {}
-                ranks = dict(self.ranks)
-            gone, left = _gone(ranks), deadline - time.monotonic()
-            if gone or left <= 0 or self._cut.wait(min(WATCH_S, left)):
-                return gone
+        deaths seen (at once), or {} when the time is up, another group attached, or a gather
+        that does not hold arrived or was sent after this one."""
+        with self._lock:
+            while seq == self.seq and not self._cut_off(mark):
+                gone, left = _gone(self.ranks), deadline - time.monotonic()
+                if gone or left <= 0:
+                    return gone
+                self._changed.wait(min(WATCH_S, left))
+            return {}
+
+    def _cut_off(self, mark: tuple[int, int]) -> bool:
+        """Whether a cut arrived after the gather `mark` (arrival, order) or was sent after it."""
+        arrived, order = mark
+        return arrived < self._cut[0] or 0 <= order < self._cut[1]
 
 
 def _gone(ranks: dict[int, tuple[object, int]]) -> dict[int, str]:

@@ -5,22 +5,22 @@ agents (`supervisor.heartbeat_relay`: "on", "off", or "auto": from RELAY_FROM ra
 driver's per-rank calls begin to cost; below it a direct call per rank is cheaper in all).
 `attach(by_node)` hands each node agent its ranks ({node: (agent, {rank: (actor, pid)})}) under a
 new sequence number and keeps the nodes whose agent took them within ATTACH_S (the others' ranks
-stay polled directly); `rank in relays` says whether a rank is polled through its agent.
-`issue(now, interval)` keeps one gather in flight per node: sent as soon as the previous one came
-back, it holds on the agent until `interval` after the agent's previous round of heartbeats (a
-death on the node ends the hold: it is heard of at once), so each rank is asked once per interval.
-It returns (the ranks now awaited through a gather, the ranks handed back to direct heartbeats:
-those of a node whose gather is STUCK_S overdue, an agent stopped or overloaded, whose ranks must
-not look silent for it). Each gather carries the supervisor's lease renewal (`sent_at`: the agent
-renews its own lease and, if it took it, its ranks'), so `renewing(within_s)` names the nodes the
-`LeaseKeeper` need not renew itself: one call per node per interval in all. `refs` maps the
-gathers in flight to their nodes; `answer(ref, node)` turns a gather's answer into (node, [(rank,
-heartbeat)], deaths, ranks still owing one), heartbeats None when the agent died, failed or was
-attached by someone else since (its ranks are polled directly from then on). `forget(ranks)`
-detaches ranks replaced or ended (None: all) from their agents, so none passes renewals on to
-them. `final(timeout)` gathers once more from every node,
-without holding (which ends the held ones), and waits for those and the ones in flight: every
-heartbeat the ranks still owed, before a teardown.
+stay polled directly); `rank in relays` says whether a rank is polled through its agent. `issue(now,
+interval)` keeps one gather in flight per node: sent as soon as the previous one came back, it holds
+on the agent until `interval` after the agent's previous round of heartbeats (a death on the node
+ends the hold: it is heard of at once), so each rank is asked once per interval. It returns (the
+ranks now awaited through a gather, the ranks handed back to direct heartbeats: those of a node
+whose gather is STUCK_S overdue, an agent stopped or overloaded, whose ranks must not look silent
+for it). Each gather carries the supervisor's lease renewal (`sent_at`: the agent renews its own
+lease and, if it took it, its ranks'), so `renewing(within_s)` names the nodes the `LeaseKeeper`
+need not renew itself: one call per node per interval in all. `refs` maps the gathers in flight to
+their nodes (a handed-back node's late gather too: it is read when it comes, for the heartbeats the
+agent took for it); `answer(ref, node)` turns a gather's answer into (node, [(rank, heartbeat)],
+deaths, ranks still owing one), heartbeats None when the agent died, failed or was attached by
+someone else since (its ranks are polled directly from then on). `forget(ranks)` detaches ranks
+replaced or ended (None: all) from their agents, so none passes renewals on to them.
+`final(timeout)` gathers once more from every node, without holding (which ends the held ones), and
+waits for those and the ones in flight: every heartbeat the ranks still owed, before a teardown.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class NodeRelays:
         self.ranks: dict[str, list[int]] = {}
         self.node_of: dict[int, str] = {}
         self.inflight: dict[str, ray.ObjectRef] = {}
+        # gathers of nodes handed back for being late, still read when they come: the heartbeats
+        # in them were handed out once (and carry step records)
+        self.late: dict[ray.ObjectRef, str] = {}
+        self.order = 0  # the gathers sent, numbered (agents.relay: a later cut ends a hold)
         self.due: dict[str, float] = {}  # when each gather in flight should be back
         self.sent_at: dict[str, float] = {}  # when each node's last gather (and renewal) left
         self.members: dict[str, dict[int, tuple[object, int]]] = {}  # what each agent was given
@@ -92,16 +96,20 @@ class NodeRelays:
                         node[:12],
                     )
                     released += self.ranks[node]
+                    self.late[self.inflight[node]] = node
                     self.drop(node)
                 continue
-            self.inflight[node] = agent.gather.remote(self.seq, wait_s, interval, now)
+            self.order += 1
+            self.inflight[node] = agent.gather.remote(
+                self.seq, wait_s, interval, now, order=self.order
+            )
             self.due[node], self.sent_at[node] = now + interval + wait_s, now
             asked += self.ranks[node]
         return asked, released
 
     @property
     def refs(self) -> dict:
-        return {ref: node for node, ref in self.inflight.items()}
+        return {ref: node for node, ref in self.inflight.items()} | self.late
 
     def renewing(self, within_s: float) -> set[str]:
         """The nodes whose agents were sent a renewal with a gather within the last `within_s`."""
@@ -110,17 +118,19 @@ class NodeRelays:
 
     def answer(self, ref, node: str) -> tuple[str, list | None, dict, list]:
         """A gather that came back: (node, heartbeats, deaths, ranks still owing one); heartbeats
-        None when the agent is gone (its ranks are then polled directly)."""
-        self.inflight.pop(node, None)
+        None when the agent is gone (its ranks are then polled directly). A late gather (its node
+        handed back) gives what it got, and no ranks owing one: they are asked directly."""
+        late = self.late.pop(ref, None) is not None
+        if not late:
+            self.inflight.pop(node, None)
         try:
             got = ray.get(ref)
         except Exception:  # the agent died (or its gather failed): direct heartbeats
+            got = None
+        if got is None or got["seq"] != self.seq:  # or re-attached by someone else since
             self.drop(node)
-            return node, None, {}, []
-        if got["seq"] != self.seq:  # re-attached by someone else since: ask its ranks directly
-            self.drop(node)
-            return node, None, {}, []
-        return node, got["beats"], got["dead"], got["waiting"]
+            return node, ([] if late else None), {}, []
+        return node, got["beats"], got["dead"], ([] if late else got["waiting"])
 
     def drop(self, node: str) -> None:
         self.agents.pop(node, None)
@@ -149,8 +159,14 @@ class NodeRelays:
     def final(self, timeout: float) -> tuple[list, dict]:
         """Every heartbeat and death the nodes' ranks still owed (within `timeout`): [(rank,
         heartbeat)] in the order the ranks answered, {rank: why}."""
-        # no renewal rides on these: a node just written off must not be renewed
-        ask = {a.gather.remote(self.seq, AGENT_WAIT_S, 0.0, 0.0): n for n, a in self.agents.items()}
+        # no renewal rides on these: a node just written off must not be renewed; the agents have
+        # what is left of `timeout` after a round trip to wait for their ranks
+        self.order += 1
+        wait_s = max(AGENT_WAIT_S, timeout - AGENT_WAIT_S)
+        ask = {
+            a.gather.remote(self.seq, wait_s, 0.0, 0.0, order=self.order): n
+            for n, a in self.agents.items()
+        }
         refs = {**self.refs, **ask}
         self.inflight = {}
         ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)[0] if refs else []

@@ -13,16 +13,25 @@ import os
 import socket
 from dataclasses import dataclass
 
+import psutil
 import ray
 
+from resilient.agents.priority import background
 from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
 
 PROBE_S = 5.0  # how long a cluster address gets to accept a connection before the launch gives up
 # An embedded cluster's Ray keeps no per-process metrics or task events (nothing here reads them):
 # each process's reporting threads, and the log monitor (log_to_driver is off), take CPU from the
-# ranks on a small machine.
-QUIET = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
+# ranks on a small machine. Its workers run at normal priority: Ray's default (niceness 15) puts
+# every rank below each thread of the driver, the raylet and Ray's dashboard processes, which then
+# take a core from a rank whenever they wake; the threads that may wait are lowered instead
+# (agents.priority, `background_ray`).
+QUIET = {
+    "enable_metrics_collection": False,
+    "task_events_report_interval_ms": 0,
+    "worker_niceness": 0,
+}
 
 
 @dataclass
@@ -61,6 +70,7 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
     if cfg.local_nodes == 1:
         ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
         _no_log_monitor()
+        background_ray()
         return Connection(embedded=True)
     from ray.cluster_utils import Cluster
 
@@ -81,6 +91,7 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)
+    background_ray()
     return Connection(embedded=True, cluster=cluster)
 
 
@@ -91,6 +102,33 @@ def _no_log_monitor() -> None:
         ray._private.worker._global_node.kill_log_monitor()
     except Exception as e:  # Ray's internals moved: the monitor only costs CPU
         logging.getLogger(__name__).debug("log monitor left running: %s", e)
+
+
+# Ray's processes an embedded cluster does not need promptly: its dashboard (head and per-node
+# agent: nothing here uses them) and its autoscaler monitor (there is nothing to scale). Never the
+# raylet (it routes every call, and the workers it starts inherit its priority) nor the GCS.
+BACKGROUND_SCRIPTS = ("dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+BACKGROUND_TITLES = ("ray::DashboardAgent",)
+
+
+def is_background(cmdline: list[str]) -> bool:
+    """Whether a process (by its command line) is one of Ray's that `background_ray` lowers."""
+    return bool(cmdline) and (
+        cmdline[0].startswith(BACKGROUND_TITLES)
+        or any(arg.endswith(BACKGROUND_SCRIPTS) for arg in cmdline[1:3])
+    )
+
+
+def background_ray() -> None:
+    """Lower every thread of an embedded cluster's dashboard and monitor processes (this driver's
+    descendants) to background priority (agents.priority), so they use the CPU the ranks leave."""
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if is_background(p.cmdline()):
+                for t in p.threads():
+                    background(t.id)
+        except psutil.Error:  # ended meanwhile: nothing to lower
+            pass
 
 
 def _reachable(address: str) -> None:

@@ -151,6 +151,49 @@ def test_a_held_gather_answers_at_once_when_a_rank_dies(agent):
     assert 0 in {r for r, _ in beats} | {r for r, _ in ray.get(held)["beats"]}
 
 
+def test_a_gather_sent_before_the_last_one_holds_not_whenever_it_arrives(agent):
+    """The agent's two threads may take a held gather after the final one sent later: the
+    sender's numbering (`order`) ends it all the same; one sent after the final one holds."""
+    relays = NodeRelays()
+    relays.attach({"node-a": (agent, ranks(1))})
+    ray.get(agent.gather.remote(relays.seq, 0.25, 0.0, 0.0, order=5))  # the last, arrived first
+    t0 = time.time()
+    late = agent.gather.remote(relays.seq, 0.25, 60.0, 0.0, order=4)  # sent before it
+    assert ray.get(late, timeout=20)["seq"] == relays.seq and time.time() - t0 < 5
+    after = agent.gather.remote(relays.seq, 0.25, 60.0, 0.0, order=6)
+    assert not ray.wait([after], timeout=1.0)[0]  # held: sent after the cut
+    ray.get(agent.gather.remote(relays.seq, 0.25, 0.0, 0.0, order=7))
+    assert ray.get(after, timeout=20)["seq"] == relays.seq
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class SlowAgent:
+    """A node agent whose gathers answer 2 s late, each with one heartbeat of rank 0."""
+
+    def attach(self, seq: int, ranks: dict) -> None:
+        pass
+
+    def gather(self, seq: int, wait_s: float, every_s=0.0, sent_at=0.0, order=None) -> dict:
+        time.sleep(2.0)
+        hb = Heartbeat(0, os.getpid(), "training", time.time(), 1, metrics=({"step": 1},))
+        return {"seq": seq, "beats": [(0, hb)], "dead": {}, "waiting": [0]}
+
+
+def test_a_late_gather_is_still_read_after_its_ranks_were_handed_back(cluster):
+    """The heartbeats a late gather carries were handed out once: they still reach the caller,
+    and its ranks stay with direct heartbeats (none of them awaited through it again)."""
+    relays = NodeRelays()
+    relays.attach({"node-s": (SlowAgent.remote(), ranks(1))})
+    now = time.time()
+    assert relays.issue(now, 0.4) == ([0], [])
+    assert relays.issue(now + 0.7, 0.4) == ([], [0])  # overdue: handed back
+    assert 0 not in relays and list(relays.refs.values()) == ["node-s"]
+    ref = ray.wait(list(relays.refs), timeout=20)[0][0]
+    node, beats, dead, waiting = relays.answer(ref, "node-s")
+    assert [r for r, _ in beats] == [0] and beats[0][1].metrics == ({"step": 1},)
+    assert waiting == [] and not relays.refs
+
+
 @ray.remote(num_cpus=0, max_concurrency=4)
 class StuckAgent:
     """A node agent that takes its ranks, then never answers a gather (stopped, overloaded)."""
@@ -158,7 +201,7 @@ class StuckAgent:
     def attach(self, seq: int, ranks: dict) -> None:
         pass
 
-    def gather(self, seq: int, wait_s: float, every_s: float = 0.0, sent_at: float = 0.0) -> dict:
+    def gather(self, seq: int, wait_s: float, every_s=0.0, sent_at=0.0, order=None) -> dict:
         time.sleep(60)
         return {}
 
