@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from resilient.agents.heartbeat import Heartbeat, merged
+from resilient.agents.heartbeat import Heartbeat, add_answer
 from resilient.agents.relay import local_ips, process_gone
 from resilient.agents.relays import NodeRelays, relayed
 from resilient.agents.reservation import Reservation
@@ -264,7 +264,8 @@ class WorkerGroup:
         return fresh
 
     def _answered(self, rank: int, hb: Heartbeat) -> Heartbeat:
-        self.latest[rank] = hb
+        if rank not in self.latest or hb.now >= self.latest[rank].now:  # a late gather's is older
+            self.latest[rank] = hb
         self.last_answer[rank] = time.time()
         if rank in self.pending and self.pending[rank] is None:  # a direct call stays in flight
             del self.pending[rank]
@@ -300,30 +301,32 @@ class WorkerGroup:
     def final_heartbeats(self, timeout: float = 1.0) -> dict[int, Heartbeat]:
         """One last heartbeat from every rank still answering (before a teardown), so what the
         survivors did since the previous heartbeat (metrics, checkpoints) is not lost."""
-        refs = {  # asked first: they answer while the agents' gathers do
-            rank: (self.pending.pop(rank, None) or w.heartbeat.remote())
-            for rank, w in enumerate(self.workers)
-            if rank not in self.dead and w is not None and rank not in self.relays
-        }
+        refs = self._ask_directly({})  # first: they answer while the agents' gathers do
         beats, dead = self.relays.final(timeout)
         for rank, why in dead.items():
             self.dead.setdefault(rank, why)
+        refs = self._ask_directly(refs)  # and the ranks of an agent dropped meanwhile
         wait = list(refs.values())
         ready = ray.wait(wait, num_returns=len(wait), timeout=timeout)[0] if wait else []
         out: dict[int, Heartbeat] = {}
-        for rank, hb in beats:  # a rank may answer twice (a gather in flight, the last): in order
-            out[rank] = merged(out[rank], hb) if rank in out else hb
+        for rank, hb in beats:  # a rank may answer twice (a gather in flight, the last)
+            add_answer(out, rank, hb)
         for rank, ref in refs.items():
             if ref in ready:
-                try:
-                    hb = ray.get(ref)
+                try:  # a late gather (agents.relays) may have answered for it too
+                    add_answer(out, rank, ray.get(ref))
                 except RayActorError:
-                    continue
-                # a late gather (agents.relays) may have answered for it too: both, in order
-                out[rank] = (
-                    merged(*sorted((out[rank], hb), key=lambda h: h.now)) if rank in out else hb
-                )
+                    pass
         return out
+
+    def _ask_directly(self, refs: dict) -> dict:
+        """`refs`, and a heartbeat asked of each rank not relayed, not dead and not in it."""
+        skip = {*self.dead, *refs, *self.relays.node_of}
+        return refs | {
+            rank: self.pending.pop(rank, None) or w.heartbeat.remote()
+            for rank, w in enumerate(self.workers)
+            if w is not None and rank not in skip
+        }
 
     def flush_newest(self, answers: dict[int, Heartbeat], timeout: float = 5.0) -> Handoff | None:
         """Have the survivor holding the newest snapshot (by `answers`, the final heartbeats) hand

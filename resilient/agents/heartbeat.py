@@ -83,6 +83,13 @@ def step_record(r, rank: int, step: int, data_step: int, attempt: int) -> dict:
     }
 
 
+def add_answer(answers: dict[int, Heartbeat], rank: int, hb: Heartbeat) -> None:
+    """`hb` into `answers`, merged with the answer of `rank` already there, the older first."""
+    if rank in answers:
+        hb = merged(*sorted((answers[rank], hb), key=lambda h: h.now))
+    answers[rank] = hb
+
+
 def merged(a: Heartbeat, b: Heartbeat) -> Heartbeat:
     """`b` (the later answer), carrying what `a` reported too, in order."""
     return replace(

@@ -3,8 +3,8 @@
 Contract, process side: `Lease(expire_s, on_expiry)` holds from its creation; `renew(sent_at)`
 extends it by `expire_s` unless the renewal is stale (sent more than MAX_AGE_S ago by this
 machine's clock: a renewal held back by a partition and delivered after it must not revive a
-process the job has replaced). A watchdog thread, at background priority (agents.priority),
-sleeps until the lease's end and then looks again (a renewal moved the end); once it runs out,
+process the job has replaced). A watchdog thread sleeps until the lease's end (on the monotonic
+clock) and looks again (a renewal moved the end); once it runs out,
 `valid()` is False for good (storage writers check it before every request) and `on_expiry()` runs
 (the worker and the node agent end their process). A partitioned node's processes thus stop
 writing and end `expire_s` after the cut, before the link can come back, so nothing of theirs
@@ -22,8 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from resilient.agents.priority import background
-
 log = logging.getLogger(__name__)
 
 MAX_AGE_S = 2.0  # a renewal older than this when it arrives is ignored
@@ -32,24 +30,22 @@ MAX_AGE_S = 2.0  # a renewal older than this when it arrives is ignored
 class Lease:
     def __init__(self, expire_s: float, on_expiry: Callable[[], None]):
         self.expire_s, self.on_expiry = expire_s, on_expiry
-        self._until = time.time() + expire_s
+        self._until = time.monotonic() + expire_s  # a wall-clock jump moves no lease
         self._expired = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="lease").start()
 
     def renew(self, sent_at: float) -> bool:
         """Extend the lease; False when the renewal came too late (or the lease ran out)."""
-        now = time.time()
-        if self._expired.is_set() or now - sent_at > MAX_AGE_S:
-            return False
-        self._until = max(self._until, now + self.expire_s)
+        if not self.valid() or time.time() - sent_at > MAX_AGE_S:  # ran out: for good, even
+            return False  # before the watchdog wakes (a stopped process, continued)
+        self._until = max(self._until, time.monotonic() + self.expire_s)
         return True
 
     def valid(self) -> bool:
-        return not self._expired.is_set() and time.time() <= self._until
+        return not self._expired.is_set() and time.monotonic() <= self._until
 
     def _watch(self) -> None:
-        background()
-        while (left := self._until - time.time()) >= 0:  # one wake-up per lease, not per renewal
+        while (left := self._until - time.monotonic()) >= 0:  # wakes once a lease, not 4x a second
             time.sleep(left + 0.01)
         self._expired.set()
         log.error(
@@ -71,7 +67,6 @@ class LeaseKeeper:
         return self
 
     def _loop(self) -> None:
-        background()  # a renewal may be late by a fraction of fence_s: the ranks first
         while not self._stop.wait(self.every_s):
             now = time.time()
             try:

@@ -21,7 +21,6 @@ import ray
 
 from resilient import heap
 from resilient.agents.lease import Lease
-from resilient.agents.priority import actor_main_thread, background
 from resilient.agents.relay import Relay
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
@@ -82,7 +81,6 @@ class NodeAgent:
 
     # -- metrics (TEE collectors) ------------------------------------------------------------------
     def _sample_loop(self) -> None:
-        background()  # a sample may be late by a few milliseconds; a rank's step may not
         trimmer = heap.Trimmer()  # freed memory back to the system once a minute: flat RSS
         while True:
             t0 = time.perf_counter()
@@ -133,9 +131,6 @@ class NodeAgent:
         return self.gpu_status
 
     def info(self) -> dict:
-        """Where it runs; the first call of every agent (agents.priority: its method threads exist
-        by now, so lowering its main thread lowers none of them)."""
-        actor_main_thread()
         return {"node_id": self.node_id, "pid": os.getpid()}
 
     def set_generation(self, generation: int) -> None:

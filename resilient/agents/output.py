@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 
-from resilient.agents.priority import background
-
 CAP = 5000  # lines kept while nobody drains (the newest win)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -89,11 +87,9 @@ def _file_of(fd: int) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def tail(path: str, buf: LineBuffer, every_s: float = 0.2, from_end: bool = True) -> None:
+def tail(path: str, buf: LineBuffer, every_s: float = 0.5, from_end: bool = True) -> None:
     """Every line appended to `path` from now on (`from_end`; else every line in it), into `buf`
-    (a truncated file starts over), until the file is gone. At background priority: the lines
-    may wait (agents.priority)."""
-    background()
+    (a truncated file starts over), until the file is gone."""
     try:
         f = open(path, "rb")
     except OSError:

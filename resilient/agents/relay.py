@@ -145,9 +145,12 @@ class Relay:
             return {}
 
     def _cut_off(self, mark: tuple[int, int]) -> bool:
-        """Whether a cut arrived after the gather `mark` (arrival, order) or was sent after it."""
+        """Whether a cut was sent after the gather `mark` (arrival, order): by the sender's order
+        when both are numbered, else by arrival."""
         arrived, order = mark
-        return arrived < self._cut[0] or 0 <= order < self._cut[1]
+        if order >= 0 and self._cut[1] >= 0:
+            return order < self._cut[1]
+        return arrived < self._cut[0]
 
 
 def _gone(ranks: dict[int, tuple[object, int]]) -> dict[int, str]:

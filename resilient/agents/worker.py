@@ -31,7 +31,6 @@ from resilient.agents.chaos_damage import ChaosDamage
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.lease import Lease
 from resilient.agents.output import capture
-from resilient.agents.priority import actor_main_thread
 from resilient.agents.reports import Reports
 from resilient.agents.store import KeyValue, on_worker, ray_store
 from resilient.agents.trainers import TrainerSource
@@ -94,17 +93,13 @@ class TrainWorker(ChaosDamage, TrainingLoop):
         return getattr(self._kv, op)(*args)
 
     def ping(self) -> int:
-        """Answers once this worker is warm (a spare: imports, data and model ready). A spare's
-        first call, as `info` is a rank's: its method threads exist by then, so its main thread
-        (Ray's signal check only) can be lowered without them (agents.priority)."""
-        actor_main_thread()
+        """Answers once this worker is warm (a spare: imports, data and model ready)."""
         self.trainers.ready.wait()
         return os.getpid()
 
     def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
         """Where this worker runs (and a free port for rank 0's rendezvous); a spare takes its
         rank here."""
-        actor_main_thread()
         if rank is not None:
             self.trainers.ready.wait()  # a spare promoted before it is warm finishes warming
             self.rank, self.attempt = rank, attempt

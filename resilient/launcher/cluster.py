@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import psutil
 import ray
 
-from resilient.agents.priority import background
 from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
 
@@ -25,8 +24,8 @@ PROBE_S = 5.0  # how long a cluster address gets to accept a connection before t
 # each process's reporting threads, and the log monitor (log_to_driver is off), take CPU from the
 # ranks on a small machine. Its workers run at normal priority: Ray's default (niceness 15) puts
 # every rank below each thread of the driver, the raylet and Ray's dashboard processes, which then
-# take a core from a rank whenever they wake; the threads that may wait are lowered instead
-# (agents.priority, `background_ray`).
+# take a core from a rank whenever they wake; Ray's processes that may wait are lowered instead
+# (`background_ray`).
 QUIET = {
     "enable_metrics_collection": False,
     "task_events_report_interval_ms": 0,
@@ -105,10 +104,16 @@ def _no_log_monitor() -> None:
 
 
 # Ray's processes an embedded cluster does not need promptly: its dashboard (head and per-node
-# agent: nothing here uses them) and its autoscaler monitor (there is nothing to scale). Never the
-# raylet (it routes every call, and the workers it starts inherit its priority) nor the GCS.
-BACKGROUND_SCRIPTS = ("dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+# agent: nothing here uses them) and its autoscaler monitor (there is nothing to scale), with what
+# they start. Never the raylet (it routes every call, and the workers it starts inherit its
+# priority) nor the GCS. (The agent takes its title only once it is up: both names count.)
+BACKGROUND_SCRIPTS = (
+    "dashboard/dashboard.py",
+    "dashboard/agent.py",
+    "autoscaler/_private/monitor.py",
+)
 BACKGROUND_TITLES = ("ray::DashboardAgent",)
+BACKGROUND_NICE = 19
 
 
 def is_background(cmdline: list[str]) -> bool:
@@ -121,13 +126,15 @@ def is_background(cmdline: list[str]) -> bool:
 
 def background_ray() -> None:
     """Lower every thread of an embedded cluster's dashboard and monitor processes (this driver's
-    descendants) to background priority (agents.priority), so they use the CPU the ranks leave."""
+    descendants) and of what they started to niceness BACKGROUND_NICE, so they run on the CPU
+    time the ranks leave (Linux keeps niceness per thread: each one is lowered)."""
     for p in psutil.Process().children(recursive=True):
         try:
             if is_background(p.cmdline()):
-                for t in p.threads():
-                    background(t.id)
-        except psutil.Error:  # ended meanwhile: nothing to lower
+                for q in [p, *p.children(recursive=True)]:
+                    for t in q.threads():
+                        os.setpriority(os.PRIO_PROCESS, t.id, BACKGROUND_NICE)
+        except (psutil.Error, OSError):  # ended meanwhile, or not allowed: left as it is
             pass
 
 

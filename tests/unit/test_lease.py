@@ -31,6 +31,16 @@ def test_a_lease_runs_out_without_renewals_and_a_stale_renewal_is_refused():
     assert not lease.renew(time.time())  # once out, out for good
 
 
+def test_a_lease_past_its_end_refuses_a_renewal_before_its_watchdog_wakes():
+    """A stopped process continued after its lease's end: a renewal handled before the watchdog
+    (which sleeps until the end) runs must not revive it."""
+    ended = threading.Event()
+    lease = Lease(30.0, ended.set)
+    lease._until = time.monotonic() - 0.1  # as if stopped for longer than the lease
+    assert not lease.valid() and not lease.renew(time.time())
+    assert not lease.valid()
+
+
 def test_the_keeper_renews_every_actor_it_is_given():
     got = []
 
