@@ -16,6 +16,14 @@ from resilient.launcher.cluster import BACKGROUND_NICE, connect, is_background
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+def started(p: psutil.Process) -> float:
+    """When `p` started; 0 for a process already ended (a zombie not reaped yet)."""
+    try:
+        return 0.0 if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
+    except psutil.Error:
+        return 0.0
+
+
 def nice(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
@@ -56,8 +64,8 @@ def test_workers_train_at_normal_priority(embedded):
 
 
 def test_rays_dashboard_and_monitor_run_below_the_ranks(embedded):
-    # this cluster's (an earlier test module's Ray may still be ending)
-    procs = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= embedded]
+    # this cluster's (an earlier test module's Ray may still be ending, or left zombies)
+    procs = [p for p in psutil.Process().children(recursive=True) if started(p) >= embedded]
     lowered = [p for p in procs if is_background(p.cmdline())]
     assert len(lowered) >= 2, "no dashboard or monitor processes found to check"
     for p in lowered:
