@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import ray  # noqa: E402
 
 from resilient.agents.heartbeat import Heartbeat  # noqa: E402
-from resilient.agents.relay import Relay  # noqa: E402
+from resilient.agents.relay import Relay, RelayMethods  # noqa: E402
 
 
 @ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1})
@@ -75,7 +75,7 @@ class Light:
 
 
 @ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1, "relay": 2})
-class LightAgent:
+class LightAgent(RelayMethods):
     """A node agent without a checkpoint tier or sampler: the real Relay, as NodeAgent holds it."""
 
     def __init__(self):
@@ -88,23 +88,6 @@ class LightAgent:
     def renew(self, sent_at: float) -> bool:
         self.relay.renew(sent_at)
         return True
-
-    @ray.method(concurrency_group="relay")
-    def attach(self, seq: int, ranks: dict) -> None:
-        self.relay.attach(seq, ranks)
-
-    @ray.method(concurrency_group="relay")
-    def gather(
-        self,
-        seq: int,
-        wait_s: float,
-        every_s: float = 0.0,
-        sent_at: float = 0.0,
-        order: int | None = None,
-    ) -> dict:
-        if sent_at:
-            self.relay.renew(sent_at)
-        return self.relay.gather(seq, wait_s, every_s, order)
 
 
 def _cpu(pids: list[int]) -> float:

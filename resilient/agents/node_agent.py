@@ -21,7 +21,7 @@ import ray
 
 from resilient import heap
 from resilient.agents.lease import Lease
-from resilient.agents.relay import Relay
+from resilient.agents.relay import Relay, RelayMethods
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
 from resilient.checkpoint.memory import Entry, MemoryTier
@@ -36,7 +36,7 @@ REPLICA_BYTES_PER_S = 100e6
 
 
 @ray.remote(num_cpus=0, max_concurrency=16, concurrency_groups={"lease": 1, "relay": 2})
-class NodeAgent:
+class NodeAgent(RelayMethods):
     def __init__(
         self,
         node_id: str,
@@ -159,26 +159,6 @@ class NodeAgent:
         if ok:
             self.relay.renew(sent_at)
         return ok
-
-    @ray.method(concurrency_group="relay")
-    def attach(self, seq: int, ranks: dict) -> None:
-        """The ranks on this node whose heartbeats this agent relays (agents.relay)."""
-        self.relay.attach(seq, ranks)
-
-    @ray.method(concurrency_group="relay")
-    def gather(
-        self,
-        seq: int,
-        wait_s: float,
-        every_s: float = 0.0,
-        sent_at: float = 0.0,
-        order: int | None = None,
-    ) -> dict:
-        """The relayed ranks' heartbeats and deaths since the last gather (agents.relay); it
-        carries the supervisor's lease renewal `sent_at` too (0: none)."""
-        if sent_at:
-            self.renew(sent_at)
-        return self.relay.gather(seq, wait_s, every_s, order)
 
     def set_peer(self, peer) -> None:
         self.peer = peer

@@ -153,6 +153,33 @@ class Relay:
         return arrived < self._cut[0]
 
 
+class RelayMethods:
+    """The relay's actor methods, one definition for NodeAgent and bench/fanin.py's light agent: a
+    mixin of a Ray actor class that declares the "relay" concurrency group (two threads) and has
+    `self.relay` (a Relay) and `self.renew(sent_at)`, the path a gather's renewal takes (the
+    agent's own lease first)."""
+
+    @ray.method(concurrency_group="relay")
+    def attach(self, seq: int, ranks: dict) -> None:
+        """The ranks on this node whose heartbeats this agent relays."""
+        self.relay.attach(seq, ranks)
+
+    @ray.method(concurrency_group="relay")
+    def gather(
+        self,
+        seq: int,
+        wait_s: float,
+        every_s: float = 0.0,
+        sent_at: float = 0.0,
+        order: int | None = None,
+    ) -> dict:
+        """The relayed ranks' heartbeats and deaths since the last gather; it carries the
+        supervisor's lease renewal `sent_at` too (0: none)."""
+        if sent_at:
+            self.renew(sent_at)
+        return self.relay.gather(seq, wait_s, every_s, order)
+
+
 def _gone(ranks: dict[int, tuple[object, int]]) -> dict[int, str]:
     return {
         rank: f"the worker process {pid} of rank {rank} is gone"
