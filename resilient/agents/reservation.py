@@ -25,6 +25,7 @@ group runs (the journal's `ranks` record).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -293,12 +294,18 @@ class Reservation:
         self.lost.add(node)
         self._nodes.clear()
 
-    def release(self) -> None:
-        for g in self.groups.values():
-            try:
-                remove_placement_group(g)
-            except Exception:  # Ray is shutting down
-                pass
+    def release(self, wait_s: float | None = None) -> None:
+        """Remove the job's placement groups; with `wait_s`, wait at most that long (a shutdown:
+        when a signal to the whole process group, from systemd, Slurm or `timeout`, also ended an
+        embedded cluster's GCS, Ray holds the call for a minute and then ends this process; the
+        groups end with the driver's job anyway)."""
+        groups = list(self.groups.values())
+        if wait_s is None:
+            _remove(groups)
+        else:
+            t = threading.Thread(target=_remove, args=(groups,), name="release", daemon=True)
+            t.start()
+            t.join(wait_s)
         self.groups.clear()
         self._ready.clear()
         self.held.clear()
@@ -320,3 +327,11 @@ def ranks_of(group) -> list[dict]:
         }
         for i, x in enumerate(getattr(group, "infos", None) or [])
     ]
+
+
+def _remove(groups: list) -> None:
+    for g in groups:
+        try:
+            remove_placement_group(g)
+        except Exception:  # Ray is shutting down
+            pass

@@ -374,4 +374,4 @@ class Nodes:
                 pass
         self.agents.clear()
         if self.reservation is not None:
-            self.reservation.release()
+            self.reservation.release(wait_s=AGENT_CALL_S)

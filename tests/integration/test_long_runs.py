@@ -64,6 +64,23 @@ def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig
     assert_same_adapter(adapter(tmp_path / "runs" / "t" / "clean"), adapter(run))
 
 
+def test_sigterm_to_the_whole_process_group_stops_promptly(tmp_path):
+    """systemd (KillMode=control-group), Slurm and `timeout` signal every process of the job, the
+    embedded cluster's Ray among them: the job still stops after a persisted step, and the launch
+    exits 143 promptly (Ray's GCS is gone: a cleanup call must not hold it for Ray's minute)."""
+    spec = write_job(tmp_path, steps=100000)
+    run = tmp_path / "runs" / "t" / "group"
+    with background_launch(str(spec), "--run-id", "group", "--set", "checkpoint.every=1") as proc:
+        await_step(run, 10)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 143
+        assert time.time() - t0 < 30
+    s = status(run)
+    assert s["state"] == "STOPPED" and "SIGTERM" in s["reason"]
+    assert s["last_checkpoint"] == s["step"] >= 10
+
+
 def test_chaos_inject_is_refused_unless_allowed(tmp_path):
     spec = write_job(tmp_path, name="noinj", steps=100000)
     run = tmp_path / "runs" / "noinj" / "n"
