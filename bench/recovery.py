@@ -11,7 +11,9 @@ seeded exponential training-time arrivals) and `hang` (SIGSTOP of rank 1). Per s
 x median step time / wall time from the first to the last step), hang detection time, and the
 no-fault step time vs plain torchrun DDP (no checkpoints), each the median of `--rounds` no-fault
 runs that alternate the systems (a machine's speed drifts over minutes; alternating puts the same
-drift under each). Peers checkpoint every `--every` steps with torch.save (the loop a user writes).
+drift under each), with two figures the drift moves less: the steady step over plain DDP's paired
+by round, and each system's fastest stretch of 40 steps (interference only adds time). Peers
+checkpoint every `--every` steps with torch.save (the loop a user writes).
 Usage: python bench/recovery.py [--steps 240] [--quick] [--systems resilient,ray,torchrun]
                                 [--cases none,kill,mtbf,hang[,survivors,nodeloss]]
                                 [--rounds 3] [--set KEY=VALUE ...] (resilient's spec overrides)
@@ -35,20 +37,36 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench.harness import run_ray_train, run_resilient, run_torchrun  # noqa: E402
+from bench.harness import WINDOW, run_ray_train, run_resilient, run_torchrun  # noqa: E402
 
 
 # -- the table -------------------------------------------------------------------------------------
 def over_rounds(runs: list[dict]) -> dict:
     """One system's no-fault runs as one: the first run (its span and goodput), with the median of
-    the rounds' step_s and steady_s (each round's kept in `rounds_step_s` and `rounds_steady_s`)."""
+    the rounds' step_s and steady_s (each round's kept in `rounds_step_s` and `rounds_steady_s`)
+    and the fastest of their `best_s`."""
     out = dict(runs[0])
     for key in ("step_s", "steady_s"):
         got = [r[key] for r in runs if r.get(key)]
         out[key] = statistics.median(got) if got else None
         out[f"rounds_{key}"] = got
+    best = [r["best_s"] for r in runs if r.get("best_s")]
+    out["best_s"] = min(best) if best else None  # the fastest stretch of any round
     out["done"] = all(r["done"] for r in runs)
     return out
+
+
+def paired(runs: list[dict], plains: list[dict], key: str = "steady_s") -> dict | None:
+    """A system's `key` over plain DDP's, paired by round (the two ran minutes apart, not the
+    whole bench apart): the median ratio - 1 and its range over the rounds. The drift between
+    rounds falls out of each pair; what is left is the noise within a round, which torchrun's pair
+    shows (its checkpoint steps are not in the median, so it is plain DDP's step: an A/A test)."""
+    over = [
+        r[key] / p[key] - 1 for r, p in zip(runs, plains, strict=True) if r.get(key) and p.get(key)
+    ]
+    if not over:
+        return None
+    return {"median": statistics.median(over), "min": min(over), "max": max(over), "rounds": over}
 
 
 def fmt(xs, unit="s"):
@@ -172,7 +190,7 @@ def main() -> None:
     plain = over_rounds(plains)
     print(f"plain torchrun DDP (no checkpoints): {plain['step_s'] * 1e3:.1f} ms/step", flush=True)
     for sysname, runs in nofault.items():
-        results[sysname] = {"none": over_rounds(runs)}
+        results[sysname] = {"none": over_rounds(runs) | {"steady_over_plain": paired(runs, plains)}}
     for case in cases:
         if case != "none":
             for sysname, fn in systems.items():
@@ -245,6 +263,19 @@ def main() -> None:
         "goodput: steps x the system's no-fault step time / wall time from its first step to its "
         "last; @1 fault/min: 1 - (recovery + replayed steps) / 60 s, from the kill case"
     )
+    for sysname, by in results.items():
+        if pair := by["none"].get("steady_over_plain"):
+            print(
+                f"{sysname} steady step over plain DDP's in the same round: median "
+                f"{pair['median']:+.1%} ({pair['min']:+.1%} to {pair['max']:+.1%}, "
+                f"{len(pair['rounds'])} rounds)"
+            )
+        if by["none"].get("best_s") and plain.get("best_s"):
+            print(
+                f"{sysname} fastest {WINDOW} steps: {by['none']['best_s'] * 1e3:.1f} ms, "
+                f"{by['none']['best_s'] / plain['best_s'] - 1:+.1%} over plain DDP's "
+                f"({plain['best_s'] * 1e3:.1f} ms): the step without the machine's interference"
+            )
     if a.json:
         write_json(a.json, {keys[n]: by for n, by in results.items()} | {"plain": {"none": plain}})
     if "survivors" in asked or "nodeloss" in asked:
@@ -261,7 +292,9 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
     and replayed steps, the goodput (None when the run failed), whether the run finished, the
     seconds from launch to the first step, and the wall seconds per step (`step_s`: the whole
     run; `steady_s`: its second half; for the no-fault case the medians over `--rounds`, each
-    round's in `rounds_step_s` and `rounds_steady_s`)."""
+    round's in `rounds_step_s` and `rounds_steady_s`, `steady_over_plain`: the steady step over
+    plain DDP's paired by round, {median, min, max, rounds}, and `best_s`: the fastest stretch of
+    harness.WINDOW steps in any round)."""
     out = {
         system: {
             case: {
@@ -273,7 +306,11 @@ def write_json(path: str, results: dict[str, dict[str, dict]]) -> None:
                 "step_s": r.get("step_s"),
                 "steady_s": r.get("steady_s"),
             }
-            | {k: r[k] for k in ("rounds_step_s", "rounds_steady_s") if k in r}
+            | {
+                k: r[k]
+                for k in ("rounds_step_s", "rounds_steady_s", "steady_over_plain", "best_s")
+                if k in r
+            }
             for case, r in by.items()
         }
         for system, by in results.items()
