@@ -331,6 +331,8 @@ def ranks_of(group) -> list[dict]:
 
 def _remove(groups: list) -> None:
     for g in groups:
+        if not ray.is_initialized():  # shut down meanwhile: a Ray call would start a new Ray
+            return
         try:
             remove_placement_group(g)
         except Exception:  # Ray is shutting down

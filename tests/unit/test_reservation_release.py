@@ -22,7 +22,13 @@ def make(tmp_path) -> reservation.Reservation:
     return r
 
 
-def test_release_removes_every_group(tmp_path, monkeypatch):
+@pytest.fixture
+def connected(monkeypatch):
+    """Ray as if connected: a real Ray call without a connection would start a local Ray."""
+    monkeypatch.setattr(reservation.ray, "is_initialized", lambda: True)
+
+
+def test_release_removes_every_group(tmp_path, monkeypatch, connected):
     removed = []
     monkeypatch.setattr(reservation, "remove_placement_group", removed.append)
     r = make(tmp_path)
@@ -30,9 +36,14 @@ def test_release_removes_every_group(tmp_path, monkeypatch):
     assert sorted(removed) == ["ranks", "spares"] and not r.groups
 
 
-def test_a_bounded_release_returns_while_ray_holds_the_call(tmp_path, monkeypatch):
-    held = threading.Event()
-    monkeypatch.setattr(reservation, "remove_placement_group", lambda g: held.wait(20))
+def test_a_bounded_release_returns_while_ray_holds_the_call(tmp_path, monkeypatch, connected):
+    held, removed = threading.Event(), []
+
+    def remove(g):
+        held.wait(20)
+        removed.append(g)
+
+    monkeypatch.setattr(reservation, "remove_placement_group", remove)
     r = make(tmp_path)
     t0 = time.monotonic()
     try:
@@ -40,3 +51,13 @@ def test_a_bounded_release_returns_while_ray_holds_the_call(tmp_path, monkeypatc
         assert time.monotonic() - t0 < 2.0 and not r.groups
     finally:
         held.set()
+        while len(removed) < 2:  # the release's thread ends before the fakes are undone
+            time.sleep(0.01)
+
+
+def test_a_release_after_shutdown_never_calls_ray(tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(reservation.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(reservation, "remove_placement_group", called.append)
+    make(tmp_path).release()
+    assert not called
