@@ -65,9 +65,10 @@ def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig
 
 
 def test_sigterm_to_the_whole_process_group_stops_promptly(tmp_path):
-    """systemd (KillMode=control-group), Slurm and `timeout` signal every process of the job, the
-    embedded cluster's Ray among them: the job still stops after a persisted step, and the launch
-    exits 143 promptly (Ray's GCS is gone: a cleanup call must not hold it for Ray's minute)."""
+    """`timeout` and `kill -TERM -- -PGID` signal the launch's whole process group, the embedded
+    cluster's GCS and raylet among them (the ranks are in groups of their own): the job still
+    stops after a persisted step, and the launch exits 143 promptly (Ray's GCS is gone: a
+    cleanup call must not hold it for Ray's minute)."""
     spec = write_job(tmp_path, steps=100000)
     run = tmp_path / "runs" / "t" / "group"
     with background_launch(str(spec), "--run-id", "group", "--set", "checkpoint.every=1") as proc:
