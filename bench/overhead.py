@@ -1,0 +1,193 @@
+"""What resilient's no-fault step costs, part by part, against plain DDP.
+
+bench/recovery.py says how far resilient's step is above plain DDP's; this says where it goes. In
+alternated rounds (a machine's speed drifts over minutes: alternating puts the same drift under
+each), on bench/recovery.py's workload (2 ranks over gloo, the tiny Llama with LoRA):
+- `plain`: plain DDP in two processes, no checkpoints (harness.run_torchrun, every=0);
+- `ray`: the same loop with each rank in a Ray actor, training on a thread the actor started (as
+  resilient's ranks do), the driver waiting in ray.get, and `--idle` idle actors beside them: what
+  hosting the ranks in Ray costs, without any of resilient's work;
+- `resilient`: resilient with its defaults (bench/recovery.py's spec);
+- each `--variant NAME=KEY=VALUE[;KEY=VALUE...]`: resilient with those spec overrides, e.g.
+  `nosnap=checkpoint.every=1000` (no snapshot, hence no persist, digest or audit, but the last).
+Reported per system: the fastest stretch of harness.WINDOW steps (interference only adds time)
+over the rounds, and the steady step over plain DDP's paired by round (median and range).
+Usage: python bench/overhead.py [--rounds 3] [--steps 400] [--idle 3] [--variant ...]
+       [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from bench.harness import WINDOW, analyse, run_resilient, run_torchrun  # noqa: E402
+
+
+def _train(cfg: dict, rank: int, port: int) -> list:
+    """peer_loop's trainer over gloo, world 2: rank 0's log as harness.read_log gives it."""
+    import torch.distributed as dist
+
+    from bench.peer_loop import cpu_trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    trainer = cpu_trainer(cfg, rank, 2)
+    log = []
+    for step in range(1, cfg["steps"] + 1):
+        t0 = time.time()
+        trainer.step(step)
+        log.append((step, time.time(), time.time() - t0, "0"))
+    dist.destroy_process_group()
+    return log
+
+
+def run_ray(work: str, a, idle: int) -> dict:
+    """The plain loop with its ranks in Ray actors (and `idle` idle actors beside them), on an
+    embedded Ray started for this run alone, set up as resilient sets up its own."""
+    import ray
+
+    from resilient.launcher.cluster import QUIET
+
+    root = os.path.join(HERE, "..")  # the actors import bench.peer_loop
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}}
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=QUIET,
+        runtime_env=env,
+    )
+
+    @ray.remote(num_cpus=1, max_concurrency=2)
+    class Rank:
+        def run(self, cfg: dict, rank: int, port: int) -> list:
+            out: dict = {}
+
+            def body() -> None:
+                try:
+                    out["log"] = _train(cfg, rank, port)
+                except BaseException as e:  # raised to the driver, not lost with the thread
+                    out["error"] = e
+
+            t = threading.Thread(target=body)
+            t.start()
+            t.join()
+            if "error" in out:
+                raise out["error"]
+            return out["log"]
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self) -> int:
+            return os.getpid()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"work": work, "steps": a.steps, "seq_len": 256, "batch": 8, "base": f"{work}/base"}
+    idlers = [Idle.remote() for _ in range(idle)]
+    ray.get([i.ping.remote() for i in idlers])
+    ranks = [Rank.remote() for _ in range(2)]
+    try:
+        log = ray.get([r.run.remote(cfg, i, port) for i, r in enumerate(ranks)])[0]
+    finally:
+        ray.shutdown()
+    return analyse(log, [], a.steps)
+
+
+def summary(runs: dict[str, list[dict]]) -> dict:
+    """Per system: the fastest stretch over its rounds and the steady step over plain DDP's in the
+    same round (median, min, max)."""
+    plain = runs["plain"]
+    out = {}
+    for name, rs in runs.items():
+        best = min((r["best_s"] for r in rs if r.get("best_s")), default=None)
+        pairs = sorted(
+            r["steady_s"] / p["steady_s"] - 1
+            for r, p in zip(rs, plain, strict=False)
+            if r.get("steady_s") and p.get("steady_s")
+        )
+        out[name] = {
+            "best_s": best,
+            "rounds_best_s": [r.get("best_s") for r in rs],
+            "steady_over_plain": {
+                "median": statistics.median(pairs),
+                "min": pairs[0],
+                "max": pairs[-1],
+            }
+            if pairs and name != "plain"
+            else None,
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--idle", type=int, default=3, help="idle actors beside the `ray` ranks")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;...]")
+    ap.add_argument("--json", metavar="OUT")
+    a = ap.parse_args()
+    a.seq_len, a.batch, a.hang_timeout, a.limit, a.every = 256, 8, 5.0, 300.0, 25
+    a.collective_timeout = 20.0  # as bench/recovery.py's defaults
+    variants = {"resilient": []}
+    for v in a.variant:
+        name, _, sets = v.partition("=")
+        if not name or "=" not in sets:
+            ap.error(f"--variant {v!r}: NAME=KEY=VALUE[;KEY=VALUE...]")
+        variants[name] = sets.split(";")
+    from resilient.training.corpus import write_corpus
+    from resilient.training.data import BYTE_VOCAB
+    from resilient.training.model import build_tiny_llama
+
+    work = tempfile.mkdtemp(prefix="resilient-overhead-")
+    write_corpus(f"{work}/corpus.txt")
+    build_tiny_llama(f"{work}/base", BYTE_VOCAB)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the `ray` ranks' threads, as harness.sh sets the others'
+    names = ["plain", "ray", *variants]
+    runs: dict[str, list[dict]] = {}
+    for i in range(a.rounds):
+        for name in names[:: -1 if i % 2 else 1]:
+            t0 = time.time()
+            if name == "plain":
+                r = run_torchrun(work, f"plain{i}", [], a, every=0)
+            elif name == "ray":
+                r = run_ray(work, a, a.idle)
+            else:
+                r = run_resilient(work, f"{name}{i}", [], a, sets=variants[name])
+            runs.setdefault(name, []).append(r)
+            print(
+                f"round {i} {name:<12} fastest {WINDOW}: {(r.get('best_s') or 0) * 1e3:6.1f} ms "
+                f"steady {(r.get('steady_s') or 0) * 1e3:6.1f} ms ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+    out = summary(runs)
+    plain = out["plain"]["best_s"]
+    for name, s in out.items():
+        over = f" {s['best_s'] / plain - 1:+.1%}" if s["best_s"] and plain else ""
+        pair = s["steady_over_plain"]
+        paired = (
+            f"; steady over plain DDP, paired by round: {pair['median']:+.1%} "
+            f"({pair['min']:+.1%} to {pair['max']:+.1%})"
+            if pair
+            else ""
+        )
+        print(f"{name:<12} fastest {WINDOW} steps {s['best_s'] * 1e3:.1f} ms{over}{paired}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"variants": variants, "idle": a.idle, **out}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
