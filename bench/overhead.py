@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -31,7 +29,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench.harness import WINDOW, analyse, run_resilient, run_torchrun  # noqa: E402
+from bench.harness import WINDOW, analyse, free_port, run_resilient, run_torchrun  # noqa: E402
+from bench.recovery import paired  # noqa: E402
 
 
 def _train(cfg: dict, rank: int, port: int) -> list:
@@ -91,14 +90,12 @@ def run_ray(work: str, a, idle: int) -> dict:
         def ping(self) -> int:
             return os.getpid()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = {"work": work, "steps": a.steps, "seq_len": 256, "batch": 8, "base": f"{work}/base"}
-    idlers = [Idle.remote() for _ in range(idle)]
-    ray.get([i.ping.remote() for i in idlers])
-    ranks = [Rank.remote() for _ in range(2)]
     try:
+        idlers = [Idle.remote() for _ in range(idle)]
+        ray.get([i.ping.remote() for i in idlers])
+        ranks = [Rank.remote() for _ in range(2)]
         log = ray.get([r.run.remote(cfg, i, port) for i, r in enumerate(ranks)])[0]
     finally:
         ray.shutdown()
@@ -112,21 +109,10 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for name, rs in runs.items():
         best = min((r["best_s"] for r in rs if r.get("best_s")), default=None)
-        pairs = sorted(
-            r["steady_s"] / p["steady_s"] - 1
-            for r, p in zip(rs, plain, strict=False)
-            if r.get("steady_s") and p.get("steady_s")
-        )
         out[name] = {
             "best_s": best,
             "rounds_best_s": [r.get("best_s") for r in rs],
-            "steady_over_plain": {
-                "median": statistics.median(pairs),
-                "min": pairs[0],
-                "max": pairs[-1],
-            }
-            if pairs and name != "plain"
-            else None,
+            "steady_over_plain": paired(rs, plain) if name != "plain" else None,
         }
     return out
 
