@@ -181,6 +181,9 @@ def one(args, ranks: int) -> dict:
         def stop_reason(self):
             return "simulated hours done" if clock() >= end else None
 
+        def end_at_once_while(self, nothing_to_save, record_end):
+            pass  # no signals here: the simulated hours end the run
+
         def close(self):
             pass
 

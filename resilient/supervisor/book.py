@@ -1,18 +1,22 @@
 """The run's bookkeeping: where the job is, one collaborator of the supervisor with its own state.
 
-Contract: `RunBook(spec, journal, control, records, on_progress, clock)` is rebuilt from the
-journal so far (state, step, restarts, faults counted, skipped batches, training time), so a
-resumed supervisor goes on where the dead one stopped. `to(state, cause)` is the one way the job's
-state changes: it checks the transition table (`state.transition`), journals it with its cause and
-reports progress. `ready()` and `progressed()` read what the watch saw: `group_ready` (STARTING ->
-RUNNING), `recovered` (every pending fault's recovery, with the steps replayed), `progress` (at
-most every PROGRESS_EVERY_S of `clock`) and `progress_stats`. `check_grace()` raises `Abort` once
-a stop's grace has run out. The bookkeeping of one attempt (`restored`, `data_steps`, the pending
-recoveries and rollback) is set by the supervisor, which acts; this object only keeps and reports.
+Contract: `RunBook(spec, journal, control, records, on_progress, clock)` is rebuilt from the journal
+so far (state, step, restarts, faults counted, skipped batches, training time), so a resumed
+supervisor goes on where the dead one stopped. `to(state, cause)` is the one way the job's state
+changes: it checks the transition table (`state.transition`), journals it with its cause and reports
+progress. `ready()` and `progressed()` read what the watch saw: `group_ready` (STARTING -> RUNNING),
+`recovered` (every pending fault's recovery, with the steps replayed), `progress` (at most every
+PROGRESS_EVERY_S of `clock`) and `progress_stats`. `check_grace()` raises `Abort` once a stop's
+grace has run out, `abort(reason)` ends the run STOPPED at once (`end_now`: from another thread, for
+good); `nothing_to_save()` holds until this supervisor first sees a step trained (before, a stop
+loses nothing and may end the run at once). The bookkeeping of one attempt (`restored`,
+`data_steps`, the pending recoveries and rollback) is set by the supervisor, which acts; this object
+only keeps and reports.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -21,7 +25,7 @@ from resilient.errors import Abort
 from resilient.runlog.journal import Journal
 from resilient.runlog.status import fold
 from resilient.supervisor.faults import PendingRecovery, PendingRollback
-from resilient.supervisor.state import JobState, transition
+from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.watch import Ready, Seen
 
 PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
@@ -57,11 +61,16 @@ class RunBook:
         self.pending_rollback: PendingRollback | None = None
         self.data_steps: dict[int, set[int]] = {}  # step -> data steps trained (rollback skips)
         self.stop_reason: str | None = None
+        self.trained_here = False  # a step trained since this supervisor began
         self._last_progress_journal = 0.0
+        self._lock = threading.RLock()  # `end_now` comes from another thread
 
     def to(self, new: JobState, cause: str) -> None:
-        old, self.state = self.state, transition(self.state, new)
-        self.journal.append("transition", **{"from": old.value, "to": new.value, "cause": cause})
+        with self._lock:
+            old, self.state = self.state, transition(self.state, new)
+            self.journal.append(
+                "transition", **{"from": old.value, "to": new.value, "cause": cause}
+            )
         self.emit()
 
     def emit(self, **extra) -> None:
@@ -77,6 +86,30 @@ class RunBook:
                 f"{self.stop_reason or 'stop'}: the grace of supervisor.grace_s="
                 f"{self.spec.supervisor.grace_s:g}s ran out"
             )
+
+    def abort(self, reason: str) -> None:
+        """End the run now: STOPPED, saying that the step it stopped at may not be persisted."""
+        if self.state in TERMINAL:
+            return
+        if self.state != JobState.STOPPING:
+            self.to(JobState.STOPPING, f"stop requested: {reason}")
+        self.to(
+            JobState.STOPPED,
+            f"{reason}; the newest persisted checkpoint is kept: "
+            "`resilient launch --resume RUN_DIR` goes on from it",
+        )
+
+    def end_now(self, reason: str) -> None:
+        """`abort(reason)` from another thread (a signal's, while the main thread may be blocked
+        in Ray): the lock stays held, so no state changes after it (the process exits next)."""
+        self._lock.acquire(timeout=10)  # a `to` stuck on storage longer than that is not waited on
+        self.abort(reason)
+
+    def nothing_to_save(self) -> bool:
+        """No step trained since this supervisor began, and the job neither running nor ended:
+        what storage holds is all there is (memory tiers died with an older driver)."""
+        busy = (JobState.RUNNING, JobState.STOPPING, *TERMINAL)
+        return not self.trained_here and self.state not in busy
 
     def trained(self, pairs: list[tuple[int, int]]) -> None:
         """(step, data step) pairs the ranks reported: remembered for rollbacks."""
@@ -95,7 +128,7 @@ class RunBook:
             self.to(JobState.RUNNING, "all ranks training")
 
     def progressed(self, seen: Seen) -> None:
-        self.step = seen.step
+        self.step, self.trained_here = seen.step, True
         self._recovered(seen)
         h0 = seen.latest.get(0)
         loss, tps = (h0.mean_loss, h0.tokens_per_s) if h0 else (None, None)

@@ -2,22 +2,24 @@
 decisions, and journal all of it.
 
 Contract: `Supervisor(spec, rundir, journal, parts, records).run()` (`records`: the journal so far,
-as the launcher read it) drives a new (or resumed) run from PENDING to SUCCEEDED, FAILED or
-STOPPED and returns the folded status. It acts; what it acts on is kept by collaborators with
-their own state: the run's book (`book.RunBook`: state, step, restarts, recoveries; every state
-change goes through its `to()`, which checks the table and journals the cause), the fleet
-(`fleet.Fleet`: nodes, spares, node health, cordons, leases) and the sizing (`sizing.Sizing`:
-each attempt's size, resizes, the survivors kept). Every fault, anomaly, decision, restore,
-rollback, cordon and checkpoint is journalled before it is acted on. Decisions are the policy's
-(`policy.judge`, `policy.decide`); chaos gets in only through `parts.chaos`. What it needs to go
-on is rebuilt from the journal, so a resumed supervisor behaves like the one that died. A stop
-request wins over the last step: a group that ends while the job stops ends it STOPPED, its step
-persisted. A crash, error or silent rank, or a lost node's ranks, are replaced alone, the
-survivors kept.
+as the launcher read it) drives a new (or resumed) run from PENDING to SUCCEEDED, FAILED or STOPPED
+and returns the folded status. It acts; what it acts on is kept by collaborators with their own
+state: the run's book (`book.RunBook`: state, step, restarts, recoveries; every state change goes
+through its `to()`, which checks the table and journals the cause), the fleet (`fleet.Fleet`: nodes,
+spares, node health, cordons, leases) and the sizing (`sizing.Sizing`: each attempt's size, resizes,
+the survivors kept). Every fault, anomaly, decision, restore, rollback, cordon and checkpoint is
+journalled before it is acted on. Decisions are the policy's (`policy.judge`, `policy.decide`);
+chaos gets in only through `parts.chaos`. What it needs to go on is rebuilt from the journal, so a
+resumed supervisor behaves like the one that died. A stop request wins over the last step: a group
+that ends while the job stops ends it STOPPED, its step persisted. Before this supervisor sees a
+step trained, a stop ends the run at once (there is nothing to save), and an error once a stop was
+asked for ends it STOPPED (the stop's signal may have broken what failed). A crash, error or silent
+rank, or a lost node's ranks, are replaced alone, the survivors kept.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +57,8 @@ from resilient.supervisor.restore import RestoreImpossible, abandon_after, find_
 from resilient.supervisor.sizing import GROW_PLACE_S, Sizing
 from resilient.supervisor.state import TERMINAL, JobState
 from resilient.supervisor.watch import Watch
+
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -99,20 +103,34 @@ class Supervisor:
             )
         # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
-        self.book.to(JobState.PREFLIGHT, "job accepted")
+        self.parts.control.end_at_once_while(self.book.nothing_to_save, self._end_now)
         try:
+            if self.parts.control.stop_reason:  # it came while the launch was getting ready
+                raise Abort(f"{self.parts.control.stop_reason} before the job started")
+            self.book.to(JobState.PREFLIGHT, "job accepted")
             self._preflight()
             while self.book.state not in TERMINAL:
                 self._attempt()
-        except Abort as e:  # a second signal, or the stop's grace ran out: end now, consistently
-            self._abort(e.reason)
-        except Exception as e:  # a bug here: the journal still says how the run ended
-            if self.book.state not in TERMINAL:
+        except Abort as e:  # a second signal, the stop's grace ran out, a stop before the start
+            self.book.abort(e.reason)
+        except Exception as e:
+            stop = self.parts.control.stop_reason
+            if self.book.state in TERMINAL:
+                raise
+            if not stop:  # a bug here: the journal still says how the run ended
                 self.book.to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
-            raise
+                raise
+            # what the stop's signal broke (a process group's SIGTERM ends an embedded Ray too)
+            log.warning("%s while stopping on %s", type(e).__name__, stop, exc_info=True)
+            self.book.abort(f"{stop}; stopping met {type(e).__name__}: {e}"[:500])
         finally:
             self._close()
         return self._final_status()
+
+    def _end_now(self, reason: str) -> None:
+        """A stop signal with nothing to save (from the signal's thread): STOPPED, journalled."""
+        self.book.end_now(reason)
+        self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
 
     def _preflight(self) -> None:
         """Agents up and able to use storage on every node, workers warm: STARTING, else FAILED
@@ -268,18 +286,6 @@ class Supervisor:
             self.book.to(JobState.STOPPING, f"stop requested: {reason}")
         self.book.check_grace()
 
-    def _abort(self, reason: str) -> None:
-        """End the run now: STOPPED, saying that the step it stopped at may not be persisted."""
-        if self.book.state in TERMINAL:
-            return
-        if self.book.state != JobState.STOPPING:
-            self.book.to(JobState.STOPPING, f"stop requested: {reason}")
-        self.book.to(
-            JobState.STOPPED,
-            f"{reason}; the newest persisted checkpoint is kept: "
-            "`resilient launch --resume RUN_DIR` goes on from it",
-        )
-
     def _conclude(self, outcome: Fault | str, group) -> None:
         if isinstance(outcome, Fault):
             self._handle(outcome, group)
@@ -306,8 +312,8 @@ class Supervisor:
         stopping = self.book.state == JobState.STOPPING
         if not stopping:
             self.book.to(JobState.DIAGNOSING, policy.describe(fault))
-        log = {} if fault.rank is None else {"log": log_url(self.rundir, fault.rank)}
-        self.journal.append("fault", **fault.to_record(), **log)
+        where = {} if fault.rank is None else {"log": log_url(self.rundir, fault.rank)}
+        self.journal.append("fault", **fault.to_record(), **where)
         idx, self.book.fault_index = self.book.fault_index, self.book.fault_index + 1
         history = self.budget.history(self.book.step - self.book.restored, stopping, time.time())
         kind = fault.anomaly or fault.kind.value

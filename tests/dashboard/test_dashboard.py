@@ -31,7 +31,9 @@ def finished_run(tmp_path_factory):
     extra = (
         '\n[anomaly]\ngpu = "simulated"\nstraggler_action = "warn"\nstraggler_window_s = 0\n'
         "\n[eval]\nsplit = 0.1\nevery = 20\n"
-        '\n[[chaos]]\nat_step = 5\nfault = "slow"\nfactor = 2.5\nrank = 1\n'
+        # factor 8: the first life must outlast several 0.5 s heartbeats, or rank 1 dies (a
+        # warm start trains 40 steps in 0.6 s at 2.5) before its step records reach the driver
+        '\n[[chaos]]\nat_step = 5\nfault = "slow"\nfactor = 8\nrank = 1\n'
         # rank 1: rank 0 survives and reports every evaluation (a killed rank 0's last
         # heartbeat interval, with an evaluation in it, would be lost)
         '\n[[chaos]]\nat_step = 40\nfault = "kill"\nrank = 1\n'

@@ -82,6 +82,26 @@ def test_sigterm_to_the_whole_process_group_stops_promptly(tmp_path):
     assert s["last_checkpoint"] == s["step"] >= 10
 
 
+def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(tmp_path):
+    """The same signal while the job starts (nothing trained yet, nothing to save): the launch
+    ends at once, STOPPED and resumable, instead of waiting on a start its own signal broke (the
+    embedded Ray's raylet dies with it; Ray's calls would hold the launch for a minute, then end
+    it with exit 1 and no terminal record)."""
+    spec = write_job(tmp_path, steps=8)
+    run = tmp_path / "runs" / "t" / "early"
+    with background_launch(str(spec), "--run-id", "early") as proc:
+        await_journal(run, lambda text: '"PREFLIGHT"' in text)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 143
+        assert time.time() - t0 < 10
+    s = status(run)
+    assert s["state"] == "STOPPED" and "SIGTERM before this launch trained a step" in s["reason"]
+    r = resilient_cli("launch", "--resume", str(run))
+    assert r.returncode == 0, r.stdout
+    assert status(run)["state"] == "SUCCEEDED"
+
+
 def test_chaos_inject_is_refused_unless_allowed(tmp_path):
     spec = write_job(tmp_path, name="noinj", steps=100000)
     run = tmp_path / "runs" / "noinj" / "n"

@@ -30,10 +30,15 @@ class FakeControl:
     stop_deadline: float | None = None
     scale_to: int | None = None
 
+    at_once: object = None  # the supervisor's `nothing_to_save`
+
     @property
     def stop_reason(self) -> str | None:
         self.seen = self.seen or bool(self.stop_when and self.stop_when())
         return "resilient stop" if self.seen else None
+
+    def end_at_once_while(self, nothing_to_save, record_end) -> None:
+        self.at_once = nothing_to_save
 
     def close(self) -> None:
         pass

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from resilient.agents.scripted import Scenario
+from tests.helpers import read_journal
 from tests.unit.fakes import FakeNodes, Job
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,6 +112,51 @@ def test_stop_during_the_final_persist_ends_stopped(tmp_path):
     assert s["state"] == "STOPPED" and s["step"] == 30
     assert transitions(job)[-3:] == ["RUNNING", "STOPPING", "STOPPED"]
     assert job.of("final")  # the adapter the last step exported is there too
+
+
+def test_a_stop_before_the_job_started_ends_it_without_a_start(tmp_path):
+    job = Job(tmp_path, stop_when=lambda: True)
+    s = job.run()
+    assert s["state"] == "STOPPED" and s["step"] == 0 and not job.groups
+    assert transitions(job) == ["STOPPING", "STOPPED"]
+    assert "resilient stop before the job started" in s["reason"]
+
+
+def test_a_signal_ends_the_launch_at_once_only_until_a_step_is_trained(tmp_path):
+    seen = []  # (the group's step, whether a signal would end the launch at once)
+    job = Job(tmp_path, steps=1000)
+
+    def stop_when():
+        seen.append((job.groups[-1].step if job.groups else None, job.control.at_once()))
+        return job.groups and job.groups[-1].step >= 10
+
+    job.stop_when = stop_when
+    assert job.run()["state"] == "STOPPED"
+    assert seen[0] == (None, True)  # before the preflight
+    first_false = next(i for i, (_, at_once) in enumerate(seen) if not at_once)
+    assert all(not at_once for _, at_once in seen[first_false:])
+    assert seen[first_false][0] >= 1 and seen[-1][1] is False
+
+
+def test_an_error_after_a_stop_was_asked_for_ends_stopped(tmp_path, monkeypatch):
+    """A process group's SIGTERM also ends an embedded Ray: the start it breaks fails with Ray's
+    error, which is the stop's doing, not a bug."""
+    from resilient.agents.scripted import ScriptedGroup
+
+    def broken(self, *a):
+        raise RuntimeError("RPC error: recvmsg:Connection reset by peer")
+
+    monkeypatch.setattr(ScriptedGroup, "start", broken)
+    calls = []
+    job = Job(tmp_path, stop_when=lambda: calls.append(1) or len(calls) > 1)
+    s = job.run()
+    assert s["state"] == "STOPPED" and "stopping met RuntimeError: RPC error" in s["reason"]
+    assert transitions(job)[-2:] == ["STOPPING", "STOPPED"]
+    (tmp_path / "2").mkdir()
+    with pytest.raises(RuntimeError):  # without a stop it is a bug: FAILED, and raised
+        Job(tmp_path / "2").run()
+    last = [r for r in read_journal(tmp_path / "2" / "runs" / "unit" / "r") if "to" in r][-1]
+    assert last["to"] == "FAILED" and last["cause"].startswith("internal error: RuntimeError")
 
 
 def test_a_fault_while_stopping_goes_through_the_policy(tmp_path):
