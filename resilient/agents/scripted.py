@@ -220,6 +220,9 @@ class ScriptedGroup:
 
     def _strike(self, s: int, t: float) -> bool:
         """A crash, hang, error or stall at step `s`: the other ranks wait in the collective."""
+        if s in self.sc.xid and self.sc.strikes("xid", s, t) is not None:  # first: a GPU's XID
+            node, code = self.sc.xid[s]  # comes with the death of the process that used it
+            self.sc.samples.append((node, {"gpus": [{"gpu": 0, "t": t, "xid": code}]}))
         for kind in ("crash", "hang", "error", "stall"):
             rank = self.sc.strikes(kind, s, t)
             if rank is None:
@@ -240,9 +243,6 @@ class ScriptedGroup:
             if on:  # a node without ranks of this group takes none of its steps with it
                 self.halted = True
                 return True
-        if s in self.sc.xid and self.sc.strikes("xid", s, t) is not None:
-            node, code = self.sc.xid[s]
-            self.sc.samples.append((node, {"gpus": [{"gpu": 0, "t": t, "xid": code}]}))
         return False
 
     def _heartbeat(self, r: int, now: float) -> Heartbeat:

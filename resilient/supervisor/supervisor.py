@@ -259,7 +259,11 @@ class Supervisor:
             self._record(seen.fresh)
             events = self.intake.events(list(seen.metrics))
             if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
-                return self.chaos.attribute(self.fleet.explain(seen.fault, group))
+                crash = self.chaos.attribute(self.fleet.explain(seen.fault, group))
+                # what came with it is judged too: a GPU's XID with its process's death is why
+                cause = self._anomalies(events, group)
+                same = cause and crash.kind == FaultKind.CRASH and cause.node == crash.node
+                return cause if same else crash
             lost = self.fleet.check(group, seen.now, self.book.step + 1)
             if lost:  # a node that answers nothing: before its silence is taken for a hang
                 return self.chaos.attribute(lost)

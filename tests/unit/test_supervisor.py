@@ -96,6 +96,17 @@ def test_xid_on_a_node_without_ranks_cordons_without_a_restart(tmp_path):
     assert job.of("anomaly")[0]["decision"] == "cordon_only"
 
 
+def test_a_crash_and_its_nodes_xid_in_one_poll_cordon_the_node_in_one_restart(tmp_path):
+    """The XID that came with the death is not dropped for it: the node is cordoned and the rank
+    replaced elsewhere, in one restart (not put back on the GPU that failed)."""
+    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}, crash={8: 1}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1
+    assert [c["node"] for c in s["cordoned_nodes"]] == ["node1"]
+    assert [f["kind"] for f in job.of("fault")] == ["gpu_xid"]
+    assert "node1" not in {r["node"] for r in job.of("ranks")[-1]["ranks"]}
+
+
 def test_stop_persists_its_step_and_ends_stopped(tmp_path):
     job = Job(tmp_path, steps=1000)
     job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
