@@ -102,7 +102,7 @@ class RunBook:
     def end_now(self, reason: str) -> None:
         """`abort(reason)` from another thread (a signal's, while the main thread may be blocked
         in Ray): the lock stays held, so no state changes after it (the process exits next)."""
-        self._lock.acquire(timeout=10)  # a `to` stuck on storage longer than that is not waited on
+        self._lock.acquire()
         self.abort(reason)
 
     def nothing_to_save(self) -> bool:
