@@ -176,6 +176,7 @@ def one(args, ranks: int) -> dict:
 
     class Control:
         stop_deadline = None
+        signalled = False
 
         @property
         def stop_reason(self):

@@ -9,10 +9,14 @@ supervisor turns it into a terminal state). `signum` says which signal came firs
 
 While `at_once()` holds (the supervisor's: no step trained yet that a stop would save), a signal
 ends the launch at once instead, from a thread of its own that hears it whatever the main thread
-is blocked in (`signal.set_wakeup_fd`): `record_end(reason)` (the supervisor journals STOPPED),
-then the process exits 128 + the signal. A start that the signal broke is not waited out: a
-process group's SIGTERM ends an embedded Ray too, and Ray's calls would then hold the launch for a
-minute before Ray ends it with exit 1 (a Python handler cannot cut a Ray call short either).
+is blocked in (`signal.set_wakeup_fd`): `record_end(reason, True)` (the supervisor journals
+STOPPED, or declines when a step was seen meanwhile), then the process exits 128 + the signal. A
+start that the signal broke is not waited out: a process group's SIGTERM ends an embedded Ray
+too, and Ray's calls would then hold the launch for a minute before Ray ends it with exit 1 (a
+Python handler cannot cut a Ray call short either: Ray runs it inside the call and goes on). The
+same thread is the backstop of the main thread's own ending: a second signal not acted on within
+BACKSTOP_S, or the grace plus BACKSTOP_S, ends the launch the same way (`record_end(reason,
+False)`).
 `StopRequests(poller, preemption)` is what the supervisor asks: a `resilient stop` or a signal.
 """
 
@@ -29,6 +33,10 @@ from collections.abc import Callable
 from resilient.errors import Abort
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A second signal, or the grace's end, that the main thread has not acted on this long after (a
+# Ray call holds it: Ray runs a Python handler inside the call and goes on to the call's timeout)
+# ends the launch from the signals' thread.
+BACKSTOP_S = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -39,10 +47,16 @@ class Preemption:
         self.at: float | None = None
         self._previous: dict[int, object] = {}
         self.at_once: Callable[[], bool] = lambda: False
-        self.record_end: Callable[[str], None] = lambda reason: None
+        # the supervisor's: journal STOPPED with this reason (only if there is still nothing to
+        # save, when told so); False: it declined
+        self.record_end: Callable[[str, bool], bool] = lambda reason, only_if_nothing: True
         self.exit_now: Callable[[int], None] = os._exit
         self._pipe: tuple[int, int] | None = None
         self._old_fd = -1
+        self._heard: list[int] = []  # the signals the signals' thread heard, in order
+        self._timers: list[threading.Timer] = []
+        self._lock = threading.Lock()  # uninstall() against the signals' thread
+        self._closed = False
 
     def install(self) -> Preemption:
         self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
@@ -53,29 +67,60 @@ class Preemption:
         return self
 
     def uninstall(self) -> None:
+        with self._lock:  # nothing the signals' thread heard ends the process after this
+            self._closed = True
+            for t in self._timers:
+                t.cancel()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
         if self._pipe:
-            signal.set_wakeup_fd(self._old_fd)
-            os.close(self._pipe[1])  # the thread reads the end of the pipe and returns
-            self._pipe = None
+            try:
+                if signal.set_wakeup_fd(self._old_fd) != self._pipe[1]:
+                    log.warning("the signals' wake-up fd was replaced by another library")
+            finally:
+                os.close(self._pipe[1])  # the thread reads the end of the pipe and returns
+                self._pipe = None
 
     def _hear(self, r: int) -> None:
         """The signals, as the C handler writes them, however long the main thread is blocked."""
         try:
             while data := os.read(r, 64):
                 for signum in data:
-                    if signum in SIGNALS and self.at_once():
-                        self._end_now(signum)
+                    with self._lock:
+                        if signum in SIGNALS and not self._closed:
+                            self._heard_one(signum)
         finally:
             os.close(r)
 
-    def _end_now(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        reason = f"{name} before this launch trained a step: ended at once"
+    def _heard_one(self, signum: int) -> None:
+        self._heard.append(signum)
+        first, name = self._heard[0], signal.Signals(signum).name
+        if len(self._heard) == 1:
+            if self.at_once():
+                self._end_now(
+                    first, f"{name} before this launch trained a step: ended at once", True
+                )
+            why = f"{name}: the grace of supervisor.grace_s={self.grace_s:g}s ran out"
+            self._backstop(self.grace_s + BACKSTOP_S, first, why)
+        elif len(self._heard) == 2:
+            why = f"{name} after {signal.Signals(first).name}: ended at once"
+            self._backstop(BACKSTOP_S, first, why)
+
+    def _backstop(self, after_s: float, signum: int, reason: str) -> None:
+        t = threading.Timer(after_s, self._end_now, (signum, reason, False))
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
+
+    def _end_now(self, signum: int, reason: str, only_if_nothing_to_save: bool) -> None:
+        """Journal the end (the supervisor may decline one with nothing to save no more: then it
+        returns) and exit 128 + the first signal."""
+        if self._closed:  # a backstop that fired as uninstall() cancelled it
+            return
         try:
-            self.record_end(reason)
+            if not self.record_end(reason, only_if_nothing_to_save):
+                return
         except Exception:  # storage is down: the run is resumed from what it holds anyway
             log.warning("the stop was not journalled", exc_info=True)
         if sys.stdout.isatty():
@@ -121,11 +166,17 @@ class StopRequests:
     def stop_deadline(self) -> float | None:
         return self.preemption.stop_deadline
 
+    @property
+    def signalled(self) -> bool:
+        """A signal came (what it breaks, such as an embedded Ray, is the stop's doing)."""
+        return self.preemption.signum is not None
+
     def end_at_once_while(
-        self, nothing_to_save: Callable[[], bool], record_end: Callable[[str], None]
+        self, nothing_to_save: Callable[[], bool], record_end: Callable[[str, bool], bool]
     ) -> None:
-        """A stop signal ends the launch at once while `nothing_to_save()` holds (see the
-        module contract); `record_end(reason)` journals it first."""
+        """A stop signal ends the launch at once while `nothing_to_save()` holds, and a stop
+        that the main thread does not end in time is ended from the signals' thread (see the
+        module contract); `record_end(reason, only_if_nothing_to_save)` journals it first."""
         self.preemption.at_once, self.preemption.record_end = nothing_to_save, record_end
 
     def take_injects(self) -> list:

@@ -29,6 +29,7 @@ from resilient.supervisor.state import TERMINAL, JobState, transition
 from resilient.supervisor.watch import Ready, Seen
 
 PROGRESS_EVERY_S = 2.0  # a `progress` record at most this often (and at the end of an attempt)
+END_FLUSH_S = 10.0  # an end from another thread waits this long for the journal's storage
 DATA_STEPS_KEPT = 10_000  # steps whose data steps are remembered (rollbacks look back a few)
 
 
@@ -99,17 +100,23 @@ class RunBook:
             "`resilient launch --resume RUN_DIR` goes on from it",
         )
 
-    def end_now(self, reason: str) -> None:
-        """`abort(reason)` from another thread (a signal's, while the main thread may be blocked
-        in Ray): the lock stays held, so no state changes after it (the process exits next)."""
+    def end_now(self, reason: str, only_if_nothing_to_save: bool = False) -> bool:
+        """`abort(reason)` from another thread (the signals', while the main thread may be
+        blocked in Ray), then the journal flushed (at most END_FLUSH_S); False, with nothing done,
+        when told to end only with nothing to save and a step was seen since. Once it ended, the
+        lock stays held: no state changes after it (the process exits next)."""
         self._lock.acquire()
+        if only_if_nothing_to_save and not self.nothing_to_save():
+            self._lock.release()
+            return False
         self.abort(reason)
+        self.journal.flush(timeout=END_FLUSH_S)
+        return True
 
     def nothing_to_save(self) -> bool:
-        """No step trained since this supervisor began, and the job neither running nor ended:
-        what storage holds is all there is (memory tiers died with an older driver)."""
-        busy = (JobState.RUNNING, JobState.STOPPING, *TERMINAL)
-        return not self.trained_here and self.state not in busy
+        """No step seen trained since this supervisor began, and the run not ended: what storage
+        holds is all there is (memory tiers died with an older driver)."""
+        return not self.trained_here and self.state not in TERMINAL
 
     def trained(self, pairs: list[tuple[int, int]]) -> None:
         """(step, data step) pairs the ranks reported: remembered for rollbacks."""

@@ -103,7 +103,7 @@ class Supervisor:
             )
         # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
-        self.parts.control.end_at_once_while(self.book.nothing_to_save, self._end_now)
+        self.parts.control.end_at_once_while(self.book.nothing_to_save, self.book.end_now)
         try:
             if self.parts.control.stop_reason:  # it came while the launch was getting ready
                 raise Abort(f"{self.parts.control.stop_reason} before the job started")
@@ -117,7 +117,7 @@ class Supervisor:
             stop = self.parts.control.stop_reason
             if self.book.state in TERMINAL:
                 raise
-            if not stop:  # a bug here: the journal still says how the run ended
+            if not self.parts.control.signalled:  # a bug: the journal still says how it ended
                 self.book.to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
                 raise
             # what the stop's signal broke (a process group's SIGTERM ends an embedded Ray too)
@@ -126,11 +126,6 @@ class Supervisor:
         finally:
             self._close()
         return self._final_status()
-
-    def _end_now(self, reason: str) -> None:
-        """A stop signal with nothing to save (from the signal's thread): STOPPED, journalled."""
-        self.book.end_now(reason)
-        self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
 
     def _preflight(self) -> None:
         """Agents up and able to use storage on every node, workers warm: STARTING, else FAILED
@@ -261,17 +256,17 @@ class Supervisor:
             if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
                 crash = self.chaos.attribute(self.fleet.explain(seen.fault, group))
                 # what came with it is judged too: a GPU's XID with its process's death is why
-                cause = self._anomalies(events, group)
-                same = cause and crash.kind == FaultKind.CRASH and cause.node == crash.node
-                return cause if same else crash
+                mine = crash.kind == FaultKind.CRASH and crash.node
+                why = [f for f in self._anomalies(events, group) if mine and f.node == mine]
+                return self.chaos.attribute(why[0]) if why else crash
             lost = self.fleet.check(group, seen.now, self.book.step + 1)
             if lost:  # a node that answers nothing: before its silence is taken for a hang
                 return self.chaos.attribute(lost)
             at = (self.book.step, self.book.training_s, watch.running, seen.latest)
             self.chaos.tick(JobView(*at, group, self.nodes, self.parts.store))
-            anomaly = self._anomalies(events, group)
-            if anomaly:
-                return anomaly
+            anomalies = self._anomalies(events, group)
+            if anomalies:
+                return self.chaos.attribute(anomalies[0])
             if seen.ready:
                 self.book.ready(seen.ready, restored)
             if seen.step is not None:
@@ -385,14 +380,14 @@ class Supervisor:
     def _record(self, heartbeats) -> None:
         self.book.trained(self.intake.heartbeats(heartbeats))
 
-    def _anomalies(self, events: list, group) -> Fault | None:
-        """Journal every anomaly event with what the policy made of it; the first fault to act on
-        (None: training goes on)."""
-        found = None
+    def _anomalies(self, events: list, group) -> list[Fault]:
+        """Journal every anomaly event with what the policy made of it; the faults to act on, in
+        order (none: training goes on)."""
+        found = []
         for e in events:
             v = policy.judge(e, group.placement, self.book.data_steps, self.book.step, self.clock())
             if v.cordon:
                 self.fleet.cordon(*v.cordon)
             self.intake.anomaly(e, v.decision)
-            found = found or (self.chaos.attribute(v.fault) if v.fault else None)
+            found += [v.fault] if v.fault else []
         return found

@@ -30,12 +30,19 @@ class FakeControl:
     stop_deadline: float | None = None
     scale_to: int | None = None
 
+    by_signal: bool = False  # the stop is a SIGTERM's, not a `resilient stop`
     at_once: object = None  # the supervisor's `nothing_to_save`
 
     @property
     def stop_reason(self) -> str | None:
         self.seen = self.seen or bool(self.stop_when and self.stop_when())
-        return "resilient stop" if self.seen else None
+        if not self.seen:
+            return None
+        return "SIGTERM (preemption)" if self.by_signal else "resilient stop"
+
+    @property
+    def signalled(self) -> bool:
+        return self.seen and self.by_signal
 
     def end_at_once_while(self, nothing_to_save, record_end) -> None:
         self.at_once = nothing_to_save
@@ -53,6 +60,7 @@ class Job:
     steps: int = 30
     spec: dict = field(default_factory=dict)
     stop_when: object = None
+    stop_by_signal: bool = False
     groups: list[ScriptedGroup] = field(default_factory=list)
     nodes: FakeNodes | None = None
     control: FakeControl | None = None
@@ -86,7 +94,7 @@ class Job:
             return self.groups[-1]
 
         self.nodes = self.nodes or FakeNodes(self.scenario)
-        self.control = FakeControl(self.stop_when)
+        self.control = FakeControl(self.stop_when, by_signal=self.stop_by_signal)
         self.nodes.num_workers = spec.cluster.num_workers
         parts = Parts(
             CheckpointStore(rundir),

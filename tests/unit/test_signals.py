@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from resilient.errors import Abort
+from resilient.launcher import signals
 from resilient.launcher.signals import Preemption, StopRequests
 
 pytestmark = pytest.mark.timeout(10)
@@ -44,23 +45,53 @@ def test_resilient_stop_without_a_signal():
 
 def test_with_nothing_to_save_the_first_signal_ends_the_launch_from_its_own_thread():
     p = Preemption(grace_s=30).install()
-    ended, exited, asked, nothing_to_save = [], threading.Event(), threading.Event(), [False]
-
-    def at_once():
-        asked.set()
-        return nothing_to_save[0]
-
+    ended, exited = [], threading.Event()
     p.exit_now = lambda code: (ended.append(code), exited.set())
     try:
-        StopRequests(Poller(), p).end_at_once_while(at_once, ended.append)
-        os.kill(os.getpid(), signal.SIGTERM)  # a step was trained: only a stop request
-        assert asked.wait(5) and p.stop_reason == "SIGTERM (preemption)" and ended == []
-        nothing_to_save[0] = True
-        # the main thread waits (as in a Ray call); the watcher ends the launch all the same
-        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(Abort):  # the main thread's handler: a second signal
-            threading.Event().wait(5)
+        record = lambda reason, only_if_nothing: ended.append((reason, only_if_nothing)) or True  # noqa: E731
+        StopRequests(Poller(), p).end_at_once_while(lambda: True, record)
+        os.kill(os.getpid(), signal.SIGINT)  # the main thread is not needed: it may be in Ray
         assert exited.wait(5)
-        assert ended == ["SIGINT before this launch trained a step: ended at once", 130]
+        assert ended == [("SIGINT before this launch trained a step: ended at once", True), 130]
+    finally:
+        p.uninstall()
+
+
+def test_a_declined_end_leaves_the_stop_to_the_main_thread(monkeypatch):
+    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
+    p = Preemption(grace_s=0.1).install()
+    ended, exited = [], threading.Event()
+    p.exit_now = lambda code: (ended.append(code), exited.set())
+    try:
+        # nothing to save when asked, but a step is seen before the book takes its lock: declined
+        record = lambda reason, only_if_nothing: ended.append(reason) or not only_if_nothing  # noqa: E731
+        StopRequests(Poller(), p).end_at_once_while(lambda: True, record)
+        os.kill(os.getpid(), signal.SIGTERM)
+        # the grace (0.1 s) and the backstop (0.2 s) pass with the main thread not done: the
+        # signals' thread ends the launch
+        assert exited.wait(5)
+        assert ended == [
+            "SIGTERM before this launch trained a step: ended at once",
+            "SIGTERM: the grace of supervisor.grace_s=0.1s ran out",
+            143,
+        ]
+    finally:
+        p.uninstall()
+
+
+def test_a_second_signal_the_main_thread_cannot_act_on_ends_the_launch(monkeypatch):
+    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
+    p = Preemption(grace_s=30).install()
+    ended, exited = [], threading.Event()
+    p.exit_now = lambda code: (ended.append(code), exited.set())
+    try:
+        StopRequests(Poller(), p).end_at_once_while(
+            lambda: False, lambda reason, only_if_nothing: ended.append(reason) or True
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Abort):  # raised in the main thread, which (in Ray) may not get to it
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exited.wait(5)
+        assert ended == ["SIGINT after SIGTERM: ended at once", 143]
     finally:
         p.uninstall()

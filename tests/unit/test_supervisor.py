@@ -159,15 +159,17 @@ def test_an_error_after_a_stop_was_asked_for_ends_stopped(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ScriptedGroup, "start", broken)
     calls = []
-    job = Job(tmp_path, stop_when=lambda: calls.append(1) or len(calls) > 1)
+    job = Job(tmp_path, stop_when=lambda: calls.append(1) or len(calls) > 1, stop_by_signal=True)
     s = job.run()
     assert s["state"] == "STOPPED" and "stopping met RuntimeError: RPC error" in s["reason"]
     assert transitions(job)[-2:] == ["STOPPING", "STOPPED"]
-    (tmp_path / "2").mkdir()
-    with pytest.raises(RuntimeError):  # without a stop it is a bug: FAILED, and raised
-        Job(tmp_path / "2").run()
-    last = [r for r in read_journal(tmp_path / "2" / "runs" / "unit" / "r") if "to" in r][-1]
-    assert last["to"] == "FAILED" and last["cause"].startswith("internal error: RuntimeError")
+    # without a signal (none, or a `resilient stop`, which breaks nothing) it is a bug: FAILED
+    for name, when in (("none", None), ("stop", lambda: calls.append(1) or len(calls) > 3)):
+        (tmp_path / name).mkdir()
+        with pytest.raises(RuntimeError):
+            Job(tmp_path / name, stop_when=when).run()
+        last = [r for r in read_journal(tmp_path / name / "runs" / "unit" / "r") if "to" in r][-1]
+        assert last["to"] == "FAILED" and last["cause"].startswith("internal error: RuntimeError")
 
 
 def test_a_fault_while_stopping_goes_through_the_policy(tmp_path):
