@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from resilient.errors import Abort
+from resilient.launcher.terminal import restore_for_exit
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal, or the grace's end, that the main thread has not acted on this long after (a
@@ -108,21 +109,26 @@ class Preemption:
             self._backstop(BACKSTOP_S, first, why)
 
     def _backstop(self, after_s: float, signum: int, reason: str) -> None:
-        t = threading.Timer(after_s, self._end_now, (signum, reason, False))
+        t = threading.Timer(after_s, self._fire, (signum, reason))
         t.daemon = True
         self._timers.append(t)
         t.start()
 
+    def _fire(self, signum: int, reason: str) -> None:
+        with self._lock:  # a backstop that fired as uninstall() cancelled it does nothing
+            if not self._closed:
+                self._end_now(signum, reason, False)
+
     def _end_now(self, signum: int, reason: str, only_if_nothing_to_save: bool) -> None:
         """Journal the end (the supervisor may decline one with nothing to save no more: then it
-        returns) and exit 128 + the first signal."""
-        if self._closed:  # a backstop that fired as uninstall() cancelled it
-            return
+        returns) and exit 128 + the first signal, the terminal's descriptors restored first (they
+        point at the capture file during the launch)."""
         try:
             if not self.record_end(reason, only_if_nothing_to_save):
                 return
         except Exception:  # storage is down: the run is resumed from what it holds anyway
             log.warning("the stop was not journalled", exc_info=True)
+        restore_for_exit()
         if sys.stdout.isatty():
             sys.stdout.write("\x1b[?25h")  # the progress line's hidden cursor, shown again
             sys.stdout.flush()

@@ -8,6 +8,8 @@ progress line, summary and messages, and the `resilient` loggers' warnings go to
 Every captured line is in `term.lines` (a bounded `LineBuffer`, drained by `RayNotes`, which puts
 them in the run's logs: `logs/driver.log`, `resilient logs RUN_DIR --driver`). On exit the
 descriptors are restored; an exception leaving the block is printed on the terminal as usual.
+`restore_for_exit()` does that restoring from any thread, for a process about to `os._exit` (the
+signals' thread ending the launch at once).
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ from resilient.agents.output import LineBuffer, tail
 from resilient.rundir.layout import DRIVER_LOG
 from resilient.runlog.ranklogs import RankLogs
 
+_ACTIVE: list[Terminal] = []  # the Terminal in force (restore_for_exit restores it)
+
+
+def restore_for_exit() -> None:
+    """The original descriptors back and the capture file removed, from any thread: the process
+    exits next, without leaving the `with` block."""
+    for term in list(_ACTIVE):
+        term.restore()
+
 
 class Terminal:
     def __enter__(self) -> Terminal:
         sys.stdout.flush()
         sys.stderr.flush()
+        self._restore_lock, self._restored = threading.Lock(), False
         self._dir = tempfile.mkdtemp(prefix="resilient-driver-")
         path = os.path.join(self._dir, "driver.log")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -47,19 +59,29 @@ class Terminal:
         self._handler.setLevel(logging.WARNING)
         self._handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logging.getLogger("resilient").addHandler(self._handler)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
         logging.getLogger("resilient").removeHandler(self._handler)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip((1, 2), self._saved, strict=True):
-            os.dup2(saved, fd)
-            os.close(saved)
+        self.restore()
         for stream in (self.out, self.err):
             stream.flush()
             stream.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def restore(self) -> None:
+        """Descriptors 1 and 2 back on the terminal, the capture file removed (once)."""
+        with self._restore_lock:
+            if self._restored:
+                return
+            self._restored = True
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, saved in zip((1, 2), self._saved, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            _ACTIVE.remove(self)
 
 
 NOTABLE = re.compile(
