@@ -12,8 +12,8 @@ journalled before it is acted on. Decisions are the policy's (`policy.judge`, `p
 chaos gets in only through `parts.chaos`. What it needs to go on is rebuilt from the journal, so a
 resumed supervisor behaves like the one that died. A stop request wins over the last step: a group
 that ends while the job stops ends it STOPPED, its step persisted. Before this supervisor sees a
-step trained, a stop ends the run at once (there is nothing to save), and an error once a stop was
-asked for ends it STOPPED (the stop's signal may have broken what failed). A crash, error or silent
+step trained, a stop ends the run at once (there is nothing to save), and an error after a stop
+signal ends it STOPPED (the signal may have broken what failed). A crash, error or silent
 rank, or a lost node's ranks, are replaced alone, the survivors kept.
 """
 
@@ -114,13 +114,13 @@ class Supervisor:
         except Abort as e:  # a second signal, the stop's grace ran out, a stop before the start
             self.book.abort(e.reason)
         except Exception as e:
-            stop = self.parts.control.stop_reason
             if self.book.state in TERMINAL:
                 raise
             if not self.parts.control.signalled:  # a bug: the journal still says how it ended
                 self.book.to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
                 raise
             # what the stop's signal broke (a process group's SIGTERM ends an embedded Ray too)
+            stop = self.parts.control.stop_reason
             log.warning("%s while stopping on %s", type(e).__name__, stop, exc_info=True)
             self.book.abort(f"{stop}; stopping met {type(e).__name__}: {e}"[:500])
         finally:

@@ -44,55 +44,56 @@ def test_resilient_stop_without_a_signal():
     assert StopRequests(poller, Preemption(30)).stop_reason == "resilient stop"
 
 
-def test_with_nothing_to_save_the_first_signal_ends_the_launch_from_its_own_thread():
-    p = Preemption(grace_s=30).install()
-    ended, exited = [], threading.Event()
-    p.exit_now = lambda code: (ended.append(code), exited.set())
-    try:
-        record = lambda reason, only_if_nothing: ended.append((reason, only_if_nothing)) or True  # noqa: E731
-        StopRequests(Poller(), p).end_at_once_while(lambda: True, record)
-        os.kill(os.getpid(), signal.SIGINT)  # the main thread is not needed: it may be in Ray
-        assert exited.wait(5)
-        assert ended == [("SIGINT before this launch trained a step: ended at once", True), 130]
-    finally:
-        p.uninstall()
+@pytest.fixture
+def installed():
+    """`install(grace_s, nothing_to_save, record_end)`: an installed Preemption whose exit is
+    recorded, not made; (the preemption, what was recorded, set once it would have exited)."""
+    made = []
 
-
-def test_a_declined_end_leaves_the_stop_to_the_main_thread(monkeypatch):
-    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
-    p = Preemption(grace_s=0.1).install()
-    ended, exited = [], threading.Event()
-    p.exit_now = lambda code: (ended.append(code), exited.set())
-    try:
-        # nothing to save when asked, but a step is seen before the book takes its lock: declined
-        record = lambda reason, only_if_nothing: ended.append(reason) or not only_if_nothing  # noqa: E731
-        StopRequests(Poller(), p).end_at_once_while(lambda: True, record)
-        os.kill(os.getpid(), signal.SIGTERM)
-        # the grace (0.1 s) and the backstop (0.2 s) pass with the main thread not done: the
-        # signals' thread ends the launch
-        assert exited.wait(5)
-        assert ended == [
-            "SIGTERM before this launch trained a step: ended at once",
-            "SIGTERM: the grace of supervisor.grace_s=0.1s ran out",
-            143,
-        ]
-    finally:
-        p.uninstall()
-
-
-def test_a_second_signal_the_main_thread_cannot_act_on_ends_the_launch(monkeypatch):
-    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
-    p = Preemption(grace_s=30).install()
-    ended, exited = [], threading.Event()
-    p.exit_now = lambda code: (ended.append(code), exited.set())
-    try:
+    def install(grace_s, nothing_to_save, record_end):
+        p = Preemption(grace_s=grace_s).install()
+        made.append(p)
+        ended, exited = [], threading.Event()
+        p.exit_now = lambda code: (ended.append(code), exited.set())
         StopRequests(Poller(), p).end_at_once_while(
-            lambda: False, lambda reason, only_if_nothing: ended.append(reason) or True
+            nothing_to_save, lambda *a: record_end(ended, *a)
         )
-        os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(Abort):  # raised in the main thread, which (in Ray) may not get to it
-            os.kill(os.getpid(), signal.SIGINT)
-        assert exited.wait(5)
-        assert ended == ["SIGINT after SIGTERM: ended at once", 143]
-    finally:
+        return p, ended, exited
+
+    yield install
+    for p in made:
         p.uninstall()
+
+
+def test_with_nothing_to_save_the_first_signal_ends_the_launch_from_its_own_thread(installed):
+    _, ended, exited = installed(30, lambda: True, lambda out, *a: out.append(a) or True)
+    os.kill(os.getpid(), signal.SIGINT)  # the main thread is not needed: it may be in Ray
+    assert exited.wait(5)
+    assert ended == [("SIGINT before this launch trained a step: ended at once", True), 130]
+
+
+def test_a_declined_end_leaves_the_stop_to_the_main_thread(installed, monkeypatch):
+    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
+    # nothing to save when asked, but a step is seen before the book takes its lock: declined
+    decline = lambda out, reason, only_if_nothing: out.append(reason) or not only_if_nothing  # noqa: E731
+    _, ended, exited = installed(0.1, lambda: True, decline)
+    os.kill(os.getpid(), signal.SIGTERM)
+    # the grace (0.1 s) and the backstop (0.2 s) pass with the main thread not done: the
+    # signals' thread ends the launch
+    assert exited.wait(5)
+    assert ended == [
+        "SIGTERM before this launch trained a step: ended at once",
+        "SIGTERM: the grace of supervisor.grace_s=0.1s ran out",
+        143,
+    ]
+
+
+def test_a_second_signal_the_main_thread_cannot_act_on_ends_the_launch(installed, monkeypatch):
+    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
+    record = lambda out, reason, only_if_nothing: out.append(reason) or True  # noqa: E731
+    _, ended, exited = installed(30, lambda: False, record)
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Abort):  # raised in the main thread, which (in Ray) may not get to it
+        os.kill(os.getpid(), signal.SIGINT)
+    assert exited.wait(5)
+    assert ended == ["SIGINT after SIGTERM: ended at once", 143]
