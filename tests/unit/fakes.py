@@ -42,7 +42,9 @@ class FakeControl:
 
     @property
     def signalled(self) -> bool:
-        return self.seen and self.by_signal
+        return (
+            self.by_signal and self.stop_reason is not None
+        )  # (asked on its own, as the real one)
 
     def end_at_once_while(self, nothing_to_save, record_end) -> None:
         self.at_once = nothing_to_save
