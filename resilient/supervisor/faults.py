@@ -32,6 +32,7 @@ class Action(StrEnum):
     CORDON = "cordon"  # exclude the node(s) and restart the group without them
     ROLLBACK = "rollback"  # restart from a checkpoint before the anomaly, skipping the bad batches
     GIVE_UP = "give_up"  # end the job as FAILED with the reason
+    STOP = "stop"  # end the job as STOPPED: a fault while a stop signal's stop was under way
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class History:
 
     streak: int = 0  # faults in a row (NaN/spike rollbacks aside), too close to recover from
     stopping: bool = False  # a stop was requested and is under way
+    stop_signal: str | None = None  # stopping on a signal: its stop reason ("SIGTERM (...)")
     rollback_streak: int = 0  # NaN/spike rollbacks in a row, the same way
     last_hour: int = 0  # restarts within the last hour (supervisor.max_restarts_per_hour)
     node_offences: int = 0  # earlier faults of this fault's kind (straggler, sdc) on its node

@@ -111,6 +111,14 @@ def is_rollback(fault: Fault) -> bool:
 
 
 def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
+    if history.stopping and history.stop_signal:
+        # A process group's SIGTERM ends an embedded Ray's raylet, and the ranks with it; a
+        # control group's ends the ranks themselves: the end asked for came first, that is all.
+        return Decision(
+            Action.STOP,
+            f"stopped on {history.stop_signal}, which the job did not outlive: "
+            f"{describe(fault)} while stopping ({_first_line(fault)})",
+        )
     if history.stopping:
         return Decision(
             Action.GIVE_UP,

@@ -318,7 +318,10 @@ class Supervisor:
         kind = fault.anomaly or fault.kind.value
         others = [n for n in self.nodes.order if n != fault.node and n not in self.fleet.excluded()]
         history = replace(
-            history, node_offences=self.offences[kind, fault.node], other_nodes=len(others)
+            history,
+            node_offences=self.offences[kind, fault.node],
+            other_nodes=len(others),
+            stop_signal=self.parts.control.stop_reason if self.parts.control.signalled else None,
         )
         if fault.node:
             self.offences[kind, fault.node] += 1
@@ -327,6 +330,8 @@ class Supervisor:
         if decision.action == Action.GIVE_UP:
             self.book.to(JobState.FAILED, decision.reason)
             return
+        if decision.action == Action.STOP:
+            return self.book.abort(decision.reason)
         for node in decision.exclude_nodes:
             self.fleet.cordon(node, decision.reason)
         if fault.kind in NODE_FAULTS:  # before the teardown: no flush or lookup goes there

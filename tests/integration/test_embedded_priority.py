@@ -24,6 +24,15 @@ def started(p: psutil.Process) -> float:
         return 0.0
 
 
+def command(p: psutil.Process) -> list[str]:
+    """`p`'s command line; [] for one that ended since it was listed (a worker `ray.kill` ended
+    becomes a zombie until the raylet reaps it)."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def nice(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
@@ -65,8 +74,9 @@ def test_workers_train_at_normal_priority(embedded):
 
 def test_rays_dashboard_and_monitor_run_below_the_ranks(embedded):
     # this cluster's (an earlier test module's Ray may still be ending, or left zombies)
-    procs = [p for p in psutil.Process().children(recursive=True) if started(p) >= embedded]
-    lowered = [p for p in procs if is_background(p.cmdline())]
+    listed = [p for p in psutil.Process().children(recursive=True) if started(p) >= embedded]
+    procs = [p for p in listed if command(p)]
+    lowered = [p for p in procs if is_background(command(p))]
     assert len(lowered) >= 2, "no dashboard or monitor processes found to check"
     for p in lowered:
         assert {nice(t.id) for t in p.threads()} == {BACKGROUND_NICE}, p.cmdline()[:2]

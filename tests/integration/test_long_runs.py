@@ -66,9 +66,10 @@ def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig
 
 def test_sigterm_to_the_whole_process_group_stops_promptly(tmp_path):
     """`timeout` and `kill -TERM -- -PGID` signal the launch's whole process group, the embedded
-    cluster's GCS and raylet among them (the ranks are in groups of their own): the job still
-    stops after a persisted step, and the launch exits 143 promptly (Ray's GCS is gone: a
-    cleanup call must not hold it for Ray's minute)."""
+    cluster's GCS and raylet among them (the ranks are in groups of their own, but the raylet ends
+    them as it goes): the run ends STOPPED, after the stop's own step when the ranks finish it
+    first, and the launch exits 143 promptly (Ray's GCS is gone: a cleanup call must not hold it
+    for Ray's minute)."""
     spec = write_job(tmp_path, steps=100000)
     run = tmp_path / "runs" / "t" / "group"
     with background_launch(str(spec), "--run-id", "group", "--set", "checkpoint.every=1") as proc:
@@ -78,8 +79,10 @@ def test_sigterm_to_the_whole_process_group_stops_promptly(tmp_path):
         assert proc.wait(timeout=90) == 143
         assert time.time() - t0 < 30
     s = status(run)
-    assert s["state"] == "STOPPED" and "SIGTERM" in s["reason"]
-    assert s["last_checkpoint"] == s["step"] >= 10
+    assert s["state"] == "STOPPED" and "SIGTERM" in s["reason"], s["reason"]
+    assert s["last_checkpoint"] >= 10
+    # which came first, the stop's step or the raylet's end of the ranks, is Ray's race
+    assert s["last_checkpoint"] == s["step"] or "did not outlive" in s["reason"], s
 
 
 def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(tmp_path):

@@ -38,6 +38,19 @@ def test_a_fault_while_stopping_gives_up_with_a_reason():
     assert d.action is Action.GIVE_UP and "while stopping" in d.reason and "--resume" in d.reason
 
 
+def test_a_fault_while_stopping_on_a_signal_ends_stopped():
+    """A process group's SIGTERM ends an embedded Ray's raylet and the ranks with it: the end that
+    was asked for, not a failure (an SRE's preemption must not page anyone)."""
+    h = History(0, stopping=True, stop_signal="SIGTERM (preemption)")
+    d = decide(FAULT, h, SupervisorConfig())
+    assert d.action is Action.STOP
+    assert "SIGTERM (preemption)" in d.reason and "crash of rank 1 at step 14" in d.reason
+    # a signal without a stop under way changes nothing
+    assert decide(FAULT, History(0, stop_signal="SIGTERM (preemption)"), SupervisorConfig()) == (
+        decide(FAULT, History(0), SupervisorConfig())
+    )
+
+
 EVENTS = [
     AnomalyEvent(
         5.0, "gpu_xid", "critical", "cordon", node="nA", evidence={"xid": 79, "reason": "x"}

@@ -182,6 +182,19 @@ def test_a_fault_while_stopping_goes_through_the_policy(tmp_path):
     assert transitions(job)[-2:] == ["STOPPING", "FAILED"]
 
 
+def test_a_fault_while_stopping_on_a_signal_ends_stopped(tmp_path):
+    """The signal's own doing (a process group's SIGTERM ends the embedded raylet, the ranks with
+    it): STOPPED, naming the signal and the fault, resumable from the newest persisted step."""
+    job = Job(tmp_path, Scenario(crash={11: 1}), steps=1000, stop_by_signal=True)
+    job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
+    s = job.run()
+    assert s["state"] == "STOPPED" and "SIGTERM" in s["reason"] and "crash of rank 1" in s["reason"]
+    assert "--resume" in s["reason"]
+    (d,) = job.of("decision")
+    assert d["action"] == "stop" and job.of("fault")[0]["kind"] == "crash"
+    assert transitions(job)[-2:] == ["STOPPING", "STOPPED"]
+
+
 def test_spent_budget_gives_up_with_a_reason(tmp_path):
     job = Job(tmp_path, Scenario(crash={3: 0}), spec={"supervisor": {"max_restarts": 0}})
     s = job.run()
