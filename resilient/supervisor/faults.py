@@ -72,6 +72,8 @@ class History:
     node_offences: int = 0  # earlier faults of this fault's kind (straggler, sdc) on its node
     other_nodes: int = 1  # healthy nodes besides the fault's (a straggler's node is cordoned
     # only where the job can go on elsewhere)
+    on_cordoned: bool = False  # a rank of the group is on a node cordoned since it started
+    # (another fault of the same poll): no rank is kept there, so the whole group restarts
 
 
 @dataclass(frozen=True)

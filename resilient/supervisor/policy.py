@@ -19,8 +19,13 @@ Contract: every function here looks at its arguments only (no clock, no I/O) and
   that fired, at once when every rank failed the same way before training (not an outage), when
   faults recur without progress (`max_restarts` in a row, each within
   `progress_steps` steps of the last; NaN/spike rollbacks budgeted apart by `max_rollbacks`), past
-  `max_restarts_per_hour`, or when a fault strikes while it stops. Faults far apart never add up:
-  a two-week job meets far more than `max_restarts` of them.
+  `max_restarts_per_hour`, or when a fault strikes while it stops (after a stop *signal* it ends
+  the job STOPPED instead: the signal is the likely cause). Faults far apart never add up: a
+  two-week job meets far more than `max_restarts` of them. No survivor is kept on a node cordoned
+  since the group started (`History.on_cordoned`).
+- `acted_on(poll, death)`: the one fault of a poll to act on (after a death, a fault on the dead
+  rank's node explains it); `also_cordon(fault, poll)`: the other nodes the poll's faults cordon
+  with it.
 """
 
 from __future__ import annotations
@@ -110,6 +115,34 @@ def is_rollback(fault: Fault) -> bool:
     return fault.kind == FaultKind.ANOMALY and fault.suggested == ROLLBACK
 
 
+def acted_on(poll: Sequence[Fault], death: Fault | None = None) -> Fault | None:
+    """The fault of one poll to act on: after a rank's `death`, a fault on the dead rank's node
+    (a GPU's XID comes with the death of the process that used it: the node is why), else the
+    death; without one, the poll's first fault (None: training goes on)."""
+    if death is None:
+        return poll[0] if poll else None
+    mine = death.node if death.kind == FaultKind.CRASH else None
+    return next((f for f in poll if mine and f.node == mine), death)
+
+
+def also_cordon(fault: Fault, others: Sequence[Fault]) -> dict[str, str]:
+    """Node -> reason: the nodes to cordon besides what is decided for `fault`, the one acted
+    on: another node's fault of the same poll that alone would have cordoned it (a GPU's XID is
+    not raised again until the GPU is used, so the restart would put a rank back on it)."""
+    nodes: dict[str, str] = {}
+    for f in others:
+        if (
+            f.kind == FaultKind.ANOMALY
+            and f.suggested == CORDON
+            and f.node not in (None, fault.node)
+        ):
+            reason = (
+                f"{describe(f)}, with the {describe(fault)} acted on: cordon node {f.node[:12]}"
+            )
+            nodes.setdefault(f.node, reason)
+    return nodes
+
+
 def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     if history.stopping and history.stop_signal:
         # A process group's SIGTERM ends an embedded Ray's raylet, and the ranks with it; a
@@ -131,6 +164,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     if spent:
         return Decision(Action.GIVE_UP, spent)
     delay = backoff(history.rollback_streak if is_rollback(fault) else history.streak, cfg)
+    keep = cfg.keep_survivors and not history.on_cordoned  # survivors, where the fault allows
     if fault.kind == FaultKind.ANOMALY and fault.suggested == CORDON and fault.node:
         return Decision(
             Action.CORDON,
@@ -139,9 +173,9 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             exclude_nodes=(fault.node,),
         )
     if fault.kind in NODE_FAULTS and fault.node:
-        return _node_decision(fault, cfg, delay)
+        return _node_decision(fault, keep, delay)
     if fault.kind == FaultKind.SDC:
-        return _sdc_decision(fault, history, delay, cfg.keep_survivors)
+        return _sdc_decision(fault, history, delay, keep)
     repeated = history.node_offences >= 1 and fault.node and history.other_nodes > 0
     if fault.suggested == REPLACE and repeated:
         return Decision(
@@ -160,7 +194,7 @@ def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
             rollback_to=fault.rollback_to,
             skip_batches=fault.skip_batches,
         )
-    if cfg.keep_survivors and keeps_survivors(fault):
+    if keep and keeps_survivors(fault):
         return Decision(
             Action.RESTART,
             f"{describe(fault)}: replace rank {fault.rank}, the other ranks keep their processes "
@@ -207,11 +241,11 @@ def _sdc_decision(fault: Fault, history: History, delay: float, keep_survivors: 
     )
 
 
-def _node_decision(fault: Fault, cfg: SupervisorConfig, delay: float) -> Decision:
+def _node_decision(fault: Fault, keep_survivors: bool, delay: float) -> Decision:
     """A lost or unreachable node: never placed on again in this run (cordoned), its ranks
     replaced; the ranks on other nodes keep their processes (unless keep_survivors is off)."""
     what = "lost" if fault.kind == FaultKind.NODE_LOSS else "unreachable (partitioned)"
-    keep = cfg.keep_survivors and keeps_survivors(fault)
+    keep = keep_survivors and keeps_survivors(fault)
     return Decision(
         Action.RESTART,
         f"{describe(fault)}: node {fault.node[:12]} is {what}: cordon it for the rest of the run "

@@ -253,20 +253,16 @@ class Supervisor:
             # what arrived with this poll is recorded first, whatever happens next
             self._record(seen.fresh)
             events = self.intake.events(list(seen.metrics))
-            if seen.fault and seen.fault.kind == FaultKind.CRASH:  # a death explains the rest
-                crash = self.chaos.attribute(self.fleet.explain(seen.fault, group))
-                # what came with it is judged too: a GPU's XID with its process's death is why
-                mine = crash.kind == FaultKind.CRASH and crash.node
-                why = [f for f in self._anomalies(events, group) if mine and f.node == mine]
-                return self.chaos.attribute(why[0]) if why else crash
+            if seen.fault and seen.fault.kind == FaultKind.CRASH:  # the rest of the poll too
+                return self._anomalies(events, group, self.fleet.explain(seen.fault, group))
             lost = self.fleet.check(group, seen.now, self.book.step + 1)
             if lost:  # a node that answers nothing: before its silence is taken for a hang
                 return self.chaos.attribute(lost)
             at = (self.book.step, self.book.training_s, watch.running, seen.latest)
             self.chaos.tick(JobView(*at, group, self.nodes, self.parts.store))
-            anomalies = self._anomalies(events, group)
-            if anomalies:
-                return self.chaos.attribute(anomalies[0])
+            fault = self._anomalies(events, group)
+            if fault:
+                return fault
             if seen.ready:
                 self.book.ready(seen.ready, restored)
             if seen.step is not None:
@@ -321,6 +317,7 @@ class Supervisor:
             history,
             node_offences=self.offences[kind, fault.node],
             other_nodes=len(others),
+            on_cordoned=bool(set(group.placement) & self.fleet.cordoned.keys()),
             stop_signal=self.parts.control.stop_reason if self.parts.control.signalled else None,
         )
         if fault.node:
@@ -385,9 +382,10 @@ class Supervisor:
     def _record(self, heartbeats) -> None:
         self.book.trained(self.intake.heartbeats(heartbeats))
 
-    def _anomalies(self, events: list, group) -> list[Fault]:
-        """Journal every anomaly event with what the policy made of it; the faults to act on, in
-        order (none: training goes on)."""
+    def _anomalies(self, events: list, group, death: Fault | None = None) -> Fault | None:
+        """Journal every anomaly event with what the policy made of it; the fault to act on
+        (`policy.acted_on`: after a `death`, maybe the XID that came with it), the nodes the
+        poll's other faults would cordon cordoned too, so one restart avoids them all."""
         found = []
         for e in events:
             v = policy.judge(e, group.placement, self.book.data_steps, self.book.step, self.clock())
@@ -395,4 +393,7 @@ class Supervisor:
                 self.fleet.cordon(*v.cordon)
             self.intake.anomaly(e, v.decision)
             found += [v.fault] if v.fault else []
-        return found
+        fault = policy.acted_on(found, death)
+        for node, reason in policy.also_cordon(fault, found).items() if fault else ():
+            self.fleet.cordon(node, reason)
+        return self.chaos.attribute(fault) if fault else None

@@ -1,5 +1,6 @@
 import copy
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -7,7 +8,7 @@ from resilient.anomaly.events import AnomalyEvent
 from resilient.config import SupervisorConfig
 from resilient.supervisor import policy
 from resilient.supervisor.faults import Action, Fault, FaultKind, History
-from resilient.supervisor.policy import backoff, decide, judge
+from resilient.supervisor.policy import acted_on, also_cordon, backoff, decide, judge
 
 pytestmark = pytest.mark.timeout(10)
 FAULT = Fault(FaultKind.CRASH, 1, 14, 100.0, "actor died")
@@ -194,3 +195,31 @@ def test_faults_far_apart_never_add_up():
     assert decide(FAULT, b.history(2, False, 60_010.0), cfg).action is Action.GIVE_UP
     again = Budget(cfg, [{"type": "restart", "t": 60_004.0, "streak": 5, "rollback_streak": 0}])
     assert decide(FAULT, again.history(2, False, 60_010.0), cfg).action is Action.GIVE_UP
+
+
+def _xid(node: str, rank: int | None = 1) -> Fault:
+    return Fault(
+        FaultKind.ANOMALY, rank, 8, 1.0, "xid 79", node=node, anomaly="gpu_xid", suggested="cordon"
+    )
+
+
+def test_one_poll_acts_on_one_fault_and_cordons_every_failed_gpus_node():
+    """A poll can bring a death and XIDs: one restart, on none of the failed GPUs' nodes."""
+    death = Fault(FaultKind.CRASH, 0, 8, 1.0, "gone", node="node0")
+    nan = Fault(
+        FaultKind.ANOMALY, 0, 8, 1.0, "nan", node="node0", anomaly="nan", suggested="rollback"
+    )
+    assert acted_on([]) is None and acted_on([nan, _xid("node1")]) == nan
+    assert acted_on([_xid("node1")], death) == death  # another node's XID does not explain it
+    assert acted_on([_xid("node1"), _xid("node0", 0)], death) == _xid("node0", 0)  # its own does
+    lost = replace(death, kind=FaultKind.NODE_LOSS)
+    assert acted_on([_xid("node0", 0)], lost) == lost  # the whole node is gone: that is why
+    poll = [_xid("node1"), _xid("node2", 2), _xid("node1", 3), nan]
+    assert list(also_cordon(death, poll)) == ["node1", "node2"]
+    assert "crash of rank 0 at step 8" in also_cordon(death, poll)["node1"]
+    assert list(also_cordon(_xid("node1"), poll)) == ["node2"]  # its own node is decide()'s
+    assert also_cordon(death, [nan]) == {}  # a NaN is not a node's fault
+    # the death's restart keeps no survivor on a node cordoned meanwhile: the whole group restarts
+    cfg = SupervisorConfig()
+    assert decide(death, History(0), cfg).keep_survivors
+    assert not decide(death, History(0, on_cordoned=True), cfg).keep_survivors

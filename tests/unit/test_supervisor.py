@@ -107,6 +107,17 @@ def test_a_crash_and_its_nodes_xid_in_one_poll_cordon_the_node_in_one_restart(tm
     assert "node1" not in {r["node"] for r in job.of("ranks")[-1]["ranks"]}
 
 
+def test_a_crash_and_another_nodes_xid_in_one_poll_cordon_that_node_too(tmp_path):
+    """The restart for the crash would put a rank back on the other node's failed GPU (its XID
+    is not raised again until the GPU is used): that node is cordoned with the same restart."""
+    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}, crash={8: 0}))
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1
+    assert [c["node"] for c in s["cordoned_nodes"]] == ["node1"]
+    assert [f["kind"] for f in job.of("fault")] == ["crash"]
+    assert "node1" not in {r["node"] for r in job.of("ranks")[-1]["ranks"]}
+
+
 def test_stop_persists_its_step_and_ends_stopped(tmp_path):
     job = Job(tmp_path, steps=1000)
     job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
