@@ -26,7 +26,8 @@ Contract:
 - No tracker I/O in the caller's thread: calls put items on a bounded queue (QUEUE_MAX) that one
   daemon thread drains in batches (every FLUSH_S, or at once when BATCH items wait). Full, it
   drops the oldest items, with one warning. train/eval/event/close never raise; only close waits,
-  at most CLOSE_S, for the last items and for every run to end (status FINISHED unless told).
+  at most CLOSE_S (or its `timeout`), for the last items and for every run to end (status
+  FINISHED unless told).
 - A tracker that fails to open or to write: one warning naming it and the error, and it is off
   for the rest of the job; the others go on. One that is not installed: one warning naming the
   pip package. A hung tracker (W&B online with no network) stalls the others, never the caller.
@@ -155,18 +156,18 @@ class Trackers:
         self._opened.wait(timeout)
         return dict(self.ids)
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", timeout: float = CLOSE_S) -> None:
         """Write what waits, end every tracker run with `status` (FINISHED, FAILED, KILLED; W&B
-        gets exit code 0 or 1) and stop the thread, waiting CLOSE_S at most. Idempotent."""
+        gets exit code 0 or 1) and stop the thread, waiting `timeout` at most. Idempotent."""
         with self._cv:
             if self._closing:
                 return
             self._closing = True
             self._status = status if status in STATUSES else "FINISHED"
             self._cv.notify()
-        self._thread.join(CLOSE_S)
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("trackers: still writing after %.0f s; leaving them to it", CLOSE_S)
+            log.warning("trackers: still writing after %.0f s; leaving them to it", timeout)
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:

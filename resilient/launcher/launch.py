@@ -34,6 +34,8 @@ from resilient.rundir.layout import CHAOS_REPORT, SPEC_FILE, base_ref
 from resilient.runlog.journal import Journal, journal_exists, read_records
 from resilient.runlog.status import fold
 
+END_CLOSE_S = 5.0  # an end from the signals' thread waits this long for the trackers' last writes
+
 
 def default_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
@@ -253,6 +255,8 @@ def _supervise(
 
     exporter = _exporter(spec, journal, records, console)  # first: a taken port starts nothing
     feed = _trackers(spec, journal, records)
+    if feed:  # an end from the signals' thread ends their runs too (else RUNNING for ever)
+        preemption.before_exit.append(lambda: feed.trackers.close("FINISHED", END_CLOSE_S))
     requests = StopRequests(control.ControlPoller(rundir).start(), preemption)
     chaos = ChaosController(spec, rundir, journal, requests)
     ref = base_ref(rundir, spec.model.path)

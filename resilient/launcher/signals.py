@@ -16,7 +16,8 @@ too, and Ray's calls would then hold the launch for a minute before Ray ends it 
 Python handler cannot cut a Ray call short either: Ray runs it inside the call and goes on). The
 same thread is the backstop of the main thread's own ending: a second signal not acted on within
 BACKSTOP_S, or the grace plus BACKSTOP_S, ends the launch the same way (`record_end(reason,
-False)`).
+False)`). Such an end runs `before_exit` (the launcher's: the trackers' runs ended, within a
+few seconds) after the journal and before the exit.
 `StopRequests(poller, preemption)` is what the supervisor asks: a `resilient stop` or a signal.
 """
 
@@ -52,6 +53,7 @@ class Preemption:
         # save, when told so); False: it declined
         self.record_end: Callable[[str, bool], bool] = lambda reason, only_if_nothing: True
         self.exit_now: Callable[[int], None] = os._exit
+        self.before_exit: list[Callable[[], None]] = []  # an end from the signals' thread runs them
         self._pipe: tuple[int, int] | None = None
         self._old_fd = -1
         self._heard: list[int] = []  # the signals the signals' thread heard, in order
@@ -128,6 +130,11 @@ class Preemption:
                 return
         except Exception:  # storage is down: the run is resumed from what it holds anyway
             log.warning("the stop was not journalled", exc_info=True)
+        for end in self.before_exit:
+            try:
+                end()
+            except Exception:
+                log.warning("%s failed before the exit", end, exc_info=True)
         restore_for_exit()
         if sys.stdout.isatty():
             sys.stdout.write("\x1b[?25h")  # the progress line's hidden cursor, shown again

@@ -66,10 +66,18 @@ def installed():
 
 
 def test_with_nothing_to_save_the_first_signal_ends_the_launch_from_its_own_thread(installed):
-    _, ended, exited = installed(30, lambda: True, lambda out, *a: out.append(a) or True)
+    p, ended, exited = installed(30, lambda: True, lambda out, *a: out.append(a) or True)
+
+    def broken():
+        raise RuntimeError("tracker server down")
+
+    # the launcher's (the trackers' runs ended): after the journal, before the exit; one that
+    # fails stops neither the others nor the exit
+    p.before_exit += [broken, lambda: ended.append("trackers closed")]
     os.kill(os.getpid(), signal.SIGINT)  # the main thread is not needed: it may be in Ray
     assert exited.wait(5)
-    assert ended == [("SIGINT before this launch trained a step: ended at once", True), 130]
+    why = "SIGINT before this launch trained a step: ended at once"
+    assert ended == [(why, True), "trackers closed", 130]
 
 
 def test_a_declined_end_leaves_the_stop_to_the_main_thread(installed, monkeypatch):
