@@ -96,25 +96,25 @@ def test_xid_on_a_node_without_ranks_cordons_without_a_restart(tmp_path):
     assert job.of("anomaly")[0]["decision"] == "cordon_only"
 
 
-def test_a_crash_and_its_nodes_xid_in_one_poll_cordon_the_node_in_one_restart(tmp_path):
-    """The XID that came with the death is not dropped for it: the node is cordoned and the rank
-    replaced elsewhere, in one restart (not put back on the GPU that failed)."""
-    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}, crash={8: 1}))
+@pytest.mark.parametrize(
+    "crashed, acted_on",
+    [
+        # the XID that came with the death is not dropped for it: its node is why
+        (1, "gpu_xid"),
+        # the restart for a death elsewhere would put a rank back on the failed GPU (its XID is
+        # not raised again until the GPU is used): that node is cordoned with the same restart
+        (0, "crash"),
+    ],
+)
+def test_a_crash_and_an_xid_in_one_poll_cordon_the_xids_node_in_one_restart(
+    tmp_path, crashed, acted_on
+):
+    """A death and node1's XID in one poll: one restart, node1 cordoned, no rank placed on it."""
+    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}, crash={8: crashed}))
     s = job.run()
     assert s["state"] == "SUCCEEDED" and s["restarts"] == 1
     assert [c["node"] for c in s["cordoned_nodes"]] == ["node1"]
-    assert [f["kind"] for f in job.of("fault")] == ["gpu_xid"]
-    assert "node1" not in {r["node"] for r in job.of("ranks")[-1]["ranks"]}
-
-
-def test_a_crash_and_another_nodes_xid_in_one_poll_cordon_that_node_too(tmp_path):
-    """The restart for the crash would put a rank back on the other node's failed GPU (its XID
-    is not raised again until the GPU is used): that node is cordoned with the same restart."""
-    job = Job(tmp_path, Scenario(xid={8: ("node1", 79)}, crash={8: 0}))
-    s = job.run()
-    assert s["state"] == "SUCCEEDED" and s["restarts"] == 1
-    assert [c["node"] for c in s["cordoned_nodes"]] == ["node1"]
-    assert [f["kind"] for f in job.of("fault")] == ["crash"]
+    assert [f["kind"] for f in job.of("fault")] == [acted_on]
     assert "node1" not in {r["node"] for r in job.of("ranks")[-1]["ranks"]}
 
 
