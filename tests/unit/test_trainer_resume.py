@@ -91,6 +91,36 @@ def test_snapshot_restore_is_exact(world, work, model, train):
         assert resumed.scaler.get_scale() == straight.scaler.get_scale()
 
 
+def test_a_step_seeds_only_the_generator_its_rank_draws_from(world, work, monkeypatch):
+    """Dropout's draws are a function of (seed, step, microbatch) alone, drawn from the rank's own
+    device's generator: a CPU rank's step seeds no accelerator type (torch.manual_seed queues each
+    one, with a traceback, at 0.1-0.3 ms a microbatch), and draws what torch.manual_seed with that
+    seed gives, so adapters trained before this match bit for bit."""
+    peft = {"method": "lora", "r": 2, "lora_dropout": 0.3, "target_modules": ["q_proj", "v_proj"]}
+
+    def seeded(seed):
+        raise AssertionError("a CPU rank's step seeded an accelerator")
+
+    def trained(seeding=None) -> dict:
+        t = _trainer(work, {}, {"seed": 5}, peft)
+        with monkeypatch.context() as m:
+            if seeding:
+                m.setattr(Trainer, "_seed", lambda self, step, i: seeding(step, i) and None)
+            else:
+                for accelerator in (torch.cuda, torch.xpu, torch.mtia):
+                    m.setattr(accelerator, "manual_seed_all", seeded)
+            for s in range(1, 4):
+                t.step(s)
+        return trainable_state(t.model)
+
+    before = trained(lambda step, i: torch.manual_seed((5 * 1_000_003 + step) * 65_537 + i))
+    other = trained(lambda step, i: torch.manual_seed(step * 7 + i))  # dropout's draws count
+    now = trained()
+    assert now.keys() == before.keys() and now
+    assert all(torch.equal(now[k], before[k]) for k in before)
+    assert not all(torch.equal(now[k], other[k]) for k in other)
+
+
 CHAT = {
     "format": "chat",
     "packing": True,
