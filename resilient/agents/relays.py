@@ -48,9 +48,8 @@ def relayed(spec, world: int) -> bool:
 class NodeRelays:
     def __init__(self):
         self.seq = 0
-        self.agents: dict[str, object] = {}
-        self.ranks: dict[str, list[int]] = {}
-        self.node_of: dict[int, str] = {}
+        self.agents: dict[str, object] = {}  # the nodes whose agents relay: each one's agent
+        self.node_of: dict[int, str] = {}  # the ranks relayed: each one's node
         self.inflight: dict[str, ray.ObjectRef] = {}
         # gathers of nodes handed back for being late, still read when they come: the heartbeats
         # in them were handed out once (and carry step records)
@@ -64,7 +63,7 @@ class NodeRelays:
     def attach(self, by_node: dict[str, tuple[object, dict[int, tuple[object, int]]]]) -> None:
         # a sequence that only grows, across groups too: an agent ignores an older group's attach
         self.seq = max(self.seq + 1, time.time_ns())
-        self.agents, self.ranks, self.node_of, self.inflight = {}, {}, {}, {}
+        self.agents, self.node_of, self.inflight = {}, {}, {}
         self.members = {node: dict(ranks) for node, (_, ranks) in by_node.items()}
         self.attached = {node: a for node, (a, _) in by_node.items()}
         refs = {node: a.attach.remote(self.seq, ranks) for node, (a, ranks) in by_node.items()}
@@ -76,9 +75,8 @@ class NodeRelays:
                 ray.get(ref)
             except Exception:  # the agent died or failed: the same
                 continue
-            agent, ranks = by_node[node]
-            self.agents[node], self.ranks[node] = agent, sorted(ranks)
-            self.node_of.update(dict.fromkeys(ranks, node))
+            self.agents[node] = by_node[node][0]
+            self.node_of.update(dict.fromkeys(self.members[node], node))
 
     def __contains__(self, rank: int) -> bool:
         return rank in self.node_of
@@ -95,7 +93,7 @@ class NodeRelays:
                         "ranks are asked directly from now on",
                         node[:12],
                     )
-                    released += self.ranks[node]
+                    released += sorted(self.members[node])
                     self.late[self.inflight[node]] = node
                     self.drop(node)
                 continue
@@ -104,7 +102,7 @@ class NodeRelays:
                 self.seq, wait_s, interval, now, order=self.order
             )
             self.due[node], self.sent_at[node] = now + interval + wait_s, now
-            asked += self.ranks[node]
+            asked += sorted(self.members[node])
         return asked, released
 
     @property
@@ -135,8 +133,9 @@ class NodeRelays:
     def drop(self, node: str) -> None:
         self.agents.pop(node, None)
         self.inflight.pop(node, None)
-        for rank in self.ranks.pop(node, []):
-            self.node_of.pop(rank, None)
+        for rank in self.members.get(node, ()):
+            if self.node_of.get(rank) == node:
+                del self.node_of[rank]
 
     def forget(self, ranks) -> None:
         """These ranks are replaced or ended (all of them: `ranks` None): no agent polls them or
@@ -149,8 +148,6 @@ class NodeRelays:
             for rank in gone:
                 del members[rank]
                 self.node_of.pop(rank, None)
-                if rank in self.ranks.get(node, []):
-                    self.ranks[node].remove(rank)
             try:  # the same sequence: the agent keeps what it owes the others
                 agent.attach.remote(self.seq, dict(members))
             except Exception:  # the agent is gone: it passes nothing on

@@ -167,14 +167,18 @@ def test_a_gather_sent_before_the_last_one_holds_not_whenever_it_arrives(agent):
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
-class SlowAgent:
-    """A node agent whose gathers answer 2 s late, each with one heartbeat of rank 0."""
+class LateAgent:
+    """A node agent that takes its ranks, then answers each gather `delay_s` late (stopped,
+    overloaded), with one heartbeat of rank 0."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
 
     def attach(self, seq: int, ranks: dict) -> None:
         pass
 
     def gather(self, seq: int, wait_s: float, every_s=0.0, sent_at=0.0, order=None) -> dict:
-        time.sleep(2.0)
+        time.sleep(self.delay_s)
         hb = Heartbeat(0, os.getpid(), "training", time.time(), 1, metrics=({"step": 1},))
         return {"seq": seq, "beats": [(0, hb)], "dead": {}, "waiting": [0]}
 
@@ -183,7 +187,7 @@ def test_a_late_gather_is_still_read_after_its_ranks_were_handed_back(cluster):
     """The heartbeats a late gather carries were handed out once: they still reach the caller,
     and its ranks stay with direct heartbeats (none of them awaited through it again)."""
     relays = NodeRelays()
-    relays.attach({"node-s": (SlowAgent.remote(), ranks(1))})
+    relays.attach({"node-s": (LateAgent.remote(2.0), ranks(1))})
     now = time.time()
     assert relays.issue(now, 0.4) == ([0], [])
     assert relays.issue(now + 0.7, 0.4) == ([], [0])  # overdue: handed back
@@ -194,21 +198,9 @@ def test_a_late_gather_is_still_read_after_its_ranks_were_handed_back(cluster):
     assert waiting == [] and not relays.refs
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class StuckAgent:
-    """A node agent that takes its ranks, then never answers a gather (stopped, overloaded)."""
-
-    def attach(self, seq: int, ranks: dict) -> None:
-        pass
-
-    def gather(self, seq: int, wait_s: float, every_s=0.0, sent_at=0.0, order=None) -> dict:
-        time.sleep(60)
-        return {}
-
-
 def test_an_agent_that_does_not_answer_hands_its_ranks_back(cluster):
     relays = NodeRelays()
-    relays.attach({"node-s": (StuckAgent.remote(), ranks(2))})
+    relays.attach({"node-s": (LateAgent.remote(60.0), ranks(2))})
     now = time.time()
     assert relays.issue(now, 1.0) == ([0, 1], [])
     assert relays.renewing(1.0) == {"node-s"}  # the gather carried the lease renewal
