@@ -77,7 +77,8 @@ def analyse(log: list, faults: list[dict], total: int) -> dict:
     step. step_s = median wall time between consecutive steps of one life (so whatever a system
     does between steps, checkpoints included, is in it); goodput = steps x step_s / wall time from
     the first step to the last (main() recomputes it with the system's no-fault step_s); steady_s
-    = that median over the second half; best_s = the fastest WINDOW steps' median."""
+    = that median over the second half (steady_window: its first and last step's times); best_s =
+    the fastest WINDOW steps' median."""
     out = {"recovery": [], "replayed": [], "done": bool(log) and log[-1][0] == total}
     if not log:
         return {**out, "goodput": None, "step_s": None}
@@ -97,6 +98,8 @@ def analyse(log: list, faults: list[dict], total: int) -> dict:
     gaps = [g for _, g in pairs]
     step_s = statistics.median(gaps) if gaps else statistics.median(d for _, _, d, _ in log)
     late = [g for s, g in pairs if s > total // 2]
+    half = [t for s, t, _, _ in log if s > total // 2]
+    out["steady_window"] = (half[0], log[-1][1]) if half else None  # when the second half ran
     out["steady_s"] = (
         statistics.median(late) if late else step_s
     )  # second half: one-time warm-ups are over

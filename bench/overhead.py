@@ -11,7 +11,10 @@ each), on bench/recovery.py's workload (2 ranks over gloo, the tiny Llama with L
 - each `--variant NAME=KEY=VALUE[;KEY=VALUE...]`: resilient with those spec overrides, e.g.
   `nosnap=checkpoint.every=1000` (no snapshot, hence no persist, digest or audit, but the last).
 Reported per system: the fastest stretch of harness.WINDOW steps (interference only adds time)
-over the rounds, and the steady step over plain DDP's paired by round (median and range).
+over the rounds, the steady step over plain DDP's paired by round (median and range), and the CPU
+each part of the machine spent per step in the second half (bench.cpu_ledger: the ranks, the
+driver, the node agent, the spares, Ray's own processes, the rest): wall time drifts with the
+machine; where the CPU beside the ranks goes does not.
 Usage: python bench/overhead.py [--rounds 3] [--steps 400] [--idle 3] [--variant ...]
        [--json OUT]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -29,6 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from bench.cpu_ledger import Ledger  # noqa: E402
 from bench.harness import WINDOW, analyse, free_port, run_resilient, run_torchrun  # noqa: E402
 from bench.recovery import paired  # noqa: E402
 
@@ -102,6 +107,31 @@ def run_ray(work: str, a, idle: int) -> dict:
     return analyse(log, [], a.steps)
 
 
+def per_step(ledger: Ledger, run: dict) -> dict | None:
+    """CPU seconds per step in the run's second half (bench.cpu_ledger): {"parts": {part: s},
+    "top": [(process, part, s)] for the four processes beside the ranks that took the most}."""
+    if not run.get("steady_window") or not run.get("steady_s"):
+        return None
+    t0, t1 = run["steady_window"]
+    steps = (t1 - t0) / run["steady_s"]
+    procs = [(cpu / steps, part, proc) for cpu, part, proc in ledger.processes(t0, t1)]
+    parts: dict[str, float] = {}
+    for cpu, part, _ in procs:
+        parts[part] = parts.get(part, 0.0) + cpu
+    top = [(proc, part, cpu) for cpu, part, proc in procs if part != "ranks"][:4]
+    return {"parts": parts, "top": top}
+
+
+def cpu_table(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per system: each part's CPU ms per step, the median over the rounds."""
+    out = {}
+    for name, rs in runs.items():
+        got = [r["cpu_per_step_s"]["parts"] for r in rs if r.get("cpu_per_step_s")]
+        parts = sorted({p for g in got for p in g})
+        out[name] = {p: statistics.median(g.get(p, 0.0) for g in got) * 1e3 for p in parts}
+    return out
+
+
 def summary(runs: dict[str, list[dict]]) -> dict:
     """Per system: the fastest stretch over its rounds and the steady step over plain DDP's in the
     same round (median, min, max)."""
@@ -145,17 +175,24 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for i in range(a.rounds):
         for name in names[:: -1 if i % 2 else 1]:
-            t0 = time.time()
+            t0, ledger = time.time(), Ledger()
             if name == "plain":
                 r = run_torchrun(work, f"plain{i}", [], a, every=0)
             elif name == "ray":
                 r = run_ray(work, a, a.idle)
             else:
                 r = run_resilient(work, f"{name}{i}", [], a, sets=variants[name])
+            ledger.stop()
+            r["cpu_per_step_s"] = per_step(ledger, r)
             runs.setdefault(name, []).append(r)
             print(
                 f"round {i} {name:<12} fastest {WINDOW}: {(r.get('best_s') or 0) * 1e3:6.1f} ms "
-                f"steady {(r.get('steady_s') or 0) * 1e3:6.1f} ms ({time.time() - t0:.0f}s)",
+                f"steady {(r.get('steady_s') or 0) * 1e3:6.1f} ms ({time.time() - t0:.0f}s); CPU "
+                "beside the ranks, ms a step: "
+                + ", ".join(
+                    f"{proc} {s * 1e3:.2f}"
+                    for proc, _, s in (r["cpu_per_step_s"] or {}).get("top", [])
+                ),
                 flush=True,
             )
     out = summary(runs)
@@ -170,9 +207,15 @@ def main() -> None:
             else ""
         )
         print(f"{name:<12} fastest {WINDOW} steps {s['best_s'] * 1e3:.1f} ms{over}{paired}")
+    cpu = cpu_table(runs)
+    print("CPU ms per step in the second half, by part (median over the rounds):")
+    for name, parts in cpu.items():
+        print(f"{name:<12} " + ", ".join(f"{p} {ms:.2f}" for p, ms in parts.items() if ms >= 0.005))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"variants": variants, "idle": a.idle, **out}, f, indent=2)
+            json.dump(
+                {"variants": variants, "idle": a.idle, **out, "cpu_ms_per_step": cpu}, f, indent=2
+            )
 
 
 if __name__ == "__main__":
