@@ -207,18 +207,26 @@ def _retired_pages(s: dict, prev: dict) -> list[tuple[str, str, str, dict]]:
 
 
 class NumericsDetector:
-    """NaN/Inf loss or grad norm -> rollback; a loss spike (robust z-score over a window) ->
-    warning, and a rollback after `spike_patience` consecutive spikes. Fed the job-wide mean loss
-    per step."""
+    """NaN/Inf loss or grad norm -> rollback; a loss spike (robust z-score over a window of the
+    steps before it) -> warning, and a rollback after `spike_patience` consecutive spikes. Fed the
+    job-wide mean loss per step. A step before the newest one seen (the job went back: a rollback,
+    or a restart that replays) forgets the losses from that step on."""
 
     def __init__(self, cfg: AnomalyConfig):
         self.cfg = cfg
-        self.window: deque = deque(maxlen=cfg.spike_window)
+        self.window: deque[tuple[int, float]] = deque(maxlen=cfg.spike_window)  # (step, loss)
         self.spikes: list[int] = []
 
     def observe(
         self, t: float, step: int, loss: float, grad_norm: float, rank: int | None = None
     ) -> list[AnomalyEvent]:
+        if self.window and step < self.window[-1][0]:
+            # Those losses belong to the timeline the job left: as a baseline, later training's
+            # lower losses would call the earlier steps' spikes (a rollback far back then failed
+            # on "spikes" it cannot get past).
+            while self.window and self.window[-1][0] >= step:
+                self.window.pop()
+            self.spikes = []
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return [
                 AnomalyEvent(
@@ -233,8 +241,9 @@ class NumericsDetector:
             ]
         ev = []
         if len(self.window) >= self.window.maxlen // 2:
-            med = statistics.median(self.window)
-            mad = statistics.median(abs(x - med) for x in self.window) * 1.4826
+            losses = [x for _, x in self.window]
+            med = statistics.median(losses)
+            mad = statistics.median(abs(x - med) for x in losses) * 1.4826
             z = (loss - med) / mad if mad > 0 else 0.0
             if z > self.cfg.spike_z:
                 self.spikes.append(step)
@@ -259,7 +268,7 @@ class NumericsDetector:
                     self.spikes = []
                 return ev  # a spike does not enter the baseline
         self.spikes = []
-        self.window.append(loss)
+        self.window.append((step, loss))
         return ev
 
 

@@ -74,6 +74,20 @@ def test_nan_and_spikes():
     assert kinds == ["warn", "warn", "rollback"]  # spike_patience = 3
 
 
+def test_a_rollback_far_back_is_not_a_loss_spike():
+    """After the job goes back (a rollback to step 0: an SDC found at the first audit), the early
+    steps' higher losses are judged against the steps before them, not against later training's;
+    a real spike after the rollback is still caught."""
+    det = NumericsDetector(CFG)
+    r = random.Random(3)
+    loss = [0.0] + [6.0 * 0.999**s + r.gauss(0, 0.005) for s in range(1, 301)]
+    assert [e for s in range(1, 201) for e in det.observe(s, s, loss[s], 1.0)] == []
+    again = [e for s in range(1, 301) for e in det.observe(s, s, loss[s], 1.0)]
+    assert again == []  # trained again from step 1: the same losses, no spike
+    kinds = [ev.action for s in range(301, 304) for ev in det.observe(0, s, 50.0, 1.0)]
+    assert kinds == ["warn", "warn", "rollback"]
+
+
 def test_rss_leak_and_no_false_alarm():
     det = HostDetector(CFG)
     r = random.Random(2)
