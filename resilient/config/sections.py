@@ -144,9 +144,9 @@ class ModelConfig(_Section):
         return str(Path(v).expanduser().absolute()) if v and "://" not in v else v
 
 
-# steps of work one recomputed microbatch may cost 0.5% of, by default: a node that goes bad is rare
-# (a few a month in a fleet of thousands), so finding it within a few hundred steps costs far less
-# than auditing often would on every step of every job (resilient's whole overhead goal is 3%)
+# steps of work one recomputed microbatch may cost 0.5% of, by default: a node that goes bad is
+# rare, so finding it within a few hundred steps (and replaying them) costs far less than auditing
+# more often would on every step of every job (resilient's whole overhead goal is 3%)
 AUDIT_SHARE = 1 / 0.005
 
 
