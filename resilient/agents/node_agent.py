@@ -21,6 +21,7 @@ import ray
 
 from resilient import heap
 from resilient.agents.lease import Lease
+from resilient.agents.priority import lower_main_thread
 from resilient.agents.relay import Relay, RelayMethods
 from resilient.anomaly.collectors import HostCollector, open_gpu_collector
 from resilient.anomaly.simulated import SimulatedNvml
@@ -131,6 +132,9 @@ class NodeAgent(RelayMethods):
         return self.gpu_status
 
     def info(self) -> dict:
+        """Where this agent runs; the supervisor's first call (which lowers Ray's main thread
+        here: agents.priority)."""
+        lower_main_thread()
         return {"node_id": self.node_id, "pid": os.getpid()}
 
     def set_generation(self, generation: int) -> None:

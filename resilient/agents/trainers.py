@@ -17,7 +17,8 @@ import threading
 import time
 
 from resilient.agents import rendezvous as rdv
-from resilient.agents.warmup import lower_this_thread, warm_imports
+from resilient.agents.priority import idle_this_thread
+from resilient.agents.warmup import warm_imports
 from resilient.config import JobSpec
 from resilient.rundir import RunDir, staged
 from resilient.rundir.layout import BASE_MODEL, DATA
@@ -42,7 +43,7 @@ class TrainerSource:
         """Imports, data and model of a spare, on this thread only, at idle priority: it runs on
         CPU time the ranks leave unused (and at full speed in a restart, when the ranks are
         gone)."""
-        lower_this_thread()
+        idle_this_thread()
         t0 = time.perf_counter()
         try:
             warm_imports()

@@ -31,6 +31,7 @@ from resilient.agents.chaos_damage import ChaosDamage
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.lease import Lease
 from resilient.agents.output import capture
+from resilient.agents.priority import lower_main_thread
 from resilient.agents.reports import Reports
 from resilient.agents.store import KeyValue, on_worker, ray_store
 from resilient.agents.trainers import TrainerSource
@@ -94,12 +95,14 @@ class TrainWorker(ChaosDamage, TrainingLoop):
 
     def ping(self) -> int:
         """Answers once this worker is warm (a spare: imports, data and model ready)."""
+        lower_main_thread()  # a spare's first call (agents.priority)
         self.trainers.ready.wait()
         return os.getpid()
 
     def info(self, rank: int | None = None, attempt: int | None = None) -> dict:
         """Where this worker runs (and a free port for rank 0's rendezvous); a spare takes its
         rank here."""
+        lower_main_thread()  # a rank's first call (agents.priority)
         if rank is not None:
             self.trainers.ready.wait()  # a spare promoted before it is warm finishes warming
             self.rank, self.attempt = rank, attempt

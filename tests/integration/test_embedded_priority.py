@@ -1,6 +1,8 @@
 """Priorities on an embedded cluster (launcher.cluster): the ranks' threads run at normal
 priority (Ray's default niceness 15 put them below every other thread of the machine), and Ray's
-processes that may wait run below them; the raylet and the GCS do not."""
+processes that may wait run below them; the raylet and the GCS do not. In each worker, Ray's main
+thread (it only dispatches calls and checks for signals every 10 ms) runs below the rest once the
+worker has had its first call (agents.priority)."""
 
 import os
 import threading
@@ -10,6 +12,7 @@ import psutil
 import pytest
 import ray
 
+from resilient.agents.priority import DISPATCH_NICE, lower_main_thread
 from resilient.config import ClusterConfig
 from resilient.launcher.cluster import BACKGROUND_NICE, connect, is_background
 
@@ -39,7 +42,12 @@ def nice(tid: int) -> int:
 
 @ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"lease": 1, "store": 2})
 class Worker:
-    """Like TrainWorker: concurrency groups, and a thread started by a method that trains."""
+    """Like TrainWorker: concurrency groups, a first call that lowers the main thread, and a
+    thread started by a method that trains."""
+
+    def ping(self) -> int:
+        lower_main_thread()
+        return nice(threading.get_native_id())
 
     def start(self) -> dict:
         got = {}
@@ -69,6 +77,16 @@ def test_workers_train_at_normal_priority(embedded):
     w = Worker.remote()
     assert ray.get(w.start.remote()) == {"main": 0, "method": 0, "train": 0}  # Ray's default: 15
     assert ray.get(w.renew.remote()) == 0
+    ray.kill(w)
+
+
+def test_a_workers_main_thread_runs_below_its_training_after_its_first_call(embedded):
+    w = Worker.remote()
+    assert ray.get(w.ping.remote()) == 0  # the pool thread it ran on is not lowered
+    # nor are the threads Ray starts once __init__ is done, or the ones they start (the training)
+    want = {"main": DISPATCH_NICE, "method": 0, "train": 0}
+    assert ray.get([w.start.remote() for _ in range(4)]) == [want] * 4
+    assert ray.get(w.renew.remote()) == 0 and ray.get(w.ping.remote()) == 0
     ray.kill(w)
 
 

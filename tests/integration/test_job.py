@@ -1,9 +1,11 @@
 """End-to-end jobs through the CLI on an embedded local Ray with the built-in tiny model."""
 
 import json
+import os
 
 import pytest
 
+from resilient.agents.priority import DISPATCH_NICE
 from tests.helpers import (
     adapter,
     assert_same_adapter,
@@ -94,11 +96,22 @@ def test_budget_spent_gives_up_with_reason(work):
     assert s["state"] == "FAILED" and "max_restarts" in s["reason"]
 
 
+def niceness(pid: int) -> dict[int, int]:
+    """{thread id: niceness} of a process's threads."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}
+
+
 def test_stop_persists_state_and_ends_stopped(work):
     spec = write_job(work, name="long", steps=100000)
     run = work / "runs" / "long" / "s"
     with background_launch(str(spec), "--run-id", "s") as proc:
         await_journal(run, lambda text: '"checkpoint"' in text)  # training is under way
+        # each rank trains at normal priority, only Ray's main thread below it (agents.priority)
+        (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
+        for rank in ranks:
+            nice = niceness(rank["pid"])
+            assert nice.pop(rank["pid"]) == DISPATCH_NICE and set(nice.values()) == {0}, nice
         r = resilient_cli("stop", str(run), timeout=120)
         assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout
         assert proc.wait(timeout=60) == 0

@@ -12,6 +12,7 @@ import ray
 
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.node_agent import NodeAgent
+from resilient.agents.priority import DISPATCH_NICE
 from resilient.agents.relays import NodeRelays
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -79,6 +80,13 @@ def gather_until(relays: NodeRelays, want, timeout: float = 20.0):
         if want(beats, dead):
             return beats, dead
     raise AssertionError(f"not seen in {timeout}s: {len(beats)} beats, dead {dead}")
+
+
+def test_the_agents_main_thread_runs_below_its_other_threads_after_its_first_call(agent):
+    pid = ray.get(agent.info.remote())["pid"]
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    nice = {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}
+    assert nice.pop(pid) == DISPATCH_NICE and max(nice.values()) < DISPATCH_NICE, nice
 
 
 def test_each_heartbeat_and_each_death_is_handed_over_once(agent):
