@@ -108,6 +108,7 @@ def test_stop_persists_state_and_ends_stopped(work):
     with background_launch(str(spec), "--run-id", "s") as proc:
         await_journal(run, lambda text: '"checkpoint"' in text)  # training is under way
         # each rank trains at normal priority, only Ray's main thread below it (agents.priority)
+        await_journal(run, lambda text: '"type": "ranks"' in text)
         (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
         for rank in ranks:
             nice = niceness(rank["pid"])
