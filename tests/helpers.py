@@ -144,3 +144,9 @@ def read_journal(run: Path | str) -> list[dict]:
     from resilient.runlog.journal import read_records
 
     return read_records(RunDir(str(run)))
+
+
+def niceness(pid: int) -> dict[int, int]:
+    """{thread id: niceness} of a process's threads (Linux keeps niceness per thread)."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}

@@ -21,7 +21,6 @@ import threading
 # (~1.4% of a contended core, several times what it uses), so a call waits a few milliseconds at
 # most (heartbeats, leases and hang timeouts are in seconds).
 DISPATCH_NICE = 19
-_lowered = False
 
 
 def idle_this_thread() -> None:
@@ -37,15 +36,14 @@ def idle_this_thread() -> None:
 
 
 def lower_main_thread() -> None:
-    """Niceness DISPATCH_NICE for this process's main thread alone, once. Call it from an actor's
-    method (a pool thread), never from `__init__`: Ray starts the actor's pool threads from the
-    main thread once `__init__` has returned, and a thread inherits its creator's niceness (the
-    training thread, started from a pool thread, keeps normal priority). Nothing off Linux, where
-    niceness is the whole process's, nor on the main thread itself (a plain actor works there)."""
-    global _lowered
-    if _lowered or sys.platform != "linux" or threading.current_thread() is threading.main_thread():
+    """Niceness DISPATCH_NICE for this process's main thread alone (a second call changes
+    nothing). Call it from an actor's method (a pool thread), never from `__init__`: Ray starts the
+    actor's pool threads from the main thread once `__init__` has returned, and a thread inherits
+    its creator's niceness (the training thread, started from a pool thread, keeps normal
+    priority). Nothing off Linux, where niceness is the whole process's, nor on the main thread
+    itself (a plain actor works there)."""
+    if sys.platform != "linux" or threading.current_thread() is threading.main_thread():
         return
-    _lowered = True
     try:  # the main thread's id is the process's
         os.setpriority(os.PRIO_PROCESS, os.getpid(), DISPATCH_NICE)
     except OSError:  # not allowed here: left as it is

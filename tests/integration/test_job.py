@@ -1,7 +1,6 @@
 """End-to-end jobs through the CLI on an embedded local Ray with the built-in tiny model."""
 
 import json
-import os
 
 import pytest
 
@@ -11,6 +10,7 @@ from tests.helpers import (
     assert_same_adapter,
     await_journal,
     background_launch,
+    niceness,
     read_journal,
     resilient_cli,
     status,
@@ -96,19 +96,13 @@ def test_budget_spent_gives_up_with_reason(work):
     assert s["state"] == "FAILED" and "max_restarts" in s["reason"]
 
 
-def niceness(pid: int) -> dict[int, int]:
-    """{thread id: niceness} of a process's threads."""
-    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    return {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}
-
-
 def test_stop_persists_state_and_ends_stopped(work):
     spec = write_job(work, name="long", steps=100000)
     run = work / "runs" / "long" / "s"
     with background_launch(str(spec), "--run-id", "s") as proc:
-        await_journal(run, lambda text: '"checkpoint"' in text)  # training is under way
+        # training is under way (a checkpoint), its ranks journaled
+        await_journal(run, lambda text: '"checkpoint"' in text and '"type": "ranks"' in text)
         # each rank trains at normal priority, only Ray's main thread below it (agents.priority)
-        await_journal(run, lambda text: '"type": "ranks"' in text)
         (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
         for rank in ranks:
             nice = niceness(rank["pid"])

@@ -14,6 +14,7 @@ from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.node_agent import NodeAgent
 from resilient.agents.priority import DISPATCH_NICE
 from resilient.agents.relays import NodeRelays
+from tests.helpers import niceness
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -84,8 +85,7 @@ def gather_until(relays: NodeRelays, want, timeout: float = 20.0):
 
 def test_the_agents_main_thread_runs_below_its_other_threads_after_its_first_call(agent):
     pid = ray.get(agent.info.remote())["pid"]
-    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    nice = {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}
+    nice = niceness(pid)
     assert nice.pop(pid) == DISPATCH_NICE and max(nice.values()) < DISPATCH_NICE, nice
 
 
