@@ -296,9 +296,9 @@ class Reservation:
 
     def release(self, wait_s: float | None = None) -> None:
         """Remove the job's placement groups; with `wait_s`, wait at most that long (a shutdown:
-        when a signal to the whole process group (`timeout`, `kill -- -PGID`, systemd) also ended
-        an embedded cluster's GCS, Ray holds the call for a minute and then ends this process; the
-        groups end with the driver's job anyway)."""
+        when the GCS is gone, as a signal to the whole job can end a cluster the user started
+        beside the launch, Ray holds the call for a minute and then ends this process; the groups
+        end with the driver's job anyway)."""
         groups = list(self.groups.values())
         if wait_s is None:
             _remove(groups)

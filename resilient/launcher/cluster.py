@@ -18,6 +18,7 @@ import ray
 
 from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
+from resilient.launcher import shield
 
 PROBE_S = 5.0  # how long a cluster address gets to accept a connection before the launch gives up
 # An embedded cluster's Ray keeps no per-process metrics or task events (nothing here reads them):
@@ -39,9 +40,25 @@ class Connection:
     cluster: object | None = None  # ray.cluster_utils.Cluster when simulating several nodes
 
     def close(self) -> None:
-        ray.shutdown()
+        if not self.embedded:
+            ray.shutdown()
+            return
+        # Ray's processes here block SIGTERM (shield): this driver disconnects, then ends them
+        # with SIGKILL, rather than Ray waiting a second on each for a SIGTERM they never hear.
+        deaf = shield.deaf_descendants()
+        node = _detach_node()
+        ray.shutdown()  # without its node: only disconnects
+        shield.end(deaf)
+        if node is not None:
+            _reap(node)
         if self.cluster is not None:
-            self.cluster.shutdown()
+            self.cluster.shutdown()  # its processes are gone: it reaps them and forgets the address
+
+    def end_now(self) -> None:
+        """An embedded cluster's processes SIGKILLed, for a launch about to exit without closing
+        (an end from the signals' thread): deaf to SIGTERM, they would outlive it."""
+        if self.embedded:
+            shield.end(shield.deaf_descendants(), wait_s=1.0)
 
 
 def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
@@ -67,7 +84,8 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         return Connection(embedded=False)
     cpus = (os.cpu_count() or 1) + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
     if cfg.local_nodes == 1:
-        ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
+        with shield.shielded():
+            ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
         _no_log_monitor()
         background_ray()
         return Connection(embedded=True)
@@ -83,15 +101,38 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
         "health_check_failure_threshold": 4,
         "health_check_initial_delay_ms": 1000,
     }
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_death | QUIET}
-    )
-    for _ in range(cfg.local_nodes):
-        cluster.add_node(num_cpus=per_node)
+    with shield.shielded():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "_system_config": fast_death | QUIET},
+        )
+        for _ in range(cfg.local_nodes):
+            cluster.add_node(num_cpus=per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)
     background_ray()
     return Connection(embedded=True, cluster=cluster)
+
+
+def _detach_node():
+    """Take from Ray its handle on the processes `ray.init` started (None when it started none, or
+    its internals moved: then `ray.shutdown()` ends them itself, a second each)."""
+    worker = ray._private.worker
+    node = getattr(worker, "_global_node", None)
+    if node is not None:
+        worker._global_node = None
+    return node
+
+
+def _reap(node) -> None:
+    """What `ray.shutdown()` does with its node, its processes already SIGKILLed: spilled objects
+    removed, the ended processes reaped."""
+    try:
+        if node.is_head():
+            node.destroy_external_storage()
+        node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+    except Exception as e:  # Ray's internals moved: the processes are gone all the same
+        logging.getLogger(__name__).debug("embedded Ray's processes not reaped: %s", e)
 
 
 def _no_log_monitor() -> None:

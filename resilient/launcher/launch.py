@@ -323,6 +323,7 @@ def _run(
     """`data_stats`: the prepared data's (a new run), journalled and printed."""
     conn = _start(spec, rundir, fresh, made_dir)
     preemption = Preemption(spec.supervisor.grace_s).install()  # after Ray: it has its own
+    preemption.before_exit.append(conn.end_now)
     try:
         journal, records = _open_journal(spec, rundir, run_id, fresh, console)
         console.print(

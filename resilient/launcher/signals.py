@@ -11,12 +11,13 @@ While `at_once()` holds (the supervisor's: no step trained yet that a stop would
 ends the launch at once instead, from a thread of its own that hears it whatever the main thread
 is blocked in (`signal.set_wakeup_fd`): `record_end(reason, True)` (the supervisor journals
 STOPPED, or declines when a step was seen meanwhile), then the process exits 128 + the signal. A
-start that the signal broke is not waited out: a process group's SIGTERM ends an embedded Ray
-too, and Ray's calls would then hold the launch for a minute before Ray ends it with exit 1 (a
-Python handler cannot cut a Ray call short either: Ray runs it inside the call and goes on). The
-same thread is the backstop of the main thread's own ending: a second signal not acted on within
-BACKSTOP_S, or the grace plus BACKSTOP_S, ends the launch the same way (`record_end(reason,
-False)`). Such an end runs `before_exit` (the launcher's: the trackers' runs ended, within a
+start that the signal broke is not waited out: the same signal can end a Ray cluster the user
+started beside the launch, and Ray's calls would then hold the launch for a minute before Ray ends
+it with exit 1 (a Python handler cannot cut a Ray call short either: Ray runs it inside the call
+and goes on). The same thread is the backstop of the main thread's own ending: a second signal
+not acted on within BACKSTOP_S, or the grace plus BACKSTOP_S, ends the launch the same way
+(`record_end(reason, False)`). Such an end runs `before_exit` (the launcher's: an embedded
+cluster's processes ended, since they do not hear the signal; the trackers' runs ended, within a
 few seconds) after the journal and before the exit.
 `StopRequests(poller, preemption)` is what the supervisor asks: a `resilient stop` or a signal.
 """

@@ -145,8 +145,8 @@ def also_cordon(fault: Fault, others: Sequence[Fault]) -> dict[str, str]:
 
 def decide(fault: Fault, history: History, cfg: SupervisorConfig) -> Decision:
     if history.stopping and history.stop_signal:
-        # A process group's SIGTERM ends an embedded Ray's raylet, and the ranks with it; a
-        # control group's ends the ranks themselves: the end asked for came first, that is all.
+        # The same signal can end a Ray cluster the user started beside the launch (an embedded
+        # one does not hear it), and the ranks with it: the end asked for came first, that is all.
         return Decision(
             Action.STOP,
             f"stopped on {history.stop_signal}, which the job did not outlive: "

@@ -119,7 +119,7 @@ class Supervisor:
             if not self.parts.control.signalled:  # a bug: the journal still says how it ended
                 self.book.to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
                 raise
-            # what the stop's signal broke (a process group's SIGTERM ends an embedded Ray too)
+            # what the stop's signal broke (it can end a Ray cluster the user started too)
             stop = self.parts.control.stop_reason
             log.warning("%s while stopping on %s", type(e).__name__, stop, exc_info=True)
             self.book.abort(f"{stop}; stopping met {type(e).__name__}: {e}"[:500])

@@ -40,8 +40,8 @@ def test_a_fault_while_stopping_gives_up_with_a_reason():
 
 
 def test_a_fault_while_stopping_on_a_signal_ends_stopped():
-    """A process group's SIGTERM ends an embedded Ray's raylet and the ranks with it: the end that
-    was asked for, not a failure (an SRE's preemption must not page anyone)."""
+    """A signal to the whole job can end a Ray cluster the user started, and the ranks with it: the
+    end that was asked for, not a failure (an SRE's preemption must not page anyone)."""
     h = History(0, stopping=True, stop_signal="SIGTERM (preemption)")
     d = decide(FAULT, h, SupervisorConfig())
     assert d.action is Action.STOP

@@ -161,8 +161,8 @@ def test_a_signal_ends_the_launch_at_once_only_until_a_step_is_trained(tmp_path)
 
 
 def test_an_error_after_a_stop_was_asked_for_ends_stopped(tmp_path, monkeypatch):
-    """A process group's SIGTERM also ends an embedded Ray: the start it breaks fails with Ray's
-    error, which is the stop's doing, not a bug."""
+    """The same signal can end a Ray cluster the user started beside the launch: the start it
+    breaks fails with Ray's error, which is the stop's doing, not a bug."""
     from resilient.agents.scripted import ScriptedGroup
 
     def broken(self, *a):
@@ -194,8 +194,8 @@ def test_a_fault_while_stopping_goes_through_the_policy(tmp_path):
 
 
 def test_a_fault_while_stopping_on_a_signal_ends_stopped(tmp_path):
-    """The signal's own doing (a process group's SIGTERM ends the embedded raylet, the ranks with
-    it): STOPPED, naming the signal and the fault, resumable from the newest persisted step."""
+    """The signal's own doing (it can end a Ray cluster the user started, the ranks with it):
+    STOPPED, naming the signal and the fault, resumable from the newest persisted step."""
     job = Job(tmp_path, Scenario(crash={11: 1}), steps=1000, stop_by_signal=True)
     job.stop_when = lambda: job.groups and job.groups[-1].step >= 10
     s = job.run()
