@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from resilient.launcher import shield
 from tests.helpers import (
     adapter,
     assert_same_adapter,
@@ -86,7 +87,7 @@ def test_sigterm_to_the_whole_process_group_stops_after_the_same_step_and_persis
     s = status(run)
     assert s["state"] == "STOPPED" and "SIGTERM" in s["reason"], s["reason"]
     assert "its state is persisted" in s["reason"] and s["last_checkpoint"] == s["step"] > 10, s
-    assert not [p.pid for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p.pid for p in job if shield.alive(p)]
 
 
 def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(tmp_path):
@@ -103,7 +104,7 @@ def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(t
         assert proc.wait(timeout=90) == 143
         assert time.time() - t0 < 10
     # Ray's processes do not hear the signal: the launch ended them before its exit
-    assert not [p.pid for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p.pid for p in job if shield.alive(p)]
     s = status(run)
     assert s["state"] == "STOPPED" and "SIGTERM before this launch trained a step" in s["reason"]
     r = resilient_cli("launch", "--resume", str(run))
