@@ -71,12 +71,8 @@ class WorkerGroup:
         `node_index` its place in the job's node list (chaos `node = i`)."""
         self.spec, self.rundir, self.placement, self.attempt = spec, rundir, placement, attempt
         self.reservation, self.slots = reservation, []
-        self.base_ref, self.agent_for, self.node_index, self.spares = (
-            base_ref,
-            agent_for,
-            node_index,
-            spares,
-        )
+        self.base_ref, self.agent_for, self.node_index = base_ref, agent_for, node_index
+        self.spares = spares
         self.workers: list = []
         self.infos: list[dict] = []
         self.pending: dict[int, ray.ObjectRef] = {}
@@ -95,6 +91,8 @@ class WorkerGroup:
         world = len(self.placement)
         if not self.workers:
             self.workers, self.slots = [None] * world, [None] * world
+        if self.spares and None in self.workers:  # none that died while idle is taken
+            self.spares.prune()
         for rank in range(world):
             if self.workers[rank] is None:
                 self.workers[rank], self.slots[rank] = self._fill(rank)

@@ -17,6 +17,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+# Two polls of the supervisor this much further apart than they ask for: it was away (its process
+# stopped, starved or swapped out), and what its clocks ran meanwhile says nothing of the ranks: a
+# GC pause or a journal write takes milliseconds, a Ctrl-Z or a paused VM seconds, during which
+# the ranks went on and their answers waited unread.
+AWAY_S = 1.0
+
 # past the start
 TRAINING = frozenset(
     {

@@ -11,14 +11,16 @@ on the agent until `interval` after the agent's previous round of heartbeats (a 
 ends the hold: it is heard of at once), so each rank is asked once per interval. It returns (the
 ranks now awaited through a gather, the ranks handed back to direct heartbeats: those of a node
 whose gather is STUCK_S overdue, an agent stopped or overloaded, whose ranks must not look silent
-for it). Each gather carries the supervisor's lease renewal (`sent_at`: the agent renews its own
-lease and, if it took it, its ranks'), so `renewing(within_s)` names the nodes the `LeaseKeeper`
-need not renew itself: one call per node per interval in all. `refs` maps the gathers in flight to
-their nodes (a handed-back node's late gather too: it is read when it comes, for the heartbeats the
-agent took for it); `answer(ref, node)` turns a gather's answer into (node, [(rank, heartbeat)],
-deaths, ranks still owing one), heartbeats None when the agent died, failed or was attached by
-someone else since (its ranks are polled directly from then on). `forget(ranks)` detaches ranks
-replaced or ended (None: all) from their agents, so none passes renewals on to them.
+for it; a supervisor away past `AWAY_S` moves every due time on by as long: an answer that came
+meanwhile waits unread, and its agent is not late). Each gather carries the supervisor's lease
+renewal (`sent_at`: the agent renews its own lease and, if it took it, its ranks'), so
+`renewing(within_s)` names the nodes the `LeaseKeeper` need not renew itself: one call per node per
+interval in all. `refs` maps the gathers in flight to their nodes (a handed-back node's late gather
+too: it is read when it comes, for the heartbeats the agent took for it); `answer(ref, node)` turns
+a gather's answer into (node, [(rank, heartbeat)], deaths, ranks still owing one), heartbeats None
+when the agent died, failed or was attached by someone else since (its ranks are polled directly
+from then on). `forget(ranks)` detaches ranks replaced or ended (None: all) from their agents, so
+none passes renewals on to them.
 `final(timeout)` gathers once more from every node, without holding (which ends the held ones), and
 waits for those and the ones in flight: every heartbeat the ranks still owed, before a teardown.
 """
@@ -29,6 +31,8 @@ import logging
 import time
 
 import ray
+
+from resilient.agents.heartbeat import AWAY_S
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class NodeRelays:
         self.sent_at: dict[str, float] = {}  # when each node's last gather (and renewal) left
         self.members: dict[str, dict[int, tuple[object, int]]] = {}  # what each agent was given
         self.attached: dict[str, object] = {}  # every agent given ranks, dropped or not
+        self.issued: float | None = None  # when the supervisor last issued gathers
 
     def attach(self, by_node: dict[str, tuple[object, dict[int, tuple[object, int]]]]) -> None:
         # a sequence that only grows, across groups too: an agent ignores an older group's attach
@@ -85,6 +90,10 @@ class NodeRelays:
         """Send the gathers due: (the ranks now awaited through one, the ranks handed back)."""
         asked, released = [], []
         wait_s, late_s = min(AGENT_WAIT_S, interval / 4), min(STUCK_S, interval / 4)
+        if self.issued is not None and now - self.issued > AWAY_S:  # the supervisor was away
+            for node in self.due:
+                self.due[node] += now - self.issued
+        self.issued = now
         for node, agent in list(self.agents.items()):
             if node in self.inflight:
                 if now > self.due[node] + late_s:

@@ -8,10 +8,13 @@ a restart starts no process and builds no model: `fill()` tops the pool up witho
 takes the slots a promoted spare left free: the pool is re-armed, not re-created; `fill(extra)` at
 the start adds the first group's ranks, so every process of the job warms before training does and
 none warms beside the first steps), `wait_warm()` waits for that, `take()` hands out a spare and
-its slot (a warm one first).
+its slot (a warm one first); `prune()`, before a start, ends the spares that died, were fenced or
+are stuck while idle, so none is handed out.
 """
 
 from __future__ import annotations
+
+import time
 
 import ray
 from ray.exceptions import RayActorError
@@ -19,6 +22,8 @@ from ray.exceptions import RayActorError
 from resilient.agents.reservation import Reservation, Slot, spares_wanted
 from resilient.agents.worker import TrainWorker
 from resilient.config import JobSpec
+
+ALIVE_S = 1.0  # a live spare answers a renewal (on a thread of its own) within milliseconds
 
 
 def split_resources(res: dict[str, float]) -> dict:
@@ -73,12 +78,16 @@ class SparePool:
         """Spares on these (lost) nodes are gone: end them (if Ray still can) and free their
         slots, so neither a restart nor the pool counts on them."""
         for entry in [e for e in self.spares if self.reservation.node_of(e[2]) in nodes]:
-            self.spares.remove(entry)
-            try:
-                ray.kill(entry[0], no_restart=True)
-            except Exception:
-                pass
-            self.reservation.release_slot(entry[2])
+            self._end(entry)
+
+    def _end(self, entry) -> None:
+        """Out of the pool: the spare ended (if Ray still can), its slot freed."""
+        self.spares.remove(entry)
+        try:
+            ray.kill(entry[0], no_restart=True)
+        except Exception:
+            pass
+        self.reservation.release_slot(entry[2])
 
     def nodes(self) -> list[str | None]:
         """The node of each spare of the current reservation (None: not known yet)."""
@@ -119,11 +128,27 @@ class SparePool:
             return warming[0], warming[2]
         return None
 
-    def shutdown(self) -> None:
-        for w, _, slot in self.spares:
+    def prune(self) -> None:
+        """Every warm spare asked at once (a renewal of its lease: one round trip in all, before
+        a start takes any): those that died, were fenced or are stuck while idle, which nothing
+        else asks anything, are ended and their slots freed. (One still warming says so itself:
+        its `ping` fails.)"""
+        self._current()
+        pings = [e[1] for e in self.spares]
+        done = set(ray.wait(pings, num_returns=len(pings), timeout=0)[0] if pings else ())
+        warm = [e for e in self.spares if e[1] in done]
+        asked = {e[0].renew.remote(time.time()): e for e in warm}
+        if not asked:
+            return
+        answered = ray.wait(list(asked), num_returns=len(asked), timeout=ALIVE_S)[0]
+        for ref, entry in asked.items():
             try:
-                ray.kill(w, no_restart=True)
-            except Exception:
+                if ref in answered and ray.get(ref) is True:
+                    continue
+            except RayActorError:
                 pass
-            self.reservation.release_slot(slot)
-        self.spares.clear()
+            self._end(entry)
+
+    def shutdown(self) -> None:
+        for entry in list(self.spares):
+            self._end(entry)

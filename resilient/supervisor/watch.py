@@ -15,18 +15,24 @@ went silent while its peers answer, if one did; a rank evaluating or verifying i
 The limits are `HangLimits`' (`supervisor.hang_timeout`, or learnt from the job's pace with
 "auto"); the Watch feeds it what it sees. A step's time is when its slowest rank finished it, on
 this clock (the rank's own report, not the heartbeat's arrival). Only the supervisor changes state.
+Time the supervisor itself was away (two polls more than `AWAY_S` beyond a tick apart: its process
+stopped, starved or swapped out) counts toward no limit: every clock the limits run on (silences,
+the no-step clock, the start and error clocks) skips it, so a supervisor that comes back blames no
+rank for what it did not watch, and a rank that hung meanwhile is found once the limit has passed
+in time watched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from resilient.agents.heartbeat import Heartbeat
+from resilient.agents.heartbeat import AWAY_S, Heartbeat
 from resilient.config import SupervisorConfig
 from resilient.supervisor.faults import Fault, FaultKind
 from resilient.supervisor.hang_limits import HangLimits
@@ -34,6 +40,8 @@ from resilient.supervisor.hang_limits import HangLimits
 TICK = 0.1  # seconds between polls: bounds crash-detection latency, costs ~nothing
 ERROR_GRACE = 2.0  # seconds an error waits for a peer's death to explain it
 STEP_TIMES = 10_000  # the newest per-rank step times the attempt's median is taken over
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,10 @@ class Watch:
         self.step_times: deque[float] = deque(maxlen=STEP_TIMES)
 
     def poll(self) -> Seen:
+        asked = self.clock()
         fresh = tuple(self.group.poll(TICK))
         now = self.clock()
+        self._excuse(now - self.last_poll - TICK, asked)
         trained = now - self.last_poll if self.running else 0.0
         self.last_poll = now
         metrics = tuple(m for hb in fresh for m in hb.metrics)
@@ -118,6 +128,25 @@ class Watch:
             median,
             metrics,
         )
+
+    def _excuse(self, away: float, asked: float) -> None:
+        """The supervisor was away `away` seconds before `asked` (when it asked this poll): every
+        limit's clock that ran then moves on by as much (an answer of this poll came after)."""
+        if away <= AWAY_S:
+            return
+        log.warning(
+            "the supervisor was away for %.1fs (its process stopped or starved): no limit counts "
+            "that time",
+            away,
+        )
+        self.started += away
+        self.last_progress += away
+        if self.error_since is not None:
+            self.error_since += away
+        for clocks in (self.group.last_answer, self._answered):  # the group's: read by the limits
+            for rank, at in clocks.items():
+                if at <= asked:
+                    clocks[rank] = at + away
 
     def _learn(self, fresh: tuple[Heartbeat, ...], metrics: tuple[dict, ...]) -> None:
         """Feed the limits the pace of a running group (a start or a restore says nothing of it)."""

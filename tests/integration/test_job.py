@@ -1,7 +1,10 @@
 """End-to-end jobs through the CLI on an embedded local Ray with the built-in tiny model."""
 
 import json
+import os
+import signal
 
+import psutil
 import pytest
 
 from resilient.agents.priority import DISPATCH_NICE
@@ -112,6 +115,32 @@ def test_stop_persists_state_and_ends_stopped(work):
         assert proc.wait(timeout=60) == 0
     s = status(run)
     assert s["state"] == "STOPPED" and s["last_checkpoint"] == s["step"] > 0
+
+
+def test_a_restart_takes_no_spare_that_died_while_idle(work):
+    """Spares that died while idle (the OOM killer, a node's processes killed), which nothing asks
+    anything, are not handed to the restart after a rank's crash: one fault, one restart, not one
+    more for each dead spare the restart would have started on."""
+    spec = write_job(work, name="spares", steps=100000)
+    run = work / "runs" / "spares" / "s"
+    with background_launch(str(spec), "--run-id", "s") as proc:
+        await_journal(run, lambda text: '"checkpoint"' in text and '"type": "ranks"' in text)
+        (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
+        pids = {r["pid"] for r in ranks}
+        job = psutil.Process(proc.pid).children(recursive=True)
+        spares = [p for p in job if "TrainWorke" in p.name() and p.pid not in pids]
+        assert len(spares) == 2, spares
+        for p in spares:
+            p.kill()
+        psutil.wait_procs(spares, timeout=10)
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        # trained again after the restart: a checkpoint after the second ranks record
+        await_journal(run, lambda text: '"checkpoint"' in (text.split('"type": "ranks"') + [""])[2])
+        r = resilient_cli("stop", str(run), timeout=120)
+        assert r.returncode == 0, r.stdout
+        assert proc.wait(timeout=60) == 0
+    s = status(run)
+    assert s["restarts"] == 1 and [f["kind"] for f in s["faults"]] == ["crash"], s["faults"]
 
 
 def test_bad_input_exits_2_without_traceback(work):

@@ -112,6 +112,26 @@ def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(t
     assert status(run)["state"] == "SUCCEEDED"
 
 
+def test_a_launch_paused_past_the_hang_timeout_blames_no_rank(tmp_path):
+    """The launch's process stopped (SIGSTOP: a debugger, a starved or swapped-out driver) for
+    longer than `hang_timeout`, then continued: the ranks trained on meanwhile, and the supervisor,
+    back, counts none of the time it was away. No fault, no restart; the job goes on."""
+    spec = write_job(tmp_path, steps=100000)
+    run = tmp_path / "runs" / "t" / "paused"
+    sets = ["--set", "supervisor.hang_timeout=3"]
+    with background_launch(str(spec), "--run-id", "paused", *sets) as proc:
+        await_step(run, 10)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)  # the pause is the fault: longer than hang_timeout, within fence_s
+        proc.send_signal(signal.SIGCONT)
+        back = status(run)["step"]
+        await_step(run, back + 50)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    s = status(run)
+    assert s["restarts"] == 0 and not s["faults"], s["faults"]
+
+
 def test_chaos_inject_is_refused_unless_allowed(tmp_path):
     spec = write_job(tmp_path, name="noinj", steps=100000)
     run = tmp_path / "runs" / "noinj" / "n"

@@ -213,5 +213,18 @@ def test_an_agent_that_does_not_answer_hands_its_ranks_back(cluster):
     assert relays.issue(now, 1.0) == ([0, 1], [])
     assert relays.renewing(1.0) == {"node-s"}  # the gather carried the lease renewal
     assert relays.issue(now + 1.0, 1.0) == ([], [])  # not overdue yet
-    assert relays.issue(now + 2.1, 1.0) == ([], [0, 1])  # 1 s + 0.25 s to answer + 0.25 s late
+    assert relays.issue(now + 1.6, 1.0) == ([], [0, 1])  # 1 s + 0.25 s to answer + 0.25 s late
     assert 0 not in relays and 1 not in relays and not relays.inflight
+
+
+def test_a_supervisor_away_finds_no_agent_late_for_it(cluster):
+    """Its process stopped for seconds (Ctrl-Z, a paused VM), the supervisor comes back to answers
+    it has not read yet: the time away is not the agent's, whose gather is due that much later."""
+    relays = NodeRelays()
+    relays.attach({"node-s": (LateAgent.remote(60.0), ranks(2))})
+    now = time.time()
+    assert relays.issue(now, 1.0) == ([0, 1], [])
+    assert relays.issue(now + 5.0, 1.0) == ([], [])  # back after 5 s away
+    assert relays.issue(now + 5.5, 1.0) == ([], [])
+    assert relays.issue(now + 6.0, 1.0) == ([], [])
+    assert relays.issue(now + 6.6, 1.0) == ([], [0, 1])  # late in time watched

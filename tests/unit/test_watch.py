@@ -5,7 +5,7 @@ import pytest
 from resilient.agents.scripted import FakeClock, Scenario, ScriptedGroup
 from resilient.config import SupervisorConfig
 from resilient.supervisor.faults import FaultKind
-from resilient.supervisor.watch import ERROR_GRACE, Watch
+from resilient.supervisor.watch import AWAY_S, ERROR_GRACE, TICK, Watch
 
 pytestmark = pytest.mark.timeout(30)
 CFG = SupervisorConfig(heartbeat_interval=0.1, hang_timeout=5.0)
@@ -113,10 +113,10 @@ def test_the_same_error_on_every_rank_before_training_is_marked(errors, everywhe
 
     clock = FakeClock()
     w = Watch(_Failing(errors, clock), 0, 2, CFG, clock)
-    clock.advance(ERROR_GRACE + 0.5)
     w.poll()  # the grace starts
-    clock.advance(ERROR_GRACE + 0.5)
-    f = w.poll().fault
+    for _ in range(int((ERROR_GRACE + 0.5) / TICK)):  # a tick per poll, as a group's poll takes
+        clock.advance(TICK)
+        f = w.poll().fault
     assert f.kind == FaultKind.ERROR and f.everywhere is everywhere
     d = policy.decide(f, History(), CFG)
     if everywhere:
@@ -145,3 +145,50 @@ def test_a_long_evaluation_is_progress_not_a_hang(busy):
     assert w._stalled(t0 + 3 * CFG.hang_timeout + CFG.hang_timeout / 2, training) is None
     f = w._stalled(t0 + 4 * CFG.hang_timeout + 0.1, training)
     assert f is not None and f.kind == FaultKind.HANG
+
+
+def away(group, clock, seconds: float) -> None:
+    """The supervisor's process stops for `seconds` during the next poll (Ctrl-Z, a VM paused):
+    the ranks go on, and their answers wait unread until a later poll."""
+    real = group.poll
+
+    def stopped(wait_s):
+        group.poll = real
+        clock.advance(seconds + wait_s)
+        return []
+
+    group.poll = stopped
+
+
+def test_a_supervisor_away_past_the_hang_timeout_blames_no_rank():
+    """Back from a stop longer than hang_timeout, the supervisor counts none of it: the ranks
+    trained meanwhile, and no limit ran out while it watched."""
+    w, group, clock = watch(Scenario())
+    until(w, lambda s: s.step and s.step >= 20)
+    away(group, clock, CFG.hang_timeout + 2.0)
+    seen = [w.poll() for _ in range(100)]
+    assert not [s.fault for s in seen if s.fault]
+    assert max(s.step or 0 for s in seen) > 20 + CFG.hang_timeout / 0.2
+
+
+def test_a_rank_that_hangs_while_the_supervisor_is_away_is_found_in_time_watched():
+    w, group, clock = watch(Scenario(hang={30: 1}))
+    until(w, lambda s: s.step and s.step >= 28)
+    away(group, clock, CFG.hang_timeout + 2.0)
+    assert w.poll().fault is None
+    back = clock()
+    f = until(w, lambda s: s.fault).fault
+    assert (f.kind, f.rank) == (FaultKind.HANG, 1)
+    assert clock() - back <= CFG.hang_timeout + 0.3  # no more than the limit, watched
+
+
+def test_a_short_pause_of_the_supervisor_counts():
+    """Up to AWAY_S beyond a tick is the supervisor's own work (a journal write, a GC pause): a
+    rank silent through it is as silent as ever."""
+    w, group, clock = watch(Scenario(hang={30: 1}))
+    until(w, lambda s: s.step and s.step >= 29)
+    last = group.last_answer[1]
+    away(group, clock, AWAY_S - 0.1)
+    f = until(w, lambda s: s.fault).fault
+    assert (f.kind, f.rank) == (FaultKind.HANG, 1)
+    assert clock() - last <= CFG.hang_timeout + 0.2
