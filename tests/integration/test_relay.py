@@ -152,7 +152,8 @@ def test_a_held_gather_answers_at_once_when_a_rank_dies(agent):
     got = ray.get(held, timeout=20)
     assert set(got["dead"]) == {1} and time.time() - t0 < 5
     # a gather that does not hold ends a held one: the last gather before a teardown never waits
-    held = agent.gather.remote(relays.seq, 0.25, 60.0)
+    # (numbered as the relays number theirs: the agent may take the two in either order)
+    held = agent.gather.remote(relays.seq, 0.25, 60.0, 0.0, order=relays.order)
     t0 = time.time()
     beats, _ = relays.final(timeout=10)
     assert ray.get(held, timeout=10)["seq"] == relays.seq and time.time() - t0 < 5
