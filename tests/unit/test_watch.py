@@ -172,6 +172,8 @@ def test_a_supervisor_away_past_the_hang_timeout_blames_no_rank():
 
 
 def test_a_rank_that_hangs_while_the_supervisor_is_away_is_found_in_time_watched():
+    """A rank stopped during the supervisor's absence is found no later than one limit after
+    the supervisor is back."""
     w, group, clock = watch(Scenario(hang={30: 1}))
     until(w, lambda s: s.step and s.step >= 28)
     away(group, clock, CFG.hang_timeout + 2.0)
