@@ -43,7 +43,6 @@ from resilient.training.model import (
     apply_adapter,
     load_base,
     load_trainable,
-    trainable_state,
     unused_parameters,
 )
 from resilient.training.optim import build_optimizer
@@ -158,7 +157,10 @@ class Trainer:
         self.model.to(self.device)  # a no-op where a spare prepared on this device already
         # A survivor's model may hold the partial gradients of the step its peer's death broke.
         self.model.zero_grad(set_to_none=True)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # the adapter's parameters by name, looked up once: walking the model's modules for them
+        # took 0.15 ms, a third of each step's snapshot
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.trainable]
         # No buffer sync in the forward pass: buffers (rotary tables) are identical on every rank,
         # and without it the forward pass has no collective, so its time is this rank's own speed.
         ddp = torch.nn.parallel.DistributedDataParallel
@@ -250,7 +252,7 @@ class Trainer:
 
     def state_digest(self) -> int:
         """The replica's trainable parameters and optimizer state, as one number."""
-        state = [p for _, p in sorted(trainable_state(self.model).items())]
+        state = [p.detach() for _, p in sorted(self.trainable, key=lambda np: np[0])]
         for p in self.params:  # parameter order: the optimizer's own is insertion order
             held = self.optimizer.state.get(p, {})
             state.extend(v for _, v in sorted(held.items()) if torch.is_tensor(v))
@@ -355,7 +357,7 @@ class Trainer:
 
     def snapshot(self, step: int, data_step: int, fingerprint: str) -> Snapshot:
         """The full state after `step` in host memory. Local: DDP keeps it equal on every rank."""
-        tensors = {f"model.{k}": v for k, v in trainable_state(self.model).items()}
+        tensors = {f"model.{n}": p.detach() for n, p in self.trainable}
         optim_tensors, optim_meta = optimizer_parts(self.optimizer.state_dict())
         tensors.update(optim_tensors)
         meta = {

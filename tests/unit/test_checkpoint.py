@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from resilient.checkpoint.snapshot import Snapshot, optimizer_parts, optimizer_state
+from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, ckpt_dir, make_manifest
 from resilient.rundir import RunDir
 
@@ -28,6 +28,22 @@ def test_snapshot_round_trip_every_part():
     for k in s.shared:
         assert torch.equal(s.shared[k], back.shared[k])
     assert back.meta["optimizer"] == s.meta["optimizer"]
+
+
+def test_a_host_copy_is_its_own_contiguous_tensor_that_serialises():
+    """What training does to the state after the snapshot never reaches it, and every copy is
+    contiguous (safetensors refuses strided tensors), also from a transposed source."""
+    param = torch.nn.Parameter(torch.randn(3, 4))
+    strided = torch.randn(4, 3).t()
+    copy = host_copy({"model.p": param.detach(), "optim.0.exp_avg": strided})
+    with torch.no_grad():
+        param.add_(1.0)
+        strided.mul_(2.0)
+    assert not torch.equal(copy["model.p"], param.detach())
+    assert torch.equal(copy["optim.0.exp_avg"] * 2.0, strided)
+    assert all(t.is_contiguous() and not t.requires_grad for t in copy.values())
+    back = Snapshot(step=1, data_step=1, shared=copy).to_files()
+    assert torch.equal(Snapshot.from_files(back).shared["model.p"], copy["model.p"])
 
 
 def test_optimizer_state_round_trip():
