@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -32,7 +33,7 @@ class Snapshot:
 
     def to_files(self) -> dict[str, bytes]:
         meta = {**self.meta, "step": self.step, "data_step": self.data_step}
-        return {SHARED: st_save(self.shared), META: json.dumps(meta, sort_keys=True).encode()}
+        return {SHARED: tensor_bytes(self.shared), META: json.dumps(meta, sort_keys=True).encode()}
 
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> Snapshot:
@@ -44,6 +45,30 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.shared.values())
+
+
+# dtypes numpy holds as they are (not bfloat16 nor the float8s)
+NUMPY_TWINS = {
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+}
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors file of `tensors` (contiguous, in host memory). Through safetensors' numpy
+    front end where every dtype has a numpy twin: the same bytes in a quarter of the time (its torch
+    front end builds a ctypes array per tensor: ~1 ms for an adapter's 32 tensors, on rank 0's
+    hand-off thread, which holds the interpreter the training thread needs)."""
+    if all(t.dtype in NUMPY_TWINS and t.is_cpu and not t.requires_grad for t in tensors.values()):
+        return np_save({k: t.numpy() for k, t in tensors.items()})
+    return st_save(tensors)
 
 
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,15 @@
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from resilient.checkpoint.snapshot import Snapshot, host_copy, optimizer_parts, optimizer_state
+from resilient.checkpoint.snapshot import (
+    Snapshot,
+    host_copy,
+    optimizer_parts,
+    optimizer_state,
+    tensor_bytes,
+)
 from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore, ckpt_dir, make_manifest
 from resilient.rundir import RunDir
 
@@ -44,6 +52,24 @@ def test_a_host_copy_is_its_own_contiguous_tensor_that_serialises():
     assert all(t.is_contiguous() and not t.requires_grad for t in copy.values())
     back = Snapshot(step=1, data_step=1, shared=copy).to_files()
     assert torch.equal(Snapshot.from_files(back).shared["model.p"], copy["model.p"])
+
+
+def test_a_snapshot_file_is_the_one_safetensors_writes_for_every_dtype():
+    """The numpy front end (numpy's dtypes) writes the very bytes safetensors' torch front end
+    does; a bfloat16 tensor goes through the torch front end; both read back equal."""
+    plain = {
+        "model.w": torch.randn(4, 3),
+        "optim.0.step": torch.tensor(7.0),
+        "optim.0.exp_avg": torch.randn(5, dtype=torch.float64),
+        "half": torch.randn(2, 2).half(),
+        "ints": torch.arange(6, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+    }
+    assert tensor_bytes(plain) == st_save(plain)
+    mixed = {**plain, "model.b": torch.randn(3).bfloat16()}
+    back = st_load(tensor_bytes(mixed))
+    assert set(back) == set(mixed)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in mixed.items())
 
 
 def test_optimizer_state_round_trip():
