@@ -19,6 +19,7 @@ import ray
 from resilient.config import ClusterConfig, JobSpec
 from resilient.errors import UserError
 from resilient.launcher import shield
+from resilient.launcher.reaper import Reaper
 
 PROBE_S = 5.0  # how long a cluster address gets to accept a connection before the launch gives up
 # An embedded cluster's Ray keeps no per-process metrics or task events (nothing here reads them):
@@ -38,6 +39,7 @@ QUIET = {
 class Connection:
     embedded: bool
     cluster: object | None = None  # ray.cluster_utils.Cluster when simulating several nodes
+    reaper: Reaper | None = None  # ends the embedded cluster should this launch be SIGKILLed
 
     def close(self) -> None:
         if not self.embedded:
@@ -53,12 +55,16 @@ class Connection:
             _reap(node)
         if self.cluster is not None:
             self.cluster.shutdown()  # its processes are gone: it reaps them and forgets the address
+        if self.reaper is not None:
+            self.reaper.done()
 
     def end_now(self) -> None:
         """An embedded cluster's processes SIGKILLed, for a launch about to exit without closing
         (an end from the signals' thread): deaf to SIGTERM, they would outlive it."""
         if self.embedded:
             shield.end(shield.deaf_descendants(), wait_s=1.0)
+        if self.reaper is not None:
+            self.reaper.done(wait_s=0.5)
 
 
 def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
@@ -88,7 +94,7 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
             ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
         _no_log_monitor()
         background_ray()
-        return Connection(embedded=True)
+        return Connection(embedded=True, reaper=Reaper.start(shield.deaf_descendants()))
     from ray.cluster_utils import Cluster
 
     # The head node (GCS, this driver) gets no CPUs, so no rank or agent lands on it: a simulated
@@ -111,7 +117,8 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, **common)
     background_ray()
-    return Connection(embedded=True, cluster=cluster)
+    reaper = Reaper.start(shield.deaf_descendants())
+    return Connection(embedded=True, cluster=cluster, reaper=reaper)
 
 
 def _detach_node():

@@ -90,6 +90,29 @@ def test_sigterm_to_the_whole_process_group_stops_after_the_same_step_and_persis
     assert not [p.pid for p in job if shield.alive(p)]
 
 
+def test_a_sigkilled_launch_leaves_no_process_of_its_embedded_cluster(tmp_path):
+    """`kill -9` of the launch alone (the OOM killer, a drill that kills the driver): Ray's
+    processes do not hear SIGTERM and its agents do not end with the raylet; the reaper the launch
+    started ends every one of them, so a resume does not start a second cluster beside them."""
+    spec = write_job(tmp_path, steps=100000)
+    run = tmp_path / "runs" / "t" / "k9"
+    with background_launch(str(spec), "--run-id", "k9") as proc:
+        await_step(run, 3)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.pid: p.name() for p in job}
+        assert any("Agent" in n for n in names.values()), names  # Ray's, beside the raylet
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while [p for p in job if shield.alive(p)] and time.time() < deadline:
+            time.sleep(0.2)
+        left = [names[p.pid] for p in job if shield.alive(p)]
+        for p in job:  # the old code left Ray's agents running: not past this test
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not left, left
+
+
 def test_sigterm_to_the_whole_process_group_before_the_first_step_ends_at_once(tmp_path):
     """The same signal while the job starts (nothing trained yet, nothing to save): the launch
     ends at once, STOPPED and resumable, instead of waiting on the start (Ray's calls hold the main
