@@ -51,18 +51,11 @@ def start_launch():
 def await_gone(procs, timeout: float = 10.0) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [p for p in procs if _alive(p)]
+        left = [p for p in procs if shield.alive(p)]
         if not left:
             return []
         time.sleep(0.05)
     return left
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _cleanup(proc, procs) -> None:
@@ -76,7 +69,7 @@ def _cleanup(proc, procs) -> None:
 def test_a_sigkilled_launch_takes_what_it_told_its_reaper_of_and_their_descendants():
     proc, (child, grandchild, reaper) = start_launch()
     try:
-        assert all(_alive(p) for p in (child, grandchild, reaper))
+        assert all(shield.alive(p) for p in (child, grandchild, reaper))
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=5) == -signal.SIGKILL
         assert not await_gone([child, grandchild, reaper])
@@ -94,7 +87,7 @@ def test_a_launch_that_is_done_leaves_its_processes_alone_and_its_reaper_ends():
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=5)
         time.sleep(0.5)  # what a reaper would have done by now (it is gone: nothing to await)
-        assert _alive(child) and _alive(grandchild)
+        assert shield.alive(child) and shield.alive(grandchild)
     finally:
         _cleanup(proc, [child, grandchild, reaper])
 
@@ -107,6 +100,6 @@ def test_the_reaper_does_not_hear_a_signal_to_the_launch_s_group():
         reaper.send_signal(signal.SIGTERM)
         reaper.send_signal(signal.SIGINT)
         time.sleep(0.3)  # a signal it does not ignore ends it within milliseconds
-        assert _alive(reaper)
+        assert shield.alive(reaper)
     finally:
         _cleanup(proc, [child, grandchild, reaper])
