@@ -150,3 +150,16 @@ def niceness(pid: int) -> dict[int, int]:
     """{thread id: niceness} of a process's threads (Linux keeps niceness per thread)."""
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     return {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}
+
+
+def await_gone(procs: list, timeout: float = 10.0) -> list:
+    """Wait until none of `procs` (psutil processes) is alive (a zombie is not); those still alive
+    at `timeout`."""
+    from resilient.launcher.shield import alive
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in procs if alive(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)

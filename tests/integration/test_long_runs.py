@@ -17,6 +17,7 @@ from resilient.launcher import shield
 from tests.helpers import (
     adapter,
     assert_same_adapter,
+    await_gone,
     await_journal,
     background_launch,
     resilient_cli,
@@ -103,10 +104,7 @@ def test_a_sigkilled_launch_leaves_no_process_of_its_embedded_cluster(tmp_path):
         assert any("Agent" in n for n in names.values()), names  # Ray's, beside the raylet
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        deadline = time.time() + 30
-        while [p for p in job if shield.alive(p)] and time.time() < deadline:
-            time.sleep(0.2)
-        left = [names[p.pid] for p in job if shield.alive(p)]
+        left = [names[p.pid] for p in await_gone(job, timeout=30)]
         for p in job:  # the old code left Ray's agents running: not past this test
             with contextlib.suppress(psutil.Error):
                 p.kill()

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from resilient.launcher import shield
+from tests.helpers import await_gone
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -46,16 +47,6 @@ def start_launch():
     )
     pids = [int(x) for x in proc.stdout.readline().split()]
     return proc, [psutil.Process(p) for p in pids]
-
-
-def await_gone(procs, timeout: float = 10.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for p in procs if shield.alive(p)]
-        if not left:
-            return []
-        time.sleep(0.05)
-    return left
 
 
 def _cleanup(proc, procs) -> None:
