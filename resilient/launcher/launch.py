@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 
 from rich.console import Console
@@ -167,6 +168,30 @@ def write_chaos_report(rundir: RunDir, console: Console) -> dict | None:
     rundir.write_json(CHAOS_REPORT, report)
     print_report(report, console)
     return report
+
+
+def report_chaos(rundir: RunDir, console: Console) -> None:
+    """`write_chaos_report` at the end of a launch: a storage error is said, never raised (the
+    journal holds everything the report is built from; `resilient status` still shows it)."""
+    try:
+        write_chaos_report(rundir, console)
+    except Exception as e:  # storage went away at the very end
+        console.print(f"chaos report not written ({type(e).__name__}: {e})", highlight=False)
+
+
+def report_chaos_within(rundir: RunDir, console: Console, timeout_s: float) -> None:
+    """`report_chaos` for an end from the signals' thread, given at most `timeout_s`: storage that
+    hangs must not hold an exit the user asked for (the process exits, the thread with it)."""
+    t = threading.Thread(
+        target=report_chaos, args=(rundir, console), daemon=True, name="chaos-report"
+    )
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        console.print(
+            f"chaos report not written within {timeout_s:g}s: storage did not answer",
+            highlight=False,
+        )
 
 
 def _open_journal(
@@ -326,6 +351,9 @@ def _run(
     preemption.before_exit.append(conn.end_now)
     try:
         journal, records = _open_journal(spec, rundir, run_id, fresh, console)
+        # an end from the signals' thread reports the faults injected so far, as the main
+        # thread's end does (a chaos drill stopped by its user still says what it cost)
+        preemption.before_exit.append(lambda: report_chaos_within(rundir, console, END_CLOSE_S))
         console.print(
             f"run {spec.name}/{run_id}: {spec.cluster.num_workers} workers, "
             f"{spec.train.steps} steps -> {rundir.uri}",
@@ -348,10 +376,7 @@ def _run(
         status = _supervise(spec, rundir, journal, records, console, preemption, captured)
         status["signal"] = preemption.signum
         print_summary(status, console, time.time() - t0)
-        try:
-            write_chaos_report(rundir, console)
-        except Exception as e:  # storage went away at the very end: the journal has it all
-            console.print(f"chaos report not written ({type(e).__name__}: {e})", highlight=False)
+        report_chaos(rundir, console)
         if dash is not None:
             dash.should_exit = True
         return status

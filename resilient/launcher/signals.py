@@ -17,8 +17,8 @@ it with exit 1 (a Python handler cannot cut a Ray call short either: Ray runs it
 and goes on). The same thread is the backstop of the main thread's own ending: a second signal
 not acted on within BACKSTOP_S, or the grace plus BACKSTOP_S, ends the launch the same way
 (`record_end(reason, False)`). Such an end runs `before_exit` (the launcher's: an embedded
-cluster's processes ended, since they do not hear the signal; the trackers' runs ended, within a
-few seconds) after the journal and before the exit.
+cluster's processes ended, since they do not hear the signal; the chaos report written and the
+trackers' runs ended, within a few seconds each) after the journal and before the exit.
 `StopRequests(poller, preemption)` is what the supervisor asks: a `resilient stop` or a signal.
 """
 

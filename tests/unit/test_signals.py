@@ -1,6 +1,8 @@
 """SIGTERM/SIGINT as events: the first asks for a stop (named), the second ends at once; with
 nothing to save, the first ends the launch at once, from a thread of its own."""
 
+import importlib
+import json
 import os
 import signal
 import threading
@@ -105,3 +107,83 @@ def test_a_second_signal_the_main_thread_cannot_act_on_ends_the_launch(installed
         os.kill(os.getpid(), signal.SIGINT)
     assert exited.wait(5)
     assert ended == ["SIGINT after SIGTERM: ended at once", 143]
+
+
+class _Ended(Exception):
+    """The process's exit, in a test: `os._exit` would end pytest."""
+
+
+def test_a_chaos_drill_ended_from_the_signals_thread_still_reports_its_faults(
+    tmp_path, monkeypatch
+):
+    """The main thread held past a second signal (in a Ray call, which runs Python's handler and
+    goes on) is ended from the signals' thread; the faults injected so far are reported as a main
+    thread's end reports them: chaos_report.json and the table."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from resilient.config import validate_tree
+
+    launch = importlib.import_module("resilient.launcher.launch")
+    from resilient.rundir import RunDir, markers
+    from resilient.rundir.markers import FiredFault
+
+    monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
+    (tmp_path / "corpus.txt").write_text("a line\n")
+    spec = validate_tree(
+        {
+            "name": "drill",
+            "data": {"path": str(tmp_path / "corpus.txt")},
+            "checkpoint": {"storage": str(tmp_path / "runs")},
+        }
+    )
+    rundir = RunDir(str(tmp_path / "runs" / "drill" / "r"))
+    ended, exited = [], threading.Event()
+
+    class Conn:
+        def end_now(self):
+            ended.append("cluster ended")
+
+        def close(self):
+            pass
+
+    def stuck(spec, rundir, journal, records, console, preemption, captured):
+        fired = FiredFault(key=markers.planned_key(0), fault="kill", injected_at=time.time())
+        markers.write(rundir, fired)
+        preemption.exit_now = lambda code: (ended.append(code), exited.set())
+        to_send = [signal.SIGTERM, signal.SIGINT]
+        while not exited.is_set():
+            try:
+                if to_send:
+                    os.kill(os.getpid(), to_send.pop(0))
+                exited.wait(0.05)
+            except Abort:  # Ray's call runs the handler and goes on
+                pass
+        raise _Ended
+
+    monkeypatch.setattr(launch, "_start", lambda *a: Conn())
+    monkeypatch.setattr(launch, "_supervise", stuck)
+    out = io.StringIO()
+    with pytest.raises(_Ended):
+        launch._run(spec, rundir, "r", Console(file=out, width=200), True, stage=lambda: None)
+    assert ended == ["cluster ended", 128 + signal.SIGTERM]
+    report = json.loads((tmp_path / "runs" / "drill" / "r" / "chaos_report.json").read_text())
+    assert [f["kind"] for f in report["faults"]] == ["kill"]
+    assert "chaos report: 0/1 faults recovered" in out.getvalue()
+
+
+def test_a_chaos_report_that_storage_holds_up_does_not_hold_the_exit(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    launch = importlib.import_module("resilient.launcher.launch")
+
+    monkeypatch.setattr(launch, "write_chaos_report", lambda rundir, console: time.sleep(30))
+    out, t0 = io.StringIO(), time.monotonic()
+    launch.report_chaos_within(None, Console(file=out), 0.3)
+    assert time.monotonic() - t0 < 2
+    assert "chaos report not written within 0.3s" in out.getvalue()
