@@ -2,16 +2,25 @@
 nothing to save, the first ends the launch at once, from a thread of its own."""
 
 import importlib
+import io
 import json
 import os
 import signal
 import threading
+import time
 
 import pytest
+from rich.console import Console
 
+from resilient.config import validate_tree
 from resilient.errors import Abort
 from resilient.launcher import signals
 from resilient.launcher.signals import Preemption, StopRequests
+from resilient.rundir import RunDir, markers
+from resilient.rundir.markers import FiredFault
+
+# the module: the package's `launch` is the function of that name
+launch = importlib.import_module("resilient.launcher.launch")
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -119,17 +128,6 @@ def test_a_chaos_drill_ended_from_the_signals_thread_still_reports_its_faults(
     """The main thread held past a second signal (in a Ray call, which runs Python's handler and
     goes on) is ended from the signals' thread; the faults injected so far are reported as a main
     thread's end reports them: chaos_report.json and the table."""
-    import io
-    import time
-
-    from rich.console import Console
-
-    from resilient.config import validate_tree
-
-    launch = importlib.import_module("resilient.launcher.launch")
-    from resilient.rundir import RunDir, markers
-    from resilient.rundir.markers import FiredFault
-
     monkeypatch.setattr(signals, "BACKSTOP_S", 0.2)
     (tmp_path / "corpus.txt").write_text("a line\n")
     spec = validate_tree(
@@ -175,13 +173,6 @@ def test_a_chaos_drill_ended_from_the_signals_thread_still_reports_its_faults(
 
 
 def test_a_chaos_report_that_storage_holds_up_does_not_hold_the_exit(monkeypatch):
-    import io
-    import time
-
-    from rich.console import Console
-
-    launch = importlib.import_module("resilient.launcher.launch")
-
     monkeypatch.setattr(launch, "write_chaos_report", lambda rundir, console: time.sleep(30))
     out, t0 = io.StringIO(), time.monotonic()
     launch.report_chaos_within(None, Console(file=out), 0.3)
