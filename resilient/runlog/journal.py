@@ -6,7 +6,10 @@ waits on remote storage:
 - A local run directory keeps `journal.jsonl`: each append writes its line and fsyncs before it
   returns. Opening repairs a torn last line (a crash mid-append: the file is cut back to its last
   whole line, so the next append starts clean); a line in the middle that is not a record is an
-  error (`JournalCorrupt`, naming the line), never skipped.
+  error (`JournalCorrupt`, naming the line), never skipped. A journal removed, replaced or cut
+  behind this one's back (the run directory deleted or moved while the job runs) is an error
+  (`JournalLost`) at the next append, never a new journal begun in its place: that would hold
+  neither the job's record nor its history, and `--resume` could not continue it.
 - An object store cannot append: records go to `journal/` as immutable segments (`rundir.tiers`:
   a writer thread uploads what is new as one segment at most every `FLUSH_S` or at `flush()`,
   and merges segments in tiers, so each byte is uploaded at most three times and the objects grow
@@ -41,6 +44,12 @@ FANOUT = (16, 64)  # 16 uploads make a level-1 segment, 64 of those a level-2 on
 
 class JournalCorrupt(UserError):
     """The journal holds something that is not a record: says where, and what to do."""
+
+
+class JournalLost(UserError):
+    """The local journal this one appends to was removed, replaced or cut by someone else: says
+    which, and what to do. The supervisor ends on it without a last record (there is nowhere to
+    write one)."""
 
 
 def _parse(lines: list[bytes], where: str, first_line: int = 1) -> list[dict]:
@@ -126,6 +135,15 @@ def journal_exists(rundir: RunDir) -> bool:
     return bool(rundir.listdir(JOURNAL_DIR))
 
 
+def _identity(path: str) -> tuple[int, int, int] | None:
+    """A local journal's (device, inode, size); None when there is none yet."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
 def _opened(rundir: RunDir) -> snapshot.Folder | None:
     """The status folded over the records stored so far; None (no snapshots) where they do not
     fold. A storage error is raised (an object store's writer retries it)."""
@@ -150,8 +168,10 @@ class Journal:
         self._flush = False
         self._folder: snapshot.Folder | None = None  # the stored records, folded (None: off)
         self._opened = False  # an object store's folder is read by the writer's first upload
+        self._file: tuple[int, int, int] | None = None  # a local journal's (dev, inode, size)
         if rundir.is_local:
             self._repair(rundir.local_path(JOURNAL))
+            self._file = _identity(rundir.local_path(JOURNAL))
             self._folder = _opened(rundir)
             self._fold([])
         else:
@@ -180,17 +200,50 @@ class Journal:
                 self._pending.append(line)
                 self._cond.notify_all()
             return rec
-        path = self.rundir.local_path(JOURNAL)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         with self._cond:
-            with open(path, "ab") as f:
-                data = (line + "\n").encode()
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-                offset = f.tell()
+            data = (line + "\n").encode()
+            offset = self._write_local(data)
             self._fold([line], data, offset)
         return rec
+
+    def _write_local(self, data: bytes) -> int:
+        """Append `data` to the local journal and fsync it; the file's size after it. Raises
+        `JournalLost` when the file this journal wrote is gone, another, or shorter."""
+        path = self.rundir.local_path(JOURNAL)
+        flags = os.O_WRONLY | os.O_APPEND
+        if self._file is None:  # nothing written yet: the first append makes the file
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            raise self._lost(path, "removed") from None
+        try:
+            st = os.fstat(fd)
+            if self._file is not None:
+                dev, ino, size = self._file
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    raise self._lost(path, "replaced by another file")
+                if st.st_size < size:
+                    raise self._lost(path, f"cut from {size} to {st.st_size} bytes")
+            view = memoryview(data)
+            while view:  # a regular file takes it whole; a short write (disk full) goes on
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
+        self._file = (st.st_dev, st.st_ino, end)
+        return end
+
+    def _lost(self, path: str, how: str) -> JournalLost:
+        return JournalLost(
+            f"the run's journal {path} was {how} while the job ran (by something else: this "
+            "journal only appends); the job is stopped without writing another record, so "
+            "that nothing starts a history in its place. Put the run directory back (from a "
+            "copy, over what the job's ranks wrote there since) and `resilient launch --resume "
+            f"{self.rundir.uri}`, or launch the job again as a new run"
+        )
 
     def _fold(self, lines: list[str], data: bytes | None = None, offset: int | None = None) -> None:
         """Fold stored records into the status snapshot, and store one when due. Never raises: a

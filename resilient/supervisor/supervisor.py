@@ -33,7 +33,7 @@ from resilient.errors import Abort
 from resilient.heap import Trimmer
 from resilient.rundir import RunDir
 from resilient.rundir.layout import FINAL
-from resilient.runlog.journal import Journal, read_records
+from resilient.runlog.journal import Journal, JournalLost, read_records
 from resilient.runlog.ranklogs import RankLogs, log_url
 from resilient.runlog.status import fold
 from resilient.supervisor import policy
@@ -113,6 +113,8 @@ class Supervisor:
                 self._attempt()
         except Abort as e:  # a second signal, the stop's grace ran out, a stop before the start
             self.book.abort(e.reason)
+        except JournalLost:  # nowhere to say how it ended: the launch says it
+            raise
         except Exception as e:
             if self.book.state in TERMINAL:
                 raise

@@ -153,6 +153,26 @@ def test_a_launch_paused_past_the_hang_timeout_blames_no_rank(tmp_path):
     assert s["restarts"] == 0 and not s["faults"], s["faults"]
 
 
+def test_a_run_directory_moved_away_mid_run_stops_the_job_with_one_message(tmp_path):
+    """The run directory deleted or moved while the job runs: the launch stops at its next
+    journal record with one message naming the journal and what to do, exit 2, no traceback, and
+    leaves no journal begun in its place (the old code went on with a new journal.jsonl holding
+    neither the job's record nor its history: `status` printed None/None, `--resume` failed)."""
+    spec = write_job(tmp_path, steps=100000)
+    run = tmp_path / "runs" / "t" / "gone"
+    with background_launch(str(spec), "--run-id", "gone") as proc:
+        await_step(run, 3)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        run.rename(tmp_path / "moved")
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert f"error: the run's journal {run}/journal.jsonl was removed" in out, out
+    assert "Traceback" not in out, out
+    assert not (run / "journal.jsonl").exists()
+    assert status(tmp_path / "moved")["step"] >= 3  # what was there is whole where it went
+    assert not await_gone(job, timeout=30)
+
+
 def test_chaos_inject_is_refused_unless_allowed(tmp_path):
     spec = write_job(tmp_path, name="noinj", steps=100000)
     run = tmp_path / "runs" / "noinj" / "n"

@@ -8,7 +8,13 @@ import pytest
 
 from resilient.rundir import RunDir
 from resilient.rundir.tiers import SegmentGap, Tiers, covering, read_segments, segment_name
-from resilient.runlog.journal import Journal, JournalCorrupt, journal_exists, read_records
+from resilient.runlog.journal import (
+    Journal,
+    JournalCorrupt,
+    JournalLost,
+    journal_exists,
+    read_records,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,6 +47,48 @@ def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path):
         read_records(rd)
     with pytest.raises(JournalCorrupt, match="line 2"):
         Journal(rd)
+
+
+@pytest.mark.parametrize("how", ["removed", "moved", "replaced", "cut"])
+def test_a_journal_taken_away_while_it_runs_is_an_error_not_a_new_journal(tmp_path, how):
+    """The run directory deleted, moved, or its journal replaced or cut behind the launch's back:
+    the next append says so and writes nothing (the old code began a journal with no `job`
+    record, which `status` and `--resume` cannot use)."""
+    import shutil
+
+    run = tmp_path / "run"
+    rd = RunDir(str(run))
+    j = Journal(rd)
+    j.append("job", name="n")
+    j.append("progress", step=1)
+    path = run / "journal.jsonl"
+    if how == "removed":
+        shutil.rmtree(run)
+    elif how == "moved":
+        run.rename(tmp_path / "elsewhere")
+    elif how == "replaced":  # a copy put back: as long, another file
+        (tmp_path / "copy").write_bytes(path.read_bytes())
+        (tmp_path / "copy").replace(path)
+    else:
+        path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])
+    with pytest.raises(JournalLost, match=f"{path}.*(removed|replaced|cut).*--resume {run}"):
+        j.append("progress", step=2)
+    if how in ("removed", "moved"):
+        assert not run.exists()  # nothing made in its place
+    else:
+        assert b'"step": 2' not in path.read_bytes()
+
+
+def test_a_journal_reopened_appends_after_another_appender(tmp_path):
+    """A resumed run's journal (opened on an existing file) and a second appender in the same
+    file (a test's, a tool's) only make it longer: neither is a loss."""
+    rd = RunDir(str(tmp_path / "run"))
+    Journal(rd).append("job", name="n")
+    j, other = Journal(rd), Journal(rd)
+    j.append("resume")
+    other.append("progress", step=1)
+    j.append("progress", step=2)
+    assert [r["type"] for r in read_records(rd)] == ["job", "resume", "progress", "progress"]
 
 
 def test_covering_takes_each_item_once_and_reports_gaps():
