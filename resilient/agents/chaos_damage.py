@@ -35,6 +35,12 @@ class ChaosDamage:
         else:
             self._injected.append((fault, params, fatal))
 
+    def landing_step(self, fault: str) -> int:
+        """The step `fault`, injected now, lands in: the one training now for a process fault
+        (and for slow and bad_compute, in force at once), the next one for the others."""
+        now = int(self.status.get("step") or 0) + 1
+        return now if fault in PROCESS_DAMAGE or fault in ("slow", "bad_compute") else now + 1
+
     def chaos_done(self) -> None:
         """The supervisor carried out the job-wide fault this rank asked for."""
         self._chaos_ack.set()

@@ -1,11 +1,13 @@
 """Carrying out a fault on a running job from the driver's side, through what `JobView` exposes.
 
-Contract: `aim(view, order)` checks that the fault can hit its target and
-returns the `FiredFault` to record (raising ValueError, with the reason, when it cannot: no such
-rank or node, no checkpoint to damage); it does no damage. `strike(view, fired, params)` does the
-damage for real: through the rank's own process (`WorkerGroup.inject`), a node agent's simulated
-GPU or persister, the checkpoint bytes (storage and every memory copy), or this very driver
-(SIGKILL). Markers and the journal are the controller's: it records a fault before it strikes.
+Contract: `aim(view, order)` checks that the fault can hit its target and returns the `FiredFault`
+to record, with the step it lands in (a rank's own fault: asked of the rank, at most
+`LANDING_ASK_S`; else the step after the job-wide one), raising ValueError, with the reason, when
+it cannot (no such rank or node, no checkpoint to damage); it does no damage.
+`strike(view, fired, params)` does the damage for real: through the rank's own process
+(`WorkerGroup.inject`), a node agent's simulated GPU or persister, the checkpoint bytes (storage
+and every memory copy), or this very driver (SIGKILL). Markers and the journal are the
+controller's: it records a fault before it strikes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from resilient.anomaly.detectors import XID_ACTIONS
 from resilient.catalogue import FAULTS, GPU
@@ -23,6 +26,8 @@ from resilient.checkpoint.snapshot import SHARED
 from resilient.checkpoint.storage import ckpt_dir
 from resilient.rundir.markers import FiredFault
 from resilient.supervisor.hooks import JobView
+
+LANDING_ASK_S = 0.5  # the supervisor's loop waits this long at most for a rank that does not answer
 
 
 def is_fatal(fault: str, params: dict) -> bool:
@@ -62,17 +67,32 @@ def aim(view: JobView, order: Order) -> FiredFault:
         damaged = newest_checkpoint(view)
         if damaged is None:
             raise ValueError("no checkpoint to damage yet")
+    step = view.step + 1
+    if FAULTS[fault].by == "worker" and FAULTS[fault].target == "rank":
+        step = _landing_step(view, rank, fault) or step
     return FiredFault(
         order.key,
         fault,
         time.time(),
-        step=view.step + 1,
+        step=step,
         rank=rank,
         node=node_id,
         index=order.index,
         request=order.request,
         damaged_step=damaged,
     )
+
+
+def _landing_step(view: JobView, rank: int, fault: str) -> int | None:
+    """The step a fault struck on `rank` now lands in, asked of the rank: the job-wide step the
+    supervisor knows lags up to a heartbeat interval (50 steps of 20 ms), which put the fault's
+    step, and the steps it cost, that far off. None when the rank does not answer at once (a
+    stopped process)."""
+    try:
+        ask = view.group.workers[rank].landing_step.remote(fault)
+        return ray.get(ask, timeout=LANDING_ASK_S)
+    except (GetTimeoutError, RayActorError):
+        return None
 
 
 def strike(view: JobView, fired: FiredFault, params: dict) -> None:

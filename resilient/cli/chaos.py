@@ -74,10 +74,8 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
             if r.get("request") == req:
                 if r["type"] == "chaos_refused":
                     raise UserError(f"the job refused {fault}: {r['error']}")
-                click.echo(
-                    f"injected {fault} at step {r.get('step')} "
-                    f"({r.get('rank') if r.get('rank') is not None else r.get('node')})"
-                )
+                at = f"rank {r['rank']}" if r.get("rank") is not None else f"node {r.get('node')}"
+                click.echo(f"injected {fault} at step {r.get('step')} ({at})")
                 return
         time.sleep(0.3)
     cancel_inject(rd, req)

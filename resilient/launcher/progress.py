@@ -14,6 +14,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from resilient.runlog.states import JobState
+
+STATE_W = max(len(s.value) for s in JobState)  # the columns after it stay put
+
 
 def _eta(seconds: float | None) -> str:
     if seconds is None:
@@ -26,7 +30,16 @@ class ProgressLine:
     def __init__(self, console: Console, every_s: float = 5.0):
         self.console, self.every_s = console, every_s
         self.live = (
-            Live(console=console, refresh_per_second=4, transient=True)
+            # rich would take over sys.stdout/sys.stderr and print what others write there above
+            # the line (Ray's worker-death notices): they stay on the descriptors
+            # launcher.terminal captures
+            Live(
+                console=console,
+                refresh_per_second=4,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             if console.is_terminal
             else None
         )
@@ -56,7 +69,7 @@ class ProgressLine:
         loss = f"{self.loss:.4f}" if self.loss is not None else "-"
         tps = f"{self.tps:,.0f}" if self.tps is not None else "-"
         return (
-            f"{s['state']:<11} step {step}/{total}  loss {loss}  {tps} tok/s  "
+            f"{s['state']:<{STATE_W}} step {step}/{total}  loss {loss}  {tps} tok/s  "
             f"restarts {s.get('restarts', 0)}  ETA {_eta(eta)}"
         )
 

@@ -30,7 +30,7 @@ class JobView:
     training_s: float  # seconds of training so far (the clock stops while the job restarts)
     running: bool  # every rank is training
     heartbeats: Mapping[int, Heartbeat]  # each rank's newest
-    group: Any  # the WorkerGroup: placement, size, inject(rank, ...), release_chaos()
+    group: Any  # the WorkerGroup: placement, size, workers, inject(rank, ...), release_chaos()
     nodes: Any  # the Nodes: node_at(index), agent_for(node), agents
     store: CheckpointStore
 

@@ -183,7 +183,8 @@ def test_chaos_inject_from_another_terminal(tmp_path):
     with background_launch(str(spec), "--run-id", "i", "--allow-chaos") as proc:
         await_journal(run, lambda text: '"to": "RUNNING"' in text)
         r = resilient_cli("chaos", "inject", str(run), "--fault", "kill", "--rank", "1", timeout=60)
-        assert r.returncode == 0 and "injected kill" in r.stdout, r.stdout
+        assert r.returncode == 0 and "injected kill at step" in r.stdout, r.stdout
+        assert "(rank 1)" in r.stdout, r.stdout
         await_journal(run, lambda text: '"recovered"' in text)
         bad = resilient_cli("chaos", "inject", str(run), "--fault", "meteor", timeout=60)
         assert bad.returncode == 2 and "catalogue" in bad.stdout
@@ -193,3 +194,8 @@ def test_chaos_inject_from_another_terminal(tmp_path):
     assert s["state"] == "STOPPED" and s["restarts"] == 1
     (f,) = s["faults"]
     assert (f["kind"], f["rank"]) == ("crash", 1) and f["recovery_s"] > 0
+    # the step the kill landed in, from the rank itself: the job went back to a snapshot just
+    # before it (every 5 steps). The old code took the supervisor's step, up to a heartbeat
+    # behind (tens of steps here): the restore came out after the fault
+    restored = s["restores"][-1]["step"]
+    assert f["step"] - 6 <= restored < f["step"], (f, s["restores"])

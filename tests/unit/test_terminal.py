@@ -43,6 +43,40 @@ def test_other_programs_output_is_captured_and_ours_reaches_the_terminal():
     assert "gcs_client.cc" in captured and "A worker died" in captured
 
 
+LIVE = """
+import sys, time
+from rich.console import Console
+from resilient.launcher.progress import ProgressLine
+from resilient.launcher.terminal import Terminal
+with Terminal() as t:
+    console = Console(file=t.out, force_terminal=True, width=100)
+    with ProgressLine(console) as progress:
+        progress.update({"state": "ROLLING_BACK", "step": 3, "total": 9})
+        print("(raylet) A worker died or was killed", flush=True)
+        print("Worker exit type: SYSTEM_ERROR", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        progress.update({"state": "RUNNING", "step": 4, "total": 9})
+    deadline, got = time.time() + 10, []
+    while time.time() < deadline and len(got) < 2:
+        got += t.lines.drain()
+        time.sleep(0.05)
+print("captured:", " | ".join(got))
+"""
+
+
+def test_the_live_progress_line_on_a_terminal_lets_no_other_output_through():
+    """rich's live display takes over sys.stdout and sys.stderr on a terminal and prints what is
+    written there above the line: Ray's worker-death notices, which its error listener prints
+    from Python, reached the terminal in every launch that had a TTY (the old code)."""
+    r = subprocess.run([sys.executable, "-c", LIVE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    before = (r.stdout + r.stderr).split("captured:")[0]
+    assert "A worker died" not in before and "SYSTEM_ERROR" not in before, before
+    assert "ROLLING_BACK step 3/9" in before  # the line itself is drawn
+    captured = r.stdout.split("captured:")[1]
+    assert "A worker died" in captured and "SYSTEM_ERROR" in captured
+
+
 def test_a_cluster_address_nothing_listens_on_is_a_user_error_at_once():
     t0 = time.time()
     with pytest.raises(UserError, match=r"cluster.address '127.0.0.1:1'.*connection refused"):
