@@ -10,7 +10,8 @@ Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
   (training time: the clock stops while the job restarts, so random chaos models faults per hour of
   training and one fault never lands in the previous one's recovery) and `resilient chaos inject`
   requests. Each is recorded (marker, `chaos` journal record) before it strikes; one that cannot
-  hit its target is journalled as `chaos_refused` and training goes on.
+  hit its target is journalled as `chaos_refused` and training goes on, as is a planned one whose
+  step the job passed while its rank was not in the job (a shrunk job).
 - `attribute(fault)`: the fault with the injection time (and step) of the chaos that caused it,
   matched among the markers written since the attempt started (`attribute_to`, pure).
 """
@@ -168,12 +169,38 @@ class ChaosController:
         for i, c in enumerate(self.spec.chaos.plan):
             if c.at_time is not None and view.training_s >= c.at_time:
                 self._entry(view, i, c)
+        self._passed_without_its_rank(view)
         self._random(view)
         for req in self._requests():
             order = inject.Order(
                 request_key(req.id), req.fault, req.rank, req.node, req.params, request=req.id
             )
             self._carry_out(view, order)
+
+    def _passed_without_its_rank(self, view: JobView) -> None:
+        """Planned faults whose step the job passed while their rank was not in it (a shrunk
+        job): refused in the journal, with the reason, so the drill's report says so; they do
+        not fire later."""
+        for i, c in enumerate(self.spec.chaos.plan):
+            key = planned_key(i)
+            if c.at_step is None or c.node is not None or key in self.done:
+                continue
+            if c.at_step > view.step or c.target_rank < view.group.size:
+                continue
+            if key in self._fired():  # its rank fired it before the job shrank
+                self.done.add(key)
+                continue
+            self.done.add(key)
+            self.journal.append(
+                "chaos_refused",
+                key=key,
+                index=i,
+                fault=c.fault,
+                rank=c.target_rank,
+                step=c.at_step,
+                error=f"rank {c.target_rank} was not in the job at step {c.at_step} (it ran "
+                f"{view.group.size} rank(s) then)",
+            )
 
     def _random(self, view: JobView) -> None:
         """Random faults that are due. Those that fell due while the run was down (a resumed
@@ -243,6 +270,8 @@ class ChaosController:
                 key=order.key,
                 index=order.index,
                 fault=order.fault,
+                rank=order.rank,
+                step=view.step + 1,
                 request=order.request,
                 error=str(e),
             )

@@ -5,7 +5,12 @@ Contract: `build(records, markers)` is pure over the journal records and the fir
 Every injected fault appears once: matched to the fault the supervisor acted on (by its marker's
 key, which the chaos controller attributed to that fault), or, for faults that need no restart
 (slow, thermal, a storage outage), to the first event that noticed it; such a fault counts as
-recovered once the job finished a step after it.
+recovered once the job finished a step after it. A fault that stops a rank (kill, exit, hang,
+node_loss) that nothing was attributed to was not detected: it is said so, and recovered by the
+restart of the next fault acted on (which replaced that rank too), if any.
+Faults that were asked for and never struck (`chaos_refused`: no such target, nothing to damage,
+a planned fault whose rank was not in the job at its step) are listed apart, in `not_injected`,
+with the reason.
 Totals: `faults`, `recovered`, `goodput` and its lost-time breakdown (see accounting.py); each
 fault says which ranks kept their processes (`survivors_kept`); `resizes` and `world_size` say how
 the job changed size (elastic).
@@ -45,8 +50,15 @@ def _noticed(records: list[dict], m: FiredFault) -> dict | None:
     return None
 
 
-def _unacted(records: list[dict], progress: list[tuple], m: FiredFault) -> dict:
-    """The entry of a fault that needed no restart: who noticed, recovered at its next step."""
+STOPS_A_RANK = ("kill", "exit", "hang", "node_loss")  # no step is finished until it is acted on
+
+
+def _unacted(records: list[dict], progress: list[tuple], m: FiredFault, acted: list[dict]) -> dict:
+    """The entry of a fault the supervisor acted on no fault for: one that needed no restart (who
+    noticed, recovered at its next step), or one that stops a rank and was not detected before
+    another fault's restart replaced that rank too (recovered with that one, and said so)."""
+    if m.fault in STOPS_A_RANK:
+        return _ended_by(m, acted)
     seen = _noticed(records, m)
     after = next((t for t, _ in progress if t > m.injected_at), None)
     if seen is None:
@@ -71,15 +83,47 @@ def _unacted(records: list[dict], progress: list[tuple], m: FiredFault) -> dict:
     }
 
 
+def _ended_by(m: FiredFault, acted: list[dict]) -> dict:
+    """A rank stopped by `m` and not found before the next fault acted on ended its life: that
+    fault's restart is this one's recovery (no step was lost to this one that is not counted
+    there); with none after it, it is not recovered."""
+    later = [f for f in acted if (f.get("detected_at") or 0) >= m.injected_at]
+    by = min(later, key=lambda f: f["detected_at"]) if later else None
+    after = by.get("recovered_at") if by else None
+    if by:
+        who = f"rank {by['rank']}" if by.get("rank") is not None else "the job"
+        decision = (
+            f"not detected: ended by the restart for the {by['kind']} of {who} at step "
+            f"{by.get('step')}"
+        )
+    else:
+        decision = "not detected"
+    return {
+        "kind": m.fault,
+        "rank": m.rank,
+        "node": m.node,
+        "step": m.step,
+        "injected_at": m.injected_at,
+        "detected_at": None,
+        "detected_by": None,
+        "decision": decision,
+        "recovered_at": after,
+        "recovery_s": round(after - m.injected_at, 3) if after else None,
+        "steps_replayed": 0,
+        "lost_s": {},
+    }
+
+
 def build(records: list[dict], markers: list[FiredFault]) -> dict:
     acc = account(records)
     faults = list(acc["faults"])
     keys = {f["chaos_key"] for f in faults if f.get("chaos_key")}
     times = {round(f["injected_at"], 3) for f in faults if f.get("injected_at")}
     progress = [(r["t"], r["step"]) for r in records if r["type"] == "progress"]
+    acted = list(faults)
     for m in sorted(markers, key=lambda m: m.injected_at):
         if m.key not in keys and round(m.injected_at, 3) not in times:
-            faults.append(_unacted(records, progress, m))
+            faults.append(_unacted(records, progress, m, acted))
     faults.sort(key=lambda f: f.get("injected_at") or f["detected_at"] or 0)
     recovered = sum(1 for f in faults if f["recovered_at"])
     s = fold(records)
@@ -99,6 +143,11 @@ def build(records: list[dict], markers: list[FiredFault]) -> dict:
         "wall_s": acc["wall_s"],
         "resizes": s["resizes"],
         "world_size": s["world_size"],
+        "not_injected": [
+            {k: r.get(k) for k in ("fault", "rank", "step", "request", "error")}
+            for r in records
+            if r["type"] == "chaos_refused"
+        ],
     }
 
 
@@ -142,11 +191,15 @@ def print_report(report: dict, console: Console) -> None:
             f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered",
             str(f.get("steps_replayed") or 0),
         )
-    console.print(t)
+    console.print(t if report["faults"] else t.title, highlight=False)
     lost = ", ".join(f"{k} {v:.2f}s" for k, v in report["lost_s"].items())
     console.print(
         f"lost time: {lost} (of {report['wall_s']:.1f}s training wall time)", highlight=False
     )
+    for r in report.get("not_injected", []):
+        target = f" rank {r['rank']}" if r.get("rank") is not None else ""
+        at = f" at step {r['step']}" if r.get("step") is not None else ""
+        console.print(f"not injected: {r['fault']}{target}{at}: {r['error']}", highlight=False)
     for r in report.get("resizes", []):
         console.print(
             f"resized {r['from']} -> {r['to']} ranks at step {r['step']}: {r['reason']}",

@@ -157,12 +157,13 @@ def resume(
 
 
 def write_chaos_report(rundir: RunDir, console: Console) -> dict | None:
-    """For a run that had faults: `<run dir>/chaos_report.json` and the table."""
+    """For a run that had faults, or chaos that could not strike: `<run dir>/chaos_report.json`
+    and the table."""
     from resilient.chaos.report import build, print_report
 
     fired = markers.read_all(rundir)
     records = read_records(rundir)
-    if not fired and not any(r["type"] == "fault" for r in records):
+    if not fired and not any(r["type"] in ("fault", "chaos_refused") for r in records):
         return None
     report = build(records, fired)
     rundir.write_json(CHAOS_REPORT, report)

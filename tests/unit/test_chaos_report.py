@@ -1,0 +1,104 @@
+"""The chaos report says what a drill did not do: faults asked for that never struck, with the
+reason, and a fault that stopped a rank but was never detected (another fault's restart ended
+it), instead of leaving the first out and calling the second "training went on"."""
+
+from rich.console import Console
+
+from resilient.chaos.report import build, print_report
+from resilient.rundir.markers import FiredFault
+
+JOB = {"t": 1.0, "type": "job", "name": "n", "run_id": "r", "total_steps": 100, "run_dir": "x"}
+
+
+def test_a_planned_fault_that_never_struck_is_listed_with_its_reason():
+    refused = {
+        "t": 2.0,
+        "type": "chaos_refused",
+        "key": "plan-0",
+        "index": 0,
+        "fault": "kill",
+        "rank": 1,
+        "step": 14,
+        "error": "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)",
+    }
+    report = build([JOB, refused], [])
+    assert report["totals"]["faults"] == 0
+    (n,) = report["not_injected"]
+    assert (n["fault"], n["rank"], n["step"]) == ("kill", 1, 14)
+    assert "not in the job" in n["error"]
+    console = Console(width=200, record=True)
+    print_report(report, console)
+    text = console.export_text()
+    assert "not injected: kill rank 1 at step 14: rank 1 was not in the job" in text
+    assert "┃" not in text  # no empty table for a drill that struck nothing
+
+
+def test_a_hang_ended_by_another_faults_restart_is_not_detected_nor_went_on():
+    hang = FiredFault("random-0", "hang", 10.0, step=40, rank=1)
+    crash = {
+        "t": 15.2,
+        "type": "fault",
+        "kind": "crash",
+        "rank": 0,
+        "step": 41,
+        "detected_at": 15.2,
+        "injected_at": 15.0,
+        "chaos_key": "random-1",
+        "decision": "restart",
+    }
+    recovered = {"t": 20.0, "type": "recovered", "recovered_at": 20.0, "recovery_s": 5.0}
+    progress = [{"t": t, "type": "progress", "step": s} for t, s in ((9.0, 39), (21.0, 45))]
+    report = build([JOB, *progress[:1], crash, recovered, *progress[1:]], [hang])
+    (h,) = [f for f in report["faults"] if f["kind"] == "hang"]
+    assert h["detected_by"] is None
+    assert h["decision"].startswith("not detected: ended by the restart for the crash of rank 0")
+    assert "went on" not in h["decision"]
+    other = [f for f in report["faults"] if f["kind"] == "crash"][0]
+    assert other["recovered_at"] and h["recovered_at"] == other["recovered_at"]
+
+
+def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_path):
+    """A shrunk job (1 rank) passes the step of a kill planned for rank 1: no worker can fire it,
+    so the controller journals it refused, with the reason, once, and no later group gets it in
+    its plan (the old code left it out of everything: the drill said nothing)."""
+    from types import SimpleNamespace
+
+    from resilient.chaos.controller import ChaosController
+    from resilient.config import validate_tree
+    from resilient.rundir import RunDir
+    from resilient.runlog.journal import Journal, read_records
+    from resilient.supervisor.hooks import JobView
+
+    (tmp_path / "c.txt").write_text("x\n")
+    spec = validate_tree(
+        {
+            "name": "c",
+            "data": {"path": str(tmp_path / "c.txt")},
+            "cluster": {"num_workers": 2, "min_workers": 1},
+            "checkpoint": {"storage": str(tmp_path / "runs")},
+            "chaos": [
+                {"at_step": 14, "fault": "kill", "rank": 1},
+                {"at_step": 14, "fault": "kill", "rank": 0},
+                {"at_step": 90, "fault": "kill", "rank": 1},
+            ],
+        }
+    )
+    rundir = RunDir(str(tmp_path / "runs" / "c" / "r"))
+    journal = Journal(rundir)
+    chaos = ChaosController(spec, rundir, journal, None)
+    assert [f.index for f in chaos.plan()] == [0, 1, 2]
+    one_rank = SimpleNamespace(size=1, placement=["n1"])
+
+    def tick(step: int) -> None:
+        chaos._last_tick = 0.0  # due now
+        chaos.tick(JobView(step, 1.0, True, {}, one_rank, None, None))
+
+    tick(13)
+    assert not [r for r in read_records(rundir) if r["type"] == "chaos_refused"]
+    tick(20)
+    tick(21)
+    (refused,) = [r for r in read_records(rundir) if r["type"] == "chaos_refused"]
+    assert (refused["index"], refused["rank"], refused["step"]) == (0, 1, 14)
+    assert "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)" == refused["error"]
+    # rank 0 was there: its fault is its worker's (a marker), not refused
+    assert [f.index for f in chaos.plan()] == [1, 2]
