@@ -63,6 +63,15 @@ def replicas(manifest: dict | None) -> str:
     return f"agreed{' + audit' if i.get('audited') else ''} ({i.get('ranks')})"
 
 
+def _persisted(step: int, persisted: list[int], run_dir: str) -> None:
+    """--step names a persisted checkpoint, else one message saying which there are."""
+    if step not in persisted:
+        raise UserError(
+            f"--step {step}: {run_dir} has no persisted checkpoint of that step "
+            f"(it has {persisted[-5:] or 'none'}); `resilient ckpt list RUN_DIR` shows them"
+        )
+
+
 @ckpt.command("verify")
 @click.argument("run_dir")
 @click.option("--step", type=int, help="Only this step (default: every persisted checkpoint).")
@@ -73,11 +82,8 @@ def ckpt_verify(run_dir, step) -> None:
 
     store = CheckpointStore(open_rundir(run_dir))
     persisted = store.steps()
-    if step is not None and step not in persisted:
-        raise UserError(
-            f"--step {step}: {run_dir} has no persisted checkpoint of that step "
-            f"(it has {persisted[-5:] or 'none'}); `resilient ckpt list RUN_DIR` shows them"
-        )
+    if step is not None:
+        _persisted(step, persisted, run_dir)
     steps = [step] if step is not None else persisted
     if not steps:
         raise UserError(f"{run_dir} has no persisted checkpoints")
@@ -124,7 +130,7 @@ def ckpt_verify(run_dir, step) -> None:
 def ckpt_export(run_dir, step, best, out, merge, compress, density) -> None:
     """Write checkpoint STEP (or --best: the lowest eval loss) as a peft adapter directory OUT,
     or (--merge) merged into the base model as a full model directory."""
-    from resilient.checkpoint.storage import CheckpointInvalid
+    from resilient.checkpoint.storage import CheckpointInvalid, CheckpointStore
     from resilient.training.export import best_step, export_compressed, export_merged, export_step
 
     if step is not None and best:
@@ -141,6 +147,8 @@ def ckpt_export(run_dir, step, best, out, merge, compress, density) -> None:
     if best:
         step, loss = best_step(rd)
         what = f"step {step} (the best: eval loss {loss:.4f})"
+    else:
+        _persisted(step, CheckpointStore(rd).steps(), run_dir)
     try:
         if merge:
             tokenizer = export_merged(rd, step, out)

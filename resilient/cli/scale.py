@@ -39,4 +39,5 @@ def scale(run_dir, workers) -> None:
     if s["state"] in TERMINAL:
         raise UserError(f"the run already ended {s['state']}; nothing to resize")
     request_scale(rd, workers)
-    click.echo(f"asked for {workers} rank(s) (now {s.get('world_size') or '?'})")
+    now = f" (it runs {s['world_size']} now)" if s.get("world_size") else ""
+    click.echo(f"asked for {workers} rank(s){now}; the job resizes at its next step")

@@ -7,6 +7,7 @@ Contract: `load_spec(path, overrides)` reads TOML (`.toml`) or YAML (`.yaml`/`.y
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -70,6 +71,18 @@ def read_tree(path: str | os.PathLike) -> dict[str, Any]:
     return tree
 
 
+def _near(loc: tuple) -> str:
+    """ "did you mean SECTION.KEY? " for an unknown key close to one of its section's keys."""
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:  # in a list ([[chaos]]) or a free-form table: no names to offer
+            return ""
+        model = field.annotation
+    near = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1)
+    return f"did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}? " if near else ""
+
+
 def _describe(err: ValidationError, entries_as_list: bool = False) -> str:
     """One line per bad field, named as the user wrote it (`chaos.0.fault` for a [[chaos]] list)."""
     lines = []
@@ -79,7 +92,10 @@ def _describe(err: ValidationError, entries_as_list: bool = False) -> str:
             field = "chaos." + field.removeprefix("chaos.plan.")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling against the README's spec reference"
+            msg = (
+                f"unknown key; {_near(e['loc'])}remove it or check its spelling against the "
+                "README's spec reference"
+            )
         elif e["type"] == "missing":
             msg = "required; add it to the spec"
         elif "input" in e and not isinstance(e["input"], dict):

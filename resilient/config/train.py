@@ -86,6 +86,11 @@ class TrainConfig(_Section):
     @classmethod
     def _scheduler(cls, v: str) -> str:
         names = scheduler_names()
+        if v in NEEDS_MORE:
+            raise ValueError(
+                f"{v!r} needs a metric or arguments beyond the warmup and the total steps, which "
+                f"a job does not give it; give one of {', '.join(names)}"
+            )
         if v not in names:
             raise ValueError(f"unknown scheduler {v!r}; give one of {', '.join(names)}")
         return v

@@ -95,6 +95,12 @@ def print_summary(s: dict, console: Console, wall_s: float) -> None:
         console.print(f"final adapter: {s.get('run_dir')}/final", highlight=False, soft_wrap=True)
     elif s.get("reason"):
         console.print(f"reason: {s['reason']}", highlight=False, soft_wrap=True)
+    if s["state"] == "STOPPED":
+        console.print(
+            f"go on with: resilient launch --resume {s.get('run_dir')}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if s["faults"]:
         t = Table(title="faults", title_justify="left")
         for col in ("kind", "rank", "step", "detected after", "recovery_s", "steps replayed"):

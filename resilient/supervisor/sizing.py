@@ -82,8 +82,7 @@ class Sizing:
             self.book.emit(note=s.reason)
             self._pause_for(CAPACITY_POLL_S)
         if s.world != self.world:
-            cause = self.resize_cause or "capacity"
-            reason = f"{cause}: {s.reason}"
+            reason = f"{self._cause(s.world)}: {s.reason}"
             self.journal.append(
                 "resize",
                 step=self.book.restored,
@@ -97,6 +96,17 @@ class Sizing:
         if self.book.state == JobState.RESIZING:
             self.book.to(JobState.STARTING, f"{s.world} rank(s)")
         return s.world
+
+    def _cause(self, world: int) -> str:
+        """Why the next group has `world` ranks: what paused the last one, or a `resilient scale`
+        request this size meets (one that came before the group ran: nothing paused for it), or
+        the cluster's capacity."""
+        if self.resize_cause:
+            return self.resize_cause
+        asked = getattr(self.control, "scale_to", None)
+        if asked is not None and world == self.target():
+            return f"resilient scale asked for {asked} rank(s)"
+        return "capacity"
 
     def _stop_waiting(self) -> None:
         self.book.stop_reason = self.control.stop_reason

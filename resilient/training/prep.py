@@ -317,12 +317,16 @@ def prepare(spec, tokenizer, out_dir: str, tmp: str) -> dict:
     return stats
 
 
+MODE_WORDS = {"chunks": "chunked"}  # the stats' name of a mode, as the summary line says it
+
+
 def summary(stats: dict) -> str:
     """One line for the launch output: what was read, used, left out and why."""
     held = f" (+{stats['eval_samples']:,} held out for eval)" if stats.get("eval_samples") else ""
+    mode = MODE_WORDS.get(stats["mode"], stats["mode"])
     line = (
         f"data: {stats['rows']:,} rows -> {stats['used']:,} samples in {stats['sequences']:,} "
-        f"{stats['mode']} sequences{held}; {stats['tokens']:,} tokens, "
+        f"{mode} sequences{held}; {stats['tokens']:,} tokens, "
         f"{stats['trained_tokens']:,} with loss ({stats['train_on']})"
     )
     if stats["bad_rows"]:

@@ -222,3 +222,21 @@ def test_memory_tier_keeps_unpersisted_beyond_keep():
     assert tier.get(1) is not None  # still waiting for storage
     tier.mark_persisted(1)
     assert tier.get(1) is None and tier.get(2) is not None
+
+
+def test_exporting_a_step_that_was_not_persisted_says_which_were(tmp_path):
+    """`ckpt export --step N` of a step with no checkpoint: the same message as `ckpt verify`'s,
+    naming the persisted ones (the old code printed a missing manifest's file error)."""
+    from resilient.runlog.journal import Journal
+    from tests.helpers import resilient_cli
+
+    rd = RunDir(str(tmp_path / "run"))
+    Journal(rd).append("job", name="n", run_id="r", total_steps=9, run_dir=rd.uri)
+    assert CheckpointStore(rd).steps() == []
+    r = resilient_cli("ckpt", "export", str(tmp_path / "run"), "--step", "5", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stdout
+    assert (
+        "--step 5: " in r.stdout
+        and "has no persisted checkpoint of that step (it has none)" in r.stdout
+    )
+    assert "manifest" not in r.stdout and not (tmp_path / "o").exists()

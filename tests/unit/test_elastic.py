@@ -117,6 +117,23 @@ def test_scale_request_shrinks_at_the_next_step_and_grows_back(tmp_path):
     assert "resilient scale" in s["resizes"][0]["reason"]
 
 
+def test_a_scale_request_before_the_first_group_is_said_to_be_the_cause(tmp_path):
+    """`resilient scale` while the job starts: its first group already has the size asked for,
+    nothing paused for it, and the resize says the request was the cause (the old code said
+    "capacity", as if the cluster had been short)."""
+    job = _three(tmp_path, Scenario())
+
+    def operator():
+        job.control.scale_to = 2
+
+    job.stop_when = lambda: operator() and False
+    s = job.run()
+    assert s["state"] == "SUCCEEDED" and s["world_size"] == 2
+    (r,) = s["resizes"]
+    assert (r["from"], r["to"]) == (3, 2)
+    assert r["reason"].startswith("resilient scale asked for 2 rank(s)"), r["reason"]
+
+
 def test_a_grow_ray_cannot_place_goes_back_to_the_size_it_had(tmp_path):
     job = _three(tmp_path, Scenario(crash={10: 2}))
 

@@ -67,3 +67,19 @@ def test_goodput_counts_a_fault_that_struck_before_the_first_running():
     r = account(recs)
     assert r["wall_s"] == 4.0  # from the fault, not from the first RUNNING (2 s)
     assert 0 < r["goodput"] < 1 and r["lost_s"]["detection"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("what", ["does not exist", "is a file, not a run directory"])
+def test_a_run_dir_that_is_not_one_is_named_as_such(tmp_path, what):
+    """`resilient status PATH` with no directory there, or a file (a spec given by mistake): one
+    line that says which (the old code said "holds no journal" for the first and printed a
+    NotADirectoryError with credentials advice for the second)."""
+    from tests.helpers import resilient_cli
+
+    path = tmp_path / "job.toml"
+    if what.startswith("is a file"):
+        path.write_text('name = "x"\n')
+    r = resilient_cli("status", str(path))
+    assert r.returncode == 2, r.stdout
+    assert f"RUN_DIR '{path}' {what}; give the run directory printed by" in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout and "FSSPEC" not in r.stdout

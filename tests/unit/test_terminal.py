@@ -83,3 +83,21 @@ def test_a_cluster_address_nothing_listens_on_is_a_user_error_at_once():
         _reachable("127.0.0.1:1")
     assert time.time() - t0 < 5
     _reachable("auto")  # Ray's to resolve
+
+
+def test_the_end_of_a_stopped_run_says_how_to_go_on_and_the_data_line_reads():
+    from rich.console import Console
+
+    from resilient.launcher.progress import print_summary
+    from resilient.training.prep import summary
+
+    console = Console(width=200, record=True)
+    s = {"state": "STOPPED", "name": "j", "run_id": "r", "step": 7, "total_steps": 9}
+    s |= {"restarts": 0, "run_dir": "/runs/j/r", "reason": "stopped on SIGTERM", "faults": []}
+    print_summary(s, console, 3.0)
+    assert "go on with: resilient launch --resume /runs/j/r" in console.export_text()
+    stats = {"rows": 600, "used": 600, "sequences": 657, "mode": "chunks", "tokens": 21024}
+    stats |= {"trained_tokens": 21024, "train_on": "all", "bad_rows": 0, "truncated": 0}
+    stats |= {"num_proc": 1, "tokenise_s": 0.4, "samples_per_s": 1648}
+    line = summary(stats)
+    assert "657 chunked sequences" in line and "chunks sequences" not in line
