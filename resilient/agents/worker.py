@@ -47,6 +47,21 @@ if TYPE_CHECKING:  # torch comes with it: a spare imports that on its idle-prior
 
 log = logging.getLogger(__name__)
 
+# what a collective says when a peer died or stopped answering (gloo's and NCCL's words)
+PEER_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "NCCL communicator was aborted",
+)
+
+
+def peer_broke(e: BaseException) -> bool:
+    """Whether `e` is a collective that broke because a peer died or hung."""
+    text = str(e)
+    return type(e).__name__ == "DistBackendError" or any(s in text for s in PEER_SIGNS)
+
 
 @ray.remote(max_concurrency=4, concurrency_groups={"lease": 1, "store": 16})
 class TrainWorker(ChaosDamage, TrainingLoop):
@@ -211,7 +226,13 @@ class TrainWorker(ChaosDamage, TrainingLoop):
             elif step is not None:
                 self._finish(trainer, step, base_ref)
         except BaseException as e:  # reported, never raised: the supervisor decides
-            log.exception("rank %s failed", self.rank)  # the whole traceback, in its log
+            if peer_broke(e):  # a survivor's lot, not its failure: one line, not a traceback
+                why = str(e).split(". ")[0][:200]
+                log.warning(
+                    "rank %s: a collective broke (%s); the supervisor decides", self.rank, why
+                )
+            else:
+                log.exception("rank %s failed", self.rank)  # the whole traceback, in its log
             self._set(
                 phase="error",
                 error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}",

@@ -100,6 +100,14 @@ def best_step(rundir: RunDir) -> tuple[int, float]:
     return step, scores[step]
 
 
+def _as_umask_allows(path: str) -> None:
+    """The mode a file this process creates gets (safetensors writes 0600): an export is read by
+    whoever reads the other files written beside it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -> tuple[int, int]:
     from safetensors.torch import save_file
 
@@ -112,6 +120,7 @@ def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -
         shutil.copy(os.path.join(tmp, CONFIG), os.path.join(out_dir, CONFIG))
         dense_bytes = os.path.getsize(os.path.join(tmp, ADAPTER))
     save_file(compeft.compress(dense, init, density), os.path.join(out_dir, PACKED))
+    _as_umask_allows(os.path.join(out_dir, PACKED))
     meta = {
         "format": FORMAT,
         "density": density,
@@ -162,6 +171,7 @@ def expand_dir(in_dir: str, out_dir: str, base: str | None = None) -> None:
         raise UserError(f"{in_dir}/{PACKED} cannot be read ({e}); export it again") from None
     os.makedirs(out_dir, exist_ok=True)
     save_file(dense, os.path.join(out_dir, ADAPTER), metadata={"format": "pt"})
+    _as_umask_allows(os.path.join(out_dir, ADAPTER))
     cfg["base_model_name_or_path"] = os.path.abspath(base_dir)
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)

@@ -44,6 +44,9 @@ def test_method_survives_a_kill_bit_exactly_and_loads_in_peft(tmp_path, case):
     assert r.returncode == 0 and "smaller" in r.stdout, r.stdout
     r = resilient_cli("ckpt", "expand", str(packed), str(expanded))
     assert r.returncode == 0, r.stdout
+    # as readable as the files written beside them (safetensors alone writes 0600)
+    for f in (packed / "compeft.safetensors", expanded / "adapter_model.safetensors"):
+        assert f.stat().st_mode & 0o777 == (packed / "adapter_config.json").stat().st_mode & 0o777
     dense, back = adapter(runs / "kill"), load_adapter(expanded)
     assert {k: v.shape for k, v in dense.items()} == {k: v.shape for k, v in back.items()}
     flat = lambda t: torch.cat([t[k].flatten() for k in sorted(t)])  # noqa: E731

@@ -148,3 +148,17 @@ def test_a_grow_ray_cannot_place_goes_back_to_the_size_it_had(tmp_path):
     assert s["state"] == "SUCCEEDED" and s["world_size"] == 2
     assert [(r["from"], r["to"]) for r in s["resizes"]] == [(3, 2), (2, 3), (3, 2)]
     assert "did not place" in s["resizes"][2]["reason"]
+
+
+def test_a_survivors_broken_collective_is_told_apart_from_a_failure():
+    """A survivor's step fails on its dead peer: one warning line in its log, not "rank 0 failed"
+    and a gloo traceback (which read as if the survivor were the fault)."""
+    from resilient.agents.worker import peer_broke
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:46819. This is typically caused by a remote worker crashing."
+    )
+    assert peer_broke(gloo)
+    assert not peer_broke(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not peer_broke(ValueError("bad batch"))
