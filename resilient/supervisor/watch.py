@@ -102,8 +102,9 @@ class Watch:
         self.last_poll = now
         metrics = tuple(m for hb in fresh for m in hb.metrics)
         self.step_times.extend(m["step_time"] + m["data_wait"] for m in metrics)
-        self._learn(fresh, metrics)
         latest = dict(self.group.latest)
+        ready = self._ready(now, latest)  # first: the steps that made it ready are its pace
+        self._learn(fresh, metrics)
         fault = (
             self._dead(now)
             or self._corrupt(now, latest)
@@ -111,7 +112,6 @@ class Watch:
             or self._silent(now, latest)
             or self._slow_start(now, latest)
         )
-        ready = self._ready(now, latest)
         step, ended = self._advance(now, latest)
         if fault is None and ended is None:
             fault = self._stalled(now, latest)
@@ -261,14 +261,19 @@ class Watch:
         )
 
     def _ready(self, now: float, latest: Mapping[int, Heartbeat]) -> Ready | None:
+        """The group trains: every rank said so, or one finished a step of this life, which every
+        rank's collective is part of (a peer that hangs before its answer says so must meet the
+        training limits, not the start's)."""
         if self.running or len(latest) < self.world:
             return None
-        if not all(h.past_start for h in latest.values()):
+        started = [h for h in latest.values() if h.past_start]
+        stepped = any(h.step > self.restored for h in started)
+        if len(started) < self.world and not stepped:
             return None
         self.running, self.last_progress = True, now
         return Ready(
-            max(h.restore_s for h in latest.values()),
-            max(h.training_at or now for h in latest.values()),
+            max(h.restore_s for h in started),
+            max(h.training_at or now for h in started),
         )
 
     def _advance(

@@ -194,3 +194,21 @@ def test_a_short_pause_of_the_supervisor_counts():
     f = until(w, lambda s: s.fault).fault
     assert (f.kind, f.rank) == (FaultKind.HANG, 1)
     assert clock() - last <= CFG.hang_timeout + 0.2
+
+
+def test_a_rank_that_hangs_before_its_first_answer_in_training_is_found_at_the_learnt_limit():
+    """Steps of 10 ms and heartbeats every second: rank 1 answered once, still starting, and was
+    SIGSTOPped at step 40, before its next answer. Rank 0 finished steps, which every rank's
+    collective is part of, so the group is training: the learnt limit applies (about two
+    intervals), not the start's (the old code waited for rank 1 to say it trained, and took 10 s;
+    its evidence said "phase created")."""
+    cfg = SupervisorConfig(heartbeat_interval=1.0, hang_timeout="auto")
+    clock = FakeClock()
+    scenario = Scenario(step_s=0.01, start_s=0.2, heartbeat_s=1.0, hang={40: 1})
+    group = ScriptedGroup(scenario, ["n0", "n1"], 100000, clock)
+    group.start(None, (), [])
+    w = Watch(group, 0, 2, cfg, clock)
+    seen = until(w, lambda s: s.fault)
+    f = seen.fault
+    assert (f.kind, f.rank) == (FaultKind.HANG, 1), f
+    assert clock() - scenario.struck[("hang", 40)] < 3.0, f.evidence
