@@ -58,9 +58,9 @@ PEER_SIGNS = (
 
 
 def peer_broke(e: BaseException) -> bool:
-    """Whether `e` is a collective that broke because a peer died or hung."""
-    text = str(e)
-    return type(e).__name__ == "DistBackendError" or any(s in text for s in PEER_SIGNS)
+    """Whether `e` is a collective that broke because a peer died or hung (by its words: a
+    backend error of this rank's own, a CUDA or NCCL failure here, keeps its traceback)."""
+    return any(s in str(e) for s in PEER_SIGNS)
 
 
 @ray.remote(max_concurrency=4, concurrency_groups={"lease": 1, "store": 16})
@@ -231,6 +231,7 @@ class TrainWorker(ChaosDamage, TrainingLoop):
                 log.warning(
                     "rank %s: a collective broke (%s); the supervisor decides", self.rank, why
                 )
+                log.debug("the broken collective", exc_info=True)
             else:
                 log.exception("rank %s failed", self.rank)  # the whole traceback, in its log
             self._set(

@@ -6,7 +6,7 @@ Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
   workers fire their own at the start of that step; a job-wide one (storage, checkpoints, the
   supervisor) is carried out here while rank 0 holds the job at that step.
 - `tick(view)`: GPU faults on nodes where no rank runs (at their step); the job-wide fault rank 0
-  holds for; and, about once a second while every rank trains, `at_time` entries that are due
+  holds for; and, about once a second while the group trains, `at_time` entries that are due
   (training time: the clock stops while the job restarts, so random chaos models faults per hour of
   training and one fault never lands in the previous one's recovery) and `resilient chaos inject`
   requests. Each is recorded (marker, `chaos` journal record) before it strikes; one that cannot
@@ -226,6 +226,8 @@ class ChaosController:
                 "chaos_refused",
                 key=request_key(req.id),
                 fault=req.fault,
+                rank=req.rank,
+                node=req.node,
                 request=req.id,
                 error="the job was launched without --allow-chaos (chaos.allow_inject = true)",
             )
@@ -271,6 +273,7 @@ class ChaosController:
                 index=order.index,
                 fault=order.fault,
                 rank=order.rank,
+                node=order.node,
                 step=view.step + 1,
                 request=order.request,
                 error=str(e),

@@ -6,8 +6,8 @@ Every injected fault appears once: matched to the fault the supervisor acted on 
 key, which the chaos controller attributed to that fault), or, for faults that need no restart
 (slow, thermal, a storage outage), to the first event that noticed it; such a fault counts as
 recovered once the job finished a step after it. A fault that stops a rank (kill, exit, hang,
-node_loss) that nothing was attributed to was not detected: it is said so, and recovered by the
-restart of the next fault acted on (which replaced that rank too), if any.
+node_loss) that nothing was attributed to was not detected: it is said so, and recovered when the
+next fault acted on is (its restart replaced that rank too), if any.
 Faults that were asked for and never struck (`chaos_refused`: no such target, nothing to damage,
 a planned fault whose rank was not in the job at its step) are listed apart, in `not_injected`,
 with the reason.
@@ -65,17 +65,25 @@ def _unacted(records: list[dict], progress: list[tuple], m: FiredFault, acted: l
         by = None
     else:
         by = f"anomaly detector: {seen['kind']}" if seen["type"] == "anomaly" else seen["type"]
+    decision = (
+        (seen or {}).get("decision")
+        or (f"cordon: {seen['reason']}" if seen and seen["type"] == "cordon" else None)
+        or "none: training went on"
+    )
+    return _entry(m, seen["t"] if seen else None, by, decision, after)
+
+
+def _entry(m: FiredFault, detected_at, by, decision: str, after: float | None) -> dict:
+    """A report entry for a fault the supervisor acted on nothing for (no steps replayed)."""
     return {
         "kind": m.fault,
         "rank": m.rank,
         "node": m.node,
         "step": m.step,
         "injected_at": m.injected_at,
-        "detected_at": seen["t"] if seen else None,
+        "detected_at": detected_at,
         "detected_by": by,
-        "decision": (seen or {}).get("decision")
-        or (f"cordon: {seen['reason']}" if seen and seen["type"] == "cordon" else None)
-        or "none: training went on",
+        "decision": decision,
         "recovered_at": after,
         "recovery_s": round(after - m.injected_at, 3) if after else None,
         "steps_replayed": 0,
@@ -85,33 +93,18 @@ def _unacted(records: list[dict], progress: list[tuple], m: FiredFault, acted: l
 
 def _ended_by(m: FiredFault, acted: list[dict]) -> dict:
     """A rank stopped by `m` and not found before the next fault acted on ended its life: that
-    fault's restart is this one's recovery (no step was lost to this one that is not counted
-    there); with none after it, it is not recovered."""
+    fault's recovery is this one's (no step was lost to this one that is not counted there);
+    with none after it, it is not recovered."""
     later = [f for f in acted if (f.get("detected_at") or 0) >= m.injected_at]
     by = min(later, key=lambda f: f["detected_at"]) if later else None
-    after = by.get("recovered_at") if by else None
-    if by:
-        who = f"rank {by['rank']}" if by.get("rank") is not None else "the job"
-        decision = (
-            f"not detected: ended by the restart for the {by['kind']} of {who} at step "
-            f"{by.get('step')}"
-        )
-    else:
-        decision = "not detected"
-    return {
-        "kind": m.fault,
-        "rank": m.rank,
-        "node": m.node,
-        "step": m.step,
-        "injected_at": m.injected_at,
-        "detected_at": None,
-        "detected_by": None,
-        "decision": decision,
-        "recovered_at": after,
-        "recovery_s": round(after - m.injected_at, 3) if after else None,
-        "steps_replayed": 0,
-        "lost_s": {},
-    }
+    if by is None:
+        return _entry(m, None, None, "not detected", None)
+    who = f"rank {by['rank']}" if by.get("rank") is not None else "the job"
+    decision = (
+        f"not detected: the {by['kind']} of {who} at step {by.get('step')} came first "
+        f"({by.get('decision') or '-'})"
+    )
+    return _entry(m, None, None, decision, by.get("recovered_at"))
 
 
 def build(records: list[dict], markers: list[FiredFault]) -> dict:
@@ -143,12 +136,20 @@ def build(records: list[dict], markers: list[FiredFault]) -> dict:
         "wall_s": acc["wall_s"],
         "resizes": s["resizes"],
         "world_size": s["world_size"],
-        "not_injected": [
-            {k: r.get(k) for k in ("fault", "rank", "step", "request", "error")}
-            for r in records
-            if r["type"] == "chaos_refused"
-        ],
+        "not_injected": _not_injected(records),
     }
+
+
+def _not_injected(records: list[dict]) -> list[dict]:
+    """The chaos that never struck, once a key (a resumed run may refuse a planned fault again)."""
+    out, keys = [], set()
+    for r in records:
+        key = r.get("key")
+        if r["type"] != "chaos_refused" or (key is not None and key in keys):
+            continue
+        keys.add(key)
+        out.append({k: r.get(k) for k in ("fault", "rank", "node", "step", "request", "error")})
+    return out
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -197,7 +198,11 @@ def print_report(report: dict, console: Console) -> None:
         f"lost time: {lost} (of {report['wall_s']:.1f}s training wall time)", highlight=False
     )
     for r in report.get("not_injected", []):
-        target = f" rank {r['rank']}" if r.get("rank") is not None else ""
+        target = (
+            f" rank {r['rank']}"
+            if r.get("rank") is not None
+            else (f" node {r['node']}" if r.get("node") is not None else "")
+        )
         at = f" at step {r['step']}" if r.get("step") is not None else ""
         console.print(f"not injected: {r['fault']}{target}{at}: {r['error']}", highlight=False)
     for r in report.get("resizes", []):

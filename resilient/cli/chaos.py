@@ -74,7 +74,11 @@ def chaos_inject(run_dir, fault, rank, node, params, timeout) -> None:
             if r.get("request") == req:
                 if r["type"] == "chaos_refused":
                     raise UserError(f"the job refused {fault}: {r['error']}")
-                at = f"rank {r['rank']}" if r.get("rank") is not None else f"node {r.get('node')}"
+                at = (
+                    f"rank {r['rank']}"
+                    if r.get("rank") is not None
+                    else (f"node {r['node']}" if r.get("node") else "the job")
+                )
                 click.echo(f"injected {fault} at step {r.get('step')} ({at})")
                 return
         time.sleep(0.3)

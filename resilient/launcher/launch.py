@@ -14,6 +14,7 @@ after the same step on every rank, persisted (`signals`): the status then says w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -32,7 +33,7 @@ from resilient.launcher.signals import Preemption, StopRequests
 from resilient.launcher.terminal import RayNotes
 from resilient.rundir import RunDir, control, markers
 from resilient.rundir.layout import CHAOS_REPORT, SPEC_FILE, base_ref
-from resilient.runlog.journal import Journal, journal_exists, read_records
+from resilient.runlog.journal import Journal, JournalLost, journal_exists, read_records
 from resilient.runlog.status import fold
 
 END_CLOSE_S = 5.0  # an end from the signals' thread waits this long for the trackers' last writes
@@ -299,7 +300,8 @@ def _supervise(
         if feed:
             ok = status.get("state") in ("SUCCEEDED", "STOPPED")
             feed.trackers.close("FINISHED" if ok else "FAILED")
-            journal.append("trackers", ids=feed.trackers.ids)
+            with contextlib.suppress(JournalLost):  # the supervisor's raise says it
+                journal.append("trackers", ids=feed.trackers.ids)
         if notes:
             notes.close()
             journal.flush(timeout=10)

@@ -25,6 +25,7 @@ import time
 
 from resilient.agents.output import LineBuffer, tail
 from resilient.rundir.layout import DRIVER_LOG
+from resilient.runlog.journal import JournalLost
 from resilient.runlog.ranklogs import RankLogs
 
 _ACTIVE: list[Terminal] = []  # the Terminal in force (restore_for_exit restores it)
@@ -122,7 +123,10 @@ class RayNotes:
         for line in lines:
             if self._noted < NOTES_PER_MIN and NOTABLE.search(line):
                 self._noted += 1
-                self.journal.append("ray_notice", line=line[:500])
+                try:
+                    self.journal.append("ray_notice", line=line[:500])
+                except JournalLost:  # the launch ends on it and says so; the line is in the log
+                    return
 
     def close(self) -> None:
         self._stop.set()

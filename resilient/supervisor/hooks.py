@@ -28,7 +28,7 @@ class JobView:
 
     step: int  # the last step every rank finished
     training_s: float  # seconds of training so far (the clock stops while the job restarts)
-    running: bool  # every rank is training
+    running: bool  # the group is training (it became ready)
     heartbeats: Mapping[int, Heartbeat]  # each rank's newest
     group: Any  # the WorkerGroup: placement, size, workers, inject(rank, ...), release_chaos()
     nodes: Any  # the Nodes: node_at(index), agent_for(node), agents

@@ -102,10 +102,12 @@ class Intake:
         self.monitor.record_event(e, decision)
 
     def close(self) -> None:
-        self._journal_agent_events(self.nodes.flush_events())
-        self.monitor.close()
-        if self.logs is not None:
-            self.logs.close()
+        try:  # the metrics and logs are written even when the journal is lost (JournalLost)
+            self._journal_agent_events(self.nodes.flush_events())
+        finally:
+            self.monitor.close()
+            if self.logs is not None:
+                self.logs.close()
 
     def _journal_agent_events(self, events: list[dict]) -> None:
         for e in events:

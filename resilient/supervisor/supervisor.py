@@ -97,10 +97,8 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
         if self.book.state != JobState.PENDING:
-            raise RuntimeError(
-                f"the journal says {self.book.state.value}; only a new or resumed run can be "
-                "supervised"
-            )
+            state = self.book.state.value
+            raise RuntimeError(f"the journal says {state}; only a new or resumed run is supervised")
         # A resumed run starts over from PENDING too (its journal's `resume` record says so) and
         # restores from the newest persisted checkpoint: memory tiers died with the old driver.
         self.parts.control.end_at_once_while(self.book.nothing_to_save, self.book.end_now)
@@ -113,10 +111,8 @@ class Supervisor:
                 self._attempt()
         except Abort as e:  # a second signal, the stop's grace ran out, a stop before the start
             self.book.abort(e.reason)
-        except JournalLost:  # nowhere to say how it ended: the launch says it
-            raise
         except Exception as e:
-            if self.book.state in TERMINAL:
+            if self.book.state in TERMINAL or isinstance(e, JournalLost):  # (nowhere to say it)
                 raise
             if not self.parts.control.signalled:  # a bug: the journal still says how it ended
                 self.book.to(JobState.FAILED, f"internal error: {type(e).__name__}: {e}"[:500])
@@ -153,10 +149,12 @@ class Supervisor:
 
     def _close(self) -> None:
         self.sizing.drop_kept()
-        self.intake.close()
-        self.fleet.close()
-        self.parts.control.close()
-        self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
+        try:  # a lost journal (JournalLost) does not keep the agents and spares from ending
+            self.intake.close()
+        finally:
+            self.fleet.close()
+            self.parts.control.close()
+            self.journal.flush(timeout=self.spec.checkpoint.persist_timeout)
 
     def _attempt(self) -> None:
         try:

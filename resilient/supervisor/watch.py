@@ -3,7 +3,8 @@ nothing.
 
 Contract: `Watch(group, restored, world, cfg, clock).poll()` waits up to one TICK for heartbeats
 and returns a `Seen`: the heartbeats that arrived, the training time since the previous poll, and
-what they add up to: the group became ready (every rank training), the job-wide step advanced, the
+what they add up to: the group became ready (every rank training: each said so, or one finished a
+step of this life, which every rank's collective is part of), the job-wide step advanced, the
 group ended ("done", "stopped", or "paused" for a resize), or a fault. Faults, in order of
 precedence: a rank's death (CRASH, within one tick), a rank's training error (ERROR, after a
 short grace, since a dead peer shows up in survivors as collective errors first; the rank that
@@ -46,7 +47,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ready:
-    """Every rank trains: how long the slowest restore took and when the last rank began."""
+    """Every rank trains: how long the slowest restore took and when the last rank began (of
+    those that had said so: a rank whose answer is still to come is known to train by a peer's
+    finished step, not by when it began)."""
 
     restore_s: float
     ready_at: float
@@ -57,7 +60,7 @@ class Seen:
     now: float
     latest: Mapping[int, Heartbeat]  # each rank's newest heartbeat
     fresh: tuple[Heartbeat, ...] = ()  # the heartbeats that arrived in this poll
-    trained_s: float = 0.0  # training time since the previous poll (0 until every rank trains)
+    trained_s: float = 0.0  # training time since the previous poll (0 until the group is ready)
     ready: Ready | None = None  # the group has just become ready
     step: int | None = None  # the step every rank finished, when it advanced or the group ended
     ended: str | None = None  # "done" | "stopped" | "paused": every rank ended (never with a fault)

@@ -57,6 +57,17 @@ def export_step(rundir: RunDir, step: int, out_dir: str) -> None:
     _new_dir(out_dir)
     spec, model, _ = _trained(rundir, step)
     write_adapter(model, out_dir, base_ref(rundir, spec.model.path))
+    _readable_as_siblings(out_dir)
+
+
+def _readable_as_siblings(out_dir: str) -> None:
+    """safetensors writes its files 0600: each gets the mode of the JSON written beside it, so
+    whoever may read the export's config may read its weights too."""
+    names = os.listdir(out_dir)
+    like = next((n for n in sorted(names) if n.endswith(".json")), None)
+    for name in names if like else ():
+        if name.endswith(".safetensors"):
+            shutil.copymode(os.path.join(out_dir, like), os.path.join(out_dir, name))
 
 
 def export_merged(rundir: RunDir, step: int, out_dir: str) -> list[str]:
@@ -78,6 +89,7 @@ def export_merged(rundir: RunDir, step: int, out_dir: str) -> list[str]:
     names = sorted(n for n in os.listdir(base_dir) if _is_tokenizer_file(n))
     for name in names:
         shutil.copyfile(os.path.join(base_dir, name), os.path.join(out_dir, name))
+    _readable_as_siblings(out_dir)
     return names
 
 
@@ -100,14 +112,6 @@ def best_step(rundir: RunDir) -> tuple[int, float]:
     return step, scores[step]
 
 
-def _as_umask_allows(path: str) -> None:
-    """The mode a file this process creates gets (safetensors writes 0600): an export is read by
-    whoever reads the other files written beside it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -> tuple[int, int]:
     from safetensors.torch import save_file
 
@@ -120,7 +124,6 @@ def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -
         shutil.copy(os.path.join(tmp, CONFIG), os.path.join(out_dir, CONFIG))
         dense_bytes = os.path.getsize(os.path.join(tmp, ADAPTER))
     save_file(compeft.compress(dense, init, density), os.path.join(out_dir, PACKED))
-    _as_umask_allows(os.path.join(out_dir, PACKED))
     meta = {
         "format": FORMAT,
         "density": density,
@@ -136,6 +139,7 @@ def export_compressed(rundir: RunDir, step: int, out_dir: str, density: float) -
     }
     with open(os.path.join(out_dir, PACKED_META), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
+    _readable_as_siblings(out_dir)
     return dense_bytes, os.path.getsize(os.path.join(out_dir, PACKED))
 
 
@@ -171,10 +175,10 @@ def expand_dir(in_dir: str, out_dir: str, base: str | None = None) -> None:
         raise UserError(f"{in_dir}/{PACKED} cannot be read ({e}); export it again") from None
     os.makedirs(out_dir, exist_ok=True)
     save_file(dense, os.path.join(out_dir, ADAPTER), metadata={"format": "pt"})
-    _as_umask_allows(os.path.join(out_dir, ADAPTER))
     cfg["base_model_name_or_path"] = os.path.abspath(base_dir)
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+    _readable_as_siblings(out_dir)
 
 
 def _base_dir(in_dir: str, cfg: dict, meta: dict, base: str | None) -> str:

@@ -163,6 +163,9 @@ def test_stop_corrupt_newest_then_resume_skips_it(tmp_path):
     r = resilient_cli("ckpt", "export", str(run), "--step", str(total), str(out))
     assert r.returncode == 0, r.stdout
     assert_same_adapter(adapter(run), load_adapter(out))
+    # the weights as readable as the config beside them (safetensors alone writes 0600)
+    mode = lambda f: (out / f).stat().st_mode & 0o777  # noqa: E731
+    assert mode("adapter_model.safetensors") == mode("adapter_config.json")
 
 
 @pytest.mark.slow  # CI time: a launch warms 4 workers now; `make test-all` runs it

@@ -21,7 +21,7 @@ def test_a_planned_fault_that_never_struck_is_listed_with_its_reason():
         "step": 14,
         "error": "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)",
     }
-    report = build([JOB, refused], [])
+    report = build([JOB, refused, {**refused, "t": 3.0}], [])  # refused again on a resume
     assert report["totals"]["faults"] == 0
     (n,) = report["not_injected"]
     assert (n["fault"], n["rank"], n["step"]) == ("kill", 1, 14)
@@ -44,14 +44,14 @@ def test_a_hang_ended_by_another_faults_restart_is_not_detected_nor_went_on():
         "detected_at": 15.2,
         "injected_at": 15.0,
         "chaos_key": "random-1",
-        "decision": "restart",
     }
+    decided = {"t": 15.3, "type": "decision", "action": "restart"}
     recovered = {"t": 20.0, "type": "recovered", "recovered_at": 20.0, "recovery_s": 5.0}
     progress = [{"t": t, "type": "progress", "step": s} for t, s in ((9.0, 39), (21.0, 45))]
-    report = build([JOB, *progress[:1], crash, recovered, *progress[1:]], [hang])
+    report = build([JOB, *progress[:1], crash, decided, recovered, *progress[1:]], [hang])
     (h,) = [f for f in report["faults"] if f["kind"] == "hang"]
     assert h["detected_by"] is None
-    assert h["decision"].startswith("not detected: ended by the restart for the crash of rank 0")
+    assert h["decision"] == "not detected: the crash of rank 0 at step 41 came first (restart)"
     assert "went on" not in h["decision"]
     other = [f for f in report["faults"] if f["kind"] == "crash"][0]
     assert other["recovered_at"] and h["recovered_at"] == other["recovered_at"]
