@@ -181,16 +181,21 @@ class ChaosController:
         """Planned faults whose step the job passed while their rank was not in it (a shrunk
         job): refused in the journal, with the reason, so the drill's report says so; they do
         not fire later."""
-        for i, c in enumerate(self.spec.chaos.plan):
+        passed = [
+            (i, c)
+            for i, c in enumerate(self.spec.chaos.plan)
+            if c.at_step is not None
+            and c.node is None
+            and planned_key(i) not in self.done
+            and c.at_step <= view.step
+            and c.target_rank >= view.group.size
+        ]
+        fired = self._fired() if passed else {}  # one read of the markers for all of them
+        for i, c in passed:
             key = planned_key(i)
-            if c.at_step is None or c.node is not None or key in self.done:
-                continue
-            if c.at_step > view.step or c.target_rank < view.group.size:
-                continue
-            if key in self._fired():  # its rank fired it before the job shrank
-                self.done.add(key)
-                continue
             self.done.add(key)
+            if key in fired:  # its rank fired it before the job shrank
+                continue
             self.journal.append(
                 "chaos_refused",
                 key=key,
