@@ -35,10 +35,14 @@ def test_a_lease_past_its_end_refuses_a_renewal_before_its_watchdog_wakes():
     """A stopped process continued after its lease's end: a renewal handled before the watchdog
     (which sleeps until the end) runs must not revive it."""
     ended = threading.Event()
-    lease = Lease(30.0, ended.set)
+    # 2 s: the watchdog sleeps through the checks below, and runs out within this test (a 30 s
+    # one ran out in whichever test came 30 s later, logging its fencing error there)
+    lease = Lease(2.0, ended.set)
     lease._until = time.monotonic() - 0.1  # as if stopped for longer than the lease
     assert not lease.valid() and not lease.renew(time.time())
     assert not lease.valid()
+    assert not ended.is_set()  # refused before the watchdog woke
+    assert ended.wait(5)  # and it ends here, not in a later test
 
 
 def test_the_keeper_renews_every_actor_it_is_given():
