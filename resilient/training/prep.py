@@ -188,6 +188,26 @@ def _template(spec, tokenizer) -> str | None:
     return source
 
 
+def _first_bad(ds, fmt: str, template: str | None, tokenizer) -> str:
+    """What is wrong with the first row `segments` refuses, and the fields it has: the counts
+    say how many rows, this says which field (e.g. alpaca's `instruction` on chat rows)."""
+    bos = getattr(tokenizer, "bos_token", "") or ""
+    chat = (
+        ChatTemplate(template, bos, getattr(tokenizer, "eos_token", "") or "") if template else None
+    )
+    for i in range(min(len(ds), 100)):  # a bounded look: the counts above cover every row
+        row = ds[i]
+        try:
+            segments(row, fmt, chat)
+        except BadRow as e:
+            if e.reason == BLANK:
+                continue
+            fields = ", ".join(k for k, v in row.items() if v is not None)
+            return f"; row {i + 1}: {e} (its fields: {fields or 'none'})"
+        return ""  # its text is fine: the encoder refused it (too long, no trained tokens)
+    return ""
+
+
 def _counts(enc) -> tuple[dict[str, int], int]:
     import pyarrow.compute as pc
 
@@ -267,15 +287,17 @@ def _split(good: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np
 def _read(spec, tokenizer, path: str, field: str, tmp: str, tag: str, chunks: bool):
     t0 = time.perf_counter()
     ds = load_source(path, field, os.path.join(tmp, "hf-cache"))
-    enc, procs = _encode(spec, tokenizer, ds, _template(spec, tokenizer), chunks, tmp, tag)
+    template = _template(spec, tokenizer)
+    enc, procs = _encode(spec, tokenizer, ds, template, chunks, tmp, tag)
     bad, truncated = _counts(enc)
     blank = bad.pop(BLANK)
     good = _good(enc)
     if len(good) == 0:
         why = ", ".join(f"{n} {r}" for r, n in bad.items()) or "it is empty"
         raise SpecError(
-            f"{field} {path!r}: none of its {len(ds)} rows can be trained on ({why}); check "
-            f"data.format ({spec.data.format!r}) against the rows' fields"
+            f"{field} {path!r}: none of its {len(ds)} rows can be trained on ({why}"
+            f"{_first_bad(ds, spec.data.format, template, tokenizer)}); check data.format ({spec.data.format!r}) "
+            "against the rows' fields"
         )
     stats = {"rows": len(ds) - blank, "bad_rows": int(sum(bad.values())), "bad": bad}
     stats |= {"truncated": truncated, "num_proc": procs}

@@ -219,8 +219,9 @@ def test_every_common_source_reads_alike(tmp_path):
 def test_no_usable_row_and_a_missing_template_are_spec_errors(tmp_path):
     src = _chat_file(tmp_path / "bad.jsonl", 0, [{"messages": [{"role": "robot"}]}] * 5)
     spec = _spec(src, format="chat", chat_template=TEMPLATE)
-    with pytest.raises(SpecError, match="none of its 5 rows"):
+    with pytest.raises(SpecError, match="none of its 5 rows") as e:
         prepare(spec, ByteTokenizer(), str(tmp_path / "o"), str(tmp_path / "t"))
+    assert "row 1: wrong role: robot (its fields: messages)" in str(e.value)
     spec = _spec(_chat_file(tmp_path / "ok.jsonl"), format="chat")
     with pytest.raises(SpecError, match="data.chat_template"):
         prepare(spec, ByteTokenizer(), str(tmp_path / "o2"), str(tmp_path / "t2"))
@@ -228,6 +229,18 @@ def test_no_usable_row_and_a_missing_template_are_spec_errors(tmp_path):
         prepare(
             _spec(tmp_path / "nope.jsonl"), ByteTokenizer(), str(tmp_path / "o3"), str(tmp_path)
         )
+
+
+def test_a_format_that_does_not_fit_the_rows_names_the_field_it_misses(tmp_path):
+    """alpaca's `instruction` on chat rows: the message says which field, and what the rows hold
+    (the counts alone said "600 missing field")."""
+    spec = _spec(_chat_file(tmp_path / "chat.jsonl", 30), format="alpaca")
+    with pytest.raises(SpecError) as e:
+        prepare(spec, ByteTokenizer(), str(tmp_path / "o"), str(tmp_path / "t"))
+    msg = str(e.value)
+    assert "none of its 30 rows" in msg and "30 missing field" in msg, msg
+    assert "row 1: missing field: instruction (its fields: messages)" in msg, msg
+    assert "data.format ('alpaca')" in msg, msg
 
 
 def test_early_stopping_state_survives_a_snapshot():
