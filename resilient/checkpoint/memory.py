@@ -4,8 +4,10 @@ queue.
 Contract (no Ray, no I/O: the NodeAgent wraps it): `put()` stores a snapshot's files and manifest as
 the primary copy (`role="memory"`) or a replica from a peer (`role="peer"`). The newest `keep`
 snapshots stay; an older one stays only while it still waits to be persisted. At most `max_pending`
-snapshots wait for storage: past that the oldest waiting one is dropped (never the newest) and the
-drop is returned as an event for the journal.
+snapshots wait for storage besides the one the persister is writing (`claim()`): past that the
+oldest waiting one is dropped (never the newest, never the one being written: its upload would be
+lost work, and undone as if a rollback had abandoned it) and the drop is returned as an event for
+the journal.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ class MemoryTier:
     max_pending: int
     entries: dict[int, Entry] = field(default_factory=dict)
     lock: threading.Condition = field(default_factory=threading.Condition)
+    writing: int | None = None  # the step the persister is writing (claimed), never dropped
 
     def put(self, entry: Entry) -> list[dict]:
         """Store `entry`; returns the events (drops) it caused."""
         events = []
         with self.lock:
             self.entries[entry.step] = entry
-            pending = sorted(s for s, e in self.entries.items() if e.persist and not e.persisted)
+            pending = sorted(
+                s
+                for s, e in self.entries.items()
+                if e.persist and not e.persisted and s != self.writing
+            )
             while len(pending) > self.max_pending:
                 oldest = pending.pop(0)
                 self.entries[oldest].persist = False
@@ -72,6 +79,14 @@ class MemoryTier:
         with self.lock:
             pending = [e for e in self.entries.values() if e.persist and not e.persisted]
             return min(pending, key=lambda e: e.step) if pending else None
+
+    def claim(self) -> Entry | None:
+        """`next_pending()`, now the one being written: no later `put` drops it (a rollback's
+        `forget_after` still may). The claim moves with the next call."""
+        with self.lock:
+            entry = self.next_pending()
+            self.writing = entry.step if entry else None
+            return entry
 
     def mark_persisted(self, step: int) -> None:
         with self.lock:

@@ -77,7 +77,7 @@ class Persister:
         delay = 0.5
         while True:
             with self.tier.lock:
-                entry = self.tier.next_pending()
+                entry = self.tier.claim()
                 if entry is None:
                     self.tier.lock.wait(timeout=1.0)
                     continue

@@ -213,6 +213,44 @@ def test_memory_tier_bounds_pending_and_never_drops_the_newest():
     assert [e["step"] for e in tier.inventory()] == [5, 4]  # newest `keep` stay in memory
 
 
+def test_the_snapshot_being_written_is_never_dropped_nor_its_upload_undone(tmp_path):
+    """Training that outruns storage (a put every 5 ms, a commit every 30 ms, 2 may wait): the
+    persister's uploads land and stay, and newer steps keep reaching storage. The old code
+    dropped the oldest waiting snapshot, the very one being written, and the persister then took
+    its finished upload for one a rollback abandoned and deleted it: nothing newer than the step
+    before the queue filled was ever persisted (acceptance 8 restored step 64 of 167)."""
+    import time
+
+    from resilient.checkpoint.memory import Entry, MemoryTier
+    from resilient.checkpoint.persister import Persister
+
+    store = CheckpointStore(RunDir(str(tmp_path / "run")))
+    commit = store.commit
+
+    def slow_commit(*a, **kw):
+        time.sleep(0.03)
+        return commit(*a, **kw)
+
+    store.commit = slow_commit
+    tier = MemoryTier(keep=2, max_pending=2)
+    p = Persister(tier, store, keep=1000, keep_every=0)
+    events = []
+    for step in range(1, 61):
+        files = {"a.bin": bytes([step]) * 8}
+        entry = Entry(step, files, make_manifest(step, files, "fp"), role="memory", persist=True)
+        events += tier.put(entry)
+        time.sleep(0.005)
+    assert p.wait_persisted(60, 10)  # the newest is never dropped
+    events += p.drain_events()
+    persisted = [e["step"] for e in events if e["event"] == "persisted"]
+    assert not [e for e in events if e["event"] == "abandoned"], events
+    assert len(persisted) >= 3 and persisted == sorted(persisted), persisted
+    assert store.steps() == persisted  # every upload stays
+    dropped = [e["step"] for e in events if e["event"] == "persist_dropped"]
+    assert dropped and not set(dropped) & set(persisted)
+    assert len(tier.entries) <= 2 + 1 + 2  # bounded: the newest, the waiting, the one written
+
+
 def test_memory_tier_keeps_unpersisted_beyond_keep():
     from resilient.checkpoint.memory import Entry, MemoryTier
 
