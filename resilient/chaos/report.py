@@ -18,6 +18,7 @@ the job changed size (elastic).
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -152,6 +153,33 @@ def _not_injected(records: list[dict]) -> list[dict]:
     return out
 
 
+COLUMNS = ("fault", "target", "step", "detected by", "after", "decision", "recovery", "replayed")
+
+
+def _row(f: dict) -> tuple[str, ...]:
+    """A fault's cells, in COLUMNS' order."""
+    lag = (
+        f"{f['detected_at'] - f['injected_at']:.2f}s"
+        if f.get("detected_at") and f.get("injected_at")
+        else "-"
+    )
+    target = (
+        f"rank {f['rank']}"
+        if f.get("rank") is not None
+        else (str(f.get("node"))[:8] if f.get("node") else "job")
+    )
+    return (
+        f["kind"],
+        target,
+        str(f.get("step")),
+        str(f.get("detected_by") or "-").replace("_", " "),  # words wrap in a narrow column
+        lag,
+        _decision(f).replace("_", " "),
+        f"{f['recovery_s']:.2f}s" if f.get("recovery_s") is not None else "not recovered",
+        str(f.get("steps_replayed") or 0),
+    )
+
+
 def print_report(report: dict, console: Console) -> None:
     tot = report["totals"]
     goodput = "n/a" if tot["goodput"] is None else f"{tot['goodput']:.1%}"
@@ -159,39 +187,14 @@ def print_report(report: dict, console: Console) -> None:
         title=f"chaos report: {tot['recovered']}/{tot['faults']} faults recovered, goodput "
         f"{goodput}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # no column rules, one space between: 80 columns hold it whole
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
     )
-    for col in (
-        "fault",
-        "target",
-        "step",
-        "detected by",
-        "after",
-        "decision",
-        "recovery_s",
-        "replayed",
-    ):
-        t.add_column(col)
+    for col in COLUMNS:
+        t.add_column(col, overflow="fold")
     for f in report["faults"]:
-        lag = (
-            f"{f['detected_at'] - f['injected_at']:.2f}s"
-            if f.get("detected_at") and f.get("injected_at")
-            else "-"
-        )
-        target = (
-            f"rank {f['rank']}"
-            if f.get("rank") is not None
-            else (str(f.get("node"))[:8] if f.get("node") else "job")
-        )
-        t.add_row(
-            f["kind"],
-            target,
-            str(f.get("step")),
-            str(f.get("detected_by") or "-"),
-            lag,
-            _decision(f),
-            f"{f['recovery_s']:.2f}" if f.get("recovery_s") is not None else "not recovered",
-            str(f.get("steps_replayed") or 0),
-        )
+        t.add_row(*_row(f))
     console.print(t if report["faults"] else t.title, highlight=False)
     lost = ", ".join(f"{k} {v:.2f}s" for k, v in report["lost_s"].items())
     console.print(

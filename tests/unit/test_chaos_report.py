@@ -102,3 +102,27 @@ def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_
     assert "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)" == refused["error"]
     # rank 0 was there: its fault is its worker's (a marker), not refused
     assert [f.index for f in chaos.plan()] == [1, 2]
+
+
+def test_the_report_fits_an_80_column_terminal_without_cutting_a_word():
+    """The old table's borders and padding cut its headers and cells to "recover…",
+    "heartbe…", "replac…" on an 80-column terminal."""
+    faults = [
+        {"kind": "kill", "rank": 1, "step": 41, "detected_by": "actor_death", "decision": "restart"}
+        | {"injected_at": 10.0, "detected_at": 10.3, "recovery_s": 0.52, "steps_replayed": 0},
+        {"kind": "node_loss", "node": "abcdef123456", "step": 120, "steps_replayed": 14}
+        | {"detected_by": "heartbeat_timeout", "injected_at": 20.0, "detected_at": 30.0}
+        | {"decision": "replace_node", "recovery_s": None},
+    ]
+    report = {
+        "totals": {"recovered": 1, "faults": 2, "goodput": 0.891},
+        "faults": faults,
+        "lost_s": {"detection": 0.3},
+        "wall_s": 120.0,
+    }
+    console = Console(width=80, record=True)
+    print_report(report, console)
+    out = console.export_text()
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
+    for word in ("recovery", "replayed", "heartbeat", "timeout", "replace", "node_loss", "0.52s"):
+        assert word in out, out
