@@ -58,9 +58,10 @@ def write_job(
 
 
 def resilient_cli(
-    *args: str, timeout: float = 240, env: dict | None = None
+    *args: str, timeout: float = 240, env: dict | None = None, cwd: str | Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the `resilient` CLI in its own process group; on timeout the whole group is killed."""
+    """Run the `resilient` CLI in its own process group (in `cwd`); on timeout the whole group
+    is killed."""
     cmd = [sys.executable, "-m", "resilient.cli", *args]
     p = subprocess.Popen(
         cmd,
@@ -69,6 +70,7 @@ def resilient_cli(
         text=True,
         start_new_session=True,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     try:
         out, _ = p.communicate(timeout=timeout)

@@ -120,6 +120,8 @@ def resume(
     """Continue a run whose launcher died or which was stopped (overrides may extend
     train.steps)."""
     console = console or Console()
+    if "://" not in run_uri:  # the agents (on other hosts too) get it: never relative to here
+        run_uri = os.path.abspath(os.path.expanduser(run_uri))
     try:
         rundir = RunDir(run_uri)
     except Exception as e:

@@ -61,8 +61,11 @@ def test_a_signal_stops_after_a_persisted_step_and_resume_is_exact(tmp_path, sig
     assert r.returncode == 0, r.stdout
     assert (run / "final" / "adapter_model.safetensors").exists()
     total = s["step"] + 5  # a resume may extend the run: the same trajectory, bit for bit
-    r = resilient_cli("launch", "--resume", str(run), "--set", f"train.steps={total}")
+    # given relative to the shell's directory: the job (its agents too) gets it absolute
+    rel = "runs/t/sig"
+    r = resilient_cli("launch", "--resume", rel, "--set", f"train.steps={total}", cwd=tmp_path)
     assert r.returncode == 0, r.stdout
+    assert f"-> {run}" in r.stdout and f"-> {rel}" not in r.stdout, r.stdout[:600]
     r = resilient_cli("launch", str(write_job(tmp_path, steps=total)), "--run-id", "clean", *sets)
     assert r.returncode == 0, r.stdout
     assert_same_adapter(adapter(tmp_path / "runs" / "t" / "clean"), adapter(run))
