@@ -294,10 +294,10 @@ def _read(spec, tokenizer, path: str, field: str, tmp: str, tag: str, chunks: bo
     good = _good(enc)
     if len(good) == 0:
         why = ", ".join(f"{n} {r}" for r, n in bad.items()) or "it is empty"
+        why += _first_bad(ds, spec.data.format, template, tokenizer)
         raise SpecError(
-            f"{field} {path!r}: none of its {len(ds)} rows can be trained on ({why}"
-            f"{_first_bad(ds, spec.data.format, template, tokenizer)}); check data.format ({spec.data.format!r}) "
-            "against the rows' fields"
+            f"{field} {path!r}: none of its {len(ds)} rows can be trained on ({why}); check "
+            f"data.format ({spec.data.format!r}) against the rows' fields"
         )
     stats = {"rows": len(ds) - blank, "bad_rows": int(sum(bad.values())), "bad": bad}
     stats |= {"truncated": truncated, "num_proc": procs}
