@@ -87,7 +87,7 @@ def _describe(err: ValidationError, entries_as_list: bool = False) -> str:
     """One line per bad field, named as the user wrote it (`chaos.0.fault` for a [[chaos]] list)."""
     lines = []
     for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "(spec)"
+        field = ".".join(str(x) for x in e["loc"])  # none: a check across sections
         if entries_as_list and field.startswith("chaos.plan."):
             field = "chaos." + field.removeprefix("chaos.plan.")
         msg = e["msg"].removeprefix("Value error, ")
@@ -100,7 +100,7 @@ def _describe(err: ValidationError, entries_as_list: bool = False) -> str:
             msg = "required; add it to the spec"
         elif "input" in e and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {field}: {msg}")
+        lines.append(f"  {field}: {msg}" if field else f"  {msg}")  # the message names them
     return "invalid job spec:\n" + "\n".join(lines)
 
 

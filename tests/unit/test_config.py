@@ -82,7 +82,7 @@ def test_peft_keys_are_checked_against_the_methods_config_class(tmp_path, peft, 
 
 
 def test_loraplus_needs_lora_and_off_keeps_the_old_fingerprint(tmp_path):
-    with pytest.raises(SpecError, match='loraplus_lr_ratio needs peft.method = "lora"'):
+    with pytest.raises(SpecError, match='\n  train.loraplus_lr_ratio needs peft.method = "lora"'):
         validate_tree(
             {
                 "name": "t",
