@@ -88,7 +88,8 @@ def print_summary(s: dict, console: Console, wall_s: float) -> None:
     ok = s["state"] == "SUCCEEDED"
     console.print(
         f"\n[bold {'green' if ok else 'red'}]{s['state']}[/] {s.get('name')}/{s.get('run_id')}: "
-        f"step {s['step']}/{s['total_steps']} in {wall_s:.1f}s from launch, restarts {s['restarts']}"
+        f"step {s['step']}/{s['total_steps']} in {wall_s:.1f}s from launch, "
+        f"restarts {s['restarts']}"
     )
     console.print(f"run directory: {s.get('run_dir')}", highlight=False, soft_wrap=True)
     if ok:
