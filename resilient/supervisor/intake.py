@@ -8,17 +8,24 @@ again; `early_stop` holds the reason when the ranks stopped early);
 `events(metrics)` feeds the per-step metrics and the node agents' samples to the anomaly monitor
 (journalling the agents' checkpoint events) and returns the events raised; `anomaly(e, decision)`
 journals an event with what the policy made of it; `keep(metrics)` stores a torn-down group's
-last metrics; `close()` collects the agents' last events.
+last metrics; `close()` collects the agents' last events. Snapshots dropped because storage falls
+behind (`persist_dropped`) are each journalled and said as a warning: the first, then at most one
+a DROP_WARN_S with the count since (the newest persisted step lags while it lasts).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 
 from resilient.agents.heartbeat import Heartbeat
 from resilient.anomaly.events import AnomalyEvent
 from resilient.anomaly.monitor import AnomalyMonitor
 from resilient.runlog.journal import Journal
+
+DROP_WARN_S = 600.0
+log = logging.getLogger(__name__)
 
 
 class Intake:
@@ -31,6 +38,7 @@ class Intake:
         self._rolled_back_at = 0.0  # when the newest rollback was journalled
         self.evaluated = 0  # the newest step whose evaluation is journalled
         self.early_stop: str | None = None
+        self._drops, self._drop_warned = 0, -DROP_WARN_S  # dropped since the last warning
 
     def learn(self, records: Iterable[dict]) -> None:
         """What earlier lives of the run persisted (and retention deleted)."""
@@ -115,3 +123,20 @@ class Intake:
             self._persistence(kind, e)
             if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
                 self.journal.append(kind, **e)
+            if kind == "persist_dropped":
+                self._dropped(e)
+
+    def _dropped(self, e: dict) -> None:
+        self._drops += 1
+        now = time.monotonic()
+        if now - self._drop_warned < DROP_WARN_S:
+            return
+        log.warning(
+            "storage is behind: %d snapshot(s) not persisted (the newest: step %s; %s); the "
+            "newest persisted step lags while this lasts: raise checkpoint.persist_every if "
+            "storage is slower than that, or checkpoint.max_pending to ride out an outage",
+            self._drops,
+            e.get("step"),
+            e.get("reason", "storage is slow"),
+        )
+        self._drops, self._drop_warned = 0, now

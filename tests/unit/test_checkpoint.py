@@ -278,3 +278,42 @@ def test_exporting_a_step_that_was_not_persisted_says_which_were(tmp_path):
         and "has no persisted checkpoint of that step (it has none)" in r.stdout
     )
     assert "manifest" not in r.stdout and not (tmp_path / "o").exists()
+
+
+def test_snapshots_dropped_for_slow_storage_are_said_once_in_a_while(caplog):
+    """Each drop is journalled; the user is told at the first and then once a DROP_WARN_S with
+    the count (the old code journalled them and said nothing: the persisted step lagged
+    silently)."""
+    from resilient.supervisor import intake as intake_mod
+    from resilient.supervisor.intake import Intake
+
+    class Journal:
+        records: list = []
+
+        def append(self, kind, **fields):
+            self.records.append({"type": kind, **fields})
+
+    class Nodes:
+        def __init__(self, events):
+            self.events = events
+
+        def flush_events(self):
+            out, self.events = self.events, []
+            return out
+
+    def drop(step):
+        reason = "16 snapshots already waiting for storage"
+        return {"event": "persist_dropped", "step": step, "reason": reason}
+
+    nodes = Nodes([drop(s) for s in (66, 68, 70)])
+    intake = Intake(Journal(), None, nodes)
+    with caplog.at_level("WARNING", logger="resilient.supervisor.intake"):
+        intake._journal_agent_events(nodes.flush_events())
+        assert len(caplog.records) == 1 and "step 66" in caplog.text
+        assert "checkpoint.persist_every" in caplog.text
+        intake._drop_warned -= intake_mod.DROP_WARN_S  # ten minutes later
+        intake._journal_agent_events([drop(90)])
+    assert len(caplog.records) == 2 and "3 snapshot(s) not persisted (the newest: step 90" in (
+        caplog.records[-1].getMessage()
+    )
+    assert [r["step"] for r in Journal.records] == [66, 68, 70, 90]
