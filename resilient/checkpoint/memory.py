@@ -6,8 +6,8 @@ the primary copy (`role="memory"`) or a replica from a peer (`role="peer"`). The
 snapshots stay; an older one stays only while it still waits to be persisted. At most `max_pending`
 snapshots wait for storage besides the one the persister is writing (`claim()`): past that the
 oldest waiting one is dropped (never the newest, never the one being written: its upload would be
-lost work, and undone as if a rollback had abandoned it) and the drop is returned as an event for
-the journal.
+lost work, and undone as if a rollback had abandoned it; a failed upload is `release()`d) and the
+drop is returned as an event for the journal.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class MemoryTier:
     max_pending: int
     entries: dict[int, Entry] = field(default_factory=dict)
     lock: threading.Condition = field(default_factory=threading.Condition)
-    writing: int | None = None  # the step the persister is writing (claimed), never dropped
+    writing: Entry | None = None  # the snapshot the persister is writing (claimed): never dropped
 
     def put(self, entry: Entry) -> list[dict]:
         """Store `entry`; returns the events (drops) it caused."""
@@ -51,7 +51,7 @@ class MemoryTier:
             pending = sorted(
                 s
                 for s, e in self.entries.items()
-                if e.persist and not e.persisted and s != self.writing
+                if e.persist and not e.persisted and e is not self.writing
             )
             while len(pending) > self.max_pending:
                 oldest = pending.pop(0)
@@ -82,11 +82,16 @@ class MemoryTier:
 
     def claim(self) -> Entry | None:
         """`next_pending()`, now the one being written: no later `put` drops it (a rollback's
-        `forget_after` still may). The claim moves with the next call."""
+        `forget_after` still may) until `release()` or the next claim."""
         with self.lock:
-            entry = self.next_pending()
-            self.writing = entry.step if entry else None
-            return entry
+            self.writing = self.next_pending()
+            return self.writing
+
+    def release(self) -> None:
+        """The claimed snapshot's upload failed (nothing of it is visible): it may be dropped
+        again, so one that can never be written does not hold the queue for good."""
+        with self.lock:
+            self.writing = None
 
     def mark_persisted(self, step: int) -> None:
         with self.lock:

@@ -92,6 +92,7 @@ class Persister:
                 self.event(event="fenced", step=entry.step, error=str(e)[:300])
                 return
             except Exception as e:  # storage refused or timed out: keep the snapshot, retry later
+                self.tier.release()  # (newer ones may push it out meanwhile)
                 self.event(
                     event="persist_error",
                     step=entry.step,

@@ -10,7 +10,8 @@ again; `early_stop` holds the reason when the ranks stopped early);
 journals an event with what the policy made of it; `keep(metrics)` stores a torn-down group's
 last metrics; `close()` collects the agents' last events. Snapshots dropped because storage falls
 behind (`persist_dropped`) are each journalled and said as a warning: the first, then at most one
-a DROP_WARN_S with the count since (the newest persisted step lags while it lasts).
+a DROP_WARN_S with the count since, and the rest at `close()` (the newest persisted step lags
+while it lasts).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Intake:
         self.evaluated = 0  # the newest step whose evaluation is journalled
         self.early_stop: str | None = None
         self._drops, self._drop_warned = 0, -DROP_WARN_S  # dropped since the last warning
+        self._last_drop: dict = {}
 
     def learn(self, records: Iterable[dict]) -> None:
         """What earlier lives of the run persisted (and retention deleted)."""
@@ -112,6 +114,7 @@ class Intake:
     def close(self) -> None:
         try:  # the metrics and logs are written even when the journal is lost (JournalLost)
             self._journal_agent_events(self.nodes.flush_events())
+            self._dropped(None)  # drops since the last warning are said too
         finally:
             self.monitor.close()
             if self.logs is not None:
@@ -126,17 +129,24 @@ class Intake:
             if kind == "persist_dropped":
                 self._dropped(e)
 
-    def _dropped(self, e: dict) -> None:
-        self._drops += 1
+    def _dropped(self, e: dict | None) -> None:
+        """Count a drop (`e`; None: the end of the job, say what is left unsaid) and warn when
+        due."""
+        if e is not None:
+            self._drops, self._last_drop = self._drops + 1, e
         now = time.monotonic()
-        if now - self._drop_warned < DROP_WARN_S:
+        if not self._drops or (e is not None and now - self._drop_warned < DROP_WARN_S):
             return
+        last = self._last_drop
+        node = f" on node {str(last['node'])[:8]}" if last.get("node") else ""
         log.warning(
-            "storage is behind: %d snapshot(s) not persisted (the newest: step %s; %s); the "
-            "newest persisted step lags while this lasts: raise checkpoint.persist_every if "
-            "storage is slower than that, or checkpoint.max_pending to ride out an outage",
+            "storage is behind: %d snapshot(s) dropped before reaching it (the last: step %s%s, "
+            "%s), so the newest persisted step lags. If one upload takes longer than "
+            "checkpoint.persist_every steps, raise it; to ride out an outage, raise "
+            "checkpoint.max_pending",
             self._drops,
-            e.get("step"),
-            e.get("reason", "storage is slow"),
+            last.get("step"),
+            node,
+            last.get("reason", "storage is slow"),
         )
         self._drops, self._drop_warned = 0, now

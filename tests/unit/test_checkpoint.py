@@ -241,7 +241,11 @@ def test_the_snapshot_being_written_is_never_dropped_nor_its_upload_undone(tmp_p
         events += tier.put(entry)
         time.sleep(0.005)
     assert p.wait_persisted(60, 10)  # the newest is never dropped
-    events += p.drain_events()
+    deadline = time.monotonic() + 10  # its event comes just after
+    while not any(e["event"] == "persisted" and e["step"] == 60 for e in events):
+        assert time.monotonic() < deadline, events
+        events += p.drain_events()
+        time.sleep(0.01)
     persisted = [e["step"] for e in events if e["event"] == "persisted"]
     assert not [e for e in events if e["event"] == "abandoned"], events
     assert len(persisted) >= 3 and persisted == sorted(persisted), persisted
@@ -249,6 +253,38 @@ def test_the_snapshot_being_written_is_never_dropped_nor_its_upload_undone(tmp_p
     dropped = [e["step"] for e in events if e["event"] == "persist_dropped"]
     assert dropped and not set(dropped) & set(persisted)
     assert len(tier.entries) <= 2 + 1 + 2  # bounded: the newest, the waiting, the one written
+
+
+def test_a_snapshot_storage_always_refuses_does_not_hold_the_queue(tmp_path):
+    """A failed upload gives its claim back: newer snapshots push it out as before, and the
+    newest still reaches storage."""
+    import threading
+
+    from resilient.checkpoint.memory import Entry, MemoryTier
+    from resilient.checkpoint.persister import Persister
+
+    store = CheckpointStore(RunDir(str(tmp_path / "run")))
+    commit = store.commit
+    tier = MemoryTier(keep=2, max_pending=2)
+    p = Persister(tier, store, keep=1000, keep_every=0, max_backoff=0.2)
+    refused = threading.Event()
+
+    def refuse_3(files, manifest, *a, **kw):
+        if manifest["step"] == 3:
+            refused.set()
+            raise OSError("refused")
+        return commit(files, manifest, *a, **kw)
+
+    store.commit = refuse_3
+    for step in range(1, 15):
+        files = {"a.bin": bytes([step]) * 8}
+        tier.put(Entry(step, files, make_manifest(step, files, "fp"), role="memory", persist=True))
+        if step < 3:
+            assert p.wait_persisted(step, 10)
+        elif step == 3:  # its upload failed once before newer ones come
+            assert refused.wait(10)
+    assert p.wait_persisted(14, 10)
+    assert 3 not in store.steps() and store.steps()[-1] == 14
 
 
 def test_memory_tier_keeps_unpersisted_beyond_keep():
@@ -288,7 +324,8 @@ def test_snapshots_dropped_for_slow_storage_are_said_once_in_a_while(caplog):
     from resilient.supervisor.intake import Intake
 
     class Journal:
-        records: list = []
+        def __init__(self):
+            self.records = []
 
         def append(self, kind, **fields):
             self.records.append({"type": kind, **fields})
@@ -306,14 +343,21 @@ def test_snapshots_dropped_for_slow_storage_are_said_once_in_a_while(caplog):
         return {"event": "persist_dropped", "step": step, "reason": reason}
 
     nodes = Nodes([drop(s) for s in (66, 68, 70)])
-    intake = Intake(Journal(), None, nodes)
+    journal = Journal()
+    intake = Intake(journal, None, nodes)
     with caplog.at_level("WARNING", logger="resilient.supervisor.intake"):
         intake._journal_agent_events(nodes.flush_events())
         assert len(caplog.records) == 1 and "step 66" in caplog.text
         assert "checkpoint.persist_every" in caplog.text
         intake._drop_warned -= intake_mod.DROP_WARN_S  # ten minutes later
         intake._journal_agent_events([drop(90)])
-    assert len(caplog.records) == 2 and "3 snapshot(s) not persisted (the newest: step 90" in (
-        caplog.records[-1].getMessage()
+        intake._journal_agent_events([drop(92)])  # within ten minutes: counted only
+        intake.monitor = type("M", (), {"close": lambda self: None})()
+        intake.close()  # the job ends: what is left is said
+    msgs = [r.getMessage() for r in caplog.records]
+    assert (
+        len(msgs) == 3
+        and "3 snapshot(s) dropped before reaching it (the last: step 90" in (msgs[1])
     )
-    assert [r["step"] for r in Journal.records] == [66, 68, 70, 90]
+    assert "1 snapshot(s) dropped before reaching it (the last: step 92" in msgs[2], msgs
+    assert [r["step"] for r in journal.records] == [66, 68, 70, 90, 92]
