@@ -198,8 +198,7 @@ def print_report(report: dict, console: Console) -> None:
     console.print(t if report["faults"] else t.title, highlight=False)
     lost = ", ".join(f"{k} {v:.2f}s" for k, v in report["lost_s"].items())
     console.print(
-        f"lost time: {lost} (of {report['wall_s']:.1f}s since training began, start-up not "
-        "counted)",
+        f"lost time: {lost} (of {report['wall_s']:.1f}s of wall time after start-up)",
         highlight=False,
     )
     for r in report.get("not_injected", []):
