@@ -187,9 +187,9 @@ def print_report(report: dict, console: Console) -> None:
         title=f"chaos report: {tot['recovered']}/{tot['faults']} faults recovered, goodput "
         f"{goodput}",
         title_justify="left",
-        box=box.SIMPLE_HEAD,  # no column rules, one space between: 80 columns hold it whole
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
+        box=box.SIMPLE_HEAD,  # columns parted by one space, no edges: 80 columns hold it whole
+        show_edge=False,
+        padding=0,
     )
     for col in COLUMNS:
         t.add_column(col, overflow="fold")
