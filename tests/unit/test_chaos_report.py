@@ -126,3 +126,20 @@ def test_the_report_fits_an_80_column_terminal_without_cutting_a_word():
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
     for word in ("recovery", "replayed", "heartbeat", "timeout", "replace", "node_loss", "0.52s"):
         assert word in out, out
+
+
+def test_a_one_fault_report_keeps_each_cell_on_one_line_at_80_columns():
+    """Acceptance 6's report: "restart (kept rank 0)" wrapped although the row fits in 75."""
+    fault = {"kind": "crash", "rank": 1, "step": 50, "detected_by": "actor death"}
+    fault |= {"injected_at": 10.0, "detected_at": 10.13, "decision": "restart"}
+    fault |= {"survivors_kept": [0], "recovery_s": 0.33, "steps_replayed": 4}
+    report = {
+        "totals": {"recovered": 1, "faults": 1, "goodput": 0.848},
+        "faults": [fault],
+        "lost_s": {"detection": 0.13},
+        "wall_s": 2.3,
+    }
+    console = Console(width=80, record=True)
+    print_report(report, console)
+    out = console.export_text()
+    assert "restart (kept rank 0)" in out and "actor death" in out, out
