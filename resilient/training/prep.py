@@ -122,8 +122,7 @@ class _EncodeBatch:
         train_on, _ = spec.data.resolved()
         self.fmt, self.template_src, self.chunks = spec.data.format, template, chunks
         self.encoder = Encoder(tokenizer, spec.data.seq_len, train_on, spec.data.too_long)
-        self.bos = getattr(tokenizer, "bos_token", "") or ""
-        self.eos = getattr(tokenizer, "eos_token", "") or ""
+        self.bos, self.eos = _specials(tokenizer)
         self.template = None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -188,13 +187,15 @@ def _template(spec, tokenizer) -> str | None:
     return source
 
 
+def _specials(tokenizer) -> tuple[str, str]:
+    """The tokenizer's (bos, eos) tokens for a chat template ("" where it has none)."""
+    return getattr(tokenizer, "bos_token", "") or "", getattr(tokenizer, "eos_token", "") or ""
+
+
 def _first_bad(ds, fmt: str, template: str | None, tokenizer) -> str:
     """What is wrong with the first row `segments` refuses, and the fields it has: the counts
     say how many rows, this says which field (e.g. alpaca's `instruction` on chat rows)."""
-    bos = getattr(tokenizer, "bos_token", "") or ""
-    chat = (
-        ChatTemplate(template, bos, getattr(tokenizer, "eos_token", "") or "") if template else None
-    )
+    chat = ChatTemplate(template, *_specials(tokenizer)) if template else None
     for i in range(min(len(ds), 100)):  # a bounded look: the counts above cover every row
         row = ds[i]
         try:
