@@ -11,7 +11,9 @@ Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
   training and one fault never lands in the previous one's recovery) and `resilient chaos inject`
   requests. Each is recorded (marker, `chaos` journal record) before it strikes; one that cannot
   hit its target is journalled as `chaos_refused` and training goes on, as is a planned one whose
-  step the job passed while its rank was not in the job (a shrunk job).
+  step the job passed while its rank was not in the job (a shrunk job): seen at a tick, or at
+  `plan(restored, size)` when a new attempt starts past it (a shrunk job that passed the step and
+  grew back between two ticks).
 - `attribute(fault)`: the fault with the injection time (and step) of the chaos that caused it,
   matched among the markers written since the attempt started (`attribute_to`, pure).
 """
@@ -103,6 +105,9 @@ class ChaosController:
         self._drawn = 0  # how many random faults were drawn so far
         self._next = next(self._draws, None)
         self._life_start: float | None = None  # training seconds when this life first trained
+        # (first step, size) of each attempt of this life: which size passed a step. One entry
+        # per attempt, never per step.
+        self._attempts: list[tuple[int, int]] = []
 
     def _fired(self) -> dict[str, FiredFault]:
         """What fired: this controller's own, and the planned faults the workers fired (their
@@ -137,10 +142,16 @@ class ChaosController:
             bad.add(nid)
         return bad
 
-    def plan(self) -> tuple[PlannedFault, ...]:
+    def plan(self, restored: int = 0, size: int | None = None) -> tuple[PlannedFault, ...]:
+        """The planned faults an attempt that resumes after step `restored` with `size` ranks
+        is to fire. One whose step an earlier attempt of this life passed without its rank, and
+        that this attempt will not reach again, is refused first."""
         fired = self._fired()
         self.before = set(fired)
         self.done |= self.before
+        if size is not None:
+            self._passed_before(restored, fired)
+            self._attempts.append((restored + 1, size))
         return tuple(
             PlannedFault(
                 i,
@@ -177,6 +188,33 @@ class ChaosController:
             )
             self._carry_out(view, order)
 
+    def _passed_before(self, restored: int, fired: dict[str, FiredFault]) -> None:
+        """Refuse the planned faults at or before `restored` (no worker of the coming attempt
+        reaches their step) that the attempt which last trained their step ran without their
+        rank. Where that attempt had the rank (its marker may be out of reach) nothing is said."""
+        for i, c in enumerate(self.spec.chaos.plan):
+            key = planned_key(i)
+            if c.at_step is None or c.at_step > restored or c.node is not None:
+                continue
+            if key in self.done or key in fired:
+                continue
+            sizes = [n for first, n in self._attempts if first <= c.at_step]
+            if sizes and c.target_rank >= sizes[-1]:
+                self._refuse_passed(i, c, sizes[-1])
+
+    def _refuse_passed(self, i: int, c: ChaosEntry, size: int) -> None:
+        self.done.add(planned_key(i))
+        self.journal.append(
+            "chaos_refused",
+            key=planned_key(i),
+            index=i,
+            fault=c.fault,
+            rank=c.target_rank,
+            step=c.at_step,
+            error=f"rank {c.target_rank} was not in the job at step {c.at_step} (it ran {size} "
+            "rank(s) then)",
+        )
+
     def _passed_without_its_rank(self, view: JobView) -> None:
         """Planned faults whose step the job passed while their rank was not in it (a shrunk
         job): refused in the journal, with the reason, so the drill's report says so; they do
@@ -192,20 +230,10 @@ class ChaosController:
         ]
         fired = self._fired() if passed else {}  # one read of the markers for all of them
         for i, c in passed:
-            key = planned_key(i)
-            self.done.add(key)
-            if key in fired:  # its rank fired it before the job shrank
+            if planned_key(i) in fired:  # its rank fired it before the job shrank
+                self.done.add(planned_key(i))
                 continue
-            self.journal.append(
-                "chaos_refused",
-                key=key,
-                index=i,
-                fault=c.fault,
-                rank=c.target_rank,
-                step=c.at_step,
-                error=f"rank {c.target_rank} was not in the job at step {c.at_step} (it ran "
-                f"{view.group.size} rank(s) then)",
-            )
+            self._refuse_passed(i, c, view.group.size)
 
     def _random(self, view: JobView) -> None:
         """Random faults that are due. Those that fell due while the run was down (a resumed

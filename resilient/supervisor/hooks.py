@@ -38,7 +38,7 @@ class JobView:
 class ChaosHooks(Protocol):
     def preflight(self, nodes: Any) -> set[str]: ...
 
-    def plan(self) -> tuple[PlannedFault, ...]: ...
+    def plan(self, restored: int = 0, size: int | None = None) -> tuple[PlannedFault, ...]: ...
 
     def tick(self, view: JobView) -> None: ...
 
@@ -51,7 +51,7 @@ class NoChaos:
     def preflight(self, nodes: Any) -> set[str]:
         return set()
 
-    def plan(self) -> tuple[PlannedFault, ...]:
+    def plan(self, restored: int = 0, size: int | None = None) -> tuple[PlannedFault, ...]:
         return ()
 
     def tick(self, view: JobView) -> None:

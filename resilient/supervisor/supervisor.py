@@ -229,7 +229,7 @@ class Supervisor:
 
     def _start(self, group, source: RestoreSource | None, restored: int) -> Fault | None:
         try:
-            group.start(source, self.chaos.plan(), self.book.skip)
+            group.start(source, self.chaos.plan(restored, group.size), self.book.skip)
         except GroupStartError as e:
             kind = FaultKind.CRASH if e.dead else FaultKind.START_TIMEOUT
             return Fault(kind, e.rank, restored + 1, self.clock(), str(e))

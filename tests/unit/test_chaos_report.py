@@ -57,17 +57,13 @@ def test_a_hang_ended_by_another_faults_restart_is_not_detected_nor_went_on():
     assert other["recovered_at"] and h["recovered_at"] == other["recovered_at"]
 
 
-def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_path):
-    """A shrunk job (1 rank) passes the step of a kill planned for rank 1: no worker can fire it,
-    so the controller journals it refused, with the reason, once, and no later group gets it in
-    its plan (the old code left it out of everything: the drill said nothing)."""
-    from types import SimpleNamespace
-
+def _shrinking_controller(tmp_path):
+    """A chaos controller for a 2-rank job that may shrink to 1, with kills planned for rank 1
+    at step 14, rank 0 at step 14 and rank 1 at step 90; its run directory."""
     from resilient.chaos.controller import ChaosController
     from resilient.config import validate_tree
     from resilient.rundir import RunDir
-    from resilient.runlog.journal import Journal, read_records
-    from resilient.supervisor.hooks import JobView
+    from resilient.runlog.journal import Journal
 
     (tmp_path / "c.txt").write_text("x\n")
     spec = validate_tree(
@@ -84,8 +80,24 @@ def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_
         }
     )
     rundir = RunDir(str(tmp_path / "runs" / "c" / "r"))
-    journal = Journal(rundir)
-    chaos = ChaosController(spec, rundir, journal, None)
+    return ChaosController(spec, rundir, Journal(rundir), None), rundir
+
+
+def _refused(rundir) -> list[dict]:
+    from resilient.runlog.journal import read_records
+
+    return [r for r in read_records(rundir) if r["type"] == "chaos_refused"]
+
+
+def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_path):
+    """A shrunk job (1 rank) passes the step of a kill planned for rank 1: no worker can fire it,
+    so the controller journals it refused, with the reason, once, and no later group gets it in
+    its plan (the old code left it out of everything: the drill said nothing)."""
+    from types import SimpleNamespace
+
+    from resilient.supervisor.hooks import JobView
+
+    chaos, rundir = _shrinking_controller(tmp_path)
     assert [f.index for f in chaos.plan()] == [0, 1, 2]
     one_rank = SimpleNamespace(size=1, placement=["n1"])
 
@@ -94,14 +106,39 @@ def test_a_planned_fault_whose_step_passes_without_its_rank_is_refused_once(tmp_
         chaos.tick(JobView(step, 1.0, True, {}, one_rank, None, None))
 
     tick(13)
-    assert not [r for r in read_records(rundir) if r["type"] == "chaos_refused"]
+    assert not _refused(rundir)
     tick(20)
     tick(21)
-    (refused,) = [r for r in read_records(rundir) if r["type"] == "chaos_refused"]
+    (refused,) = _refused(rundir)
     assert (refused["index"], refused["rank"], refused["step"]) == (0, 1, 14)
     assert "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)" == refused["error"]
     # rank 0 was there: its fault is its worker's (a marker), not refused
     assert [f.index for f in chaos.plan()] == [1, 2]
+
+
+def test_a_shrunk_job_that_passes_the_step_and_grows_back_between_ticks_refuses_it(tmp_path):
+    """The shrunk attempt (after step 10, 1 rank) passes step 14 and the job grows back (after
+    step 20, 2 ranks) before a tick saw the step passed: the regrown attempt cannot reach step 14,
+    so its plan refuses rank 1's kill with the reason (the old code neither fired nor refused
+    it). Rank 0's kill at 14 was its own worker's to fire; the kill at 90 is still ahead."""
+    from types import SimpleNamespace
+
+    from resilient.supervisor.hooks import JobView
+
+    chaos, rundir = _shrinking_controller(tmp_path)
+    assert [f.index for f in chaos.plan(0, 2)] == [0, 1, 2]
+    assert [f.index for f in chaos.plan(10, 1)] == [0, 1, 2]  # the shrunk attempt
+    chaos._last_tick = 0.0
+    chaos.tick(JobView(12, 1.0, True, {}, SimpleNamespace(size=1, placement=["n1"]), None, None))
+    assert not _refused(rundir)
+    assert [f.index for f in chaos.plan(20, 2)] == [1, 2]  # grown back: 14 is behind it
+    (refused,) = _refused(rundir)
+    assert (refused["index"], refused["rank"], refused["step"]) == (0, 1, 14)
+    assert "rank 1 was not in the job at step 14 (it ran 1 rank(s) then)" == refused["error"]
+    # refused for good, as a tick's refusal is: a rollback to before step 14 does not bring it
+    # back, nor say it again
+    assert [f.index for f in chaos.plan(5, 2)] == [1, 2]
+    assert len(_refused(rundir)) == 1
 
 
 def test_the_report_fits_an_80_column_terminal_without_cutting_a_word():
