@@ -97,6 +97,10 @@ class RunDir:
         return f"{self.uri}/{rel}" if rel else self.uri
 
     def exists(self, rel: str) -> bool:
+        """Whether `rel` is there now: an object store is asked, not its client's cache of an
+        earlier listing."""
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(rel))
         return self.fs.exists(self.path(rel), **self._bound())
 
     def makedirs(self, rel: str = "") -> None:

@@ -14,6 +14,9 @@ Segments found at open (a resumed run) are read back only when a merge needs the
 every merged segment: the writer keeps the bytes of the level-0 segments only (at most
 `fanout[0]` of them), so its memory is bounded by one merge, not by the top level's span (one
 read per merged segment when it is merged in turn: `fanout[1]` reads per top-level segment).
+With `guard=True`, `put` first checks that the newest segment this writer stored (or found at
+open) is still there (one existence check a put) and raises `SegmentsLost` when it is not: the log
+was deleted behind the writer's back, and a segment written now would begin a log with a gap.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ NAME = re.compile(r"^L(\d)-(\d{12})-(\d{12})(\.\w+)$")
 
 class SegmentGap(Exception):
     """Items between two segments are missing: the log is damaged, not short."""
+
+
+class SegmentsLost(Exception):
+    """The newest segment a guarded writer stored is gone: something else deleted the log."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,13 @@ class Tiers:
         ext: str,
         merge: Callable[[list[bytes]], bytes],
         fanout: tuple[int, ...],
+        guard: bool = False,
     ):
         self.rundir, self.prefix, self.ext = rundir, prefix, ext
         self.merge, self.fanout, self.top = merge, fanout, len(fanout)
+        self.guard = guard
         self.next: int | None = None  # the next item's number; None until the log is listed
+        self.newest: Segment | None = None  # the stored segment that holds the last item
         # per level below the top: [segment, its bytes (level 0) or None (read when merged)]
         self.levels: list[list[tuple[Segment, bytes | None]]] = [[] for _ in fanout]
 
@@ -84,6 +94,7 @@ class Tiers:
         writer costs no storage call (storage may be down then)."""
         found = covering(self.rundir.listdir(self.prefix))
         self.next = found[-1].last + 1 if found else 0
+        self.newest = found[-1] if found else None
         self.levels = [[] for _ in self.fanout]
         for s in found:
             if s.level < self.top:
@@ -93,10 +104,14 @@ class Tiers:
         """Write the next `count` items (raises on a storage error: nothing changed then)."""
         if self.next is None:
             self.open()
+        newest = self.newest
+        if self.guard and newest and not self.rundir.exists(f"{self.prefix}/{newest.name}"):
+            raise SegmentsLost(f"its newest segment, {newest.name}, is gone")
         first, last = self.next, self.next + count - 1
         seg = Segment(0, first, last, segment_name(0, first, last, self.ext))
         self.rundir.write_bytes(f"{self.prefix}/{seg.name}", data)
         self.next += count
+        self.newest = seg
         self.levels[0].append((seg, data))
         self.compact()
 
@@ -135,6 +150,8 @@ class Tiers:
         merged = self.merge(blobs)
         seg = Segment(into, first, last, segment_name(into, first, last, self.ext))
         self.rundir.write_bytes(f"{self.prefix}/{seg.name}", merged)
+        if self.next is not None and last == self.next - 1:
+            self.newest = seg  # its sources go next
         for s, _ in group:  # the merged segment is in place: its sources may go
             try:
                 self.rundir.remove(f"{self.prefix}/{s.name}")

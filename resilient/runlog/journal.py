@@ -14,7 +14,9 @@ waits on remote storage:
   a writer thread uploads what is new as one segment at most every `FLUSH_S` or at `flush()`,
   and merges segments in tiers, so each byte is uploaded at most three times and the objects grow
   with the journal's size, not with its appends). A storage error keeps the records in memory and
-  is retried; `error` says what failed, `durable` whether every record is stored.
+  is retried; `error` says what failed, `durable` whether every record is stored. Segments deleted
+  behind this journal's back (its newest is gone: the run directory removed) stop the writer, and
+  the next append raises `JournalLost`, as a local journal's does.
 `flush(timeout)` waits until every record is stored and says whether it is. `read_records(rundir)`
 returns the records in order (a torn last line of a local journal is left out). Every
 `snapshot.EVERY` stored records (and, for a local journal, at open when the newest snapshot is
@@ -35,7 +37,7 @@ from typing import Any
 from resilient.errors import UserError
 from resilient.rundir import RunDir
 from resilient.rundir.layout import JOURNAL, JOURNAL_DIR
-from resilient.rundir.tiers import Segment, SegmentCache, SegmentGap, Tiers
+from resilient.rundir.tiers import Segment, SegmentCache, SegmentGap, SegmentsLost, Tiers
 from resilient.runlog import snapshot
 
 FLUSH_S = 1.0  # at most one upload a second: appends in between share it
@@ -169,13 +171,14 @@ class Journal:
         self._folder: snapshot.Folder | None = None  # the stored records, folded (None: off)
         self._opened = False  # an object store's folder is read by the writer's first upload
         self._file: tuple[int, int, int] | None = None  # a local journal's (dev, inode, size)
+        self._lost: JournalLost | None = None  # an object store's segments deleted meanwhile
         if rundir.is_local:
             self._repair(rundir.local_path(JOURNAL))
             self._file = _identity(rundir.local_path(JOURNAL))
             self._folder = _opened(rundir)
             self._fold([])
         else:
-            self._tiers = Tiers(rundir, JOURNAL_DIR, ".jsonl", b"".join, FANOUT)
+            self._tiers = Tiers(rundir, JOURNAL_DIR, ".jsonl", b"".join, FANOUT, guard=True)
             threading.Thread(target=self._writer, daemon=True, name="journal-writer").start()
 
     @staticmethod
@@ -197,6 +200,8 @@ class Journal:
         line = json.dumps(rec, sort_keys=True, default=str)
         if not self.rundir.is_local:
             with self._cond:
+                if self._lost:
+                    raise self._lost
                 self._pending.append(line)
                 self._cond.notify_all()
             return rec
@@ -217,15 +222,15 @@ class Journal:
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
-            raise self._lost(path, "removed") from None
+            raise self._lost_error(path, "removed") from None
         try:
             st = os.fstat(fd)
             if self._file is not None:
                 dev, ino, size = self._file
                 if (st.st_dev, st.st_ino) != (dev, ino):
-                    raise self._lost(path, "replaced by another file")
+                    raise self._lost_error(path, "replaced by another file")
                 if st.st_size < size:
-                    raise self._lost(path, f"cut from {size} to {st.st_size} bytes")
+                    raise self._lost_error(path, f"cut from {size} to {st.st_size} bytes")
             view = memoryview(data)
             while view:  # a regular file takes it whole; a short write (disk full) goes on
                 view = view[os.write(fd, view) :]
@@ -236,7 +241,7 @@ class Journal:
         self._file = (st.st_dev, st.st_ino, end)
         return end
 
-    def _lost(self, path: str, how: str) -> JournalLost:
+    def _lost_error(self, path: str, how: str) -> JournalLost:
         return JournalLost(
             f"the run's journal {path} was {how} while the job ran (by something else: this "
             "journal only appends); the job is stopped without writing another record, so "
@@ -284,6 +289,12 @@ class Journal:
                 if not self._opened:  # what earlier lives stored (a storage call: here)
                     self._folder, self._opened = _opened(self.rundir), True
                 self._tiers.put(("\n".join(batch) + "\n").encode(), len(batch))
+            except SegmentsLost as e:  # nothing more is written: it would begin a broken history
+                with self._cond:
+                    self._lost = self._lost_error(self.rundir.url(JOURNAL_DIR), f"deleted ({e})")
+                    self.error = str(e)
+                    self._cond.notify_all()
+                return
             except Exception as e:  # storage outage: the records wait in memory
                 with self._cond:
                     self.error = f"{type(e).__name__}: {e}"[:300]
@@ -308,6 +319,8 @@ class Journal:
             self._cond.notify_all()
             try:
                 while self._pending:
+                    if self._lost:  # they will not be stored
+                        return False
                     left = deadline - time.time()
                     if left <= 0:
                         return False

@@ -163,6 +163,41 @@ def test_a_failing_store_keeps_records_and_says_so():
     assert [r["step"] for r in read_records(rd)] == [1]
 
 
+def test_an_object_store_journal_deleted_while_it_runs_is_lost_not_begun_again():
+    """The run directory's journal segments deleted behind the job's back (someone cleaned the
+    bucket): the writer's next upload finds its newest segment gone, writes nothing, and the next
+    append raises JournalLost as a local journal's does (the old code went on writing segments
+    from item 2 on: a history without its `job` record, which `status` and `--resume` cannot
+    read)."""
+    rd = RunDir(f"memory://gone-{uuid.uuid4().hex}")
+    j = Journal(rd)
+    j.append("job", name="n")
+    j.append("progress", step=1)
+    assert j.flush(timeout=10)
+    rd.remove("journal")
+    j.append("progress", step=2)  # taken: the writer learns of the loss at its upload
+    assert not j.flush(timeout=10) and not j.durable
+    with pytest.raises(JournalLost, match=r"memory://gone-\w+/journal was deleted .*--resume"):
+        j.append("progress", step=3)
+    assert rd.listdir("journal") == []  # nothing began in its place
+
+
+def test_a_guarded_tiers_writer_checks_the_segment_that_holds_the_last_item():
+    """After merges the newest item lives in a merged segment (its sources are deleted by the
+    writer itself): that is not a loss; deleting the merged one is."""
+    from resilient.rundir.tiers import SegmentsLost
+
+    rd = RunDir(f"memory://guard-{uuid.uuid4().hex}")
+    t = Tiers(rd, "log", ".txt", b"".join, (4, 4), guard=True)
+    for i in range(40):  # level-1 and level-2 merges on the way
+        t.put(f"{i}\n".encode(), 1)
+    assert t.newest and rd.exists(f"log/{t.newest.name}")
+    rd.remove(f"log/{t.newest.name}")
+    with pytest.raises(SegmentsLost, match="is gone"):
+        t.put(b"40\n", 1)
+    assert not any(s.startswith("L0-000000000040") for s in rd.listdir("log"))
+
+
 @pytest.mark.timeout(30)
 def test_a_local_copy_of_an_object_store_run_reads_as_the_run(tmp_path):
     """`aws s3 sync s3://bucket/run ./run`: status, logs and the dashboard read its segments."""
