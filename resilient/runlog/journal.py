@@ -1,8 +1,8 @@
 """The run journal: an append-only record of every transition, fault, decision, restore and
 checkpoint; the source of truth for `resilient status` and for resuming a run.
 
-Contract: `Journal(rundir).append(type, **fields)` never loses a record it returned from, and never
-waits on remote storage:
+Contract: `Journal(rundir).append(type, **fields)` (or `extend` for several at once) never loses a
+record it returned from, and never waits on remote storage:
 - A local run directory keeps `journal.jsonl`: each append writes its line and fsyncs before it
   returns. Opening repairs a torn last line (a crash mid-append: the file is cut back to its last
   whole line, so the next append starts clean); a line in the middle that is not a record is an
@@ -191,25 +191,39 @@ class Journal:
                 os.fsync(f.fileno())
 
     def append(self, type: str, **fields: Any) -> dict:
-        rec = {"t": time.time(), "type": type, **fields}
-        for listen in self.listeners:
-            try:
-                listen(rec)
-            except Exception:  # a metric is not worth a record: the journal goes on
-                logging.getLogger(__name__).exception("journal listener failed on %s", type)
-        line = json.dumps(rec, sort_keys=True, default=str)
+        return self.extend([(type, fields)])[0]
+
+    def extend(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict]:
+        """Append several records (type, fields) as one write: a local journal fsyncs once for
+        all of them (what one poll brings in: a persist's `persisted` and `retention`), so they
+        are stored together or, after a crash mid-write, the whole ones among them are."""
+        recs, lines = [], []
+        for type, fields in items:
+            rec = {"t": time.time(), "type": type, **fields}
+            for listen in self.listeners:
+                try:
+                    listen(rec)
+                except Exception:  # a metric is not worth a record: the journal goes on
+                    logging.getLogger(__name__).exception("journal listener failed on %s", type)
+            recs.append(rec)
+            lines.append(json.dumps(rec, sort_keys=True, default=str))
+        if not lines:
+            return recs
         if not self.rundir.is_local:
             with self._cond:
                 if self._lost:
                     raise self._lost
-                self._pending.append(line)
+                self._pending.extend(lines)
                 self._cond.notify_all()
-            return rec
+            return recs
         with self._cond:
-            data = (line + "\n").encode()
-            offset = self._write_local(data)
-            self._fold([line], data, offset)
-        return rec
+            datas = [(line + "\n").encode() for line in lines]
+            end = self._write_local(b"".join(datas))
+            offset = end - sum(map(len, datas))
+            for line, data in zip(lines, datas, strict=True):
+                offset += len(data)
+                self._fold([line], data, offset)
+        return recs
 
     def _write_local(self, data: bytes) -> int:
         """Append `data` to the local journal and fsync it; the file's size after it. Raises

@@ -70,18 +70,19 @@ class Intake:
 
     def heartbeats(self, hbs: Iterable[Heartbeat]) -> list[tuple[int, int]]:
         """Journal the handed-over snapshots; (step, data step) of every step reported."""
-        trained = []
+        trained, records = [], []
         for hb in hbs:
             if self.logs is not None:
                 self.logs.append(hb.rank, hb.logs)
             for rec in hb.checkpoints:
-                self.journal.append("checkpoint", rank=hb.rank, tier="memory", **rec)
+                records.append(("checkpoint", {"rank": hb.rank, "tier": "memory", **rec}))
             for ev in hb.evals:
                 self.early_stop = ev.get("early_stop") or self.early_stop
                 if ev["step"] > self.evaluated:
                     self.evaluated = ev["step"]
-                    self.journal.append("eval", **ev)
+                    records.append(("eval", ev))
             trained += [(m["step"], m["data_step"]) for m in hb.metrics]
+        self.journal.extend(records)  # one write (and fsync) for the whole poll
         return trained
 
     def events(self, metrics: list[dict]) -> list[AnomalyEvent]:
@@ -121,11 +122,14 @@ class Intake:
                 self.logs.close()
 
     def _journal_agent_events(self, events: list[dict]) -> None:
+        records = []
         for e in events:
             kind = e.pop("event")
             self._persistence(kind, e)
             if kind != "replicated":  # one per snapshot: counted by the agent, not journalled
-                self.journal.append(kind, **e)
+                records.append((kind, e))
+        self.journal.extend(records)  # one write (and fsync) for the whole poll
+        for kind, e in records:
             if kind == "persist_dropped":
                 self._dropped(e)
 

@@ -142,6 +142,9 @@ def test_a_rollback_abandons_the_later_timeline_in_storage_and_in_the_journal(st
             self.records.append({"t": time.time(), "type": kind, **fields})
             return self.records[-1]
 
+        def extend(self, items):
+            return [self.append(kind, **fields) for kind, fields in items]
+
     for s in (100, 110, 120, 130):
         commit(store, s)  # 130: committed, its `persisted` event not yet in the journal
     nodes, journal = Nodes(None, ""), Journal()
@@ -329,6 +332,11 @@ def test_snapshots_dropped_for_slow_storage_are_said_once_in_a_while(caplog):
 
         def append(self, kind, **fields):
             self.records.append({"type": kind, **fields})
+
+        def extend(self, items):
+
+            for kind, fields in items:
+                self.append(kind, **fields)
 
     class Nodes:
         def __init__(self, events):

@@ -47,6 +47,34 @@ def test_local_status_is_the_snapshot_plus_the_tail_and_equals_a_whole_fold(tmp_
     assert read_status(rd)["faults"][-1]["recovery_s"] == 0.5  # a tail record hit a snapshot one
 
 
+def test_records_appended_together_are_one_write_and_fold_like_single_appends(
+    tmp_path, monkeypatch
+):
+    """`extend` (a poll's `persisted` and `retention`) writes and fsyncs once for all its
+    records (three fsyncs a persist on the driver's main thread before); a snapshot due in the
+    middle of them records that record's own offset, so status still equals a whole fold."""
+    rd = RunDir(str(tmp_path))
+    j = Journal(rd)
+    j.append("job", name="x", run_id="r", total_steps=100)
+    synced = []  # each write of the journal fsyncs (the snapshots' own writes are not counted)
+    real = j._write_local
+    monkeypatch.setattr(j, "_write_local", lambda data: (synced.append(data), real(data))[1])
+    for i in range(1, 15):
+        j.extend(
+            [
+                ("checkpoint", {"rank": 0, "tier": "memory", "step": i}),
+                ("persisted", {"step": i, "persisted_at": float(i)}),
+                ("retention", {"deleted": [i - 3] if i > 3 else []}),
+            ]
+        )
+    assert len(synced) == 14
+    assert len(read_records(rd)) == 1 + 3 * 14
+    assert json.loads((tmp_path / "status.json").read_text())["records"] % 3 != 1  # mid-batch
+    folder, used = _from_snapshot(rd)
+    assert used and read_status(rd) == fold(read_records(rd))
+    assert j.extend([]) == []
+
+
 def test_a_reopened_journal_goes_on_folding_where_the_last_life_stopped(tmp_path):
     rd = RunDir(str(tmp_path))
     j = Journal(rd)
