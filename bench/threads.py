@@ -7,7 +7,9 @@ it was preempted (involuntary context switches) or gave its core up (voluntary: 
 wait), and which other threads took the cores meanwhile. One run of bench/recovery.py's workload
 (`--batch 4` by default: a shorter step, where what runs beside the ranks weighs more), of
 `resilient` (its spec overrides with `--set`) or `plain` (torchrun DDP, no checkpoints); the
-window starts `--delay` seconds after the launch (past the start-up) and lasts `--window`.
+window starts `--delay` seconds after the launch (past the start-up) and lasts `--window`. Every
+thread on the machine is counted (run it on a quiet one); threads that end inside the window are
+not.
 Usage: python bench/threads.py resilient|plain [--steps 1500] [--batch 4] [--delay S]
                                [--window 25] [--set KEY=VALUE ...] [--top 12]
 """
@@ -152,6 +154,8 @@ def main() -> None:
     before, t0 = sample(), time.time()
     time.sleep(a.window)
     after, t1 = sample(), time.time()
+    if not job.is_alive():  # its threads are gone from `after`, and its steps end early
+        print("the run ended inside the window: give it more --steps or a shorter --window")
     job.join()
     diff = {k: v.minus(before.get(k)) for k, v in after.items()}
     report(a.system, a.set, diff, steps_between(work, a.system, t0, t1), t1 - t0, a.top)

@@ -2,9 +2,10 @@
 named points (see `supervisor.hooks`).
 
 Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
-- `plan()`: the `[[chaos]]` entries with `at_step` that have not fired (by their markers): the
-  workers fire their own at the start of that step; a job-wide one (storage, checkpoints, the
-  supervisor) is carried out here while rank 0 holds the job at that step.
+- `plan(restored, size)`: for an attempt that resumes after step `restored` with `size` ranks,
+  the `[[chaos]]` entries with `at_step` that have not fired (by their markers): the workers fire
+  their own at the start of that step; a job-wide one (storage, checkpoints, the supervisor) is
+  carried out here while rank 0 holds the job at that step.
 - `tick(view)`: GPU faults on nodes where no rank runs (at their step); the job-wide fault rank 0
   holds for; and, about once a second while the group trains, `at_time` entries that are due
   (training time: the clock stops while the job restarts, so random chaos models faults per hour of
@@ -105,9 +106,9 @@ class ChaosController:
         self._drawn = 0  # how many random faults were drawn so far
         self._next = next(self._draws, None)
         self._life_start: float | None = None  # training seconds when this life first trained
-        # (first step, size) of each attempt of this life: which size passed a step. One entry
-        # per attempt, never per step.
-        self._attempts: list[tuple[int, int]] = []
+        # [first step, size, the last step a poll saw it finish] of each attempt of this life:
+        # which size may have passed a step. One entry per attempt, never per step.
+        self._attempts: list[list[int]] = []
 
     def _fired(self) -> dict[str, FiredFault]:
         """What fired: this controller's own, and the planned faults the workers fired (their
@@ -151,7 +152,7 @@ class ChaosController:
         self.done |= self.before
         if size is not None:
             self._passed_before(restored, fired)
-            self._attempts.append((restored + 1, size))
+            self._attempts.append([restored + 1, size, restored])
         return tuple(
             PlannedFault(
                 i,
@@ -171,6 +172,8 @@ class ChaosController:
         return attribute_to(fault, [fired[k] for k in sorted(fired) if k not in self.before])
 
     def tick(self, view: JobView) -> None:
+        if self._attempts and view.running:  # how far this attempt was seen to train
+            self._attempts[-1][2] = max(self._attempts[-1][2], view.step)
         self._gpu_on_idle_nodes(view)
         self._held(view)
         now = time.time()
@@ -190,17 +193,22 @@ class ChaosController:
 
     def _passed_before(self, restored: int, fired: dict[str, FiredFault]) -> None:
         """Refuse the planned faults at or before `restored` (no worker of the coming attempt
-        reaches their step) that the attempt which last trained their step ran without their
-        rank. Where that attempt had the rank (its marker may be out of reach) nothing is said."""
+        reaches their step) that an attempt without their rank may have passed (it began before
+        the step), unless one with their rank was seen past it (then its marker says, and may
+        be out of reach: nothing is said). An attempt's end is not polled (the race this
+        closes): one that began before the step counts as having passed it."""
         for i, c in enumerate(self.spec.chaos.plan):
             key = planned_key(i)
             if c.at_step is None or c.at_step > restored or c.node is not None:
                 continue
             if key in self.done or key in fired:
                 continue
-            sizes = [n for first, n in self._attempts if first <= c.at_step]
-            if sizes and c.target_rank >= sizes[-1]:
-                self._refuse_passed(i, c, sizes[-1])
+            began = [(size, seen) for first, size, seen in self._attempts if first <= c.at_step]
+            if any(size > c.target_rank and seen >= c.at_step for size, seen in began):
+                continue
+            without = [size for size, _ in began if size <= c.target_rank]
+            if without:
+                self._refuse_passed(i, c, without[-1])
 
     def _refuse_passed(self, i: int, c: ChaosEntry, size: int) -> None:
         self.done.add(planned_key(i))

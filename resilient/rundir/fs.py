@@ -103,6 +103,19 @@ class RunDir:
             self.fs.invalidate_cache(self.path(rel))
         return self.fs.exists(self.path(rel), **self._bound())
 
+    def gone(self, rel: str) -> bool:
+        """Whether storage says now (past its client's cache) that `rel` is not there. Any other
+        failure raises: an outage is never taken for a deletion (fsspec's generic `exists` says
+        False on any error)."""
+        path = self.path(rel)
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+        try:
+            self.fs.info(path, **self._bound())
+        except FileNotFoundError:
+            return True
+        return False
+
     def makedirs(self, rel: str = "") -> None:
         self.fs.makedirs(self.path(rel), exist_ok=True, **self._bound())
 

@@ -14,9 +14,12 @@ Segments found at open (a resumed run) are read back only when a merge needs the
 every merged segment: the writer keeps the bytes of the level-0 segments only (at most
 `fanout[0]` of them), so its memory is bounded by one merge, not by the top level's span (one
 read per merged segment when it is merged in turn: `fanout[1]` reads per top-level segment).
-With `guard=True`, `put` first checks that the newest segment this writer stored (or found at
-open) is still there (one existence check a put) and raises `SegmentsLost` when it is not: the log
-was deleted behind the writer's back, and a segment written now would begin a log with a gap.
+With `guard=True`, `put` first checks that the segments holding the log's first and last items
+(as this writer stored or found them) are still there (two existence checks a put, `RunDir.gone`:
+an outage raises, never reads as a deletion), and a merge that finds a source missing does the
+same: `SegmentsLost` says the log was deleted behind the writer's back (a deletion that lists
+first and deletes after may spare a segment uploaded meanwhile, never the first), and a segment
+written after it would begin a log with a gap.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Tiers:
         self.guard = guard
         self.next: int | None = None  # the next item's number; None until the log is listed
         self.newest: Segment | None = None  # the stored segment that holds the last item
+        self.oldest: Segment | None = None  # ... and the one that holds item 0
         # per level below the top: [segment, its bytes (level 0) or None (read when merged)]
         self.levels: list[list[tuple[Segment, bytes | None]]] = [[] for _ in fanout]
 
@@ -95,6 +99,7 @@ class Tiers:
         found = covering(self.rundir.listdir(self.prefix))
         self.next = found[-1].last + 1 if found else 0
         self.newest = found[-1] if found else None
+        self.oldest = found[0] if found else None
         self.levels = [[] for _ in self.fanout]
         for s in found:
             if s.level < self.top:
@@ -104,14 +109,16 @@ class Tiers:
         """Write the next `count` items (raises on a storage error: nothing changed then)."""
         if self.next is None:
             self.open()
-        newest = self.newest
-        if self.guard and newest and not self.rundir.exists(f"{self.prefix}/{newest.name}"):
-            raise SegmentsLost(f"its newest segment, {newest.name}, is gone")
+        if self.guard:
+            for which, seg in (("first", self.oldest), ("newest", self.newest)):
+                if seg and self.rundir.gone(f"{self.prefix}/{seg.name}"):
+                    raise SegmentsLost(f"its {which} segment, {seg.name}, is gone")
         first, last = self.next, self.next + count - 1
         seg = Segment(0, first, last, segment_name(0, first, last, self.ext))
         self.rundir.write_bytes(f"{self.prefix}/{seg.name}", data)
         self.next += count
         self.newest = seg
+        self.oldest = self.oldest or seg
         self.levels[0].append((seg, data))
         self.compact()
 
@@ -122,6 +129,10 @@ class Tiers:
             if len(self.levels[level]) >= want:
                 try:
                     self._merge(level, level + 1)
+                except FileNotFoundError as e:  # a source deleted by someone else: a gap
+                    if self.guard:
+                        raise SegmentsLost(f"a segment to merge is gone ({e})") from None
+                    return
                 except Exception:
                     return
 
@@ -152,6 +163,8 @@ class Tiers:
         self.rundir.write_bytes(f"{self.prefix}/{seg.name}", merged)
         if self.next is not None and last == self.next - 1:
             self.newest = seg  # its sources go next
+        if first == 0:
+            self.oldest = seg
         for s, _ in group:  # the merged segment is in place: its sources may go
             try:
                 self.rundir.remove(f"{self.prefix}/{s.name}")

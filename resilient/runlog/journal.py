@@ -197,6 +197,7 @@ class Journal:
         """Append several records (type, fields) as one write: a local journal fsyncs once for
         all of them (what one poll brings in: a persist's `persisted` and `retention`), so they
         are stored together or, after a crash mid-write, the whole ones among them are."""
+        self._raise_if_lost()  # before a listener sees what will not be stored
         recs, lines = [], []
         for type, fields in items:
             rec = {"t": time.time(), "type": type, **fields}
@@ -211,8 +212,7 @@ class Journal:
             return recs
         if not self.rundir.is_local:
             with self._cond:
-                if self._lost:
-                    raise self._lost
+                self._raise_if_lost()
                 self._pending.extend(lines)
                 self._cond.notify_all()
             return recs
@@ -224,6 +224,11 @@ class Journal:
                 offset += len(data)
                 self._fold([line], data, offset)
         return recs
+
+    def _raise_if_lost(self) -> None:
+        with self._cond:
+            if self._lost:  # a new exception each time: one raised again keeps every traceback
+                raise JournalLost(str(self._lost))
 
     def _write_local(self, data: bytes) -> int:
         """Append `data` to the local journal and fsync it; the file's size after it. Raises

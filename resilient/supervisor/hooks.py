@@ -2,12 +2,13 @@
 
 Contract: the supervisor calls a `ChaosHooks` at four named points and nowhere else:
 `preflight(nodes)` before the nodes are checked (node faults planned for the first step are put in
-place; the node ids it returns compute wrong from now on), `plan()` when
-an attempt starts (the planned faults its workers must still fire), `tick(view)` at every poll of
-the running group (timed and random chaos, `resilient chaos inject` requests, job-wide faults rank
-0 holds for, GPU faults on nodes without ranks), and `attribute(fault)` before it acts on a fault
-(chaos adds when and at which step it was injected). `JobView` is all chaos may see and touch.
-`NoChaos` does nothing; the chaos controller (`resilient.chaos.controller`) is the real one.
+place; the node ids it returns compute wrong from now on), `plan(restored, size)` when an attempt
+starts after step `restored` with `size` ranks (the planned faults its workers must still fire),
+`tick(view)` at every poll of the running group (timed and random chaos, `resilient chaos inject`
+requests, job-wide faults rank 0 holds for, GPU faults on nodes without ranks), and
+`attribute(fault)` before it acts on a fault (chaos adds when and at which step it was injected).
+`JobView` is all chaos may see and touch. `NoChaos` does nothing; the chaos controller
+(`resilient.chaos.controller`) is the real one.
 """
 
 from __future__ import annotations

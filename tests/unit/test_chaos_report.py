@@ -141,6 +141,53 @@ def test_a_shrunk_job_that_passes_the_step_and_grows_back_between_ticks_refuses_
     assert len(_refused(rundir)) == 1
 
 
+def test_an_attempt_with_the_rank_that_stopped_short_of_the_step_does_not_hide_the_shrunk_one(
+    tmp_path,
+):
+    """The shrunk attempt A (after step 10, 1 rank) passes step 14 unseen; B (after step 10 again,
+    2 ranks: A's newer checkpoint was not yet persisted) dies at step 12; C resumes after step 20,
+    A's checkpoint. B had rank 1 but never reached 14, so A passed it without rank 1: refused (the
+    first version of the fix asked only the last attempt that began before the step, B)."""
+    from types import SimpleNamespace
+
+    from resilient.supervisor.hooks import JobView
+
+    chaos, rundir = _shrinking_controller(tmp_path)
+
+    def seen(step: int, size: int) -> None:
+        group = SimpleNamespace(size=size, placement=["n1"] * size)
+        chaos.tick(JobView(step, 1.0, True, {}, group, None, None))
+
+    chaos.plan(0, 2)
+    seen(9, 2)
+    chaos.plan(10, 1)  # A
+    seen(12, 1)
+    chaos.plan(10, 2)  # B
+    seen(12, 2)
+    assert not _refused(rundir)
+    assert [f.index for f in chaos.plan(20, 2)] == [1, 2]  # C
+    (refused,) = _refused(rundir)
+    assert (refused["index"], refused["step"]) == (0, 14)
+    assert "(it ran 1 rank(s) then)" in refused["error"]
+
+
+def test_an_attempt_with_the_rank_seen_past_the_step_leaves_it_to_the_marker(tmp_path):
+    """Rank 1 was in an attempt seen past step 14 (its worker fired the kill, or its marker is
+    out of reach): a later shrunk attempt does not make the controller say it was refused."""
+    from types import SimpleNamespace
+
+    from resilient.supervisor.hooks import JobView
+
+    chaos, rundir = _shrinking_controller(tmp_path)
+    chaos.plan(0, 2)
+    chaos.tick(
+        JobView(16, 1.0, True, {}, SimpleNamespace(size=2, placement=["n1"] * 2), None, None)
+    )
+    chaos.plan(12, 1)
+    chaos.plan(20, 2)
+    assert not _refused(rundir)
+
+
 def test_the_report_fits_an_80_column_terminal_without_cutting_a_word():
     """The old table's borders and padding cut its headers and cells to "recover…",
     "heartbe…", "replac…" on an 80-column terminal."""

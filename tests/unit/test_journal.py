@@ -198,6 +198,51 @@ def test_a_guarded_tiers_writer_checks_the_segment_that_holds_the_last_item():
     assert not any(s.startswith("L0-000000000040") for s in rd.listdir("log"))
 
 
+def test_a_deletion_that_spares_the_newest_segment_is_still_found():
+    """`rm -r` lists, then deletes: a segment uploaded in between survives and holds the newest
+    item, while item 0 is gone. The writer checks the first segment too (the first version of the
+    guard went on writing after the gap), and a merge that misses a source says so."""
+    from resilient.rundir.tiers import SegmentsLost
+
+    rd = RunDir(f"memory://spared-{uuid.uuid4().hex}")
+    t = Tiers(rd, "log", ".txt", b"".join, (4, 4), guard=True)
+    for i in range(6):
+        t.put(f"{i}\n".encode(), 1)
+    for name in rd.listdir("log"):
+        if name != t.newest.name:
+            rd.remove(f"log/{name}")
+    with pytest.raises(SegmentsLost, match="first segment"):
+        t.put(b"6\n", 1)
+    rd = RunDir(f"memory://merge-{uuid.uuid4().hex}")
+    merging = Tiers(rd, "log", ".txt", b"".join, (2, 2), guard=True)
+    for i in range(2):
+        merging.put(f"{i}\n".encode(), 1)  # one level-1 segment, read back at the next merge
+    merging.put(b"2\n", 1)  # the newest now: the level-1 segment is neither checked...
+    merging.oldest = None  # (... nor the first: the merge's own check, alone)
+    rd.remove(f"log/{merging.levels[1][0][0].name}")
+    with pytest.raises(SegmentsLost, match="to merge is gone"):
+        merging.put(b"3\n", 1)
+
+
+def test_an_outage_is_never_taken_for_a_deletion(monkeypatch):
+    """fsspec's generic `exists` says False on any error: the guard asks `RunDir.gone`, which says
+    True only for a missing object and raises otherwise (the writer retries an outage)."""
+    rd = RunDir(f"memory://outage-{uuid.uuid4().hex}")
+    t = Tiers(rd, "log", ".txt", b"".join, (4, 4), guard=True)
+    t.put(b"0\n", 1)
+    assert rd.gone("log/nothing-here") and not rd.gone(f"log/{t.newest.name}")
+
+    def down(path, **kw):
+        raise ConnectionError("storage is down")
+
+    monkeypatch.setattr(rd.fs, "info", down)
+    with pytest.raises(ConnectionError):
+        t.put(b"1\n", 1)
+    monkeypatch.undo()
+    t.put(b"1\n", 1)  # storage back: the writer goes on
+    assert [s.last for s, _ in read_segments(rd, "log")] == [0, 1]
+
+
 @pytest.mark.timeout(30)
 def test_a_local_copy_of_an_object_store_run_reads_as_the_run(tmp_path):
     """`aws s3 sync s3://bucket/run ./run`: status, logs and the dashboard read its segments."""
