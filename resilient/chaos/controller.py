@@ -12,7 +12,7 @@ Contract: `ChaosController(spec, rundir, journal, control)` is a `ChaosHooks`.
   training and one fault never lands in the previous one's recovery) and `resilient chaos inject`
   requests. Each is recorded (marker, `chaos` journal record) before it strikes; one that cannot
   hit its target is journalled as `chaos_refused` and training goes on, as is a planned one whose
-  step the job passed while its rank was not in the job (a shrunk job): seen at a tick, or at
+  step the job passed while its rank was not in the job (a shrunk job): seen at a poll, or at
   `plan(restored, size)` when a new attempt starts past it (a shrunk job that passed the step and
   grew back between two ticks).
 - `attribute(fault)`: the fault with the injection time (and step) of the chaos that caused it,
@@ -172,8 +172,14 @@ class ChaosController:
         return attribute_to(fault, [fired[k] for k in sorted(fired) if k not in self.before])
 
     def tick(self, view: JobView) -> None:
-        if self._attempts and view.running:  # how far this attempt was seen to train
-            self._attempts[-1][2] = max(self._attempts[-1][2], view.step)
+        if view.running:
+            # at every poll (the plan's length, no request unless one passed): an attempt seen
+            # past a step without its rank has refused it by then, so the step a new attempt's
+            # poll may still show (the last attempt's, until its first report) is never credited
+            # to a size that did not pass it unseen
+            self._passed_without_its_rank(view)
+            if self._attempts:  # how far this attempt was seen to train
+                self._attempts[-1][2] = max(self._attempts[-1][2], view.step)
         self._gpu_on_idle_nodes(view)
         self._held(view)
         now = time.time()
@@ -183,7 +189,6 @@ class ChaosController:
         for i, c in enumerate(self.spec.chaos.plan):
             if c.at_time is not None and view.training_s >= c.at_time:
                 self._entry(view, i, c)
-        self._passed_without_its_rank(view)
         self._random(view)
         for req in self._requests():
             order = inject.Order(

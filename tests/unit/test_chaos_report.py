@@ -188,6 +188,21 @@ def test_an_attempt_with_the_rank_seen_past_the_step_leaves_it_to_the_marker(tmp
     assert not _refused(rundir)
 
 
+def test_a_shrunk_attempt_seen_past_the_step_refuses_it_at_that_poll(tmp_path):
+    """Not at the next once-a-second tick: by then the job may have grown back (and the next
+    attempt's polls show the last attempt's step until its first report)."""
+    import time
+    from types import SimpleNamespace
+
+    from resilient.supervisor.hooks import JobView
+
+    chaos, rundir = _shrinking_controller(tmp_path)
+    chaos.plan(10, 1)
+    chaos._last_tick = time.time()  # the once-a-second work was just done
+    chaos.tick(JobView(16, 1.0, True, {}, SimpleNamespace(size=1, placement=["n1"]), None, None))
+    assert [r["index"] for r in _refused(rundir)] == [0]
+
+
 def test_the_report_fits_an_80_column_terminal_without_cutting_a_word():
     """The old table's borders and padding cut its headers and cells to "recover…",
     "heartbe…", "replac…" on an 80-column terminal."""
