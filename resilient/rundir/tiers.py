@@ -38,7 +38,8 @@ class SegmentGap(Exception):
 
 
 class SegmentsLost(Exception):
-    """The newest segment a guarded writer stored is gone: something else deleted the log."""
+    """A segment a guarded writer relies on (the first, the newest, a merge's source) is gone:
+    something else deleted the log."""
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ record it returned from, and never waits on remote storage:
   and merges segments in tiers, so each byte is uploaded at most three times and the objects grow
   with the journal's size, not with its appends). A storage error keeps the records in memory and
   is retried; `error` says what failed, `durable` whether every record is stored. Segments deleted
-  behind this journal's back (its newest is gone: the run directory removed) stop the writer, and
-  the next append raises `JournalLost`, as a local journal's does.
+  behind this journal's back (its first or newest is gone: the run directory removed) stop the
+  writer, and the next append raises `JournalLost`, as a local journal's does.
 `flush(timeout)` waits until every record is stored and says whether it is. `read_records(rundir)`
 returns the records in order (a torn last line of a local journal is left out). Every
 `snapshot.EVERY` stored records (and, for a local journal, at open when the newest snapshot is
@@ -171,7 +171,7 @@ class Journal:
         self._folder: snapshot.Folder | None = None  # the stored records, folded (None: off)
         self._opened = False  # an object store's folder is read by the writer's first upload
         self._file: tuple[int, int, int] | None = None  # a local journal's (dev, inode, size)
-        self._lost: JournalLost | None = None  # an object store's segments deleted meanwhile
+        self._lost: str | None = None  # why: an object store's segments deleted meanwhile
         if rundir.is_local:
             self._repair(rundir.local_path(JOURNAL))
             self._file = _identity(rundir.local_path(JOURNAL))
@@ -228,7 +228,7 @@ class Journal:
     def _raise_if_lost(self) -> None:
         with self._cond:
             if self._lost:  # a new exception each time: one raised again keeps every traceback
-                raise JournalLost(str(self._lost))
+                raise JournalLost(self._lost)
 
     def _write_local(self, data: bytes) -> int:
         """Append `data` to the local journal and fsync it; the file's size after it. Raises
@@ -241,15 +241,17 @@ class Journal:
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
-            raise self._lost_error(path, "removed") from None
+            raise JournalLost(self._lost_message(path, "removed")) from None
         try:
             st = os.fstat(fd)
             if self._file is not None:
                 dev, ino, size = self._file
                 if (st.st_dev, st.st_ino) != (dev, ino):
-                    raise self._lost_error(path, "replaced by another file")
+                    raise JournalLost(self._lost_message(path, "replaced by another file"))
                 if st.st_size < size:
-                    raise self._lost_error(path, f"cut from {size} to {st.st_size} bytes")
+                    raise JournalLost(
+                        self._lost_message(path, f"cut from {size} to {st.st_size} bytes")
+                    )
             view = memoryview(data)
             while view:  # a regular file takes it whole; a short write (disk full) goes on
                 view = view[os.write(fd, view) :]
@@ -260,8 +262,8 @@ class Journal:
         self._file = (st.st_dev, st.st_ino, end)
         return end
 
-    def _lost_error(self, path: str, how: str) -> JournalLost:
-        return JournalLost(
+    def _lost_message(self, path: str, how: str) -> str:
+        return (
             f"the run's journal {path} was {how} while the job ran (by something else: this "
             "journal only appends); the job is stopped without writing another record, so "
             "that nothing starts a history in its place. Put the run directory back (from a "
@@ -310,7 +312,7 @@ class Journal:
                 self._tiers.put(("\n".join(batch) + "\n").encode(), len(batch))
             except SegmentsLost as e:  # nothing more is written: it would begin a broken history
                 with self._cond:
-                    self._lost = self._lost_error(self.rundir.url(JOURNAL_DIR), f"deleted ({e})")
+                    self._lost = self._lost_message(self.rundir.url(JOURNAL_DIR), f"deleted ({e})")
                     self.error = str(e)
                     self._cond.notify_all()
                 return
