@@ -148,6 +148,11 @@ def read_journal(run: Path | str) -> list[dict]:
     return read_records(RunDir(str(run)))
 
 
+# The niceness this test process runs at: "normal priority" for what it starts (a CI runner may run
+# everything at -10; the ranks keep whatever they inherit, only Ray's waiting processes go lower).
+NORMAL_NICE = os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def niceness(pid: int) -> dict[int, int]:
     """{thread id: niceness} of a process's threads (Linux keeps niceness per thread)."""
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]

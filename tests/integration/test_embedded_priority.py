@@ -15,6 +15,7 @@ import ray
 from resilient.agents.priority import DISPATCH_NICE, lower_main_thread
 from resilient.config import ClusterConfig
 from resilient.launcher.cluster import BACKGROUND_NICE, connect, is_background
+from tests.helpers import NORMAL_NICE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -75,18 +76,19 @@ def embedded():
 
 def test_workers_train_at_normal_priority(embedded):
     w = Worker.remote()
-    assert ray.get(w.start.remote()) == {"main": 0, "method": 0, "train": 0}  # Ray's default: 15
-    assert ray.get(w.renew.remote()) == 0
+    normal = {"main": NORMAL_NICE, "method": NORMAL_NICE, "train": NORMAL_NICE}
+    assert ray.get(w.start.remote()) == normal  # Ray's default: 15 more
+    assert ray.get(w.renew.remote()) == NORMAL_NICE
     ray.kill(w)
 
 
 def test_a_workers_main_thread_runs_below_its_training_after_its_first_call(embedded):
     w = Worker.remote()
-    assert ray.get(w.ping.remote()) == 0  # the pool thread it ran on is not lowered
+    assert ray.get(w.ping.remote()) == NORMAL_NICE  # the pool thread it ran on is not lowered
     # nor are the threads Ray starts once __init__ is done, or the ones they start (the training)
-    want = {"main": DISPATCH_NICE, "method": 0, "train": 0}
+    want = {"main": DISPATCH_NICE, "method": NORMAL_NICE, "train": NORMAL_NICE}
     assert ray.get([w.start.remote() for _ in range(4)]) == [want] * 4
-    assert ray.get(w.renew.remote()) == 0 and ray.get(w.ping.remote()) == 0
+    assert ray.get(w.renew.remote()) == NORMAL_NICE == ray.get(w.ping.remote())
     ray.kill(w)
 
 
@@ -100,4 +102,4 @@ def test_rays_dashboard_and_monitor_run_below_the_ranks(embedded):
         assert {nice(t.id) for t in p.threads()} == {BACKGROUND_NICE}, p.cmdline()[:2]
     # the raylet routes every call, and the workers it starts inherit its priority: not lowered
     ray_own = [p for p in procs if p.name() in ("raylet", "gcs_server")]
-    assert len(ray_own) == 2 and all(nice(p.pid) == 0 for p in ray_own)
+    assert len(ray_own) == 2 and all(nice(p.pid) == NORMAL_NICE for p in ray_own)

@@ -9,6 +9,7 @@ import pytest
 
 from resilient.agents.priority import DISPATCH_NICE
 from tests.helpers import (
+    NORMAL_NICE,
     adapter,
     assert_same_adapter,
     await_journal,
@@ -109,7 +110,8 @@ def test_stop_persists_state_and_ends_stopped(work):
         (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
         for rank in ranks:
             nice = niceness(rank["pid"])
-            assert nice.pop(rank["pid"]) == DISPATCH_NICE and set(nice.values()) == {0}, nice
+            assert nice.pop(rank["pid"]) == DISPATCH_NICE, nice
+            assert set(nice.values()) == {NORMAL_NICE}, nice
         r = resilient_cli("stop", str(run), timeout=120)
         assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout
         assert proc.wait(timeout=60) == 0
