@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from resilient.agents.priority import below
 from resilient.training.corpus import write_corpus
 
 BASE_SPEC = """\
@@ -151,6 +152,7 @@ def read_journal(run: Path | str) -> list[dict]:
 # The niceness this test process runs at: "normal priority" for what it starts (a CI runner may run
 # everything at -10; the ranks keep whatever they inherit, only Ray's waiting processes go lower).
 NORMAL_NICE = os.getpriority(os.PRIO_PROCESS, 0)
+LOWERED_NICE = below(NORMAL_NICE)  # what a lowered thread or process runs at (agents.priority)
 
 
 def niceness(pid: int) -> dict[int, int]:

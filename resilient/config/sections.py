@@ -7,14 +7,15 @@ one to a sane range; each field's description is the README's spec reference for
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from resilient import cpus
+
 DAY, WEEK = 86_400.0, 7 * 86_400.0
-MAX_LOCAL_NODES = max(8, os.cpu_count() or 1)  # each simulated node is a raylet on this machine
+MAX_LOCAL_NODES = max(8, cpus.affinity())  # each simulated node is a raylet on this machine
 
 
 class _Section(BaseModel):

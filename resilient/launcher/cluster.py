@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import psutil
 import ray
 
+from resilient.agents import priority
 from resilient.config import ClusterConfig, JobSpec
+from resilient.cpus import usable as usable_cpus
 from resilient.errors import UserError
 from resilient.launcher import shield
 from resilient.launcher.reaper import Reaper
@@ -88,7 +90,7 @@ def connect(cfg: ClusterConfig, spares: int = 0) -> Connection:
                 '~/.ray/auth_token), or set cluster.address = "" for an embedded local cluster'
             ) from None
         return Connection(embedded=False)
-    cpus = (os.cpu_count() or 1) + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
+    cpus = usable_cpus() + math.ceil(spares * cfg.resources_per_worker.get("CPU", 0))
     if cfg.local_nodes == 1:
         with shield.shielded():
             ray.init(address="local", num_cpus=cpus, _system_config=QUIET, **common)
@@ -161,7 +163,6 @@ BACKGROUND_SCRIPTS = (
     "autoscaler/_private/monitor.py",
 )
 BACKGROUND_TITLES = ("ray::DashboardAgent",)
-BACKGROUND_NICE = 19
 
 
 def is_background(cmdline: list[str]) -> bool:
@@ -174,14 +175,16 @@ def is_background(cmdline: list[str]) -> bool:
 
 def background_ray() -> None:
     """Lower every thread of an embedded cluster's dashboard and monitor processes (this driver's
-    descendants) and of what they started to niceness BACKGROUND_NICE, so they run on the CPU
-    time the ranks leave (Linux keeps niceness per thread: each one is lowered)."""
+    descendants) and of what they started to `priority.lowered()` (19 levels below this thread's
+    niceness, which the ranks inherit), so they run on the CPU time the ranks leave (Linux keeps
+    niceness per thread: each one is lowered)."""
+    nice = priority.lowered()
     for p in psutil.Process().children(recursive=True):
         try:
             if is_background(p.cmdline()):
                 for q in [p, *p.children(recursive=True)]:
                     for t in q.threads():
-                        os.setpriority(os.PRIO_PROCESS, t.id, BACKGROUND_NICE)
+                        os.setpriority(os.PRIO_PROCESS, t.id, nice)
         except (psutil.Error, OSError):  # ended meanwhile, or not allowed: left as it is
             pass
 

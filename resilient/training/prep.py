@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from resilient import cpus
 from resilient.errors import SpecError
 from resilient.training.encode import Encoder, pad_id
 from resilient.training.formats import BLANK, REASONS, BadRow, ChatTemplate, segments
@@ -151,7 +152,7 @@ class _EncodeBatch:
 def _encode(spec, tokenizer, ds, template, chunks: bool, cache: str, tag: str):
     import datasets
 
-    n = spec.data.num_proc or (min(8, os.cpu_count() or 1) if len(ds) >= PARALLEL_FROM else 1)
+    n = spec.data.num_proc or (min(8, cpus.affinity()) if len(ds) >= PARALLEL_FROM else 1)
     feats = datasets.Features(
         {
             "input_ids": datasets.Sequence(datasets.Value("int32")),

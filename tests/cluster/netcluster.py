@@ -62,6 +62,10 @@ def available() -> str | None:
     for tool in ("ip", "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
+    # root in a container without CAP_SYS_ADMIN / CAP_NET_ADMIN cannot make either
+    probe = subprocess.run(["unshare", "--net", "--mount", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return f"cannot make namespaces here ({probe.stderr.decode().strip()[:200]})"
     return None
 
 

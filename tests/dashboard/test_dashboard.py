@@ -190,6 +190,7 @@ def test_page_in_headless_chromium(server, finished_run, tmp_path):
             executable_path=CHROMIUM,
             args=[
                 "--no-sandbox",
+                "--disable-dev-shm-usage",  # a container's /dev/shm is 64 MB: a renderer crash
                 "--disable-gpu",
                 "--disable-background-networking",
                 "--disable-component-update",

@@ -12,10 +12,10 @@ import psutil
 import pytest
 import ray
 
-from resilient.agents.priority import DISPATCH_NICE, lower_main_thread
+from resilient.agents.priority import lower_main_thread
 from resilient.config import ClusterConfig
-from resilient.launcher.cluster import BACKGROUND_NICE, connect, is_background
-from tests.helpers import NORMAL_NICE
+from resilient.launcher.cluster import connect, is_background
+from tests.helpers import LOWERED_NICE, NORMAL_NICE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -86,7 +86,7 @@ def test_a_workers_main_thread_runs_below_its_training_after_its_first_call(embe
     w = Worker.remote()
     assert ray.get(w.ping.remote()) == NORMAL_NICE  # the pool thread it ran on is not lowered
     # nor are the threads Ray starts once __init__ is done, or the ones they start (the training)
-    want = {"main": DISPATCH_NICE, "method": NORMAL_NICE, "train": NORMAL_NICE}
+    want = {"main": LOWERED_NICE, "method": NORMAL_NICE, "train": NORMAL_NICE}
     assert ray.get([w.start.remote() for _ in range(4)]) == [want] * 4
     assert ray.get(w.renew.remote()) == NORMAL_NICE == ray.get(w.ping.remote())
     ray.kill(w)
@@ -99,7 +99,7 @@ def test_rays_dashboard_and_monitor_run_below_the_ranks(embedded):
     lowered = [p for p in procs if is_background(command(p))]
     assert len(lowered) >= 2, "no dashboard or monitor processes found to check"
     for p in lowered:
-        assert {nice(t.id) for t in p.threads()} == {BACKGROUND_NICE}, p.cmdline()[:2]
+        assert {nice(t.id) for t in p.threads()} == {LOWERED_NICE}, p.cmdline()[:2]
     # the raylet routes every call, and the workers it starts inherit its priority: not lowered
     ray_own = [p for p in procs if p.name() in ("raylet", "gcs_server")]
     assert len(ray_own) == 2 and all(nice(p.pid) == NORMAL_NICE for p in ray_own)

@@ -7,8 +7,8 @@ import signal
 import psutil
 import pytest
 
-from resilient.agents.priority import DISPATCH_NICE
 from tests.helpers import (
+    LOWERED_NICE,
     NORMAL_NICE,
     adapter,
     assert_same_adapter,
@@ -110,7 +110,7 @@ def test_stop_persists_state_and_ends_stopped(work):
         (ranks,) = [x["ranks"] for x in read_journal(run) if x["type"] == "ranks"]
         for rank in ranks:
             nice = niceness(rank["pid"])
-            assert nice.pop(rank["pid"]) == DISPATCH_NICE, nice
+            assert nice.pop(rank["pid"]) == LOWERED_NICE, nice
             assert set(nice.values()) == {NORMAL_NICE}, nice
         r = resilient_cli("stop", str(run), timeout=120)
         assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parents[2] / "resilient"
 # From the bottom; a unit is a first-level subpackage or module of resilient.
 LAYERS = [
-    {"errors", "catalogue", "heap", "hostcheck"},
+    {"errors", "catalogue", "cpus", "heap", "hostcheck"},
     {"rundir"},
     {"runlog"},
     {"config"},

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from resilient.agents.lease import MAX_AGE_S, Lease, LeaseKeeper
+from resilient.agents.lease import MAX_AGE_S, Fastest, Lease, LeaseKeeper
 from resilient.checkpoint.memory import Entry, MemoryTier
 from resilient.checkpoint.persister import Persister
 from resilient.checkpoint.storage import CheckpointStore, Fenced, make_manifest
@@ -29,6 +29,31 @@ def test_a_lease_runs_out_without_renewals_and_a_stale_renewal_is_refused():
     assert not lease.renew(time.time() - MAX_AGE_S - 1)  # sent long ago: a partition's backlog
     assert ended.wait(5) and not lease.valid()
     assert not lease.renew(time.time())  # once out, out for good
+
+
+@pytest.mark.parametrize("skew", [-30.0, 30.0])
+def test_a_node_whose_clock_is_off_keeps_its_lease_and_still_refuses_a_stale_renewal(skew):
+    """The supervisor's clock `skew` seconds ahead of this node's (no NTP): its renewals look
+    30 s old, or sent in the future, on arrival; a held-back one is still told apart."""
+    ended = threading.Event()
+    lease = Lease(0.6, ended.set)
+    for _ in range(4):  # renewed past its first expiry, whatever the offset
+        time.sleep(0.25)
+        assert lease.renew(time.time() + skew) and lease.valid()
+    assert not lease.renew(time.time() + skew - MAX_AGE_S - 1)  # a partition's backlog
+    assert lease.renew(time.time() + skew)
+    assert ended.wait(5) and not lease.valid()
+
+
+def test_fastest_is_the_smallest_of_its_window():
+    f = Fastest(10.0)
+    assert f.add(0.0, 5.0) == 5.0  # alone: itself
+    assert f.add(1.0, 7.0) == 5.0
+    assert f.add(2.0, 6.0) == 5.0
+    assert f.add(10.5, 9.0) == 6.0  # 5.0 (at 0.0) left the window; 7.0 had a smaller one after it
+    assert f.add(12.5, 9.0) == 9.0  # 6.0 (at 2.0) left too
+    assert f.add(100.0, 1.0) == 1.0  # an empty window: itself
+    assert len(f._seen) == 1
 
 
 def test_a_lease_past_its_end_refuses_a_renewal_before_its_watchdog_wakes():
