@@ -6,12 +6,15 @@ arrive than the fastest renewal of the last `Lease.window_s` (a renewal held bac
 and delivered after it must not revive a process the job has replaced). Ages are judged against
 that fastest one, not against this machine's wall clock, so a node whose clock is off the
 supervisor's by seconds (no NTP) keeps its lease; the first renewal, with nothing to judge it by,
-holds (the lease is at most `expire_s` old then). A watchdog thread sleeps until the lease's end
-(on the monotonic clock) and looks again (a renewal moved the end); once it runs out, `valid()` is
-False for good (storage writers check it before every request) and `on_expiry()` runs
-(the worker and the node agent end their process). A partitioned node's processes thus stop
-writing and end `expire_s` after the cut, before the link can come back, so nothing of theirs
-reaches the run directory afterwards.
+holds (the lease is at most `expire_s` old then; the storage fence still refuses a replaced
+process's writes), and a step back of the supervisor's wall clock by more than MAX_AGE_S looks
+like held-back renewals (NTP slews a running clock; it steps only a far-off one).
+
+A watchdog thread sleeps until the lease's end (on the monotonic clock) and looks again (a renewal
+moved the end); once it runs out, `valid()` is False for good (storage writers check it before
+every request) and `on_expiry()` runs (the worker and the node agent end their process). A
+partitioned node's processes thus stop writing and end `expire_s` after the cut, before the link
+can come back, so nothing of theirs reaches the run directory afterwards.
 
 Contract, supervisor side: `LeaseKeeper(actors, every_s)` renews every actor `actors()` returns,
 every `every_s`, on a thread of its own (fire and forget: a node that does not answer is the
@@ -40,17 +43,17 @@ class Lease:
         # A window that outlives the lease: once it holds nothing, the lease has run out.
         self.window_s = max(WINDOW_S, 2 * expire_s)
         self._fastest = Fastest(self.window_s)
-        self._lock = threading.Lock()  # renewals come on the lease's thread and with gathers
+        self._lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name="lease").start()
 
     def renew(self, sent_at: float) -> bool:
         """Extend the lease; False when the renewal came too late (or the lease ran out)."""
-        now = time.monotonic()
-        # How long it took, read off two clocks (this machine's monotonic, the supervisor's
-        # wall): its transit plus the clocks' offset, which the fastest recent renewal measures
-        # (a step of this machine's wall clock moves neither).
-        took = now - sent_at
-        with self._lock:
+        with self._lock:  # renewals come on the lease's thread and with gathers: in order
+            now = time.monotonic()
+            # How long it took, read off two clocks (this machine's monotonic, the supervisor's
+            # wall): its transit plus the clocks' offset, which the fastest recent renewal
+            # measures (a step of this machine's wall clock moves neither).
+            took = now - sent_at
             fastest = self._fastest.add(now, took)
             if not self.valid() or took - fastest > MAX_AGE_S:  # ran out: for good, even
                 return False  # before the watchdog wakes (a stopped process, continued)
