@@ -48,16 +48,27 @@ def idle_this_thread() -> None:
             pass
 
 
+_lowering = threading.Lock()
+_main_lowered = False
+
+
 def lower_main_thread() -> None:
-    """This process's main thread alone LOWER_BY levels below the calling (pool) thread (a
-    second call changes nothing). Call it from an actor's method (a pool thread), never from
-    `__init__`: Ray starts the actor's pool threads from the main thread once `__init__` has
-    returned, and a thread inherits its creator's niceness (the training thread, started from a
-    pool thread, keeps normal priority). Nothing off Linux, where niceness is the whole
-    process's, nor on the main thread itself (a plain actor works there)."""
+    """This process's main thread alone LOWER_BY levels below the calling (pool) thread, at the
+    first call (a later one changes nothing). Call it from an actor's method (a pool thread),
+    never from `__init__`: Ray starts the actor's pool threads from the main thread once
+    `__init__` has returned, and a thread inherits its creator's niceness (the training thread,
+    started from a pool thread, keeps normal priority). Nothing off Linux, where niceness is the
+    whole process's, nor on the main thread itself (a plain actor works there)."""
+    global _main_lowered
     if sys.platform != "linux" or threading.current_thread() is threading.main_thread():
         return
-    try:  # the main thread's id is the process's
-        os.setpriority(os.PRIO_PROCESS, os.getpid(), lowered())
-    except OSError:  # not allowed here: left as it is
-        pass
+    with _lowering:
+        # Once: a thread started from the main thread after it was lowered inherits that, and
+        # lowering from it would push the main thread further (to 19).
+        if _main_lowered:
+            return
+        _main_lowered = True
+        try:  # the main thread's id is the process's
+            os.setpriority(os.PRIO_PROCESS, os.getpid(), lowered())
+        except OSError:  # not allowed here: left as it is
+            pass

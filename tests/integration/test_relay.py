@@ -13,6 +13,7 @@ import ray
 from resilient.agents.heartbeat import Heartbeat
 from resilient.agents.node_agent import NodeAgent
 from resilient.agents.relays import NodeRelays
+from resilient.launcher.cluster import QUIET
 from tests.helpers import LOWERED_NICE, niceness
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -51,6 +52,7 @@ def cluster():
     ray.init(  # "local": a cluster of its own, never one RAY_ADDRESS or /tmp/ray names
         address="local",
         num_cpus=2,
+        _system_config=QUIET,  # workers at this process's niceness, as an embedded cluster's
         include_dashboard=False,
         logging_level="ERROR",
         log_to_driver=False,
