@@ -2,13 +2,13 @@
 
 Contract, process side: `Lease(expire_s, on_expiry)` holds from its creation; `renew(sent_at)`
 extends it by `expire_s` unless the renewal is stale: it took more than MAX_AGE_S longer to
-arrive than the fastest renewal of the last `Lease.window_s` (a renewal held back by a partition
-and delivered after it must not revive a process the job has replaced). Ages are judged against
-that fastest one, not against this machine's wall clock, so a node whose clock is off the
-supervisor's by seconds (no NTP) keeps its lease; the first renewal, with nothing to judge it by,
-holds (the lease is at most `expire_s` old then; the storage fence still refuses a replaced
-process's writes), and a step back of the supervisor's wall clock by more than MAX_AGE_S looks
-like held-back renewals (NTP slews a running clock; it steps only a far-off one).
+arrive than the fastest renewal of the last WINDOW_S (or two leases' length; a renewal held back
+by a partition and delivered after it must not revive a process the job has replaced). Ages are
+judged against that fastest one, not against this machine's wall clock, so a node whose clock is
+off the supervisor's by seconds (no NTP) keeps its lease; the first renewal, with nothing to
+judge it by, holds (the lease is at most `expire_s` old then; the storage fence still refuses a
+replaced process's writes), and a step back of the supervisor's wall clock by more than
+MAX_AGE_S looks like held-back renewals (NTP slews a running clock; it steps only a far-off one).
 
 A watchdog thread sleeps until the lease's end (on the monotonic clock) and looks again (a renewal
 moved the end); once it runs out, `valid()` is False for good (storage writers check it before
@@ -41,8 +41,7 @@ class Lease:
         self._until = time.monotonic() + expire_s  # a wall-clock jump moves no lease
         self._expired = threading.Event()
         # A window that outlives the lease: once it holds nothing, the lease has run out.
-        self.window_s = max(WINDOW_S, 2 * expire_s)
-        self._fastest = Fastest(self.window_s)
+        self._fastest = Fastest(max(WINDOW_S, 2 * expire_s))
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name="lease").start()
 
